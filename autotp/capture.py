@@ -1,0 +1,197 @@
+"""Capture: an ``nn.Module`` (real or ``meta`` weights) -> an fx ``GraphModule`` of aten ops.
+
+Consumes a module and example inputs (synthesised from the config for Hugging Face models).
+Produces a :class:`Captured`: the graph module of ``torch.export.export(..., strict=False)``
+(parameters and buffers as ``get_attr`` nodes named by their fully qualified names, every node
+with ``meta["val"]`` (a fake tensor with symbolic batch/sequence sizes) and
+``meta["nn_module_stack"]`` (the module path it came from)), and how user arguments map to
+the graph's inputs.
+
+Invariants:
+
+- Capture never reads weights: the module is exported as a *skeleton* (a copy of the module
+  tree whose tensors are fake: shape, dtype and device, no data), so a 70B configuration
+  captures in seconds and the graph module holds no data. Loading fills it later
+  (:mod:`autotp.loading`). The model itself may have real or ``meta`` weights.
+- Every dim of every tensor input is ``Dim.AUTO``: export keeps dynamic what the model allows,
+  so one capture serves every batch and sequence length. Example sizes of 0 or 1 would be
+  specialised; synthesised inputs use (2, 8).
+- The same model and input structure always gives the same graph and node names, on every
+  rank, which is what makes a plan portable across ranks.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.export import Dim
+from torch.utils import _pytree as pytree
+
+from autotp import hf
+
+__all__ = ["capture", "Captured", "bind_inputs", "structure_key", "fake_skeleton", "model_device", "CaptureError"]
+
+
+class CaptureError(RuntimeError):
+    """The model could not be exported to a graph."""
+
+
+@dataclass
+class Captured:
+    graph_module: fx.GraphModule
+    input_names: list[str]
+    key: tuple
+    model_name: str = ""
+    tensor_names: list[str] = field(default_factory=list)  # parameters and buffers, get_attr order
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.graph_module.graph
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model runs: its first non-``meta`` tensor's device, else the CPU."""
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if tensor.device.type != "meta":
+            return tensor.device
+    return torch.device("cpu")
+
+
+def fake_skeleton(model: nn.Module, device: Optional[torch.device] = None) -> tuple[nn.Module, FakeTensorMode]:
+    """A copy of ``model`` whose parameters and buffers are fake tensors on ``device``.
+
+    Fake tensors carry shape, dtype and device but no data; exporting the copy records the
+    real device in the graph (``arange(..., device='cpu')``) while reading no weights.
+    Tied tensors stay tied.
+    """
+    device = device or model_device(model)
+    mode = FakeTensorMode(allow_non_fake_inputs=False)
+    memo: dict[int, Any] = {}
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if id(tensor) in memo:
+            continue
+        meta = torch.empty_like(tensor, device="meta")
+        fake = mode.fake_tensor_converter.from_meta_and_device(mode, meta, device)
+        memo[id(tensor)] = nn.Parameter(fake, requires_grad=False) if isinstance(tensor, nn.Parameter) else fake
+    return copy.deepcopy(model, memo), mode
+
+
+def bind_inputs(model: nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """Map a call's arguments to keyword arguments of ``model.forward`` (``None`` defaults dropped)."""
+    sig = inspect.signature(model.forward)
+    try:
+        bound = sig.bind(*args, **kwargs)
+    except TypeError as exc:
+        raise TypeError(f"{type(model).__name__}.forward{sig}: {exc}") from None
+    out: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        param = sig.parameters[name]
+        if param.kind is inspect.Parameter.VAR_KEYWORD:
+            out.update(value)
+        elif param.kind is inspect.Parameter.VAR_POSITIONAL:
+            if value:
+                raise TypeError(f"{type(model).__name__}.forward takes *{name}; pass inputs by name")
+        elif not (value is None and param.default is None):
+            out[name] = value
+    return out
+
+
+def _describe(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return ("tensor", str(value.dtype), value.dim())
+    leaves, spec = pytree.tree_flatten(value)
+    if len(leaves) == 1 and leaves[0] is value:
+        return ("value", repr(value))
+    return ("tree", str(spec), tuple(_describe(v) for v in leaves))
+
+
+def structure_key(inputs: Mapping[str, Any]) -> tuple:
+    """What must match for a captured graph to serve a call: names, tensor dtypes and ranks,
+    and the values of non-tensor arguments (export bakes those in)."""
+    return tuple((name, _describe(value)) for name, value in inputs.items())
+
+
+def _as_fake(value: Any, mode: FakeTensorMode, device: torch.device, bump: bool) -> Any:
+    def convert(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor):
+            return t
+        shape = [2 if bump and s in (0, 1) else s for s in t.shape]
+        meta = torch.empty(shape, dtype=t.dtype, device="meta")
+        return mode.fake_tensor_converter.from_meta_and_device(mode, meta, device)
+
+    return pytree.tree_map(convert, value)
+
+
+def _dynamic_shapes(inputs: Mapping[str, Any]) -> dict[str, Any]:
+    def dims(t: Any) -> Any:
+        return {d: Dim.AUTO for d in range(t.dim())} if isinstance(t, torch.Tensor) else None
+
+    return {name: pytree.tree_map(dims, value) for name, value in inputs.items()}
+
+
+def capture(
+    model: nn.Module,
+    example_inputs: Any = None,
+    *,
+    device: Optional[torch.device] = None,
+    bump_unit_dims: bool = False,
+) -> Captured:
+    """Export ``model`` to an fx graph of aten ops with dynamic input sizes.
+
+    Args:
+        model: any ``nn.Module``; weights may be real or on ``meta`` (they are never read).
+        example_inputs: a tensor, a tuple of positional arguments, or a dict of keyword
+            arguments. ``None`` synthesises token ids for a Hugging Face model.
+        device: where the graph will run (default: where the model's weights are, else CPU).
+        bump_unit_dims: use 2 where an example dim is 0 or 1, so that it stays dynamic.
+
+    Returns:
+        A :class:`Captured` whose graph module holds fake (data-less) parameters.
+
+    Raises:
+        CaptureError: torch.export could not capture the model with these inputs.
+
+    Example:
+        >>> captured = capture(model)                       # doctest: +SKIP
+        >>> captured.graph_module.graph.print_tabular()     # doctest: +SKIP
+    """
+    inputs = normalise_example_inputs(model, example_inputs)
+    device = device or model_device(model)
+    skeleton, mode = fake_skeleton(model, device)
+    fake_inputs = {k: _as_fake(v, mode, device, bump_unit_dims) for k, v in inputs.items()}
+    name = type(model).__name__
+    try:
+        with hf.capture_settings(skeleton), torch.no_grad():
+            exported = torch.export.export(
+                skeleton, (), fake_inputs, dynamic_shapes=_dynamic_shapes(fake_inputs), strict=False
+            )
+    except Exception as exc:  # export raises many types; one clear error names the model
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CaptureError(f"torch.export could not capture {name}: {type(exc).__name__}: {first}") from exc
+    gm = exported.module()
+    tensors = [str(n.target) for n in gm.graph.nodes if n.op == "get_attr"]
+    return Captured(gm, list(inputs), structure_key(inputs), name, tensors)
+
+
+def normalise_example_inputs(model: nn.Module, example_inputs: Any) -> dict[str, Any]:
+    if example_inputs is None:
+        if not hf.is_hf_model(model):
+            raise ValueError(
+                f"{type(model).__name__} is not a Hugging Face model: pass example_inputs= "
+                "(a tensor, a tuple of arguments or a dict of keyword arguments)"
+            )
+        return hf.example_inputs(model)
+    if isinstance(example_inputs, torch.Tensor):
+        return bind_inputs(model, (example_inputs,), {})
+    if isinstance(example_inputs, Mapping):
+        return bind_inputs(model, (), dict(example_inputs))
+    if isinstance(example_inputs, (tuple, list)):
+        return bind_inputs(model, tuple(example_inputs), {})
+    raise TypeError(f"example_inputs must be a tensor, tuple or dict, got {type(example_inputs).__name__}")

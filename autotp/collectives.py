@@ -1,0 +1,48 @@
+"""The collectives the rewrite inserts into a graph, as small modules holding their group.
+
+They are ``call_module`` nodes (``autotp_all_reduce``) so the graph can be counted and printed,
+and so the process group lives on the module rather than in a global. At world size 1 they
+are the identity. They are for inference: no autograd through the reduction.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+__all__ = ["AllReduce", "ALL_REDUCE", "count_collectives"]
+
+ALL_REDUCE = "autotp_all_reduce"
+
+
+class AllReduce(nn.Module):
+    """Sum over the tensor-parallel group: ``Partial()`` in, ``Replicate()`` out.
+
+    The input is the fresh output of a row-parallel matmul with no other user, so it is reduced
+    in place (no copy).
+    """
+
+    def __init__(self, group: Optional[dist.ProcessGroup] = None, world_size: int = 1) -> None:
+        super().__init__()
+        self.group = group
+        self.world_size = world_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            dist.all_reduce(x, group=self.group)
+        return x
+
+    def extra_repr(self) -> str:
+        return f"world_size={self.world_size}"
+
+
+def count_collectives(graph_module: torch.fx.GraphModule) -> dict[str, int]:
+    """Number of collective call sites in a rewritten graph, by kind."""
+    counts: dict[str, int] = {}
+    for node in graph_module.graph.nodes:
+        if node.op == "call_module" and node.target == ALL_REDUCE:
+            counts["all_reduce"] = counts.get("all_reduce", 0) + 1
+    return counts

@@ -1,0 +1,57 @@
+"""Hugging Face glue: recognise a transformers model, synthesise example inputs from its
+config, and the settings under which it is captured. transformers is optional: nothing here
+imports it unless the model is one of its models."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.nn as nn
+
+__all__ = ["is_hf_model", "example_inputs", "capture_settings", "text_config"]
+
+EXAMPLE_BATCH, EXAMPLE_SEQ = 2, 8  # not 0 or 1: export would specialise those sizes
+
+
+def is_hf_model(model: nn.Module) -> bool:
+    config = getattr(model, "config", None)
+    return config is not None and hasattr(config, "model_type") and hasattr(config, "to_dict")
+
+
+def text_config(config: Any) -> Any:
+    getter = getattr(config, "get_text_config", None)
+    return getter() if callable(getter) else config
+
+
+def example_inputs(model: nn.Module, *, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Token ids of shape (2, 8) within the vocabulary (and decoder ids for encoder-decoders)."""
+    config = model.config
+    vocab = getattr(text_config(config), "vocab_size", None)
+    if not vocab:
+        raise ValueError(
+            f"cannot synthesise example inputs for {type(model).__name__}: its config has no "
+            "vocab_size; pass example_inputs=..."
+        )
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, int(vocab), (EXAMPLE_BATCH, EXAMPLE_SEQ), generator=gen)
+    inputs = {"input_ids": ids}
+    if getattr(config, "is_encoder_decoder", False):
+        inputs["decoder_input_ids"] = ids.clone()
+    return inputs
+
+
+@contextlib.contextmanager
+def capture_settings(model: nn.Module) -> Iterator[None]:
+    """Capture without a KV cache: the cache object is not a tensor export can take or return."""
+    config: Optional[Any] = getattr(model, "config", None) if is_hf_model(model) else None
+    if config is None:
+        yield
+        return
+    saved = getattr(config, "use_cache", None)
+    config.use_cache = False
+    try:
+        yield
+    finally:
+        config.use_cache = saved

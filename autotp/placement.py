@@ -1,0 +1,125 @@
+"""Placements: how one tensor value is laid out across the ranks of a tensor-parallel group.
+
+The three kinds follow DTensor's vocabulary:
+
+- ``Replicate()``: every rank holds the whole value.
+- ``Shard(dim, blocks)``: the value is split along ``dim``. With ``blocks == 1`` rank ``r`` holds
+  the ``r``-th contiguous chunk. With ``blocks > 1`` the dimension is a concatenation of equal
+  parts (a fused ``q|k|v`` or ``gate|up`` projection) and rank ``r`` holds its chunk of *every*
+  part, concatenated. ``blocks`` may also be a tuple of part sizes when the parts differ
+  (``q|k|v`` with fewer kv heads).
+- ``Partial()``: every rank holds a summand; an all-reduce turns it into ``Replicate()``.
+
+Placements are frozen dataclasses: hashable, comparable, and printable as ``Shard(2, blocks=3)``,
+which is also their JSON form (:func:`parse_placement` reads it back).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Union
+
+__all__ = ["Placement", "Replicate", "Shard", "Partial", "parse_placement", "block_sizes"]
+
+
+@dataclass(frozen=True)
+class Replicate:
+    def __str__(self) -> str:
+        return "Replicate()"
+
+
+@dataclass(frozen=True)
+class Partial:
+    def __str__(self) -> str:
+        return "Partial()"
+
+
+@dataclass(frozen=True)
+class Shard:
+    dim: int
+    blocks: Union[int, tuple[int, ...]] = 1
+
+    def __post_init__(self) -> None:
+        if self.dim < 0:
+            raise ValueError(f"Shard dim must be normalised to >= 0, got {self.dim}")
+        if isinstance(self.blocks, list):
+            object.__setattr__(self, "blocks", tuple(self.blocks))
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks) if isinstance(self.blocks, tuple) else self.blocks
+
+    def with_dim(self, dim: int) -> "Shard":
+        return Shard(dim, self.blocks)
+
+    def __str__(self) -> str:
+        if self.blocks == 1:
+            return f"Shard({self.dim})"
+        return f"Shard({self.dim}, blocks={self.blocks})"
+
+
+Placement = Union[Replicate, Shard, Partial]
+
+_SHARD_RE = re.compile(r"^Shard\((\d+)(?:, blocks=(\d+|\([\d, ]*\)))?\)$")
+
+
+def parse_placement(text: str) -> Placement:
+    """Inverse of ``str(placement)``."""
+    if text == "Replicate()":
+        return Replicate()
+    if text == "Partial()":
+        return Partial()
+    match = _SHARD_RE.match(text)
+    if not match:
+        raise ValueError(f"not a placement: {text!r}")
+    dim, blocks = int(match.group(1)), match.group(2)
+    if blocks is None:
+        return Shard(dim)
+    if blocks.startswith("("):
+        return Shard(dim, tuple(int(b) for b in blocks.strip("()").split(",") if b.strip()))
+    return Shard(dim, int(blocks))
+
+
+def block_sizes(shard: Shard, size: int) -> list[int]:
+    """Global sizes of the parts of a dimension of ``size`` elements laid out as ``shard``."""
+    if isinstance(shard.blocks, tuple):
+        if sum(shard.blocks) != size:
+            raise ValueError(f"blocks {shard.blocks} do not add up to dimension size {size}")
+        return list(shard.blocks)
+    if size % shard.blocks:
+        raise ValueError(f"dimension of size {size} does not split into {shard.blocks} blocks")
+    return [size // shard.blocks] * shard.blocks
+
+
+def divides(shard: Shard, size: int, world_size: int) -> bool:
+    """Whether every part of a ``size``-long dimension splits evenly over ``world_size`` ranks."""
+    try:
+        parts = block_sizes(shard, size)
+    except ValueError:
+        return False
+    return all(p % world_size == 0 and p > 0 for p in parts)
+
+
+def local_blocks(shard: Shard, world_size: int) -> Union[int, tuple[int, ...]]:
+    """The ``blocks`` of the local tensor: equal parts stay equal, sized parts shrink."""
+    if isinstance(shard.blocks, tuple):
+        return tuple(b // world_size for b in shard.blocks)
+    return shard.blocks
+
+
+def local_chunk(tensor, shard: Shard, rank: int, world_size: int):
+    """Rank ``rank``'s piece of a full ``tensor`` laid out as ``shard`` (a view when possible).
+
+    With several blocks, the rank's chunk of every block is taken and concatenated, so a fused
+    ``q|k|v`` weight gives ``q_r|k_r|v_r``.
+    """
+    import torch
+
+    size = tensor.shape[shard.dim]
+    pieces, start = [], 0
+    for part in block_sizes(shard, size):
+        step = part // world_size
+        pieces.append(tensor.narrow(shard.dim, start + rank * step, step))
+        start += part
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, shard.dim)

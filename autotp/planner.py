@@ -1,0 +1,358 @@
+"""Planner: from a captured graph and a world size to a :class:`~autotp.plan.Plan`.
+
+The algorithm, in the order to read it:
+
+1. **Candidates** (:func:`find_candidates`): every matmul node (``linear``, ``addmm``, ``mm``,
+   ``bmm``, ``matmul``) with an operand that is a parameter, possibly through transposes or
+   casts (GPT-2's Conv1D is ``addmm(bias, x, W)`` with ``W`` stored ``[in, out]``).
+2. **Column-parallel dim** (:meth:`_Planner.colwise_dim`): the parameter dim whose sharding makes
+   the matmul output sharded on its last dim, found by propagating each divisible dim up to the
+   matmul: no per-op knowledge of weight layouts.
+3. **Regions** (:meth:`_Planner.grow`): seed one candidate colwise and propagate
+   (:mod:`autotp.propagate`). Matmuls that contract the sharded dim come out ``Partial``: they
+   are the row-parallel exits, and the all-reduce goes after them. Where a rule had to slice a
+   replicated value locally (attention slicing k and v because only q was sharded), the
+   matmuls upstream of that value, found on a networkx dataflow graph cut at every candidate,
+   join the seeds if that removes slices. So q/k/v -> o and gate/up -> down each become one
+   region without knowing their names. A parameter that every one of its users wants sharded
+   the same way becomes a sharded parameter (row-parallel weights, column-parallel biases).
+4. **Acceptance**: a region is kept if propagation hit no ``Cannot`` and no sharded value reaches
+   the output; otherwise it stays replicated and the plan records why. Regions that touch each
+   other are re-checked together.
+5. **Plan**: per parameter its placement, style and reason; the all-reduces; the literal sizes
+   to localise; the local slices.
+
+The planner takes ``world_size`` as an int and needs no process group; it never edits the graph.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Iterable, Optional, Union
+
+import networkx as nx
+import torch
+import torch.fx as fx
+
+from autotp.placement import Partial, Placement, Replicate, Shard, divides
+from autotp.plan import ArgEdit, Collective, LocalSlice, ParamSpec, Plan, Region
+from autotp.propagate import Propagation, arg_at, propagate
+from autotp.rules import ndim, sizes
+from autotp.rules.matmul import MATMUL_SPECS
+
+__all__ = ["plan_graph", "find_candidates", "Candidate"]
+
+aten = torch.ops.aten
+
+# Ops between a parameter and the matmul that uses it (GPT-2 uses W as stored, Falcon
+# ``matmul(x, W.T)``, quantised or mixed-precision models cast it first).
+_WEIGHT_CHAIN = {
+    aten.t.default, aten.transpose.int, aten.permute.default, aten.numpy_T.default,
+    aten.to.dtype, aten.to.device, aten.to.dtype_layout, aten._to_copy.default,
+    aten.alias.default, aten.contiguous.default, aten.clone.default, aten.detach.default,
+}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    matmul: fx.Node
+    param: fx.Node
+
+    @property
+    def module(self) -> str:
+        return _module_of(str(self.param.target))
+
+
+def _param_source(arg: object) -> Optional[fx.Node]:
+    while isinstance(arg, fx.Node) and arg.op == "call_function" and arg.target in _WEIGHT_CHAIN:
+        arg = arg.args[0]
+    return arg if isinstance(arg, fx.Node) and arg.op == "get_attr" else None
+
+
+def find_candidates(graph: fx.Graph) -> list[Candidate]:
+    """Matmuls with a parameter operand of rank >= 2, in graph order."""
+    found, seen = [], set()
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target not in MATMUL_SPECS:
+            continue
+        for pos in MATMUL_SPECS[node.target][0]:
+            param = _param_source(node.args[pos])
+            if param is not None and param not in seen and ndim(param) >= 2:
+                found.append(Candidate(node, param))
+                seen.add(param)
+                break
+    return found
+
+
+def _module_of(param_name: str) -> str:
+    return param_name.rsplit(".", 1)[0] if "." in param_name else param_name
+
+
+def _common_module(names: Iterable[str]) -> str:
+    parts = [_module_of(n).split(".") for n in names]
+    common = []
+    for column in zip(*parts):
+        if len(set(column)) != 1:
+            break
+        common.append(column[0])
+    return ".".join(common) or _module_of(next(iter(names)))
+
+
+def _layer_of(region: str) -> Optional[str]:
+    parts = region.split(".")
+    digits = [i for i, p in enumerate(parts) if p.isdigit()]
+    return ".".join(parts[: digits[-1] + 1]) if digits else None
+
+
+_MAX_LAYOUT_RETRIES = 4  # phi3's q|k|v slices refine the layout once per slice
+
+
+def _blocks_for(hint: Optional[tuple[int, ...]], size: int) -> Union[int, tuple[int, ...], None]:
+    """A rule's block hint (part sizes at the failing node) rescaled to a seed dim of ``size``."""
+    if not hint:
+        return None
+    total = sum(hint)
+    if size % total == 0:
+        parts = [h * (size // total) for h in hint]
+    elif total % size == 0 and all(h % (total // size) == 0 for h in hint):
+        parts = [h // (total // size) for h in hint]
+    else:
+        return None
+    return len(parts) if len(set(parts)) == 1 else tuple(parts)
+
+
+@dataclass
+class _Grown:
+    seeds: dict[fx.Node, Placement]
+    prop: Propagation
+    entries: list[Candidate]
+
+
+class _Planner:
+    def __init__(self, graph: fx.Graph, world_size: int) -> None:
+        self.graph = graph
+        self.world = world_size
+        self.candidates = find_candidates(graph)
+        self.by_matmul = {c.matmul: c for c in self.candidates}
+        self._colwise: dict[fx.Node, Optional[int]] = {}
+        self.cut = self._dataflow_cut()
+
+    def _dataflow_cut(self) -> nx.DiGraph:
+        """Dataflow graph with the edges *into* every candidate matmul removed, so that the
+        ancestors of a value stop at the nearest matmuls that produce it."""
+        flow = nx.DiGraph()
+        for node in self.graph.nodes:
+            flow.add_node(node)
+            if node not in self.by_matmul:
+                flow.add_edges_from((src, node) for src in node.all_input_nodes)
+        return flow
+
+    def colwise_dim(self, c: Candidate) -> Union[int, str]:
+        """The parameter dim that shards the matmul's output columns, or why there is none."""
+        if c.param not in self._colwise:
+            shape = sizes(c.param)
+            answer: Union[int, str] = f"no dim of {c.param.target} {list(shape)} divides by tp={self.world}"
+            for d in range(len(shape)):
+                if not divides(Shard(d), shape[d], self.world):
+                    continue
+                prop = propagate(self.graph, {c.param: Shard(d)}, self.world, until=c.matmul)
+                got = prop.placements.get(c.matmul)
+                if isinstance(got, Shard) and got.dim == ndim(c.matmul) - 1:
+                    answer = d
+                    break
+                if prop.failure is not None:
+                    answer = str(prop.failure)
+            self._colwise[c.param] = answer
+        return self._colwise[c.param]
+
+    def settle(self, seeds: dict[fx.Node, Placement]) -> tuple[dict[fx.Node, Placement], Propagation]:
+        """Propagate, promoting parameters that all their users want sliced to sharded seeds."""
+        while True:
+            prop = propagate(self.graph, seeds, self.world)
+            if not prop.ok:
+                return seeds, prop
+            wanted: dict[fx.Node, set] = {}
+            for node, move in prop.redistributions():
+                src = arg_at(node, move.path)
+                if src.op == "get_attr" and src not in seeds:
+                    wanted.setdefault(src, set()).add((node, move.to))
+            promote = {
+                p: next(iter(asks))[1]
+                for p, asks in wanted.items()
+                if len({to for _, to in asks}) == 1 and {u for u, _ in asks} == set(p.users)
+            }
+            if not promote:
+                return seeds, prop
+            seeds = {**seeds, **promote}
+
+    def upstream_candidates(self, value: fx.Node, taken: set) -> list[Candidate]:
+        nodes = nx.ancestors(self.cut, value) | {value}
+        return [self.by_matmul[n] for n in self.graph.nodes if n in nodes and n in self.by_matmul
+                and self.by_matmul[n].param not in taken]
+
+    def grow(self, c: Candidate, assigned: set) -> Union[_Grown, str]:
+        """The region seeded by ``c`` (colwise), grown by the matmuls it needs, or why not."""
+        dim = self.colwise_dim(c)
+        if isinstance(dim, str):
+            return dim
+        found = self._seed_layout(c.param, dim)
+        if isinstance(found, str):
+            return found
+        grown = _Grown(*found, entries=[c])
+        while True:
+            better = self._grow_once(grown, assigned)
+            if better is None:
+                return grown
+            grown = better
+
+    def _seed_layout(self, param: fx.Node, dim: int):
+        """Settle ``param`` sharded on ``dim``; when a rule asks for fused blocks (a split of
+        q|k|v), retry with that layout."""
+        size = sizes(param)[dim]
+        shard = Shard(dim)
+        for _ in range(_MAX_LAYOUT_RETRIES):
+            seeds, prop = self.settle({param: shard})
+            if prop.ok:
+                return seeds, prop
+            blocks = _blocks_for(prop.failure.blocks, size)
+            if blocks is None or blocks == shard.blocks or not divides(Shard(dim, blocks), size, self.world):
+                return str(prop.failure)
+            shard = Shard(dim, blocks)
+        return str(prop.failure)
+
+    def _grow_once(self, grown: _Grown, assigned: set) -> Optional[_Grown]:
+        """Add the matmuls upstream of locally sliced values, if that removes slices."""
+        sliced = [arg_at(node, move.path) for node, move in grown.prop.redistributions()]
+        if not sliced:
+            return None
+        taken = assigned | set(grown.seeds)
+        extra: list[Candidate] = []
+        for value in sliced:
+            for cand in self.upstream_candidates(value, taken):
+                if cand not in extra and isinstance(self.colwise_dim(cand), int):
+                    extra.append(cand)
+        trials = [extra] + ([[e] for e in extra] if len(extra) > 1 else []) if extra else []
+        current = sum(1 for _ in grown.prop.redistributions())
+        for group in trials:
+            seeds = {**grown.seeds, **{e.param: Shard(int(self.colwise_dim(e))) for e in group}}
+            seeds, prop = self.settle(seeds)
+            if prop.ok and sum(1 for _ in prop.redistributions()) < current:
+                return _Grown(seeds, prop, grown.entries + list(group))
+        return None
+
+
+def plan_graph(graph: fx.Graph, world_size: int, *, model: str = "", inputs: Optional[list[str]] = None) -> Plan:
+    """Plan tensor parallelism for a captured graph over ``world_size`` ranks.
+
+    Args:
+        graph: an fx graph from :func:`autotp.capture.capture` (nodes carry ``meta["val"]``).
+        world_size: the tensor-parallel size.
+        model: a label recorded in the plan.
+        inputs: the names of the graph's user inputs, recorded in the plan.
+
+    Returns:
+        A :class:`Plan`; with ``world_size == 1`` every parameter is replicated.
+    """
+    if world_size < 1:
+        raise ValueError(f"tp_size must be >= 1, got {world_size}")
+    planner = _Planner(graph, world_size)
+    accepted: list[tuple[str, _Grown]] = []
+    rejected: dict[Candidate, str] = {}
+    assigned: set = set()
+    touched: set = set()
+    for cand in planner.candidates if world_size > 1 else []:
+        if cand.param in assigned:
+            continue
+        grown = planner.grow(cand, assigned)
+        if isinstance(grown, str):
+            rejected[cand] = grown
+            continue
+        region = _common_module(str(e.param.target) for e in grown.entries)
+        mine = set(grown.prop.answers) | set(grown.seeds)
+        if mine & touched:
+            joint = {s: p for _, g in accepted for s, p in g.seeds.items()} | grown.seeds
+            _, prop = planner.settle(joint)
+            if not prop.ok:
+                rejected[cand] = f"conflicts with an accepted region: {prop.failure}"
+                continue
+        accepted.append((region, grown))
+        assigned |= set(grown.seeds)
+        touched |= mine
+    seeds = {s: p for _, g in accepted for s, p in g.seeds.items()}
+    seeds, final = planner.settle(seeds)
+    if not final.ok:  # regions were checked pairwise when they touched; this is a bug guard
+        raise RuntimeError(f"autotp planner: accepted regions fail together: {final.failure}")
+    return _build_plan(graph, world_size, accepted, rejected, seeds, final, model, inputs or [])
+
+
+def _build_plan(graph, world, accepted, rejected, seeds, final: Propagation, model, inputs) -> Plan:
+    region_of: dict[fx.Node, str] = {}
+    for name, grown in accepted:
+        for node in list(grown.prop.answers) + list(grown.seeds):
+            region_of.setdefault(node, name)
+    plan = Plan(tp_size=world, model=model, inputs=inputs)
+    entries = {e.param for _, g in accepted for e in g.entries}
+    for node in graph.nodes:
+        if node.op == "get_attr" and isinstance(node.meta.get("val"), torch.Tensor):
+            plan.params[str(node.target)] = _param_spec(node, seeds, entries, final, region_of, rejected)
+    for node in final.partials:
+        bias = final.answers[node].bias_path
+        plan.collectives.append(Collective("all_reduce", node.name, region_of.get(node), list(bias) if bias else None))
+    for node, answer in final.answers.items():
+        plan.edits.extend(ArgEdit(node.name, list(e.path), e.old, e.new) for e in answer.edits)
+        for move in answer.redistribute:
+            src = arg_at(node, move.path)
+            plan.slices.append(LocalSlice(node.name, list(move.path), move.to, f"{src.name} is replicated, {node.name} needs it {move.to}"))
+    for name, grown in accepted:
+        exits = sorted({str(planner_param) for planner_param in _exit_params(grown.prop)})
+        plan.regions.append(Region(name, True, [str(e.param.target) for e in grown.entries], exits, "", _layer_of(name)))
+    for cand, reason in rejected.items():
+        plan.regions.append(Region(cand.module, False, [str(cand.param.target)], [], reason, _layer_of(cand.module)))
+    return plan
+
+
+def _exit_params(prop: Propagation) -> list[str]:
+    out = []
+    for node in prop.partials:
+        for arg in node.args:
+            src = _param_source(arg)
+            if src is not None and ndim(src) >= 2:
+                out.append(str(src.target))
+    return out
+
+
+def _param_spec(node, seeds, entries, final: Propagation, region_of, rejected) -> ParamSpec:
+    val = node.meta["val"]
+    spec = ParamSpec(str(node.target), [int(s) for s in val.shape], str(val.dtype).replace("torch.", ""))
+    placement = seeds.get(node)
+    region = region_of.get(node)
+    if placement is None:
+        spec.reason = _replicated_reason(node, rejected)
+        return spec
+    spec.placement, spec.region = placement, region
+    users = [u for u in node.users if u in final.answers]
+    if node in entries:
+        spec.style, spec.reason = "colwise", f"column-parallel entry of {region}"
+    elif any(isinstance(final.answers[u].placement, Partial) for u in users):
+        spec.style, spec.reason = "rowwise", f"row-parallel exit of {region} (all-reduce after)"
+    elif any(u.target in MATMUL_SPECS for u in users):
+        spec.style, spec.reason = "colwise", f"bias of a column-parallel matmul in {region}"
+    else:
+        spec.style, spec.reason = "sharded", f"sharded with its users in {region}"
+    return spec
+
+
+def _replicated_reason(node: fx.Node, rejected: dict) -> str:
+    for cand, reason in rejected.items():
+        if cand.param is node:
+            return f"not sharded: {reason}"
+    if not any(u.target in MATMUL_SPECS for u in node.users if u.op == "call_function"):
+        kinds = sorted({str(getattr(u.target, "__name__", u.target)) for u in node.users})
+        return f"used by {', '.join(kinds) or 'nothing'}: replicated"
+    return "replicated"
+
+
+def collapse_layers(text: str) -> str:
+    """``model.layers.3.mlp`` -> ``model.layers.*.mlp``, for grouping identical reasons."""
+    return re.sub(r"\.\d+(?=\.|$)", ".*", text)

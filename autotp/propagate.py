@@ -1,0 +1,126 @@
+"""Forward propagation of placements through a captured graph.
+
+Consumes an fx graph whose nodes carry ``meta["val"]`` (from :mod:`autotp.capture`) and *seeds*:
+placements for some nodes, in practice parameters (``get_attr`` nodes) that the planner wants
+sharded. Produces, for every node that sees a sharded input, the answer of its rule
+(:mod:`autotp.rules`): its output placement, the local slices and literal edits it needs.
+
+Invariants:
+
+- Nodes are visited in graph (topological) order, and only when one of their inputs is
+  sharded: the cost is proportional to the region a seed reaches, not to the graph.
+- A ``Partial`` output marks an all-reduce point; the value is ``Replicate`` after it, so the
+  region ends there.
+- The first ``Cannot`` stops propagation and is reported as the failure; a sharded value that
+  reaches the graph output is a failure too (gathering outputs is not done here).
+
+This module only reads the graph; it never knows a rank.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping, Optional
+
+import torch.fx as fx
+
+from autotp.placement import Partial, Placement, Replicate
+from autotp.rules import Cannot, Inputs, Out, Redistribute, apply_rule
+
+__all__ = ["Propagation", "Failure", "propagate", "arg_at"]
+
+
+@dataclass(frozen=True)
+class Failure:
+    node: fx.Node
+    reason: str
+    blocks: Optional[tuple[int, ...]] = None  # a layout hint from the rule, see rules.Cannot
+
+    def __str__(self) -> str:
+        stack = self.node.meta.get("nn_module_stack") or {}
+        where = list(stack.values())[-1][0] if stack else ""
+        return f"{self.reason} (at {self.node.name}{' in ' + where if where else ''})"
+
+
+@dataclass
+class Propagation:
+    seeds: dict[fx.Node, Placement]
+    placements: dict[fx.Node, Any] = field(default_factory=dict)
+    answers: dict[fx.Node, Out] = field(default_factory=dict)
+    partials: list[fx.Node] = field(default_factory=list)
+    failure: Optional[Failure] = None
+
+    @property
+    def ok(self) -> bool:
+        return self.failure is None
+
+    def redistributions(self) -> Iterator[tuple[fx.Node, Redistribute]]:
+        for node, answer in self.answers.items():
+            for move in answer.redistribute:
+                yield node, move
+
+
+def arg_at(node: fx.Node, path: tuple[int, ...]) -> Any:
+    """``node.args[path[0]][path[1]]...``"""
+    value: Any = node.args
+    for i in path:
+        value = value[i]
+    return value
+
+
+def _order(graph: fx.Graph) -> dict[fx.Node, int]:
+    cached = getattr(graph, "_autotp_order", None)
+    if cached is None or len(cached) != len(graph.nodes):
+        cached = {n: i for i, n in enumerate(graph.nodes)}
+        graph._autotp_order = cached  # type: ignore[attr-defined]
+    return cached
+
+
+def _is_replicated(placement: Any) -> bool:
+    if isinstance(placement, tuple):
+        return all(isinstance(p, Replicate) for p in placement)
+    return isinstance(placement, Replicate)
+
+
+def propagate(
+    graph: fx.Graph,
+    seeds: Mapping[fx.Node, Placement],
+    world_size: int,
+    *,
+    until: Optional[fx.Node] = None,
+) -> Propagation:
+    """Propagate ``seeds`` forward; stop after ``until`` if given (used to test one matmul)."""
+    order = _order(graph)
+    result = Propagation(seeds=dict(seeds), placements=dict(seeds))
+    limit = order[until] if until is not None else len(order)
+    heap: list[tuple[int, str]] = []
+    by_name: dict[str, fx.Node] = {}
+
+    def push_users(node: fx.Node) -> None:
+        for user in node.users:
+            if order[user] <= limit and user.name not in by_name:
+                by_name[user.name] = user
+                heapq.heappush(heap, (order[user], user.name))
+
+    for node in seeds:
+        push_users(node)
+    inputs = Inputs(result.placements, world_size)
+    while heap:
+        _, name = heapq.heappop(heap)
+        node = by_name[name]
+        if node.op != "call_function":
+            what = "reaches the model output" if node.op == "output" else f"enters {node.op} {node.target}"
+            result.failure = Failure(node, f"a sharded value {what}")
+            return result
+        answer = apply_rule(node, inputs)
+        if isinstance(answer, Cannot):
+            result.failure = Failure(node, answer.reason, answer.blocks)
+            return result
+        result.answers[node] = answer
+        if isinstance(answer.placement, Partial):
+            result.partials.append(node)  # all-reduced right here: Replicate downstream
+        elif not _is_replicated(answer.placement):
+            result.placements[node] = answer.placement
+            push_users(node)
+    return result

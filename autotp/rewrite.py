@@ -1,0 +1,136 @@
+"""Rewrite: carry out a :class:`~autotp.plan.Plan` on a captured graph for one rank.
+
+Consumes the graph module from :func:`autotp.capture.capture` and the plan made for it;
+produces the same graph module, edited so that it computes this rank's part:
+
+1. literal sizes in node arguments become per-rank sizes (``ArgEdit``);
+2. replicated inputs that a node needs sharded are sliced locally (``local_chunk`` nodes);
+3. after each row-parallel matmul an all-reduce is inserted; its bias, if any, is taken out of
+   the matmul and added once after the reduction (``addmm -> mm``, ``linear(x, W, b) ->
+   linear(x, W) + b``).
+
+Parameters are not touched here: their data is this rank's business and belongs to
+:mod:`autotp.loading`. The graph stays a plain fx graph (lint + recompile), so the result has
+the original call signature and output type.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+import torch.fx as fx
+
+from autotp.collectives import ALL_REDUCE, AllReduce
+from autotp.placement import Shard, local_chunk
+from autotp.plan import Plan
+from autotp.propagate import arg_at
+
+__all__ = ["rewrite", "RewriteError"]
+
+aten = torch.ops.aten
+
+# A row-parallel matmul with a bias becomes the bias-free op: the bias is added after the
+# all-reduce, once, instead of on every rank.
+_WITHOUT_BIAS = {aten.addmm.default: aten.mm.default, aten.baddbmm.default: aten.bmm.default}
+
+
+class RewriteError(RuntimeError):
+    """The plan does not match the graph (captured from another model or input structure)."""
+
+
+def _replace_at(args: Any, path: list[int], value: Any) -> Any:
+    head, rest = path[0], path[1:]
+    items = list(args)
+    items[head] = _replace_at(items[head], rest, value) if rest else value
+    return tuple(items) if isinstance(args, tuple) else items
+
+
+def shard_locally(x: torch.Tensor, dim: int, blocks: Any, rank: int, world_size: int) -> torch.Tensor:
+    """Replicate -> Shard without communication: keep this rank's chunk (graph call target)."""
+    return local_chunk(x, Shard(dim, blocks), rank, world_size)
+
+
+def _nodes(gm: fx.GraphModule, plan: Plan) -> dict[str, fx.Node]:
+    by_name = {n.name: n for n in gm.graph.nodes}
+    wanted = {e.node for e in plan.edits} | {s.node for s in plan.slices} | {c.node for c in plan.collectives}
+    missing = sorted(wanted - by_name.keys())
+    if missing:
+        raise RewriteError(f"plan names nodes the graph does not have: {missing[:5]}")
+    return by_name
+
+
+def _apply_edits(by_name: dict[str, fx.Node], plan: Plan) -> None:
+    for edit in plan.edits:
+        node = by_name[edit.node]
+        found = arg_at(node, tuple(edit.path))
+        if found != edit.old:
+            raise RewriteError(f"{node.format_node()}: expected {edit.old} at {edit.path}, found {found}")
+        node.args = _replace_at(node.args, edit.path, edit.new)
+
+
+def _apply_slices(gm: fx.GraphModule, by_name: dict[str, fx.Node], plan: Plan, rank: int) -> None:
+    for item in plan.slices:
+        node = by_name[item.node]
+        source = arg_at(node, tuple(item.path))
+        with gm.graph.inserting_before(node):
+            shard = item.placement
+            piece = gm.graph.call_function(shard_locally, (source, shard.dim, shard.blocks, rank, plan.tp_size))
+        node.args = _replace_at(node.args, item.path, piece)
+
+
+def _apply_all_reduces(gm: fx.GraphModule, by_name: dict[str, fx.Node], plan: Plan) -> None:
+    graph = gm.graph
+    for coll in plan.collectives:
+        node = by_name[coll.node]
+        bias = None
+        if coll.bias_path:
+            bias = arg_at(node, tuple(coll.bias_path))
+            if node.target in _WITHOUT_BIAS:
+                node.target = _WITHOUT_BIAS[node.target]
+                node.args = node.args[1:3]
+            else:  # linear(x, W, b): drop the trailing bias
+                node.args = _replace_at(node.args, coll.bias_path, None)
+        users = list(node.users)
+        with graph.inserting_after(node):
+            reduced = graph.call_module(ALL_REDUCE, (node,))
+        last = reduced
+        if bias is not None:
+            with graph.inserting_after(reduced):
+                last = graph.call_function(aten.add.Tensor, (reduced, bias))
+        for user in users:
+            user.replace_input_with(node, last)
+
+
+def rewrite(
+    gm: fx.GraphModule,
+    plan: Plan,
+    rank: int,
+    *,
+    group: Optional[dist.ProcessGroup] = None,
+) -> fx.GraphModule:
+    """Edit ``gm`` in place so that it computes rank ``rank``'s part of ``plan``.
+
+    Args:
+        gm: the graph module the plan was made for (same model, same input structure).
+        plan: a plan for ``plan.tp_size`` ranks.
+        rank: this rank, in ``[0, plan.tp_size)``.
+        group: the tensor-parallel process group the all-reduces use (default: the world).
+
+    Returns:
+        ``gm``, rewritten and recompiled.
+
+    Raises:
+        RewriteError: the plan names nodes or literals that are not in ``gm``.
+    """
+    if not 0 <= rank < plan.tp_size:
+        raise ValueError(f"rank {rank} is outside tp_size {plan.tp_size}")
+    by_name = _nodes(gm, plan)
+    _apply_edits(by_name, plan)
+    _apply_slices(gm, by_name, plan, rank)
+    gm.add_module(ALL_REDUCE, AllReduce(group, plan.tp_size))
+    _apply_all_reduces(gm, by_name, plan)
+    gm.graph.lint()
+    gm.recompile()
+    return gm

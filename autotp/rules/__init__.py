@@ -1,0 +1,168 @@
+"""Propagation rules: one small pure function per aten op family, registered in one table.
+
+A rule answers one question for one node: *given the placements of my inputs, what is the
+placement of my output, and what must change for that to be true?* It returns
+
+- a :class:`~autotp.placement.Placement` (or a tuple of them for ops with several outputs), or
+- an :class:`Out`, which adds what the rewrite must do at this node: slice a replicated input
+  locally (:class:`Redistribute`, no communication), or replace a literal size in the node's
+  arguments by its per-rank value (:class:`ArgEdit`), or
+- :class:`Cannot` with a reason: this op cannot keep its input sharded. The planner then shards
+  less (the region is replicated), so an unknown op never produces wrong numbers.
+
+Rules read shapes from ``node.meta["val"]`` (fake tensors, possibly with symbolic batch and
+sequence sizes), know the world size (for divisibility) but never the rank, never edit the
+graph and never communicate. Start reading at :func:`rule` and :data:`RULES`; the families live
+in ``pointwise.py``, ``view.py``, ``matmul.py``, ``attention.py``, ``reduction.py`` and
+``misc.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional, Union
+
+import sympy
+import torch
+import torch.fx as fx
+
+from autotp.placement import Partial, Placement, Replicate, Shard
+
+__all__ = [
+    "RULES",
+    "rule",
+    "Cannot",
+    "Out",
+    "Redistribute",
+    "ArgEdit",
+    "Inputs",
+    "Result",
+    "sizes",
+    "ndim",
+    "norm_dim",
+    "apply_rule",
+]
+
+
+@dataclass(frozen=True)
+class Cannot:
+    """The op cannot keep its input sharded; ``reason`` is shown in the plan.
+
+    ``blocks`` is a hint: the global part sizes along the input's sharded dim with which the op
+    *would* work (a ``split`` of a fused ``q|k|v`` output). The planner retries the seed laid
+    out that way.
+    """
+
+    reason: str
+    blocks: Optional[tuple[int, ...]] = None
+
+
+@dataclass(frozen=True)
+class Redistribute:
+    """Replicate -> Shard for the input at ``node.args[path...]``: a local slice, no communication."""
+
+    path: tuple[int, ...]
+    to: Shard
+
+
+@dataclass(frozen=True)
+class ArgEdit:
+    """Replace the literal at ``node.args[path...]`` (a global size) by its per-rank value."""
+
+    path: tuple[int, ...]
+    old: int
+    new: int
+
+
+@dataclass(frozen=True)
+class Out:
+    placement: Union[Placement, tuple[Placement, ...]]
+    redistribute: tuple[Redistribute, ...] = ()
+    edits: tuple[ArgEdit, ...] = ()
+    # For a matmul whose output is Partial: where its bias sits, so the rewrite adds it once,
+    # after the all-reduce, instead of once per rank.
+    bias_path: tuple[int, ...] | None = None
+
+
+Result = Union[Placement, tuple[Placement, ...], Out, Cannot]
+
+
+@dataclass
+class Inputs:
+    """Placements of a node's inputs; anything not recorded (constants, untouched nodes) is Replicate."""
+
+    placements: Mapping[fx.Node, Any]
+    world_size: int
+    _default: Placement = field(default_factory=Replicate)
+
+    def __getitem__(self, arg: Any) -> Placement:
+        if isinstance(arg, fx.Node):
+            return self.placements.get(arg, self._default)
+        return self._default
+
+
+Rule = Callable[[fx.Node, Inputs], Result]
+RULES: dict[Any, Rule] = {}
+
+
+def rule(*ops: Any) -> Callable[[Rule], Rule]:
+    """Register ``fn`` as the propagation rule of every op in ``ops``."""
+
+    def register(fn: Rule) -> Rule:
+        for op in ops:
+            RULES[op] = fn
+        return fn
+
+    return register
+
+
+def apply_rule(node: fx.Node, inputs: Inputs) -> Out | Cannot:
+    """Run the node's rule and normalise the answer to ``Out`` or ``Cannot``."""
+    fn = RULES.get(node.target)
+    if fn is None:
+        return Cannot(f"no propagation rule for {_op_name(node)}")
+    try:
+        result = fn(node, inputs)
+    except (IndexError, KeyError, TypeError, ValueError) as exc:  # malformed args: shard less
+        return Cannot(f"rule for {_op_name(node)} failed: {exc}")
+    if isinstance(result, (Out, Cannot)):
+        return result
+    return Out(result)
+
+
+def _op_name(node: fx.Node) -> str:
+    target = node.target
+    return str(getattr(target, "__name__", target)) if not isinstance(target, str) else target
+
+
+# ---- shape helpers shared by the rule files -------------------------------------------------
+
+def _size(s: Any) -> Union[int, sympy.Expr]:
+    if isinstance(s, int):
+        return s
+    if isinstance(s, torch.SymInt):
+        expr = s.node.expr
+        return int(expr) if expr.is_number else expr
+    return s
+
+
+def sizes(x: Any) -> tuple:
+    """Global sizes of a node's tensor value: ints, or sympy expressions for dynamic dims."""
+    val = x.meta["val"] if isinstance(x, fx.Node) else x
+    return tuple(_size(s) for s in val.shape)
+
+
+def ndim(x: fx.Node) -> int:
+    return len(x.meta["val"].shape)
+
+
+def norm_dim(dim: int, rank: int) -> int:
+    return dim + rank if dim < 0 else dim
+
+
+def is_partial(p: Any) -> bool:
+    return isinstance(p, Partial)
+
+
+# Importing the family modules fills RULES.
+from autotp.rules import attention, matmul, misc, pointwise, reduction, view  # noqa: E402,F401

@@ -1,0 +1,112 @@
+"""Matmul family, driven by einsum-like specs (as PyTorch's ``_matrix_ops.py``).
+
+Each op is described by the labels of its operands' dims and of its output, e.g. ``mm`` is
+``mk,kn->mn`` and ``linear`` is ``...k,nk->...n``. If a label is sharded on some operand:
+
+- every other operand that has the label must be sharded the same way; a replicated one is
+  sliced locally (for a weight, the planner turns that slice into a sharded parameter);
+- if the output has the label, the output is sharded there (column-parallel: ``n``; or a
+  batch/head dim flowing through);
+- if the label is contracted (``k``), every rank holds a partial sum: the output is
+  ``Partial()`` (row-parallel), and the propagator inserts the all-reduce. A bias must then be
+  added once, after the reduction, so the rule reports where it sits.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+from autotp.placement import Partial, Replicate, Shard, divides
+from autotp.rules import Cannot, Inputs, Out, Redistribute, Result, ndim, rule, sizes
+
+aten = torch.ops.aten
+
+Spec = list[str]
+
+
+def _batch(count: int) -> Spec:
+    return [f"b{i}" for i in range(count)]
+
+
+def _linear_specs(node: fx.Node) -> tuple[list[Spec], Spec]:
+    lead = _batch(ndim(node.args[0]) - 1)
+    return [lead + ["k"], ["n", "k"]], lead + ["n"]
+
+
+def _matmul_specs(node: fx.Node) -> tuple[list[Spec], Spec]:
+    a, b = ndim(node.args[0]), ndim(node.args[1])
+    if a < 2 or b < 2:
+        raise ValueError("matmul with a 1-D operand")
+    out = ndim(node)
+    batch = _batch(out - 2)
+    return [batch[out - a:] + ["m", "k"], batch[out - b:] + ["k", "n"]], batch + ["m", "n"]
+
+
+# op -> (positions of the matmul operands in node.args, spec builder, position of the bias)
+MATMUL_SPECS = {
+    aten.mm.default: ((0, 1), lambda n: ([["m", "k"], ["k", "n"]], ["m", "n"]), None),
+    aten.addmm.default: ((1, 2), lambda n: ([["m", "k"], ["k", "n"]], ["m", "n"]), 0),
+    aten.bmm.default: ((0, 1), lambda n: ([["b", "m", "k"], ["b", "k", "n"]], ["b", "m", "n"]), None),
+    aten.baddbmm.default: ((1, 2), lambda n: ([["b", "m", "k"], ["b", "k", "n"]], ["b", "m", "n"]), 0),
+    aten.linear.default: ((0, 1), _linear_specs, 2),
+    aten.matmul.default: ((0, 1), _matmul_specs, None),
+}
+
+
+def _sharded_label(node: fx.Node, operands, specs, inputs: Inputs):
+    label, blocks = None, None
+    for arg, spec in zip(operands, specs):
+        p = inputs[arg]
+        if isinstance(p, Shard):
+            if label is not None and (spec[p.dim], p.blocks) != (label, blocks):
+                return Cannot("matmul operands sharded on different dims")
+            label, blocks = spec[p.dim], p.blocks
+        elif not isinstance(p, Replicate):
+            return Cannot(f"matmul operand placement {p} not supported")
+    return label, blocks
+
+
+def _bias_moves(node: fx.Node, bias_at: Optional[int], out: Shard, inputs: Inputs):
+    """A bias broadcasts into the output: it must be sliced like the output's sharded dim."""
+    if bias_at is None or len(node.args) <= bias_at or not isinstance(node.args[bias_at], fx.Node):
+        return ()
+    bias = node.args[bias_at]
+    if isinstance(inputs[bias], Shard):
+        return ()
+    dim = out.dim - (ndim(node) - ndim(bias))
+    if dim < 0 or sizes(bias)[dim] == 1:
+        return ()
+    return (Redistribute((bias_at,), Shard(dim, out.blocks)),)
+
+
+@rule(*MATMUL_SPECS)
+def matmul_rule(node: fx.Node, inputs: Inputs) -> Result:
+    positions, build, bias_at = MATMUL_SPECS[node.target]
+    specs, out_spec = build(node)
+    operands = [node.args[i] for i in positions]
+    if bias_at is not None and len(node.args) > bias_at and isinstance(inputs[node.args[bias_at]], Shard):
+        if all(isinstance(inputs[a], Replicate) for a in operands):
+            return Cannot("sharded bias on a replicated matmul")
+    found = _sharded_label(node, operands, specs, inputs)
+    if isinstance(found, Cannot):
+        return found
+    label, blocks = found
+    moves = []
+    for pos, arg, spec in zip(positions, operands, specs):
+        if label not in spec or isinstance(inputs[arg], Shard):
+            continue
+        dim = spec.index(label)
+        size = sizes(arg)[dim]
+        if isinstance(size, int) and size == 1:
+            continue  # a broadcast batch dim
+        if not divides(Shard(dim, blocks), size, inputs.world_size):
+            return Cannot(f"matmul operand dim of {size} does not split over {inputs.world_size} ranks")
+        moves.append(Redistribute((pos,), Shard(dim, blocks)))
+    if label in out_spec:
+        out = Shard(out_spec.index(label), blocks)
+        return Out(out, tuple(moves) + _bias_moves(node, bias_at, out, inputs))
+    has_bias = bias_at is not None and len(node.args) > bias_at and isinstance(node.args[bias_at], fx.Node)
+    return Out(Partial(), tuple(moves), bias_path=(bias_at,) if has_bias else None)

@@ -1,0 +1,53 @@
+"""Ops that read only a tensor's shape or metadata, and embedding lookups."""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from autotp.placement import Replicate, Shard
+from autotp.rules import Cannot, Inputs, Result, ndim, norm_dim, rule
+
+aten = torch.ops.aten
+
+
+@rule(aten.sym_size.int)
+def sym_size_rule(node: fx.Node, inputs: Inputs) -> Result:
+    """A size of an unsharded dim is the same on every rank; of the sharded dim it is not."""
+    src = inputs[node.args[0]]
+    dim = norm_dim(node.args[1], ndim(node.args[0]))
+    if isinstance(src, Shard) and src.dim == dim:
+        return Cannot("the size of the sharded dim is read as a value")
+    return Replicate()
+
+
+@rule(aten.sym_numel.default, aten.sym_stride.int, aten.sym_storage_offset.default)
+def sym_numel_rule(node: fx.Node, inputs: Inputs) -> Result:
+    return Cannot(f"{node.target} of a sharded value")
+
+
+@rule(aten._assert_tensor_metadata.default)
+def metadata_rule(node: fx.Node, inputs: Inputs) -> Result:
+    """Checks dtype/device/layout only, which sharding does not change."""
+    return Replicate()
+
+
+@rule(aten.new_ones.default, aten.new_zeros.default, aten.new_empty.default, aten.new_full.default)
+def new_tensor_rule(node: fx.Node, inputs: Inputs) -> Result:
+    """``x.new_*(size)`` reads only x's dtype and device; its size is given explicitly."""
+    return Replicate()
+
+
+@rule(aten.embedding.default)
+def embedding_rule(node: fx.Node, inputs: Inputs) -> Result:
+    """Row lookup: a table sharded on the hidden dim gives a hidden-sharded output."""
+    table, ids = inputs[node.args[0]], inputs[node.args[1]]
+    if isinstance(table, Shard) and isinstance(ids, Shard):
+        return Cannot("embedding with both table and indices sharded")
+    if isinstance(table, Shard):
+        if table.dim != 1:
+            return Cannot("vocabulary-sharded embedding table")
+        return table.with_dim(ndim(node) - 1)
+    if isinstance(ids, Shard):
+        return ids
+    return Cannot(f"embedding inputs {table}, {ids}")

@@ -1,0 +1,85 @@
+"""Reductions and normalisations: fine over unsharded dims, ``Cannot`` over the sharded one.
+
+Reducing over the sharded dim would need a collective inside the op (a norm over a sharded
+hidden dim); we do not split ops, we shard less.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from autotp.placement import Replicate, Shard
+from autotp.rules import Cannot, Inputs, Result, ndim, norm_dim, rule
+
+aten = torch.ops.aten
+
+
+def _reduced(node: fx.Node, inputs: Inputs, dims, keepdim: bool, outputs: int = 1) -> Result:
+    src = inputs[node.args[0]]
+    if not isinstance(src, Shard):
+        return Cannot(f"reduction of a {src} input")
+    rank = ndim(node.args[0])
+    if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
+        return Cannot("reduction over all dims of a sharded value")
+    dims = [norm_dim(d, rank) for d in (dims if isinstance(dims, (list, tuple)) else [dims])]
+    if src.dim in dims:
+        return Cannot(f"{node.target} reduces over the sharded dim {src.dim}")
+    out = src if keepdim else src.with_dim(src.dim - sum(1 for d in dims if d < src.dim))
+    return out if outputs == 1 else tuple([out] * outputs)
+
+
+def _arg(node: fx.Node, index: int, name: str, default):
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+@rule(aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default,
+      aten.any.dim, aten.all.dim, aten.prod.dim_int, aten.logsumexp.default, aten.norm.ScalarOpt_dim)
+def reduce_rule(node: fx.Node, inputs: Inputs) -> Result:
+    dims_at = 2 if node.target is aten.norm.ScalarOpt_dim else 1
+    keep_at = dims_at + 1
+    return _reduced(node, inputs, _arg(node, dims_at, "dim", None), bool(_arg(node, keep_at, "keepdim", False)))
+
+
+@rule(aten.var.correction, aten.std.correction, aten.var_mean.correction)
+def variance_rule(node: fx.Node, inputs: Inputs) -> Result:
+    outputs = 2 if node.target is aten.var_mean.correction else 1
+    return _reduced(node, inputs, _arg(node, 1, "dim", None), bool(node.kwargs.get("keepdim", False)), outputs)
+
+
+@rule(aten.max.dim, aten.min.dim)
+def max_dim_rule(node: fx.Node, inputs: Inputs) -> Result:
+    return _reduced(node, inputs, node.args[1], bool(_arg(node, 2, "keepdim", False)), outputs=2)
+
+
+@rule(aten.argmax.default, aten.argmin.default)
+def argmax_rule(node: fx.Node, inputs: Inputs) -> Result:
+    return _reduced(node, inputs, _arg(node, 1, "dim", None), bool(_arg(node, 2, "keepdim", False)))
+
+
+@rule(aten.softmax.int, aten._softmax.default, aten.log_softmax.int, aten._log_softmax.default,
+      aten.cumsum.default)
+def along_dim_rule(node: fx.Node, inputs: Inputs) -> Result:
+    """Shape-preserving ops along one dim (softmax, cumsum)."""
+    return _reduced(node, inputs, node.args[1], keepdim=True)
+
+
+@rule(aten.sort.default, aten.topk.default)
+def sort_rule(node: fx.Node, inputs: Inputs) -> Result:
+    dim_at = 2 if node.target is aten.topk.default else 1
+    return _reduced(node, inputs, _arg(node, dim_at, "dim", -1), keepdim=True, outputs=2)
+
+
+@rule(aten.layer_norm.default, aten.rms_norm.default, aten.native_layer_norm.default)
+def norm_rule(node: fx.Node, inputs: Inputs) -> Result:
+    """Normalises over the trailing ``normalized_shape`` dims; weight and bias cover only those."""
+    x = node.args[0]
+    rank = ndim(x)
+    normalised = list(range(rank - len(node.args[1]), rank))
+    params = [a for a in node.args[2:4] if isinstance(a, fx.Node)]
+    if any(not isinstance(inputs[p], Replicate) for p in params):
+        return Cannot("sharded norm weight")
+    outputs = 3 if node.target is aten.native_layer_norm.default else 1
+    return _reduced(node, inputs, normalised, keepdim=True, outputs=outputs)

@@ -1,0 +1,407 @@
+"""Layout ops: view/reshape, expand, transpose/permute, (un)squeeze, slice, split, cat, getitem.
+
+The view maths (after DTensor's ``_view_ops`` dim maps, but with prefix products instead of a
+table): a dimension ``d`` of the input starts at flat position ``P = prod(in[:d])``. The output
+dimension ``j`` that starts at the same position (the first with ``prod(out[:j]) == P`` and
+``out[j] != 1``) is where the shard lands:
+
+- ``out[j] == in[d]``: the dim is carried over unchanged;
+- ``out[j]`` divides ``in[d]``: the dim splits into ``(out[j], rest)``, e.g. hidden into
+  ``(heads, head_dim)``; the shard moves to ``heads``, which must divide by the world size
+  (per block, for fused projections);
+- ``in[d]`` divides ``out[j]``: the dim merges with the dims *after* it, e.g. ``(heads,
+  head_dim)`` back into hidden; the shard stays contiguous;
+- no output dim starts at ``P``: the dim merges with dims *before* it (``(batch, heads)`` into
+  one), which would give every rank a strided piece: ``Cannot``.
+
+Literal sizes at the sharded position are rewritten to their per-rank value (``ArgEdit``); a
+``-1`` needs nothing, a symbolic size there means we cannot tell, so ``Cannot``.
+"""
+
+from __future__ import annotations
+
+import operator
+from itertools import accumulate
+from typing import Any, Optional, Union
+
+import sympy
+import torch
+import torch.fx as fx
+
+from autotp.placement import Replicate, Shard, block_sizes, divides
+from autotp.rules import (
+    ArgEdit,
+    Cannot,
+    Inputs,
+    Out,
+    Redistribute,
+    Result,
+    ndim,
+    norm_dim,
+    rule,
+    sizes,
+)
+
+aten = torch.ops.aten
+_END = 2**63 - 1  # the "to the end" sentinel export writes into slice nodes
+
+
+def _prod(values) -> Any:
+    out: Any = 1
+    for v in values:
+        out = out * v
+    return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    return sympy.expand(sympy.sympify(a) - sympy.sympify(b)) == 0
+
+
+def _aligned_dim(out_sizes: tuple, before: Any) -> Optional[int]:
+    for j in range(len(out_sizes)):
+        if _same(_prod(out_sizes[:j]), before) and not _same(out_sizes[j], 1):
+            return j
+    return None
+
+
+def _shard_src(node: fx.Node, inputs: Inputs) -> Union[Shard, Cannot]:
+    src = inputs[node.args[0]]
+    return src if isinstance(src, Shard) else Cannot(f"input placement {src} not supported")
+
+
+def _resize(src: Shard, n: int, m: int, j: int, world: int) -> Union[Shard, Cannot]:
+    """Shard of a dim of size ``n`` landing on an output dim of size ``m`` (split or merge)."""
+    parts = block_sizes(src, n)
+    if m == n:
+        return Shard(j, src.blocks)
+    if n % m == 0:
+        inner = n // m
+        if any(p % inner for p in parts):
+            return Cannot(f"view splits a fused dim of {n} into {m} x {inner}, across its blocks {parts}")
+        parts = [p // inner for p in parts]
+        if any(p % world for p in parts):
+            counts = parts if len(parts) > 1 else parts[0]
+            return Cannot(f"view splits dim of {n} into {m} heads of {inner}: {counts} heads not divisible by tp={world}")
+    elif m % n == 0:
+        parts = [p * (m // n) for p in parts]
+    else:
+        return Cannot(f"view maps a sharded dim of {n} onto {m}")
+    return Shard(j, src.blocks if isinstance(src.blocks, int) else tuple(parts))
+
+
+def _size_edit(path: tuple[int, ...], literal: Any, world: int) -> Union[tuple, Cannot]:
+    if isinstance(literal, fx.Node):
+        return Cannot("a symbolic size sits at the sharded position of a view")
+    if literal == -1:
+        return ()
+    return (ArgEdit(path, literal, literal // world),)
+
+
+def _reshape(node: fx.Node, inputs: Inputs, shape_path: Optional[tuple[int, ...]], first: int) -> Result:
+    """Shared by view/reshape/flatten/unflatten: ``shape_path`` holds the output sizes from dim ``first``."""
+    src = _shard_src(node, inputs)
+    if isinstance(src, Cannot):
+        return src
+    in_sizes, out_sizes = sizes(node.args[0]), sizes(node)
+    n = in_sizes[src.dim]
+    j = _aligned_dim(out_sizes, _prod(in_sizes[: src.dim]))
+    if j is None:
+        return Cannot(f"view merges sharded dim {src.dim} with the dims before it (strided shards)")
+    m = out_sizes[j]
+    if not isinstance(m, int):
+        return Cannot("sharded dim maps onto a dynamic size")
+    placed = _resize(src, n, m, j, inputs.world_size)
+    if isinstance(placed, Cannot) or shape_path is None:
+        return placed
+    literals = node.args[shape_path[0]]
+    edits = _size_edit(shape_path + (j - first,), literals[j - first], inputs.world_size)
+    return edits if isinstance(edits, Cannot) else Out(placed, edits=edits)
+
+
+@rule(aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+def view_rule(node: fx.Node, inputs: Inputs) -> Result:
+    return _reshape(node, inputs, (1,), 0)
+
+
+@rule(aten.flatten.using_ints)
+def flatten_rule(node: fx.Node, inputs: Inputs) -> Result:
+    return _reshape(node, inputs, None, 0)
+
+
+@rule(aten.unflatten.int)
+def unflatten_rule(node: fx.Node, inputs: Inputs) -> Result:
+    return _reshape(node, inputs, (2,), norm_dim(node.args[1], ndim(node.args[0])))
+
+
+@rule(aten.expand.default)
+def expand_rule(node: fx.Node, inputs: Inputs) -> Result:
+    """New dims are prepended; the sharded dim keeps its size, so its literal is localised."""
+    src = _shard_src(node, inputs)
+    if isinstance(src, Cannot):
+        return src
+    j = src.dim + ndim(node) - ndim(node.args[0])
+    edits = _size_edit((1, j), node.args[1][j], inputs.world_size)
+    return edits if isinstance(edits, Cannot) else Out(src.with_dim(j), edits=edits)
+
+
+@rule(aten.transpose.int)
+def transpose_rule(node: fx.Node, inputs: Inputs) -> Result:
+    src = _shard_src(node, inputs)
+    if isinstance(src, Cannot):
+        return src
+    rank = ndim(node)
+    d0, d1 = norm_dim(node.args[1], rank), norm_dim(node.args[2], rank)
+    swap = {d0: d1, d1: d0}
+    return src.with_dim(swap.get(src.dim, src.dim))
+
+
+@rule(aten.permute.default)
+def permute_rule(node: fx.Node, inputs: Inputs) -> Result:
+    src = _shard_src(node, inputs)
+    if isinstance(src, Cannot):
+        return src
+    dims = [norm_dim(d, ndim(node)) for d in node.args[1]]
+    return src.with_dim(dims.index(src.dim))
+
+
+@rule(aten.t.default, aten.numpy_T.default)
+def reverse_dims_rule(node: fx.Node, inputs: Inputs) -> Result:
+    src = _shard_src(node, inputs)
+    if isinstance(src, Cannot):
+        return src
+    return src.with_dim(ndim(node) - 1 - src.dim)
+
+
+@rule(aten.unsqueeze.default)
+def unsqueeze_rule(node: fx.Node, inputs: Inputs) -> Result:
+    src = _shard_src(node, inputs)
+    if isinstance(src, Cannot):
+        return src
+    new = norm_dim(node.args[1], ndim(node))
+    return src.with_dim(src.dim + 1 if new <= src.dim else src.dim)
+
+
+@rule(aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default)
+def squeeze_rule(node: fx.Node, inputs: Inputs) -> Result:
+    src = _shard_src(node, inputs)
+    if isinstance(src, Cannot):
+        return src
+    in_sizes = sizes(node.args[0])
+    if len(node.args) > 1:
+        asked = node.args[1] if isinstance(node.args[1], (list, tuple)) else [node.args[1]]
+        asked = [norm_dim(d, len(in_sizes)) for d in asked]
+    else:
+        asked = list(range(len(in_sizes)))
+    removed = [d for d in asked if _same(in_sizes[d], 1)]
+    return src.with_dim(src.dim - sum(1 for d in removed if d < src.dim))
+
+
+def _block_span(src: Shard, n: int, start: int, end: int) -> Optional[tuple[int, int, list[int]]]:
+    """If ``[start, end)`` covers whole blocks of a ``src``-sharded dim: (first, last, sizes)."""
+    parts = block_sizes(src, n)
+    bounds = [0, *accumulate(parts)]
+    if start in bounds and end in bounds and start < end:
+        first, last = bounds.index(start), bounds.index(end)
+        return first, last, parts[first:last]
+    return None
+
+
+def _refined(src: Shard, n: int, cuts: list[int]) -> tuple[int, ...]:
+    """Block sizes of a dim of ``n`` whose boundaries are the current ones plus ``cuts``."""
+    bounds = sorted({0, n, *accumulate(block_sizes(src, n)), *(c for c in cuts if 0 < c < n)})
+    return tuple(b - a for a, b in zip(bounds, bounds[1:]))
+
+
+def _sub_blocks(src: Shard, picked: list[int]) -> Union[int, tuple[int, ...]]:
+    if isinstance(src.blocks, int):
+        return len(picked)
+    return tuple(picked) if len(picked) > 1 else 1
+
+
+@rule(aten.slice.Tensor)
+def slice_rule(node: fx.Node, inputs: Inputs) -> Result:
+    """Slices of other dims pass; on the sharded dim only whole fused blocks (phi3's q|k|v)."""
+    src = _shard_src(node, inputs)
+    if isinstance(src, Cannot):
+        return src
+    args = list(node.args) + [None] * (5 - len(node.args))
+    rank = ndim(node)
+    dim = norm_dim(args[1] if args[1] is not None else 0, rank)
+    if dim != src.dim:
+        return src
+    start, end, step = args[2] or 0, args[3], args[4] or 1
+    n = sizes(node.args[0])[dim]
+    if not all(isinstance(v, int) for v in (start, end if end is not None else 0, step)):
+        return Cannot("symbolic slice bounds on a sharded dim")
+    end = n if end is None or end >= n else end
+    if step != 1:
+        return Cannot("strided slice of a sharded dim")
+    if start == 0 and end == n:
+        return src
+    span = _block_span(src, n, start, end)
+    if span is None:
+        hint = _refined(src, n, [start, end])
+        return Cannot(f"slice [{start}:{end}] cuts through the blocks of a sharded dim of {n}", hint)
+    world = inputs.world_size
+    edits = [ArgEdit((2,), start, start // world)] if start else []
+    if args[3] is not None and args[3] < n:
+        edits.append(ArgEdit((3,), end, end // world))
+    return Out(Shard(dim, _sub_blocks(src, span[2])), edits=tuple(edits))
+
+
+@rule(aten.narrow.default)
+def narrow_rule(node: fx.Node, inputs: Inputs) -> Result:
+    src = _shard_src(node, inputs)
+    if isinstance(src, Cannot):
+        return src
+    dim, start, length = norm_dim(node.args[1], ndim(node)), node.args[2], node.args[3]
+    if dim != src.dim:
+        return src
+    n = sizes(node.args[0])[dim]
+    if not (isinstance(start, int) and isinstance(length, int)):
+        return Cannot("symbolic narrow of a sharded dim")
+    span = _block_span(src, n, start, start + length)
+    if span is None:
+        hint = _refined(src, n, [start, start + length])
+        return Cannot(f"narrow [{start}:{start + length}] cuts through the blocks of a sharded dim", hint)
+    world = inputs.world_size
+    edits = (ArgEdit((2,), start, start // world), ArgEdit((3,), length, length // world))
+    return Out(Shard(dim, _sub_blocks(src, span[2])), edits=edits)
+
+
+@rule(aten.select.int)
+def select_rule(node: fx.Node, inputs: Inputs) -> Result:
+    src = _shard_src(node, inputs)
+    if isinstance(src, Cannot):
+        return src
+    dim = norm_dim(node.args[1], ndim(node.args[0]))
+    if dim == src.dim:
+        return Cannot("select on the sharded dim")
+    return src.with_dim(src.dim - (1 if dim < src.dim else 0))
+
+
+def _split_outputs(node: fx.Node, src: Shard, dim: int) -> Union[list[Shard], Cannot]:
+    """Placements of the pieces of a split along the sharded dim: each must be whole blocks."""
+    n = sizes(node.args[0])[dim]
+    pieces = [int(v.shape[dim]) for v in node.meta["val"]]
+    out, start = [], 0
+    for size in pieces:
+        span = _block_span(src, n, start, start + size)
+        if span is None:
+            hint = _refined(src, n, list(accumulate(pieces)))
+            return Cannot(f"split into {pieces} cuts through the blocks {block_sizes(src, n)} of a sharded dim", hint)
+        out.append(Shard(dim, _sub_blocks(src, span[2])))
+        start += size
+    return out
+
+
+@rule(aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default)
+def split_rule(node: fx.Node, inputs: Inputs) -> Result:
+    src = _shard_src(node, inputs)
+    if isinstance(src, Cannot):
+        return src
+    dim = norm_dim(node.args[2] if len(node.args) > 2 else 0, ndim(node.args[0]))
+    count = len(node.meta["val"])
+    if dim != src.dim:
+        return tuple([src] * count)
+    pieces = _split_outputs(node, src, dim)
+    if isinstance(pieces, Cannot):
+        return pieces
+    world = inputs.world_size
+    if node.target is aten.split.Tensor:
+        edits: tuple = (ArgEdit((1,), node.args[1], node.args[1] // world),)
+    elif node.target is aten.split_with_sizes.default:
+        edits = tuple(ArgEdit((1, i), s, s // world) for i, s in enumerate(node.args[1]))
+    else:  # chunk(n) recomputes its pieces from the local size
+        edits = ()
+    return Out(tuple(pieces), edits=edits)
+
+
+@rule(aten.unbind.int)
+def unbind_rule(node: fx.Node, inputs: Inputs) -> Result:
+    src = _shard_src(node, inputs)
+    if isinstance(src, Cannot):
+        return src
+    dim = norm_dim(node.args[1] if len(node.args) > 1 else 0, ndim(node.args[0]))
+    if dim == src.dim:
+        return Cannot("unbind along the sharded dim")
+    shifted = src.with_dim(src.dim - (1 if dim < src.dim else 0))
+    return tuple([shifted] * len(node.meta["val"]))
+
+
+@rule(operator.getitem)
+def getitem_rule(node: fx.Node, inputs: Inputs) -> Result:
+    src = inputs[node.args[0]]
+    if isinstance(src, tuple):
+        return src[node.args[1]]
+    return Cannot("getitem on a sharded value")
+
+
+@rule(aten.cat.default)
+def cat_rule(node: fx.Node, inputs: Inputs) -> Result:
+    """Concatenating along the sharded dim makes a fused dim: the pieces become its blocks."""
+    tensors = node.args[0]
+    dim = norm_dim(node.args[1] if len(node.args) > 1 else 0, ndim(node))
+    shards = {inputs[t] for t in tensors if isinstance(inputs[t], Shard)}
+    if any(not isinstance(inputs[t], (Shard, Replicate)) for t in tensors):
+        return Cannot("cat of a non-Shard, non-Replicate input")
+    dims = {s.dim for s in shards}
+    if len(dims) != 1:
+        return Cannot(f"cat of inputs sharded on different dims {sorted(dims)}")
+    sharded_dim = dims.pop()
+    world = inputs.world_size
+    if sharded_dim != dim:
+        if len(shards) != 1:
+            return Cannot("cat of inputs with different blocks")
+        shard = shards.pop()
+        moves = []
+        for i, t in enumerate(tensors):
+            if isinstance(inputs[t], Replicate):
+                if not divides(shard, sizes(t)[sharded_dim], world):
+                    return Cannot("replicated cat input does not split over the ranks")
+                moves.append(Redistribute((0, i), shard))
+        return Out(shard, tuple(moves))
+    parts, moves = [], []
+    for i, t in enumerate(tensors):
+        p, n = inputs[t], sizes(t)[dim]
+        if isinstance(p, Replicate):
+            p = Shard(dim)
+            moves.append(Redistribute((0, i), p))
+        if not divides(p, n, world):
+            return Cannot("cat input does not split over the ranks")
+        parts.extend(block_sizes(p, n))
+    blocks = len(parts) if len(set(parts)) == 1 else tuple(parts)
+    return Out(Shard(dim, blocks), tuple(moves))
+
+
+@rule(aten.repeat_interleave.self_int)
+def repeat_interleave_rule(node: fx.Node, inputs: Inputs) -> Result:
+    """GQA's kv-head repeat: repeating each head in place keeps rank r's heads contiguous."""
+    src = _shard_src(node, inputs)
+    if isinstance(src, Cannot):
+        return src
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+    if dim is None:
+        return Cannot("repeat_interleave over the flattened tensor")
+    if len(node.args) > 3 or "output_size" in node.kwargs:
+        return Cannot("repeat_interleave with a literal output_size")
+    if norm_dim(dim, ndim(node)) == src.dim and src.blocks != 1:
+        return Cannot("repeat_interleave of a fused sharded dim")
+    return src
+
+
+@rule(aten.index_select.default, aten.flip.default, aten.roll.default)
+def other_dim_rule(node: fx.Node, inputs: Inputs) -> Result:
+    """Ops that act along the dims in ``args[1]`` (roll: ``args[2]``) only, keeping the shape."""
+    src = _shard_src(node, inputs)
+    if isinstance(src, Cannot):
+        return src
+    if isinstance(inputs[node.args[-1]], Shard) and node.target is aten.index_select.default:
+        return Cannot("index_select with a sharded index")
+    raw = node.args[2] if node.target is aten.roll.default else node.args[1]
+    dims = raw if isinstance(raw, (list, tuple)) else [raw]
+    if src.dim in [norm_dim(d, ndim(node)) for d in dims]:
+        return Cannot(f"{node.target} along the sharded dim")
+    return src
