@@ -187,15 +187,15 @@ class Plan:
     def to_table(self, *, only_sharded: bool = False) -> str:
         """A readable table: parameter, style, global -> local shape, bytes per rank, reason."""
         tp = self.tp_size
-        rows = [("parameter", "style", "global -> local", "bytes/rank", "reason")]
+        rows = [("parameter", "style", "placement", "global -> local", "bytes/rank", "reason")]
         for spec in self.params.values():
             if only_sharded and not spec.sharded:
                 continue
             shapes = f"{_shape(spec.shape)} -> {_shape(spec.local_shape(tp))}" if spec.sharded else _shape(spec.shape)
-            rows.append((spec.name, spec.style, shapes, _human(spec.local_nbytes(tp)), spec.reason))
-        widths = [max(len(r[i]) for r in rows) for i in range(4)]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] for r in rows]
-        lines.insert(1, "-" * min(160, sum(widths) + 8 + max(len(r[4]) for r in rows)))
+            rows.append((spec.name, spec.style, str(spec.placement), shapes, _human(spec.local_nbytes(tp)), spec.reason))
+        widths = [max(len(r[i]) for r in rows) for i in range(5)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r[:5], widths)) + "  " + r[5] for r in rows]
+        lines.insert(1, "-" * min(160, sum(widths) + 10 + max(len(r[5]) for r in rows)))
         return "\n".join(lines) + "\n\n" + self.summary()
 
     def summary(self) -> str:

@@ -1,0 +1,28 @@
+# Two commands on a fresh machine:
+#   make demo   builds a small Llama from a config, parallelizes it over 2 ranks with torchrun,
+#               prints per-rank parity against the unsharded model and per-rank weight bytes
+#   make test   runs the test suite
+# Both create .venv and install autotp with torch pinned to 2.13.0 (constraints.txt).
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test venv clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt torch==2.13.0
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]"
+	touch $@
+
+demo: venv
+	OMP_NUM_THREADS=1 $(BIN)/torchrun --nproc-per-node 2 examples/parallelize_llama.py
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache *.egg-info

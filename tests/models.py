@@ -1,0 +1,112 @@
+"""Tiny seeded models shared by the tests: transformers configs and plain-torch modules."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# hidden 64, 2 layers; heads 4 and kv heads 4 so that tp 1, 2 and 4 all divide them.
+HF_CONFIGS = {
+    "llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=4, vocab_size=128, max_position_embeddings=128),
+    # GQA: 8 q heads share 4 kv heads (2 each), still divisible by tp 4
+    "llama_gqa": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
+                      num_key_value_heads=4, vocab_size=128, max_position_embeddings=128),
+    "qwen2": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=4, vocab_size=128, max_position_embeddings=128),
+    # 2 kv heads at tp 4: q and o sharded, k and v replicated and sliced locally per rank
+    "qwen2_kv2": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=128),
+    "gpt2": dict(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=128,
+                 bos_token_id=0, eos_token_id=0),
+    # 6 heads: not divisible by tp 4 -> attention replicated, MLP still sharded
+    "llama_6heads": dict(hidden_size=96, intermediate_size=128, num_hidden_layers=2, num_attention_heads=6,
+                         num_key_value_heads=6, vocab_size=128, max_position_embeddings=128),
+}
+MODEL_TYPE = {"llama": "llama", "llama_gqa": "llama", "qwen2": "qwen2", "qwen2_kv2": "qwen2", "gpt2": "gpt2", "llama_6heads": "llama"}
+
+
+def hf_model(name: str, seed: int = 0, device: str | None = None) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    config = AutoConfig.for_model(MODEL_TYPE[name], **HF_CONFIGS[name])
+    torch.manual_seed(seed)
+    if device == "meta":
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config).eval()
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def num_layers(name: str) -> int:
+    cfg = HF_CONFIGS[name]
+    return cfg.get("num_hidden_layers", cfg.get("n_layer"))
+
+
+class PlainAttention(nn.Module):
+    """Multi-head self-attention written with plain torch ops: a fused qkv projection chunked
+    in three, head counts as Python ints (literals in the graph), matmul + softmax attention,
+    and a reshape back to the *global* width ``C`` read from the input."""
+
+    def __init__(self, dim: int = 64, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        q = q.view(B, T, self.heads, C // self.heads).transpose(1, 2)  # (B, heads, T, head_dim)
+        k = k.view(B, T, self.heads, C // self.heads).transpose(1, 2)
+        v = v.view(B, T, self.heads, C // self.heads).transpose(1, 2)
+        att = (q @ k.transpose(-2, -1)) / math.sqrt(C // self.heads)
+        y = att.softmax(dim=-1) @ v
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class PlainMLP(nn.Module):
+    def __init__(self, dim: int = 64, hidden: int = 256) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class PlainBlock(nn.Module):
+    """A pre-norm transformer block built from the two modules above."""
+
+    def __init__(self, dim: int = 64, heads: int = 4) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = PlainAttention(dim, heads)
+        self.mlp = PlainMLP(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+def plain_block(seed: int = 0) -> PlainBlock:
+    torch.manual_seed(seed)
+    return PlainBlock().eval()
+
+
+def token_ids(batch: int, seq: int, vocab: int = 128, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def assert_close_to(reference: torch.Tensor, actual: torch.Tensor) -> float:
+    """The correctness contract: max abs diff <= 1e-4 x max |reference| (fp32 sums of partial
+    products in another order differ by a few ulps; 1e-4 relative leaves room for that and
+    nothing else). Returns the max abs diff."""
+    diff = (actual - reference).abs().max().item()
+    bound = 1e-4 * reference.abs().max().item()
+    assert diff <= bound, f"max abs diff {diff:.3e} > bound {bound:.3e}"
+    return diff

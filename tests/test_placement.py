@@ -1,0 +1,47 @@
+"""Placements: text form round trip, block arithmetic and the local chunk of fused layouts."""
+
+import pytest
+import torch
+
+from autotp.placement import Partial, Replicate, Shard, block_sizes, divides, local_chunk, parse_placement
+
+
+@pytest.mark.parametrize("p", [Replicate(), Partial(), Shard(0), Shard(2, 3), Shard(1, (64, 32, 32))])
+def test_text_round_trip(p):
+    assert parse_placement(str(p)) == p
+
+
+def test_negative_dim_is_rejected():
+    with pytest.raises(ValueError):
+        Shard(-1)
+
+
+@pytest.mark.parametrize(
+    "shard, size, world, expected",
+    [(Shard(0), 8, 2, True), (Shard(0), 6, 4, False), (Shard(0, 3), 192, 2, True),
+     (Shard(0, 3), 96, 64, False), (Shard(0, (64, 32, 32)), 128, 4, True), (Shard(0, (64, 32, 32)), 128, 64, False)],
+)
+def test_divides(shard, size, world, expected):
+    assert divides(shard, size, world) is expected
+
+
+def test_block_sizes_must_add_up():
+    assert block_sizes(Shard(0, (4, 2)), 6) == [4, 2]
+    with pytest.raises(ValueError):
+        block_sizes(Shard(0, (4, 2)), 7)
+
+
+def test_local_chunk_takes_every_block():
+    q, k, v = torch.arange(4), torch.arange(10, 14), torch.arange(20, 24)
+    fused = torch.cat([q, k, v])
+    assert local_chunk(fused, Shard(0, 3), 1, 2).tolist() == [2, 3, 12, 13, 22, 23]
+    uneven = torch.cat([torch.arange(4), torch.arange(10, 12), torch.arange(20, 22)])
+    assert local_chunk(uneven, Shard(0, (4, 2, 2)), 0, 2).tolist() == [0, 1, 10, 20]
+
+
+def test_local_chunks_reassemble():
+    full = torch.randn(6, 12)
+    parts = [local_chunk(full, Shard(1, 3), r, 2) for r in range(2)]
+    # rank r holds block b's r-th half: interleave back
+    rebuilt = torch.cat([torch.cat([p[:, 2 * b:2 * b + 2] for p in parts], 1) for b in range(3)], 1)
+    assert torch.equal(rebuilt, full)

@@ -1,0 +1,103 @@
+"""The planner on captured graphs, in one process: which parameters it shards and how, the
+collectives and literal edits it asks for, the reasons it gives, and the JSON round trip.
+Models are built on ``meta``: planning never reads weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import autotp
+from autotp.placement import Replicate, Shard
+from autotp.plan import Plan
+from models import hf_model, plain_block
+
+
+@pytest.fixture(scope="module")
+def llama_plan() -> Plan:
+    return autotp.plan(hf_model("llama_gqa", device="meta"), tp_size=2)
+
+
+def test_llama_regions_are_megatron_pairs(llama_plan: Plan) -> None:
+    styles = {n: s.style for n, s in llama_plan.params.items()}
+    for layer in range(2):
+        attn, mlp = f"model.layers.{layer}.self_attn", f"model.layers.{layer}.mlp"
+        assert [styles[f"{attn}.{p}.weight"] for p in ("q_proj", "k_proj", "v_proj", "o_proj")] == ["colwise"] * 3 + ["rowwise"]
+        assert [styles[f"{mlp}.{p}.weight"] for p in ("gate_proj", "up_proj", "down_proj")] == ["colwise"] * 2 + ["rowwise"]
+    assert {r.name for r in llama_plan.regions if r.sharded} == {
+        f"model.layers.{i}.{m}" for i in range(2) for m in ("self_attn", "mlp")
+    }
+    assert llama_plan.params["model.layers.0.self_attn.q_proj.weight"].placement == Shard(0)
+    assert llama_plan.params["model.layers.0.self_attn.o_proj.weight"].placement == Shard(1)
+    assert llama_plan.all_reduces_per_layer() == {"model.layers.0": 2, "model.layers.1": 2}
+    assert not llama_plan.slices
+
+
+def test_gqa_repeat_literals_are_localised(llama_plan: Plan) -> None:
+    # repeat_kv: expand[B, kv=4, n_rep=2, S, D] and reshape[B, heads=8, S, D], twice per layer
+    assert sorted((e.old, e.new) for e in llama_plan.edits) == [(4, 2)] * 4 + [(8, 4)] * 4
+
+
+def test_lm_head_reaching_the_output_stays_replicated(llama_plan: Plan) -> None:
+    head = llama_plan.params["lm_head.weight"]
+    assert head.placement == Replicate() and "model output" in head.reason
+
+
+def test_gpt2_fused_qkv_is_sharded_blockwise() -> None:
+    plan = autotp.plan(hf_model("gpt2", device="meta"), tp_size=2)
+    assert plan.params["transformer.h.0.attn.c_attn.weight"].placement == Shard(1, 3)  # Conv1D: [in, out]
+    assert plan.params["transformer.h.0.attn.c_attn.bias"].placement == Shard(0, 3)
+    assert plan.params["transformer.h.0.attn.c_proj.weight"].placement == Shard(0)
+    assert plan.params["transformer.h.0.attn.c_proj.bias"].placement == Replicate()
+    assert all(c.bias_path == [0] for c in plan.collectives)  # addmm's bias, added once after the reduce
+    split_edits = [(e.old, e.new) for e in plan.edits if e.node.startswith("split")]
+    assert split_edits == [(64, 32), (64, 32)]
+
+
+def test_kv_heads_not_divisible_shard_queries_and_slice_kv() -> None:
+    model = hf_model("llama_gqa", device="meta")  # 4 kv heads
+    plan = autotp.plan(model, tp_size=8)  # 8 q heads divide, 4 kv heads do not
+    styles = {n: s.style for n, s in plan.params.items()}
+    assert styles["model.layers.0.self_attn.q_proj.weight"] == "colwise"
+    assert styles["model.layers.0.self_attn.k_proj.weight"] == "replicate"
+    assert "not divisible by tp=8" in plan.params["model.layers.0.self_attn.k_proj.weight"].reason
+    assert len(plan.slices) == 4  # k and v sliced to each rank's heads, in 2 layers
+
+
+def test_tp1_shards_nothing() -> None:
+    plan = autotp.plan(hf_model("llama", device="meta"), tp_size=1)
+    assert not plan.sharded_params() and not plan.collectives and not plan.edits
+
+
+def test_plan_round_trips_through_json(llama_plan: Plan) -> None:
+    text = llama_plan.to_json()
+    again = Plan.from_json(text)
+    assert again == llama_plan
+    assert again.to_json() == text
+
+
+def test_plan_rejects_unknown_format_version(llama_plan: Plan) -> None:
+    data = llama_plan.to_dict()
+    data["format_version"] = 999
+    with pytest.raises(ValueError, match="format version"):
+        Plan.from_dict(data)
+
+
+def test_table_explains_each_parameter(llama_plan: Plan) -> None:
+    table = llama_plan.to_table()
+    assert "model.layers.1.mlp.down_proj.weight" in table
+    assert "[64, 128] -> [64, 64]" in table
+    assert "per decoder layer: 2 (2 layers)" in table
+
+
+def test_custom_module_fused_chunk_is_found_from_the_graph() -> None:
+    plan = autotp.plan(plain_block(), tp_size=2, example_inputs=(torch.randn(2, 6, 64),))
+    assert plan.params["attn.qkv.weight"].placement == Shard(0, 3)
+    assert plan.params["attn.qkv.bias"].placement == Shard(0, 3)
+    assert plan.params["attn.proj.weight"].style == "rowwise"
+    assert len(plan.collectives) == 2
+
+
+def test_example_inputs_are_required_for_plain_modules() -> None:
+    with pytest.raises(ValueError, match="example_inputs"):
+        autotp.plan(plain_block(), tp_size=2)
