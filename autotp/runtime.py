@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import os
+import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -127,6 +128,7 @@ class TensorParallelModule(nn.Module):
         graph_module: the rewritten graph for the inputs given to :func:`parallelize`.
         plan: the plan it carries out (the same on every rank).
         rank, tp_size: this rank and the size of its tensor-parallel group.
+        timings: seconds per stage of :func:`parallelize` (capture, plan, rewrite, load).
     """
 
     def __init__(self, gm: fx.GraphModule, plan: Plan, ctx: TPContext, source: nn.Module, key: tuple) -> None:
@@ -134,6 +136,7 @@ class TensorParallelModule(nn.Module):
         self.graph_module = gm
         self.plan = plan
         self.rank, self.tp_size = ctx.rank, ctx.tp_size
+        self.timings: dict[str, float] = {}
         # Not submodules: the source's sharded tensors are on meta now; it serves only as the
         # skeleton for capturing another input structure.
         self.__dict__["_ctx"] = ctx
@@ -217,14 +220,33 @@ def parallelize(
         >>> tp_model = autotp.parallelize(model)                      # doctest: +SKIP
         >>> logits = tp_model(input_ids).logits                       # doctest: +SKIP
     """
+    clock = _Stopwatch()
     device = torch.device(device) if device is not None else _default_device(model)
     ctx = init_tp(tp_size, device)
-    captured = capture(model, example_inputs, device=device)
+    captured = clock.lap("capture", capture(model, example_inputs, device=device))
     plan = plan_graph(captured.graph, ctx.tp_size, model=_model_label(model), inputs=captured.input_names)
     _check_same_plan(plan, ctx)
-    gm = rewrite(captured.graph_module, plan, ctx.rank, group=ctx.group)
-    source = ModuleSource(model, device if device != model_device(model) else None)
-    load_into(gm, plan, ctx.rank, source)
+    clock.lap("plan")
+    gm = clock.lap("rewrite", rewrite(captured.graph_module, plan, ctx.rank, group=ctx.group))
     moved = device != model_device(model)
+    source = ModuleSource(model, device if moved else None)
+    load_into(gm, plan, ctx.rank, source)
     source.release(plan.params if moved else [s.name for s in plan.sharded_params()])
-    return TensorParallelModule(gm, plan, ctx, model, captured.key)
+    clock.lap("load")
+    tp_model = TensorParallelModule(gm, plan, ctx, model, captured.key)
+    tp_model.timings = clock.laps
+    return tp_model
+
+
+class _Stopwatch:
+    """Seconds spent per stage, kept on the returned module as ``timings``."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str, value: Any = None) -> Any:
+        now = time.perf_counter()
+        self.laps[name] = now - self._last
+        self._last = now
+        return value
