@@ -12,14 +12,20 @@ from typing import Any
 import torch.nn as nn
 
 from autotp.capture import CaptureError, capture
+from autotp.errors import AutotpError
+from autotp.hf import params_on_meta as init_empty_weights
 from autotp.placement import Partial, Replicate, Shard
 from autotp.plan import Plan
-from autotp.runtime import TensorParallelModule, parallelize, plan_model
+from autotp.runtime import TensorParallelModule, load, parallelize, plan_model
 
 __all__ = [
     "parallelize",
     "plan",
+    "convert",
+    "load",
+    "init_empty_weights",
     "capture",
+    "AutotpError",
     "Plan",
     "TensorParallelModule",
     "CaptureError",
@@ -48,3 +54,10 @@ def plan(model: nn.Module, tp_size: int, example_inputs: Any = None) -> Plan:
         >>> print(autotp.plan(model, tp_size=8).to_table())           # doctest: +SKIP
     """
     return plan_model(model, tp_size, example_inputs)
+
+
+def convert(model: Any, tp_size: int, out: Any, *, overwrite: bool = False, progress: Any = None) -> Any:
+    """Write per-rank shard files from a Hugging Face checkpoint; see :func:`autotp.convert.convert`."""
+    from autotp.convert import convert as _convert
+
+    return _convert(model, tp_size, out, overwrite=overwrite, progress=progress)

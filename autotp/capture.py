@@ -34,12 +34,13 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.export import Dim
 from torch.utils import _pytree as pytree
 
+from autotp.errors import AutotpError
 from autotp import hf
 
 __all__ = ["capture", "Captured", "bind_inputs", "structure_key", "fake_skeleton", "model_device", "CaptureError"]
 
 
-class CaptureError(RuntimeError):
+class CaptureError(AutotpError):
     """The model could not be exported to a graph."""
 
 

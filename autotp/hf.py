@@ -55,3 +55,62 @@ def capture_settings(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         config.use_cache = saved
+
+
+@contextlib.contextmanager
+def params_on_meta() -> Iterator[None]:
+    """Build modules with parameters on ``meta`` and buffers real.
+
+    Parameters are moved to ``meta`` as they are registered, so their initialisation costs
+    nothing; buffers computed in ``__init__`` (rotary frequencies) keep their values, which
+    checkpoints do not hold.
+    """
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: Optional[nn.Parameter]) -> None:
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register_on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def config_dtype(config: Any) -> Optional[torch.dtype]:
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: Optional[torch.dtype]) -> Iterator[None]:
+    saved = torch.get_default_dtype()
+    if dtype is not None:
+        torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(saved)
+
+
+def model_class(config: Any) -> Any:
+    """The class a config names in ``architectures``, else the causal-LM auto class."""
+    import transformers
+
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModelForCausalLM
+
+
+def model_from_config(config: Any, *, dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """An initialised model of the config's class, in the config's dtype (or ``dtype``)."""
+    cls = model_class(config)
+    with default_dtype(dtype or config_dtype(config)):
+        build = getattr(cls, "from_config", None) or cls._from_config
+        return build(config).eval()

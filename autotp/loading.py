@@ -1,34 +1,50 @@
 """Loading: put this rank's tensors into a rewritten graph module.
 
 Consumes a graph module whose parameters and buffers are fake (from capture), the plan, and a
-source of full tensors; produces the graph module holding real tensors: this rank's slice
-for sharded ones, the tensor itself (shared, not copied) for replicated ones.
+source of tensors; produces the graph module holding real tensors: this rank's slice for
+sharded ones, the tensor itself for replicated ones.
 
-Sources implement one method, ``read(name, placement, rank, world_size)``, so a source can
-read only the slice it is asked for; :class:`ModuleSource` slices tensors that are already
-in memory and can release them once taken.
+Sources answer ``has(name)`` and ``read(name, placement, rank, world_size)``, so a source
+reads only the slice it is asked for:
+
+- :class:`ModuleSource`: tensors of a module in memory (sliced copies; the full tensors can
+  then be released);
+- :class:`CheckpointSource`: a Hugging Face checkpoint's ``*.safetensors`` files, read with
+  ``safe_open(...).get_slice``: a rank reads its slice and nothing else;
+- :class:`ShardFileSource`: one rank file written by :mod:`autotp.convert`;
+- :class:`FirstOf`: the first source that has the tensor (a checkpoint, then the model's own
+  non-persistent buffers such as rotary frequencies, which checkpoints do not hold).
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Protocol
+import json
+import re
+from pathlib import Path
+from typing import Any, Iterable, Optional, Protocol
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 from torch._subclasses.fake_tensor import FakeTensor
 
-from autotp.placement import Placement, Shard, local_chunk
+from autotp.errors import AutotpError
+from autotp.placement import Placement, Shard, block_sizes, local_chunk
 from autotp.plan import Plan
 
-__all__ = ["TensorSource", "ModuleSource", "load_into", "LoadError", "named_tensors"]
+__all__ = [
+    "TensorSource", "ModuleSource", "CheckpointSource", "ShardFileSource", "FirstOf", "SafetensorsCheckpoint",
+    "load_into", "LoadError", "named_tensors", "aliases", "check_checkpoint", "materialize",
+]
 
 
-class LoadError(RuntimeError):
+class LoadError(AutotpError):
     """A tensor the graph needs is missing from the source, or has the wrong shape."""
 
 
 class TensorSource(Protocol):
+    def has(self, name: str) -> bool: ...
+
     def read(self, name: str, placement: Placement, rank: int, world_size: int) -> torch.Tensor: ...
 
 
@@ -50,13 +66,16 @@ class ModuleSource:
         self.module = module
         self.device = device
 
+    def has(self, name: str) -> bool:
+        return name in self.tensors and self.tensors[name].device.type != "meta"
+
     def read(self, name: str, placement: Placement, rank: int, world_size: int) -> torch.Tensor:
         if name not in self.tensors:
             raise LoadError(f"{type(self.module).__name__} has no parameter or buffer named {name!r}")
         full = self.tensors[name]
         if full.device.type == "meta":
             raise LoadError(f"{name} is on the meta device: the model holds no data for it "
-                            "(load from a checkpoint instead)")
+                            "(pass checkpoint=DIR, or build the model with its weights)")
         if isinstance(placement, Shard):
             # clone: the slice must not keep the full tensor's storage alive
             return local_chunk(full, placement, rank, world_size).to(self.device or full.device).clone()
@@ -72,6 +91,194 @@ class ModuleSource:
                         meta = torch.empty_like(t, device="meta")
                         store[key] = nn.Parameter(meta, requires_grad=False) if isinstance(t, nn.Parameter) else meta
         self.tensors = named_tensors(self.module)
+
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def _read_slices(view: Any, shape: list[int], placement: Shard, rank: int, world_size: int) -> torch.Tensor:
+    """Rank ``rank``'s part of a safetensors slice view, reading only those bytes."""
+    pieces, start = [], 0
+    for part in block_sizes(placement, shape[placement.dim]):
+        step = part // world_size
+        lo = start + rank * step
+        index = (slice(None),) * placement.dim + (slice(lo, lo + step),)
+        pieces.append(view[index])
+        start += part
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, placement.dim)
+
+
+class SafetensorsCheckpoint:
+    """The ``*.safetensors`` files of a directory: sharded with ``model.safetensors.index.json``,
+    or single. Files stay open (memory-mapped); tensors are read slice by slice."""
+
+    def __init__(self, directory: str | Path) -> None:
+        from safetensors import safe_open
+
+        self.directory = Path(directory)
+        self._open = safe_open
+        self._handles: dict[Path, Any] = {}
+        index = self.directory / "model.safetensors.index.json"
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError) as exc:
+                raise LoadError(f"{index}: not a safetensors index ({exc})") from None
+            self.weight_map = {k: self.directory / v for k, v in weight_map.items()}
+            for path in sorted(set(self.weight_map.values())):
+                if not path.exists():
+                    raise LoadError(f"{index} lists {path.name}, which is missing")
+        else:
+            files = sorted(self.directory.glob("*.safetensors"))
+            if not files:
+                raise LoadError(f"no *.safetensors files in {self.directory}")
+            self.weight_map = {k: f for f in files for k in self._handle(f).keys()}
+
+    def _handle(self, path: Path) -> Any:
+        if path not in self._handles:
+            try:
+                self._handles[path] = self._open(str(path), framework="pt")
+            except Exception as exc:  # safetensors raises its own error type for corrupt files
+                raise LoadError(f"{path}: cannot read safetensors file ({exc})") from None
+        return self._handles[path]
+
+    def keys(self) -> list[str]:
+        return list(self.weight_map)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def _view(self, name: str) -> Any:
+        return self._handle(self.weight_map[name]).get_slice(name)
+
+    def shape(self, name: str) -> list[int]:
+        return list(self._view(name).get_shape())
+
+    def dtype(self, name: str) -> torch.dtype:
+        return _DTYPES[self._view(name).get_dtype()]
+
+    def nbytes(self) -> int:
+        return sum(p.stat().st_size for p in set(self.weight_map.values()))
+
+    def read(self, name: str, placement: Placement, rank: int, world_size: int) -> torch.Tensor:
+        try:
+            if not isinstance(placement, Shard):
+                return self._handle(self.weight_map[name]).get_tensor(name)
+            view = self._view(name)
+            return _read_slices(view, list(view.get_shape()), placement, rank, world_size)
+        except Exception as exc:
+            raise LoadError(f"{self.weight_map[name]}: cannot read {name} ({exc})") from None
+
+
+def aliases(module: nn.Module) -> dict[str, list[str]]:
+    """For each tensor name, the other names of the same tensor (tied weights)."""
+    by_id: dict[int, list[str]] = {}
+    for name, t in named_tensors(module).items():
+        by_id.setdefault(id(t), []).append(name)
+    return {n: [m for m in names if m != n] for names in by_id.values() for n in names}
+
+
+class CheckpointSource:
+    """Tensors from a checkpoint under their own name or a tied alias."""
+
+    def __init__(self, checkpoint: SafetensorsCheckpoint, alias: dict[str, list[str]]) -> None:
+        self.checkpoint = checkpoint
+        self.alias = alias
+
+    def _key(self, name: str) -> Optional[str]:
+        for key in [name, *self.alias.get(name, [])]:
+            if key in self.checkpoint:
+                return key
+        return None
+
+    def has(self, name: str) -> bool:
+        return self._key(name) is not None
+
+    def read(self, name: str, placement: Placement, rank: int, world_size: int) -> torch.Tensor:
+        key = self._key(name)
+        if key is None:
+            raise LoadError(f"checkpoint {self.checkpoint.directory} has no tensor {name!r}")
+        return self.checkpoint.read(key, placement, rank, world_size)
+
+
+class ShardFileSource:
+    """One rank file of a converted directory: its tensors are already this rank's slices."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        from safetensors import safe_open
+
+        try:
+            self._file = safe_open(str(path), framework="pt")
+        except Exception as exc:
+            raise LoadError(f"{path}: cannot read safetensors file ({exc})") from None
+        self._keys = set(self._file.keys())
+
+    def has(self, name: str) -> bool:
+        return name in self._keys
+
+    def read(self, name: str, placement: Placement, rank: int, world_size: int) -> torch.Tensor:
+        try:
+            return self._file.get_tensor(name)
+        except Exception as exc:
+            raise LoadError(f"{self.path}: cannot read {name} ({exc})") from None
+
+
+class FirstOf:
+    """The first of several sources that has a tensor."""
+
+    def __init__(self, *sources: Any) -> None:
+        self.sources = [s for s in sources if s is not None]
+
+    def has(self, name: str) -> bool:
+        return any(s.has(name) for s in self.sources)
+
+    def read(self, name: str, placement: Placement, rank: int, world_size: int) -> torch.Tensor:
+        for source in self.sources:
+            if source.has(name):
+                return source.read(name, placement, rank, world_size)
+        raise LoadError(f"no source holds {name!r}")
+
+
+def check_checkpoint(checkpoint: SafetensorsCheckpoint, model: nn.Module) -> None:
+    """The checkpoint must hold every persistent tensor of ``model`` (under some tied name)
+    and nothing else, except what the model class says to ignore."""
+    state = set(model.state_dict(keep_vars=True))
+    alias = aliases(model)
+    missing = sorted(n for n in state if not any(k in checkpoint for k in [n, *alias.get(n, [])]))
+    # a tied tensor is saved once: missing under one name is fine if another name of it is there
+    ignore = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
+    known = set(named_tensors(model))
+    unexpected = sorted(k for k in checkpoint.keys() if k not in known and not any(p.search(k) for p in ignore))
+    where = checkpoint.directory
+    if missing:
+        raise LoadError(f"checkpoint {where} is missing {len(missing)} tensor(s) the model needs: {', '.join(missing[:3])}"
+                        + (" ..." if len(missing) > 3 else ""))
+    if unexpected:
+        raise LoadError(f"checkpoint {where} holds {len(unexpected)} tensor(s) the model does not have: "
+                        f"{', '.join(unexpected[:3])}" + (" ..." if len(unexpected) > 3 else ""))
+
+
+def materialize(module: nn.Module, source: Any) -> nn.Module:
+    """Replace every ``meta`` parameter and buffer of ``module`` by its full tensor from
+    ``source`` (an unsharded reference model built from a checkpoint)."""
+    from autotp.placement import Replicate
+
+    done: dict[int, torch.Tensor] = {}  # tied tensors stay tied
+    for prefix, owner in module.named_modules(remove_duplicate=False):
+        for store in (owner._parameters, owner._buffers):
+            for key, t in list(store.items()):
+                if t is None or t.device.type != "meta":
+                    continue
+                if id(t) not in done:
+                    value = source.read(f"{prefix}.{key}" if prefix else key, Replicate(), 0, 1).to(t.dtype)
+                    done[id(t)] = nn.Parameter(value, requires_grad=False) if isinstance(t, nn.Parameter) else value
+                store[key] = done[id(t)]
+    return module
 
 
 def _set_tensor(gm: fx.GraphModule, name: str, value: torch.Tensor) -> None:
@@ -106,6 +313,9 @@ def load_into(gm: fx.GraphModule, plan: Plan, rank: int, source: TensorSource) -
         expected = spec.local_shape(plan.tp_size)
         if list(value.shape) != expected:
             raise LoadError(f"{name}: got shape {list(value.shape)}, expected {expected} for rank {rank}")
+        dtype = getattr(torch, spec.dtype)
+        if value.dtype != dtype:
+            value = value.to(dtype)  # checkpoints in another precision load in the model's
         _set_tensor(gm, name, value)
     return gm
 

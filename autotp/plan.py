@@ -54,6 +54,7 @@ class ParamSpec:
     style: str = "replicate"  # colwise | rowwise | sharded | replicate
     region: Optional[str] = None
     reason: str = ""
+    module_type: str = ""  # class of the module owning it (Linear, Conv1D, Embedding, ...)
 
     @property
     def numel(self) -> int:

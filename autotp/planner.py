@@ -293,9 +293,12 @@ def _build_plan(graph, world, accepted, rejected, seeds, final: Propagation, mod
             region_of.setdefault(node, name)
     plan = Plan(tp_size=world, model=model, inputs=inputs)
     entries = {e.param for _, g in accepted for e in g.entries}
+    types = _module_types(graph)
     for node in graph.nodes:
         if node.op == "get_attr" and isinstance(node.meta.get("val"), torch.Tensor):
-            plan.params[str(node.target)] = _param_spec(node, seeds, entries, final, region_of, rejected)
+            spec = _param_spec(node, seeds, entries, final, region_of, rejected)
+            spec.module_type = types.get(_module_of(spec.name), "")
+            plan.params[spec.name] = spec
     for node in final.partials:
         bias = final.answers[node].bias_path
         plan.collectives.append(Collective("all_reduce", node.name, region_of.get(node), list(bias) if bias else None))
@@ -310,6 +313,15 @@ def _build_plan(graph, world, accepted, rejected, seeds, final: Propagation, mod
     for cand, reason in rejected.items():
         plan.regions.append(Region(cand.module, False, [str(cand.param.target)], [], reason, _layer_of(cand.module)))
     return plan
+
+
+def _module_types(graph: fx.Graph) -> dict[str, str]:
+    """Module path -> class name, from the module stacks export records on every node."""
+    types: dict[str, str] = {}
+    for node in graph.nodes:
+        for path, qualname in (node.meta.get("nn_module_stack") or {}).values():
+            types.setdefault(path, str(qualname).rsplit(".", 1)[-1])
+    return types
 
 
 def _exit_params(prop: Propagation) -> list[str]:

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.fx as fx
 
+from autotp.errors import AutotpError
 from autotp.collectives import ALL_REDUCE, AllReduce
 from autotp.placement import Shard, local_chunk
 from autotp.plan import Plan
@@ -36,7 +37,7 @@ aten = torch.ops.aten
 _WITHOUT_BIAS = {aten.addmm.default: aten.mm.default, aten.baddbmm.default: aten.bmm.default}
 
 
-class RewriteError(RuntimeError):
+class RewriteError(AutotpError):
     """The plan does not match the graph (captured from another model or input structure)."""
 
 

@@ -16,7 +16,7 @@ import hashlib
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -25,13 +25,24 @@ import torch.nn as nn
 
 from autotp import hf
 from autotp.capture import bind_inputs, capture, model_device, structure_key
-from autotp.loading import ModuleSource, load_into
+from autotp.errors import AutotpError
+from autotp.loading import (
+    CheckpointSource,
+    FirstOf,
+    ModuleSource,
+    SafetensorsCheckpoint,
+    ShardFileSource,
+    aliases,
+    check_checkpoint,
+    load_into,
+    named_tensors,
+)
 from autotp.placement import Placement
 from autotp.plan import Plan
 from autotp.planner import plan_graph
 from autotp.rewrite import rewrite
 
-__all__ = ["parallelize", "TensorParallelModule", "TPContext", "init_tp", "plan_model"]
+__all__ = ["parallelize", "load", "TensorParallelModule", "TPContext", "init_tp", "plan_model"]
 
 DEFAULT_TIMEOUT_S = float(os.environ.get("AUTOTP_TIMEOUT", "300"))
 
@@ -182,12 +193,51 @@ class TensorParallelModule(nn.Module):
         return f"model={self.plan.model}, rank={self.rank}, tp_size={self.tp_size}"
 
 
+def _agree(ctx: TPContext, fn: Callable[[], Any]) -> Any:
+    """Run a check on every rank; if any rank fails it, every rank raises (naming the failed
+    ranks) instead of the healthy ones waiting in the next collective."""
+    error, value = None, None
+    try:
+        value = fn()
+    except AutotpError as exc:
+        error = str(exc)
+    errors: list[Any] = [error]
+    if ctx.distributed:
+        errors = [None] * ctx.tp_size
+        dist.all_gather_object(errors, error, group=ctx.group)
+    failed = [(r, e) for r, e in enumerate(errors) if e]
+    if failed:
+        raise AutotpError("; ".join(f"rank {r}: {e}" for r, e in failed) if ctx.distributed else failed[0][1])
+    return value
+
+
+def _build(
+    model: nn.Module, example_inputs: Any, ctx: TPContext, source: Any, clock: "_Stopwatch",
+    *, expected: Optional[Plan] = None,
+) -> TensorParallelModule:
+    """The pipeline for this rank: capture -> plan (checked) -> rewrite -> load."""
+    captured = clock.lap("capture", capture(model, example_inputs, device=ctx.device))
+    plan = plan_graph(captured.graph, ctx.tp_size, model=_model_label(model), inputs=captured.input_names)
+    if expected is not None and _placements(plan) != _placements(expected):
+        differ = sorted(n for n in plan.params if str(plan.params[n].placement) != str(getattr(expected.params.get(n), "placement", None)))
+        raise AutotpError(f"the stored plan differs from this autotp's plan for {differ[:3]}: convert the model again")
+    _check_same_plan(plan, ctx)
+    clock.lap("plan")
+    gm = clock.lap("rewrite", rewrite(captured.graph_module, plan, ctx.rank, group=ctx.group))
+    _agree(ctx, lambda: load_into(gm, plan, ctx.rank, source))
+    clock.lap("load")
+    tp_model = TensorParallelModule(gm, plan, ctx, model, captured.key)
+    tp_model.timings = clock.laps
+    return tp_model
+
+
 def parallelize(
     model: nn.Module,
     example_inputs: Any = None,
     *,
     tp_size: Optional[int] = None,
     device: Optional[torch.device | str] = None,
+    checkpoint: Optional[str | os.PathLike] = None,
 ) -> TensorParallelModule:
     """Shard ``model`` over the tensor-parallel group and return this rank's part.
 
@@ -197,14 +247,18 @@ def parallelize(
     is replicated.
 
     Args:
-        model: an ``nn.Module`` with its weights (a Hugging Face model or any other module).
-            Its sharded weights are moved to ``meta`` afterwards, so every rank keeps only its
-            slices; use the returned module from then on.
+        model: an ``nn.Module`` (a Hugging Face model or any other module), with its weights,
+            or with parameters on ``meta`` and ``checkpoint`` given. Its sharded weights are
+            moved to ``meta`` afterwards, so every rank keeps only its slices; use the
+            returned module from then on.
         example_inputs: a tensor, a tuple of arguments or a dict of keyword arguments like the
             calls to come. ``None`` synthesises token ids for a Hugging Face model. Only shapes
             and dtypes are used; batch and sequence sizes stay dynamic.
         tp_size: ranks per tensor-parallel group (default: the world size).
         device: where this rank's shards live and run (default: where the model is).
+        checkpoint: a Hugging Face model directory whose ``*.safetensors`` hold the weights;
+            each rank reads only its slices of them. Build the model with
+            ``autotp.init_empty_weights()`` so that nothing else is allocated.
 
     Returns:
         A :class:`TensorParallelModule`; ``out = tp_model(input_ids)`` returns what the model
@@ -212,7 +266,8 @@ def parallelize(
 
     Raises:
         ValueError: ``tp_size`` does not divide the world size, or inputs cannot be synthesised.
-        autotp.capture.CaptureError: torch.export cannot capture the model.
+        autotp.errors.AutotpError: the model cannot be captured, or the checkpoint does not
+            match it.
 
     Example:
         >>> # torchrun --nproc-per-node 2 script.py
@@ -223,19 +278,54 @@ def parallelize(
     clock = _Stopwatch()
     device = torch.device(device) if device is not None else _default_device(model)
     ctx = init_tp(tp_size, device)
-    captured = clock.lap("capture", capture(model, example_inputs, device=device))
-    plan = plan_graph(captured.graph, ctx.tp_size, model=_model_label(model), inputs=captured.input_names)
-    _check_same_plan(plan, ctx)
-    clock.lap("plan")
-    gm = clock.lap("rewrite", rewrite(captured.graph_module, plan, ctx.rank, group=ctx.group))
     moved = device != model_device(model)
-    source = ModuleSource(model, device if moved else None)
-    load_into(gm, plan, ctx.rank, source)
-    source.release(plan.params if moved else [s.name for s in plan.sharded_params()])
-    clock.lap("load")
-    tp_model = TensorParallelModule(gm, plan, ctx, model, captured.key)
-    tp_model.timings = clock.laps
+    in_memory = ModuleSource(model, device if moved else None)
+    source: Any = in_memory
+    if checkpoint is not None:
+        files = SafetensorsCheckpoint(checkpoint)
+        check_checkpoint(files, model)
+        source = FirstOf(CheckpointSource(files, aliases(model)), in_memory)
+    tp_model = _build(model, example_inputs, ctx, source, clock)
+    # the model keeps no full copy of what this rank holds a slice of (or a copy of, on another device)
+    in_memory.release(list(named_tensors(model)) if moved else [s.name for s in tp_model.plan.sharded_params()])
     return tp_model
+
+
+def load(directory: str | os.PathLike, *, device: Optional[torch.device | str] = None, checksum: bool = True) -> TensorParallelModule:
+    """This rank's model from a directory written by :func:`autotp.convert`.
+
+    Call it on every rank under ``torchrun --nproc-per-node N`` with N the converted tp size.
+    The model is built with its parameters on ``meta`` and filled from this rank's file only.
+
+    Args:
+        directory: the output of ``autotp convert``.
+        device: where this rank's shards live and run (default: CPU, or this rank's GPU when
+            CUDA is available).
+        checksum: verify this rank's file against the sha256 in ``autotp.json``.
+
+    Raises:
+        autotp.errors.AutotpError: the directory is not a converted model, the world size
+            differs from the converted tp size, or a rank's file is missing or corrupt.
+
+    Example:
+        >>> # torchrun --nproc-per-node 2 script.py
+        >>> tp_model = autotp.load("llama-tp2")                      # doctest: +SKIP
+    """
+    from autotp.convert import read_manifest, verify_rank_file
+    from autotp.source import resolve_model
+
+    clock = _Stopwatch()
+    manifest = read_manifest(directory)
+    if device is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else torch.device("cpu")
+    ctx = init_tp(None, torch.device(device))
+    if ctx.tp_size != manifest["tp_size"]:
+        raise AutotpError(f"{directory} was converted for tp={manifest['tp_size']}, but the world size is "
+                          f"{ctx.tp_size}: start it with torchrun --nproc-per-node {manifest['tp_size']}")
+    path = _agree(ctx, lambda: verify_rank_file(directory, manifest, ctx.rank, checksum=checksum))
+    model, _ = resolve_model(str(directory)).build("empty")
+    source = FirstOf(ShardFileSource(path), ModuleSource(model, torch.device(device)))
+    return _build(model, None, ctx, source, clock, expected=Plan.from_dict(manifest["plan"]))
 
 
 class _Stopwatch:

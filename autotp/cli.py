@@ -1,0 +1,291 @@
+"""The ``autotp`` command line: a thin layer over the Python API.
+
+    autotp plan MODEL --tp N [--format table|json|hf]
+    autotp convert MODEL --tp N -o OUT [--overwrite]
+    autotp verify MODEL --tp N
+    torchrun --nproc-per-node N -m autotp run OUT --input-ids 1,2,3 | --prompt TEXT
+
+Bad input (missing files, unknown model types, corrupt shards, wrong world size) prints one
+line, ``autotp: error: ...``, and exits with status 2. A parity failure in ``verify`` exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any, Optional, Sequence
+
+EXAMPLES = """examples:
+  autotp plan ./Llama-3-70B --tp 8                 # table of every parameter's sharding
+  autotp plan ./Llama-3-70B --tp 8 --format hf     # the same as a Hugging Face tp_plan dict
+  autotp plan mypkg.models:make_model --tp 2       # a factory returning an nn.Module
+  autotp convert ./llama --tp 2 -o ./llama-tp2     # per-rank shard files
+  autotp verify ./llama --tp 2                     # sharded vs unsharded on N local ranks
+  torchrun --nproc-per-node 2 -m autotp run ./llama-tp2 --input-ids 1,2,3
+
+MODEL is a Hugging Face model directory (config.json, weights optional) or
+package.module:factory, a callable returning an nn.Module or (module, example_inputs).
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="autotp", description="Automatic tensor parallelism: the sharding plan comes from the model's graph.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    plan = sub.add_parser("plan", help="print the plan (no weights are read)",
+                          description="Capture MODEL on the meta device and print how every parameter is sharded, and why.")
+    plan.add_argument("model", metavar="MODEL")
+    plan.add_argument("--tp", type=int, required=True, help="tensor-parallel size")
+    plan.add_argument("--format", choices=("table", "json", "hf"), default="table",
+                      help="table (default), json (the Plan), or hf (a Hugging Face tp_plan dict)")
+    plan.add_argument("--json", action="store_const", const="json", dest="format", help="same as --format json")
+    plan.add_argument("--only-sharded", action="store_true", help="table: list sharded parameters only")
+
+    convert = sub.add_parser("convert", help="write per-rank shard files from a checkpoint",
+                             description="Read MODEL's *.safetensors tensor by tensor and write OUT/autotp.json and "
+                                         "one rank-XXXXX-of-YYYYY.safetensors per rank. OUT appears only when complete.")
+    convert.add_argument("model", metavar="MODEL")
+    convert.add_argument("--tp", type=int, required=True, help="tensor-parallel size")
+    convert.add_argument("-o", "--out", required=True, metavar="OUT", help="output directory (must not exist)")
+    convert.add_argument("--overwrite", action="store_true", help="replace OUT once the new one is complete")
+    convert.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    verify = sub.add_parser("verify", help="compare sharded and unsharded outputs on N local ranks",
+                            description="Start N local ranks (gloo), run MODEL sharded and unsharded on the same random "
+                                        "inputs and print the max difference per output. Weights are MODEL's own when it "
+                                        "has them and N copies fit in memory, random (seeded) otherwise.")
+    verify.add_argument("model", metavar="MODEL")
+    verify.add_argument("--tp", type=int, required=True, help="number of local ranks")
+    verify.add_argument("--batch", type=int, default=2)
+    verify.add_argument("--seq", type=int, default=16)
+    verify.add_argument("--tolerance", type=float, default=1e-4, help="max |diff| / max |reference| (default 1e-4)")
+    verify.add_argument("--random-weights", action="store_true", help="ignore MODEL's weights")
+
+    run = sub.add_parser("run", help="(under torchrun) load a converted model and print the last position's logits",
+                         description="Each rank loads only its own shard file from OUT; rank 0 prints the logits of the "
+                                     "last position.")
+    run.add_argument("out", metavar="OUT")
+    source = run.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input-ids", help="comma-separated token ids, e.g. 1,2,3")
+    source.add_argument("--prompt", help="text, tokenized with OUT's tokenizer")
+    run.add_argument("--top-k", type=int, default=5, help="how many top tokens to print (default 5)")
+    run.add_argument("--save", metavar="FILE", help="rank 0 saves the last position's logits here (torch.save)")
+    return parser
+
+
+def _positive(value: int, what: str) -> int:
+    from autotp.errors import AutotpError
+
+    if value < 1:
+        raise AutotpError(f"{what} must be >= 1, got {value}")
+    return value
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from autotp.errors import AutotpError
+    from autotp.interop import to_hf_tp_plan
+    from autotp.runtime import plan_model
+    from autotp.source import resolve_model
+
+    tp = _positive(args.tp, "--tp")
+    source = resolve_model(args.model)
+    start = time.perf_counter()
+    model, example = source.build("meta")
+    plan = plan_model(model, tp, example)
+    seconds = time.perf_counter() - start
+    if tp > 1 and not plan.sharded_params():
+        raise AutotpError(f"tp={tp} divides no shardable dimension of {args.model}: nothing would be sharded")
+    if args.format == "json":
+        print(plan.to_json())
+    elif args.format == "hf":
+        tp_plan, missing = to_hf_tp_plan(plan)
+        print(json.dumps(tp_plan, indent=2))
+        for line in missing:
+            print(f"# not expressible: {line}", file=sys.stderr)
+    else:
+        print(plan.to_table(only_sharded=args.only_sharded))
+        print(f"planned {source.name} in {seconds:.1f} s")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from autotp.convert import convert
+
+    start = time.perf_counter()
+    out = convert(args.model, _positive(args.tp, "--tp"), args.out, overwrite=args.overwrite,
+                  progress=False if args.no_progress else None)
+    print(f"wrote {out} for tp={args.tp} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _verify_worker(rank: int, world: int, model_text: str, use_weights: bool, batch: int, seq: int) -> dict:
+    """One rank of ``autotp verify``: reference and sharded outputs on the same inputs."""
+    import torch
+
+    import autotp
+    from autotp.source import resolve_model
+
+    source = resolve_model(model_text)
+    if use_weights:
+        model, example = source.build("empty")
+        load_full(model, source)
+    else:
+        model, example = source.build("random", seed=0)
+    inputs = _inputs(model, example, batch, seq)
+    with torch.no_grad():
+        reference = _flat_outputs(model(**inputs))
+        tp_model = autotp.parallelize(model, example)
+        outputs = _flat_outputs(tp_model(**inputs))
+    rows = []
+    for name, ref in reference.items():
+        out = outputs[name]
+        diff = (out.float() - ref.float()).abs().max().item() if ref.numel() else 0.0
+        scale = ref.float().abs().max().item() if ref.numel() else 0.0
+        rows.append((name, tuple(ref.shape), diff, scale))
+    return dict(rows=rows, sharded=len(tp_model.plan.sharded_params()), bytes=tp_model.local_bytes())
+
+
+def load_full(model: Any, source: Any) -> None:
+    """Fill a model built with parameters on meta from its whole checkpoint (the reference)."""
+    from autotp.loading import CheckpointSource, SafetensorsCheckpoint, aliases, check_checkpoint, materialize
+
+    files = SafetensorsCheckpoint(source.directory)
+    check_checkpoint(files, model)
+    materialize(model, CheckpointSource(files, aliases(model)))
+
+
+def _inputs(model: Any, example: Any, batch: int, seq: int) -> dict:
+    import torch
+
+    from autotp import hf
+    from autotp.capture import normalise_example_inputs
+
+    if example is not None:
+        return normalise_example_inputs(model, example)
+    vocab = hf.text_config(model.config).vocab_size
+    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(1234))
+    inputs = {"input_ids": ids}
+    if getattr(model.config, "is_encoder_decoder", False):
+        inputs["decoder_input_ids"] = ids.clone()
+    return inputs
+
+
+def _flat_outputs(out: Any) -> dict:
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        return {"output": out}
+    if hasattr(out, "items"):
+        return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
+    if isinstance(out, (tuple, list)):
+        return {f"output[{i}]": v for i, v in enumerate(out) if isinstance(v, torch.Tensor)}
+    return {}
+
+
+def _fits_in_memory(source: Any, copies: int) -> bool:
+    from autotp.loading import SafetensorsCheckpoint
+
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return False
+    return SafetensorsCheckpoint(source.directory).nbytes() * (copies + 1) < 0.7 * available
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from autotp.launch import run_local
+    from autotp.source import resolve_model
+
+    tp = _positive(args.tp, "--tp")
+    source = resolve_model(args.model)
+    use_weights = source.has_checkpoint and not args.random_weights and _fits_in_memory(source, tp)
+    weights = "its own weights" if use_weights else "random weights (seed 0)"
+    if source.has_checkpoint and not use_weights and not args.random_weights:
+        weights += f": {tp} copies of the checkpoint do not fit in memory"
+    print(f"verify {source.name} at tp={tp} on {tp} local ranks (gloo), {weights}", flush=True)
+    results = run_local(_verify_worker, tp, args.model, use_weights, args.batch, args.seq)
+    failed = False
+    print(f"{'output':<24} {'shape':<18} {'max|diff|':>10} {'max|ref|':>10} {'relative':>10}")
+    names = [row[0] for row in results[0]["rows"]]
+    for i, name in enumerate(names):
+        shape = results[0]["rows"][i][1]
+        diff = max(r["rows"][i][2] for r in results)  # the worst rank
+        scale = results[0]["rows"][i][3]
+        rel = diff / scale if scale else diff
+        ok = rel <= args.tolerance
+        failed |= not ok
+        print(f"{name:<24} {str(shape):<18} {diff:>10.2e} {scale:>10.2e} {rel:>10.2e}  {'OK' if ok else 'FAIL'}")
+    print(f"{results[0]['sharded']} parameters sharded; {results[0]['bytes'] / 2**20:.1f} MiB on rank 0")
+    return 1 if failed else 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import torch
+
+    import autotp
+    from autotp.errors import AutotpError
+
+    tp_model = autotp.load(args.out)
+    if args.input_ids is not None:
+        try:
+            ids = [int(t) for t in args.input_ids.split(",") if t.strip()]
+        except ValueError:
+            raise AutotpError(f"--input-ids must be comma-separated integers, got {args.input_ids!r}") from None
+    else:
+        ids = _tokenize(args.out, args.prompt)
+    vocab = tp_model.config.get_text_config().vocab_size if hasattr(tp_model, "config") else None
+    if not ids or (vocab and any(not 0 <= i < vocab for i in ids)):
+        raise AutotpError(f"token ids must be in [0, {vocab}); got {ids[:8]}")
+    with torch.no_grad():
+        logits = tp_model(torch.tensor([ids])).logits[0, -1].float()
+    if tp_model.rank == 0:
+        top = torch.topk(logits, min(args.top_k, logits.numel()))
+        print(f"logits of position {len(ids) - 1}: shape {tuple(logits.shape)}, tp={tp_model.tp_size}")
+        for value, index in zip(top.values.tolist(), top.indices.tolist()):
+            print(f"  token {index:>8}  logit {value:+.4f}")
+        if args.save:
+            torch.save(logits, args.save)
+    return 0
+
+
+def _tokenize(directory: str, prompt: str) -> list[int]:
+    from autotp.errors import AutotpError
+
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    except Exception:
+        raise AutotpError(f"{directory} has no usable tokenizer: pass --input-ids instead of --prompt") from None
+    return tokenizer(prompt)["input_ids"]
+
+
+COMMANDS = {"plan": cmd_plan, "convert": cmd_convert, "verify": cmd_verify, "run": cmd_run}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    from autotp.errors import AutotpError
+
+    try:
+        return COMMANDS[args.command](args)
+    except AutotpError as exc:
+        where = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        text = str(exc)
+        # bad input is one line; a rank's traceback (a bug, not bad input) is kept whole
+        message = text if "Traceback (most recent call last)" in text else " ".join(text.split())
+        print(f"{where}autotp: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("autotp: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

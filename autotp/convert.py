@@ -1,0 +1,258 @@
+"""Convert a Hugging Face checkpoint into per-rank shard files.
+
+Consumes a model directory (``config.json`` + ``*.safetensors``, single or indexed) and a tp
+size; produces a directory that :func:`autotp.load` reads on N ranks::
+
+    OUT/autotp.json                          manifest: format version, plan, tp size, source
+                                             config, per-file sizes and sha256
+    OUT/rank-00000-of-00002.safetensors      rank 0's tensors: its slices and the replicated ones
+    OUT/rank-00001-of-00002.safetensors
+    OUT/config.json, generation_config.json, tokenizer files   copied alongside
+
+Invariants:
+
+- Memory stays near the largest single tensor: tensors are read one at a time, one rank's
+  slice at a time (``get_slice``), and appended to each rank's file by a streaming writer
+  whose header is known up front (names, dtypes and local shapes come from the plan).
+- Nothing half-written ever loads: everything is written into a hidden temporary directory
+  next to OUT and renamed to OUT when complete. An interrupted conversion leaves OUT absent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+from pathlib import Path
+from typing import Any, BinaryIO, Optional
+
+import torch
+
+from autotp import __version__ as _version
+from autotp.errors import AutotpError
+from autotp.loading import CheckpointSource, LoadError, SafetensorsCheckpoint, aliases, check_checkpoint
+from autotp.plan import Plan
+from autotp.runtime import plan_model
+from autotp.source import resolve_model
+
+__all__ = ["convert", "ConvertError", "MANIFEST", "rank_file", "read_manifest", "verify_rank_file", "SafetensorsWriter"]
+
+MANIFEST = "autotp.json"
+FORMAT_VERSION = 1
+_COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+           "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
+           "chat_template.jinja")
+_DTYPE_CODES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+
+
+class ConvertError(AutotpError):
+    """The conversion cannot start (bad input) or the output directory is unusable."""
+
+
+def rank_file(rank: int, tp_size: int) -> str:
+    return f"rank-{rank:05d}-of-{tp_size:05d}.safetensors"
+
+
+class SafetensorsWriter:
+    """Writes a safetensors file tensor by tensor: the header (names, dtypes, shapes, offsets)
+    is written first from the declared entries, then each tensor's bytes in declared order."""
+
+    def __init__(self, path: Path, entries: list[tuple[str, torch.dtype, list[int]]], metadata: dict[str, str]) -> None:
+        header: dict[str, Any] = {"__metadata__": metadata}
+        offset = 0
+        self._expected = []
+        for name, dtype, shape in entries:
+            size = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+            header[name] = {"dtype": _DTYPE_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            self._expected.append((name, dtype, list(shape)))
+            offset += size
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the format aligns the data section to 8 bytes
+        self._file: BinaryIO = open(path, "wb")
+        self._file.write(struct.pack("<Q", len(raw)) + raw)
+        self._next = 0
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        expected = self._expected[self._next]
+        got = (name, tensor.dtype, list(tensor.shape))
+        if got != expected:
+            raise ConvertError(f"writer expected {expected}, got {got}")
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        self._file.write(data.numpy().tobytes() if data.numel() else b"")
+        self._next += 1
+
+    def close(self) -> None:
+        if self._next != len(self._expected):
+            raise ConvertError(f"writer closed after {self._next} of {len(self._expected)} tensors")
+        self._file.close()
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _stored_tensors(plan: Plan, source: CheckpointSource) -> list[str]:
+    """The plan's tensors the checkpoint holds (non-persistent buffers are rebuilt at load)."""
+    return [name for name in plan.params if source.has(name)]
+
+
+def _prepare_out(out: Path, overwrite: bool) -> Path:
+    if out.exists() and not overwrite:
+        raise ConvertError(f"{out} already exists (pass --overwrite to replace it)")
+    if not out.parent.exists():
+        raise ConvertError(f"{out.parent} does not exist")
+    tmp = out.parent / f".{out.name}.autotp-tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Replace ``out`` by the finished ``tmp`` with renames only."""
+    if out.exists():
+        old = out.parent / f".{out.name}.autotp-old-{os.getpid()}"
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
+def convert(
+    model: str | Path,
+    tp_size: int,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    progress: Optional[bool] = None,
+) -> Path:
+    """Write per-rank shard files for ``tp_size`` ranks from a Hugging Face checkpoint.
+
+    Args:
+        model: a Hugging Face model directory with ``config.json`` and ``*.safetensors``.
+        tp_size: number of tensor-parallel ranks the output is for.
+        out: the output directory; it must not exist unless ``overwrite``.
+        overwrite: replace an existing ``out`` (only once the new one is complete).
+        progress: show a progress bar (default: when stderr is a terminal).
+
+    Returns:
+        The output directory.
+
+    Raises:
+        ConvertError, autotp.source.ModelError, autotp.loading.LoadError: bad input; nothing
+            is written to ``out``.
+
+    Example:
+        >>> autotp.convert("llama-dir", tp_size=2, out="llama-tp2")      # doctest: +SKIP
+    """
+    source_model = resolve_model(str(model))
+    if not source_model.has_checkpoint:
+        raise ConvertError(f"{model} has no *.safetensors weights to convert")
+    skeleton, _ = source_model.build("meta")
+    plan = plan_model(skeleton, tp_size)
+    if tp_size > 1 and not plan.sharded_params():
+        raise ConvertError(f"tp={tp_size} divides no shardable dimension of {model}: nothing would be sharded")
+    checkpoint = SafetensorsCheckpoint(source_model.directory)
+    check_checkpoint(checkpoint, skeleton)
+    reader = CheckpointSource(checkpoint, aliases(skeleton))
+    names = _stored_tensors(plan, reader)
+    out = Path(out)
+    tmp = _prepare_out(out, overwrite)
+    try:
+        files = _write_ranks(tmp, plan, names, reader, progress)
+        _write_manifest(tmp, plan, source_model, files)
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _write_ranks(tmp: Path, plan: Plan, names: list[str], reader: CheckpointSource, progress: Optional[bool]) -> dict:
+    from tqdm.auto import tqdm
+
+    tp = plan.tp_size
+    entries = [(n, getattr(torch, plan.params[n].dtype), plan.params[n].local_shape(tp)) for n in names]
+    meta = {"format": "pt", "producer": f"autotp {_version}", "tp_size": str(tp)}
+    writers = [SafetensorsWriter(tmp / rank_file(r, tp), entries, {**meta, "rank": str(r)}) for r in range(tp)]
+    total = sum(plan.params[n].local_nbytes(tp) for n in names) * tp
+    with tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=None if progress is None else not progress) as bar:
+        for name, dtype, _ in entries:
+            placement = plan.params[name].placement
+            for rank, writer in enumerate(writers):
+                piece = reader.read(name, placement, rank, tp).to(dtype)
+                writer.write(name, piece)
+                bar.update(piece.numel() * piece.element_size())
+    for writer in writers:
+        writer.close()
+    return {rank_file(r, tp): {"bytes": (tmp / rank_file(r, tp)).stat().st_size, "sha256": _sha256(tmp / rank_file(r, tp))}
+            for r in range(tp)}
+
+
+def _write_manifest(tmp: Path, plan: Plan, source_model: Any, files: dict) -> None:
+    directory = source_model.directory
+    for name in _COPIED:
+        if (directory / name).is_file():
+            shutil.copy2(directory / name, tmp / name)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "producer": f"autotp {_version}",
+        "tp_size": plan.tp_size,
+        "model_class": type(source_model.build("meta")[0]).__name__,
+        "source": str(directory.resolve()),
+        "config": json.loads((directory / "config.json").read_text()),
+        "files": files,
+        "plan": plan.to_dict(),
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+
+def read_manifest(directory: str | Path) -> dict:
+    """The manifest of a converted directory.
+
+    Raises:
+        ConvertError: the directory or its manifest is missing, unreadable or of another version.
+    """
+    path = Path(directory)
+    if not path.is_dir():
+        raise ConvertError(f"{directory} does not exist or is not a directory (convert a model with autotp convert)")
+    manifest_file = path / MANIFEST
+    try:
+        manifest = json.loads(manifest_file.read_text())
+    except FileNotFoundError:
+        raise ConvertError(f"{directory} has no {MANIFEST}: not an autotp converted directory") from None
+    except (OSError, ValueError) as exc:
+        raise ConvertError(f"{manifest_file}: unreadable ({exc})") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ConvertError(f"{manifest_file}: format version {manifest.get('format_version')!r} is not supported "
+                           f"(expected {FORMAT_VERSION})")
+    return manifest
+
+
+def verify_rank_file(directory: str | Path, manifest: dict, rank: int, *, checksum: bool = True) -> Path:
+    """Check that this rank's file exists with the recorded size (and sha256)."""
+    name = rank_file(rank, manifest["tp_size"])
+    path = Path(directory) / name
+    record = manifest["files"].get(name)
+    if record is None:
+        raise ConvertError(f"{MANIFEST} does not list {name}")
+    if not path.is_file():
+        raise ConvertError(f"{path} is missing")
+    size = path.stat().st_size
+    if size != record["bytes"]:
+        raise ConvertError(f"{path} is {size} bytes, expected {record['bytes']} (truncated or replaced)")
+    if checksum and _sha256(path) != record["sha256"]:
+        raise ConvertError(f"{path}: sha256 differs from {MANIFEST} (corrupt or replaced)")
+    return path
+
+

@@ -1,0 +1,10 @@
+"""User-facing errors. The command line prints their message on one line and exits with
+status 2; anything else escaping is a bug and keeps its traceback."""
+
+from __future__ import annotations
+
+__all__ = ["AutotpError"]
+
+
+class AutotpError(Exception):
+    """Bad input: a missing file, a model transformers does not know, a corrupt shard, ..."""
