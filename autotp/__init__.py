@@ -12,6 +12,7 @@ from typing import Any
 import torch.nn as nn
 
 from autotp.capture import CaptureError, capture
+from autotp.convert import convert  # the function shadows its module, as autotp.plan does below
 from autotp.errors import AutotpError
 from autotp.hf import params_on_meta as init_empty_weights
 from autotp.placement import Partial, Replicate, Shard
@@ -34,7 +35,7 @@ __all__ = [
     "Partial",
 ]
 
-__version__ = "0.1.0"
+from autotp._version import __version__  # noqa: E402
 
 
 def plan(model: nn.Module, tp_size: int, example_inputs: Any = None) -> Plan:
@@ -54,10 +55,3 @@ def plan(model: nn.Module, tp_size: int, example_inputs: Any = None) -> Plan:
         >>> print(autotp.plan(model, tp_size=8).to_table())           # doctest: +SKIP
     """
     return plan_model(model, tp_size, example_inputs)
-
-
-def convert(model: Any, tp_size: int, out: Any, *, overwrite: bool = False, progress: Any = None) -> Any:
-    """Write per-rank shard files from a Hugging Face checkpoint; see :func:`autotp.convert.convert`."""
-    from autotp.convert import convert as _convert
-
-    return _convert(model, tp_size, out, overwrite=overwrite, progress=progress)

@@ -30,7 +30,7 @@ from typing import Any, BinaryIO, Optional
 
 import torch
 
-from autotp import __version__ as _version
+from autotp._version import __version__ as _version
 from autotp.errors import AutotpError
 from autotp.loading import CheckpointSource, LoadError, SafetensorsCheckpoint, aliases, check_checkpoint
 from autotp.plan import Plan

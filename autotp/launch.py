@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
 import queue as queue_mod
 import tempfile
 import traceback
@@ -38,7 +39,9 @@ def _entry(rank: int, world_size: int, init_file: str, timeout_s: float, fn: Cal
             timeout=datetime.timedelta(seconds=timeout_s),
         )
         try:
-            results.put((rank, "ok", fn(rank, world_size, *args)))
+            # plain pickle copies tensors into the message; the queue's own pickler would
+            # share their memory, which dies with this process
+            results.put((rank, "ok", pickle.dumps(fn(rank, world_size, *args))))
         finally:
             dist.destroy_process_group()
     except AutotpError as exc:
@@ -85,4 +88,4 @@ def run_local(fn: Callable, world_size: int, *args: Any, timeout: float = 600, g
     if by_message:  # the same error on every rank is reported once
         raise RankFailed("\n".join(f"rank{'s' if len(rs) > 1 else ''} {','.join(map(str, rs))}: {m}"
                                    for m, rs in by_message.items()))
-    return [collected[r][1] for r in range(world_size)]
+    return [pickle.loads(collected[r][1]) for r in range(world_size)]

@@ -110,3 +110,8 @@ def assert_close_to(reference: torch.Tensor, actual: torch.Tensor) -> float:
     bound = 1e-4 * reference.abs().max().item()
     assert diff <= bound, f"max abs diff {diff:.3e} > bound {bound:.3e}"
     return diff
+
+
+def plain_block_with_inputs():
+    """A factory for ``autotp plan models:plain_block_with_inputs`` (module, example inputs)."""
+    return plain_block(), (torch.randn(2, 6, 64),)

@@ -1,0 +1,203 @@
+"""The command line: outputs of ``plan`` and ``verify``, and one test per bad input.
+
+Bad input must give exit status 2 and exactly one line on stderr, ``autotp: error: ...``,
+naming the problem, and no traceback. Rank-local problems (a missing or corrupt shard file)
+run on real ranks and must fail every rank, naming the bad one, instead of hanging.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import autotp
+from autotp.cli import main
+from autotp.convert import rank_file
+from autotp.plan import Plan
+from distributed import run_ranks
+from models import HF_CONFIGS, hf_model
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("llama")
+    hf_model("llama_gqa").save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def converted(llama_dir, tmp_path_factory) -> Path:
+    return autotp.convert(llama_dir, 2, tmp_path_factory.mktemp("conv") / "out", progress=False)
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, err: str, expected: str) -> None:
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("autotp: error: "), err
+    assert expected in lines[0], lines[0]
+    assert "Traceback" not in err
+
+
+def test_plan_table_from_a_config_only_directory(capsys, tmp_path):
+    hf_model("llama_gqa").config.save_pretrained(tmp_path)  # config.json, no weights
+    code, out, _ = run_cli(capsys, "plan", tmp_path, "--tp", "2")
+    assert code == 0
+    assert "model.layers.1.self_attn.o_proj.weight" in out and "rowwise" in out
+    assert "per decoder layer: 2 (2 layers)" in out
+
+
+def test_plan_as_hugging_face_tp_plan(capsys, llama_dir):
+    code, out, err = run_cli(capsys, "plan", llama_dir, "--tp", "2", "--format", "hf")
+    assert code == 0 and err == ""
+    assert json.loads(out) == {
+        "model.layers.*.mlp.down_proj": "rowwise", "model.layers.*.mlp.gate_proj": "colwise",
+        "model.layers.*.mlp.up_proj": "colwise", "model.layers.*.self_attn.k_proj": "colwise",
+        "model.layers.*.self_attn.o_proj": "rowwise", "model.layers.*.self_attn.q_proj": "colwise",
+        "model.layers.*.self_attn.v_proj": "colwise",
+    }
+
+
+def test_plan_hf_lists_what_it_cannot_express(capsys, tmp_path):
+    hf_model("gpt2").config.save_pretrained(tmp_path)
+    code, out, err = run_cli(capsys, "plan", tmp_path, "--tp", "2", "--format", "hf")
+    assert code == 0 and json.loads(out) == {}
+    assert "not expressible: transformer.h.*.attn.c_attn.weight: colwise Shard(1, blocks=3) of a Conv1D" in err
+
+
+def test_plan_json_is_a_plan(capsys, llama_dir):
+    code, out, _ = run_cli(capsys, "plan", llama_dir, "--tp", "2", "--json")
+    assert code == 0 and Plan.from_json(out).tp_size == 2
+
+
+def test_plan_of_a_factory(capsys):
+    code, out, _ = run_cli(capsys, "plan", "models:plain_block_with_inputs", "--tp", "2")
+    assert code == 0 and "attn.qkv.weight" in out and "Shard(0, blocks=3)" in out
+
+
+@pytest.mark.distributed
+def test_verify_reports_parity(capsys, llama_dir):
+    code, out, _ = run_cli(capsys, "verify", llama_dir, "--tp", "2")
+    assert code == 0, out
+    assert "its own weights" in out
+    assert [line.split()[-1] for line in out.splitlines() if line.startswith("logits")] == ["OK"]
+
+
+def _write_config(directory: Path, text: str | None = None, **fields) -> Path:
+    directory.mkdir(exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(fields) if text is None else text)
+    return directory
+
+
+BAD_PLAN_INPUTS = {
+    "missing-model": (lambda tmp: tmp / "nope", "does not exist"),
+    "model-is-a-file": (lambda tmp: _write_config(tmp / "d", model_type="llama") / "config.json", "is a file"),
+    "no-config": (lambda tmp: (tmp / "empty").mkdir() or tmp / "empty", "has no config.json"),
+    "garbage-config": (lambda tmp: _write_config(tmp / "g", "{oops"), "unreadable"),
+    "unknown-model-type": (lambda tmp: _write_config(tmp / "u", model_type="not_a_model"), "model_type 'not_a_model' is not one transformers"),
+    "no-model-type": (lambda tmp: _write_config(tmp / "n", hidden_size=8), "has no model_type"),
+    "factory-import": (lambda tmp: "no_such_module_xyz:make", "cannot import no_such_module_xyz"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_PLAN_INPUTS))
+def test_bad_model_argument(capsys, tmp_path, case):
+    make, expected = BAD_PLAN_INPUTS[case]
+    code, _, err = run_cli(capsys, "plan", make(tmp_path), "--tp", "2")
+    assert_one_line_error(code, err, expected)
+
+
+def test_tp_larger_than_any_shardable_dim(capsys, llama_dir, tmp_path):
+    assert_one_line_error(*run_cli(capsys, "plan", llama_dir, "--tp", "256")[::2], "divides no shardable dimension")
+    assert_one_line_error(*run_cli(capsys, "convert", llama_dir, "--tp", "256", "-o", tmp_path / "o")[::2],
+                          "divides no shardable dimension")
+    assert_one_line_error(*run_cli(capsys, "plan", llama_dir, "--tp", "0")[::2], "--tp must be >= 1")
+
+
+def _resave(source: Path, target: Path, edit) -> Path:
+    shutil.copytree(source, target)
+    tensors = load_file(target / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, target / "model.safetensors", metadata={"format": "pt"})
+    return target
+
+
+def test_checkpoint_missing_a_parameter(capsys, llama_dir, tmp_path):
+    bad = _resave(llama_dir, tmp_path / "bad", lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    code, _, err = run_cli(capsys, "convert", bad, "--tp", "2", "-o", tmp_path / "o")
+    assert_one_line_error(code, err, "missing 1 tensor(s) the model needs: model.layers.1.mlp.up_proj.weight")
+    assert not (tmp_path / "o").exists()
+
+
+def test_checkpoint_with_an_unexpected_parameter(capsys, llama_dir, tmp_path):
+    bad = _resave(llama_dir, tmp_path / "bad", lambda t: t.update({"model.layers.9.extra.weight": torch.zeros(2)}))
+    code, _, err = run_cli(capsys, "convert", bad, "--tp", "2", "-o", tmp_path / "o")
+    assert_one_line_error(code, err, "holds 1 tensor(s) the model does not have: model.layers.9.extra.weight")
+
+
+def test_convert_without_weights(capsys, tmp_path):
+    hf_model("llama").config.save_pretrained(tmp_path / "cfg")
+    code, _, err = run_cli(capsys, "convert", tmp_path / "cfg", "--tp", "2", "-o", tmp_path / "o")
+    assert_one_line_error(code, err, "has no *.safetensors weights")
+
+
+def test_convert_refuses_existing_output(capsys, llama_dir, converted):
+    code, _, err = run_cli(capsys, "convert", llama_dir, "--tp", "2", "-o", converted)
+    assert_one_line_error(code, err, "already exists (pass --overwrite")
+
+
+def test_run_on_missing_or_unconverted_output(capsys, tmp_path):
+    assert_one_line_error(*run_cli(capsys, "run", tmp_path / "nope", "--input-ids", "1")[::2], "does not exist")
+    assert_one_line_error(*run_cli(capsys, "run", tmp_path, "--input-ids", "1")[::2], "has no autotp.json")
+
+
+def test_run_with_another_world_size(capsys, converted):
+    code, _, err = run_cli(capsys, "run", converted, "--input-ids", "1,2")  # one process, converted for 2
+    assert_one_line_error(code, err, "converted for tp=2, but the world size is 1")
+
+
+def cli_worker(rank: int, world: int, argv: list[str]) -> tuple[int, str]:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main(argv)
+    return code, err.getvalue()
+
+
+def _damaged(converted: Path, tmp_path: Path, damage) -> Path:
+    copy = tmp_path / "copy"
+    shutil.copytree(converted, copy)
+    damage(copy / rank_file(1, 2))
+    return copy
+
+
+def _flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("damage, expected", [
+    (lambda p: p.unlink(), "is missing"),
+    (lambda p: p.write_bytes(p.read_bytes()[:-100]), "truncated or replaced"),
+    (_flip_last_byte, "sha256 differs"),
+], ids=["missing", "truncated", "checksum"])
+def test_damaged_shard_file_fails_every_rank(converted, tmp_path, damage, expected):
+    copy = _damaged(converted, tmp_path, damage)
+    for rank, (code, err) in enumerate(run_ranks(cli_worker, 2, ["run", str(copy), "--input-ids", "1,2"])):
+        assert code == 2
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"[rank {rank}] autotp: error: rank 1: "), err
+        assert expected in lines[0] and rank_file(1, 2) in lines[0]
