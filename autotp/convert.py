@@ -24,9 +24,8 @@ import hashlib
 import json
 import os
 import shutil
-import struct
 from pathlib import Path
-from typing import Any, BinaryIO, Optional
+from typing import Any, Optional
 
 import torch
 
@@ -35,62 +34,22 @@ from autotp.errors import AutotpError
 from autotp.loading import CheckpointSource, LoadError, SafetensorsCheckpoint, aliases, check_checkpoint
 from autotp.plan import Plan
 from autotp.runtime import plan_model
+from autotp.safetensors_io import SafetensorsWriter
 from autotp.source import resolve_model
 
-__all__ = ["convert", "ConvertError", "MANIFEST", "rank_file", "read_manifest", "verify_rank_file", "SafetensorsWriter"]
+__all__ = ["convert", "ConvertError", "MANIFEST", "rank_file", "read_manifest", "verify_rank_file"]
 
 MANIFEST = "autotp.json"
 FORMAT_VERSION = 1
 _COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
            "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
            "chat_template.jinja")
-_DTYPE_CODES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
-}
-
-
 class ConvertError(AutotpError):
     """The conversion cannot start (bad input) or the output directory is unusable."""
 
 
 def rank_file(rank: int, tp_size: int) -> str:
     return f"rank-{rank:05d}-of-{tp_size:05d}.safetensors"
-
-
-class SafetensorsWriter:
-    """Writes a safetensors file tensor by tensor: the header (names, dtypes, shapes, offsets)
-    is written first from the declared entries, then each tensor's bytes in declared order."""
-
-    def __init__(self, path: Path, entries: list[tuple[str, torch.dtype, list[int]]], metadata: dict[str, str]) -> None:
-        header: dict[str, Any] = {"__metadata__": metadata}
-        offset = 0
-        self._expected = []
-        for name, dtype, shape in entries:
-            size = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-            header[name] = {"dtype": _DTYPE_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
-            self._expected.append((name, dtype, list(shape)))
-            offset += size
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # the format aligns the data section to 8 bytes
-        self._file: BinaryIO = open(path, "wb")
-        self._file.write(struct.pack("<Q", len(raw)) + raw)
-        self._next = 0
-
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        expected = self._expected[self._next]
-        got = (name, tensor.dtype, list(tensor.shape))
-        if got != expected:
-            raise ConvertError(f"writer expected {expected}, got {got}")
-        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        self._file.write(data.numpy().tobytes() if data.numel() else b"")
-        self._next += 1
-
-    def close(self) -> None:
-        if self._next != len(self._expected):
-            raise ConvertError(f"writer closed after {self._next} of {len(self._expected)} tensors")
-        self._file.close()
 
 
 def _sha256(path: Path) -> str:

@@ -10,7 +10,7 @@ reads only the slice it is asked for:
 - :class:`ModuleSource`: tensors of a module in memory (sliced copies; the full tensors can
   then be released);
 - :class:`CheckpointSource`: a Hugging Face checkpoint's ``*.safetensors`` files, read with
-  ``safe_open(...).get_slice``: a rank reads its slice and nothing else;
+  one contiguous read per run of its slice: a rank reads its bytes and nothing else;
 - :class:`ShardFileSource`: one rank file written by :mod:`autotp.convert`;
 - :class:`FirstOf`: the first source that has the tensor (a checkpoint, then the model's own
   non-persistent buffers such as rotary frequencies, which checkpoints do not hold).
@@ -30,6 +30,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from autotp.errors import AutotpError
 from autotp.placement import Placement, Shard, block_sizes, local_chunk
+from autotp.safetensors_io import SafetensorsReader
 from autotp.plan import Plan
 
 __all__ = [
@@ -93,40 +94,28 @@ class ModuleSource:
         self.tensors = named_tensors(self.module)
 
 
-_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-
-
-def _read_slices(view: Any, shape: list[int], placement: Shard, rank: int, world_size: int) -> torch.Tensor:
-    """Rank ``rank``'s part of a safetensors slice view, reading only those bytes."""
-    pieces, start = [], 0
-    for part in block_sizes(placement, shape[placement.dim]):
+def _ranges(placement: Shard, size: int, rank: int, world_size: int) -> list[tuple[int, int]]:
+    """Index ranges of rank ``rank``'s part of a dim of ``size`` (one per block)."""
+    out, start = [], 0
+    for part in block_sizes(placement, size):
         step = part // world_size
-        lo = start + rank * step
-        index = (slice(None),) * placement.dim + (slice(lo, lo + step),)
-        pieces.append(view[index])
+        out.append((start + rank * step, start + (rank + 1) * step))
         start += part
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, placement.dim)
+    return out
 
 
 class SafetensorsCheckpoint:
     """The ``*.safetensors`` files of a directory: sharded with ``model.safetensors.index.json``,
-    or single. Files stay open (memory-mapped); tensors are read slice by slice."""
+    or single. Tensors are read slice by slice (see :mod:`autotp.safetensors_io`)."""
 
     def __init__(self, directory: str | Path) -> None:
-        from safetensors import safe_open
-
         self.directory = Path(directory)
-        self._open = safe_open
-        self._handles: dict[Path, Any] = {}
+        self._readers: dict[Path, SafetensorsReader] = {}
         index = self.directory / "model.safetensors.index.json"
         if index.exists():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError) as exc:
+            except (ValueError, KeyError, TypeError) as exc:
                 raise LoadError(f"{index}: not a safetensors index ({exc})") from None
             self.weight_map = {k: self.directory / v for k, v in weight_map.items()}
             for path in sorted(set(self.weight_map.values())):
@@ -136,15 +125,12 @@ class SafetensorsCheckpoint:
             files = sorted(self.directory.glob("*.safetensors"))
             if not files:
                 raise LoadError(f"no *.safetensors files in {self.directory}")
-            self.weight_map = {k: f for f in files for k in self._handle(f).keys()}
+            self.weight_map = {k: f for f in files for k in self._reader(f).keys()}
 
-    def _handle(self, path: Path) -> Any:
-        if path not in self._handles:
-            try:
-                self._handles[path] = self._open(str(path), framework="pt")
-            except Exception as exc:  # safetensors raises its own error type for corrupt files
-                raise LoadError(f"{path}: cannot read safetensors file ({exc})") from None
-        return self._handles[path]
+    def _reader(self, path: Path) -> SafetensorsReader:
+        if path not in self._readers:
+            self._readers[path] = SafetensorsReader(path)
+        return self._readers[path]
 
     def keys(self) -> list[str]:
         return list(self.weight_map)
@@ -152,26 +138,26 @@ class SafetensorsCheckpoint:
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
 
-    def _view(self, name: str) -> Any:
-        return self._handle(self.weight_map[name]).get_slice(name)
-
     def shape(self, name: str) -> list[int]:
-        return list(self._view(name).get_shape())
+        return self._reader(self.weight_map[name]).shape(name)
 
     def dtype(self, name: str) -> torch.dtype:
-        return _DTYPES[self._view(name).get_dtype()]
+        return self._reader(self.weight_map[name]).dtype(name)
 
     def nbytes(self) -> int:
         return sum(p.stat().st_size for p in set(self.weight_map.values()))
 
     def read(self, name: str, placement: Placement, rank: int, world_size: int) -> torch.Tensor:
-        try:
-            if not isinstance(placement, Shard):
-                return self._handle(self.weight_map[name]).get_tensor(name)
-            view = self._view(name)
-            return _read_slices(view, list(view.get_shape()), placement, rank, world_size)
-        except Exception as exc:
-            raise LoadError(f"{self.weight_map[name]}: cannot read {name} ({exc})") from None
+        reader = self._reader(self.weight_map[name])
+        if not isinstance(placement, Shard):
+            return reader.read(name)
+        shape = reader.shape(name)
+        return reader.read(name, placement.dim, _ranges(placement, shape[placement.dim], rank, world_size))
+
+    def close(self) -> None:
+        for reader in self._readers.values():
+            reader.close()
+        self._readers.clear()
 
 
 def aliases(module: nn.Module) -> dict[str, list[str]]:
@@ -204,28 +190,25 @@ class CheckpointSource:
             raise LoadError(f"checkpoint {self.checkpoint.directory} has no tensor {name!r}")
         return self.checkpoint.read(key, placement, rank, world_size)
 
+    def close(self) -> None:
+        self.checkpoint.close()
+
 
 class ShardFileSource:
     """One rank file of a converted directory: its tensors are already this rank's slices."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        from safetensors import safe_open
-
-        try:
-            self._file = safe_open(str(path), framework="pt")
-        except Exception as exc:
-            raise LoadError(f"{path}: cannot read safetensors file ({exc})") from None
-        self._keys = set(self._file.keys())
+        self._file = SafetensorsReader(path)
 
     def has(self, name: str) -> bool:
-        return name in self._keys
+        return name in self._file
 
     def read(self, name: str, placement: Placement, rank: int, world_size: int) -> torch.Tensor:
-        try:
-            return self._file.get_tensor(name)
-        except Exception as exc:
-            raise LoadError(f"{self.path}: cannot read {name} ({exc})") from None
+        return self._file.read(name)
+
+    def close(self) -> None:
+        self._file.close()
 
 
 class FirstOf:
@@ -242,6 +225,10 @@ class FirstOf:
             if source.has(name):
                 return source.read(name, placement, rank, world_size)
         raise LoadError(f"no source holds {name!r}")
+
+    def close(self) -> None:
+        for source in self.sources:
+            getattr(source, "close", lambda: None)()
 
 
 def check_checkpoint(checkpoint: SafetensorsCheckpoint, model: nn.Module) -> None:
@@ -317,6 +304,7 @@ def load_into(gm: fx.GraphModule, plan: Plan, rank: int, source: TensorSource) -
         if value.dtype != dtype:
             value = value.to(dtype)  # checkpoints in another precision load in the model's
         _set_tensor(gm, name, value)
+    getattr(source, "close", lambda: None)()
     return gm
 
 

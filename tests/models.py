@@ -115,3 +115,14 @@ def assert_close_to(reference: torch.Tensor, actual: torch.Tensor) -> float:
 def plain_block_with_inputs():
     """A factory for ``autotp plan models:plain_block_with_inputs`` (module, example inputs)."""
     return plain_block(), (torch.randn(2, 6, 64),)
+
+
+def save_word_tokenizer(directory, vocab_size: int = 128) -> None:
+    """A word-level tokenizer built locally (no hub), saved next to a model."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, **{f"w{i}": i for i in range(1, vocab_size)}}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]").save_pretrained(directory)

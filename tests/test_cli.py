@@ -22,7 +22,7 @@ from autotp.cli import main
 from autotp.convert import rank_file
 from autotp.plan import Plan
 from distributed import run_ranks
-from models import HF_CONFIGS, hf_model
+from models import hf_model, save_word_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -201,3 +201,22 @@ def test_damaged_shard_file_fails_every_rank(converted, tmp_path, damage, expect
         lines = err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"[rank {rank}] autotp: error: rank 1: "), err
         assert expected in lines[0] and rank_file(1, 2) in lines[0]
+
+
+def test_convert_copies_the_tokenizer_and_run_uses_it(llama_dir, tmp_path):
+    from autotp.cli import _tokenize
+
+    with_tokenizer = tmp_path / "model"
+    shutil.copytree(llama_dir, with_tokenizer)
+    save_word_tokenizer(with_tokenizer)
+    out = autotp.convert(with_tokenizer, 2, tmp_path / "out", progress=False)
+    assert (out / "tokenizer.json").exists() and (out / "tokenizer_config.json").exists()
+    assert _tokenize(str(out), "w5 w7 w9") == [5, 7, 9]
+
+
+def test_prompt_without_tokenizer(converted):
+    from autotp.cli import _tokenize
+    from autotp.errors import AutotpError
+
+    with pytest.raises(AutotpError, match="no usable tokenizer: pass --input-ids"):
+        _tokenize(str(converted), "hello")

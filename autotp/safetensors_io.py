@@ -1,0 +1,150 @@
+"""Streaming safetensors I/O: read only the bytes asked for, write tensor by tensor.
+
+The format is an 8-byte little-endian header length, a JSON header (name -> dtype, shape,
+byte offsets) and the raw bytes. Reading here uses plain ``seek`` + ``readinto`` straight
+into the destination tensor instead of a memory map: a rank that reads a column slice of a
+weight touches only those bytes, and no file page stays resident (with ``mmap``, every page
+a slice touched counts in the process's memory until the file is closed).
+
+:class:`SafetensorsReader` reads a slice ``(dim, [(start, stop), ...])`` of a tensor with one
+read per contiguous run; :class:`SafetensorsWriter` writes the header first (known from the
+plan), then each tensor's bytes in the declared order.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+from typing import Any, BinaryIO, Optional
+
+import torch
+
+from autotp.errors import AutotpError
+
+__all__ = ["SafetensorsReader", "SafetensorsWriter", "SafetensorsFormatError", "DTYPES"]
+
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+CODES = {v: k for k, v in DTYPES.items()}
+_MAX_HEADER = 100 << 20
+
+
+class SafetensorsFormatError(AutotpError):
+    """A file that is not a complete safetensors file (truncated, corrupt, or another format)."""
+
+
+class SafetensorsReader:
+    """One safetensors file, read slice by slice without memory-mapping it."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        try:
+            self._file: Optional[BinaryIO] = open(self.path, "rb")
+            size = self.path.stat().st_size
+            (length,) = struct.unpack("<Q", self._file.read(8))
+            if not 0 < length <= min(_MAX_HEADER, size - 8):
+                raise ValueError(f"header length {length} does not fit a file of {size} bytes")
+            header = json.loads(self._file.read(length))
+        except (OSError, ValueError, struct.error) as exc:
+            raise SafetensorsFormatError(f"{self.path}: not a readable safetensors file ({exc})") from None
+        self.metadata = header.pop("__metadata__", {}) or {}
+        self._data = 8 + length
+        self.entries: dict[str, tuple[torch.dtype, list[int], int]] = {}
+        for name, info in header.items():
+            dtype = DTYPES.get(info.get("dtype"))
+            start, stop = info.get("data_offsets", (0, -1))
+            shape = list(info.get("shape", []))
+            if dtype is None or stop - start != math.prod(shape) * _itemsize(dtype) or self._data + stop > size:
+                raise SafetensorsFormatError(f"{self.path}: entry {name!r} is corrupt or the file is truncated")
+            self.entries[name] = (dtype, shape, self._data + start)
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def shape(self, name: str) -> list[int]:
+        return list(self.entries[name][1])
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.entries[name][0]
+
+    def read(self, name: str, dim: int = 0, ranges: Optional[list[tuple[int, int]]] = None) -> torch.Tensor:
+        """The tensor, or the concatenation of ``ranges`` of it along ``dim``."""
+        dtype, shape, offset = self.entries[name]
+        if not shape:
+            ranges, dim = None, 0
+        ranges = ranges or [(0, shape[0] if shape else 1)]
+        out_shape = list(shape)
+        if shape:
+            out_shape[dim] = sum(b - a for a, b in ranges)
+        out = torch.empty(out_shape, dtype=dtype)
+        item = _itemsize(dtype)
+        outer = math.prod(shape[:dim]) if shape else 1
+        inner = math.prod(shape[dim + 1:]) * item if shape else item
+        size = shape[dim] if shape else 1
+        dest = out.reshape(-1).view(torch.uint8).numpy() if out.numel() else None
+        written = 0
+        for o in range(outer):
+            for a, b in ranges:  # one contiguous run per outer index and range
+                nbytes = (b - a) * inner
+                self._read_into(offset + (o * size + a) * inner, dest[written:written + nbytes])
+                written += nbytes
+        return out
+
+    def _read_into(self, position: int, view: Any) -> None:
+        assert self._file is not None, "reader is closed"
+        self._file.seek(position)
+        got = self._file.readinto(memoryview(view))
+        if got != len(view):
+            raise SafetensorsFormatError(f"{self.path}: file ends early (truncated)")
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+class SafetensorsWriter:
+    """Writes a safetensors file tensor by tensor: the header (names, dtypes, shapes, offsets)
+    is written first from the declared entries, then each tensor's bytes in declared order."""
+
+    def __init__(self, path: Path, entries: list[tuple[str, torch.dtype, list[int]]], metadata: dict[str, str]) -> None:
+        header: dict[str, Any] = {"__metadata__": metadata}
+        offset = 0
+        self._expected = []
+        for name, dtype, shape in entries:
+            size = math.prod(shape) * _itemsize(dtype)
+            header[name] = {"dtype": CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            self._expected.append((name, dtype, list(shape)))
+            offset += size
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the format aligns the data section to 8 bytes
+        self._file: BinaryIO = open(path, "wb")
+        self._file.write(struct.pack("<Q", len(raw)) + raw)
+        self._next = 0
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        expected = self._expected[self._next]
+        got = (name, tensor.dtype, list(tensor.shape))
+        if got != expected:
+            raise SafetensorsFormatError(f"writer expected {expected}, got {got}")
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        if data.numel():
+            self._file.write(memoryview(data.numpy()))
+        self._next += 1
+
+    def close(self) -> None:
+        if self._next != len(self._expected):
+            raise SafetensorsFormatError(f"writer closed after {self._next} of {len(self._expected)} tensors")
+        self._file.close()

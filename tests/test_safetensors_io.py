@@ -1,0 +1,64 @@
+"""The streaming safetensors reader and writer agree with the safetensors library, and a
+slice read from a file equals ``local_chunk`` of the full tensor for every layout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from autotp.loading import _ranges
+from autotp.placement import Shard, local_chunk
+from autotp.safetensors_io import SafetensorsFormatError, SafetensorsReader, SafetensorsWriter
+
+TENSORS = {
+    "w": torch.randn(6, 12),
+    "ids": torch.arange(10, dtype=torch.int64),
+    "half": torch.randn(4, 6, 9).to(torch.bfloat16),
+    "scalar": torch.tensor(3.0),
+}
+
+
+@pytest.fixture()
+def saved(tmp_path):
+    path = tmp_path / "t.safetensors"
+    save_file(TENSORS, str(path))
+    return path
+
+
+def test_reads_whole_tensors(saved):
+    reader = SafetensorsReader(saved)
+    for name, value in TENSORS.items():
+        assert torch.equal(reader.read(name), value), name
+
+
+@pytest.mark.parametrize("name, shard", [
+    ("w", Shard(0)), ("w", Shard(1)), ("w", Shard(1, 3)), ("w", Shard(1, (6, 3, 3))), ("half", Shard(1)), ("half", Shard(2, 3)),
+])
+@pytest.mark.parametrize("rank", [0, 1, 2])
+def test_reads_each_ranks_slice(saved, name, shard, rank):
+    full = TENSORS[name]
+    ranges = _ranges(shard, full.shape[shard.dim], rank, 3)
+    assert torch.equal(SafetensorsReader(saved).read(name, shard.dim, ranges), local_chunk(full, shard, rank, 3))
+
+
+def test_writer_output_loads_with_safetensors(tmp_path):
+    path = tmp_path / "out.safetensors"
+    writer = SafetensorsWriter(path, [(k, v.dtype, list(v.shape)) for k, v in TENSORS.items()], {"format": "pt"})
+    for name, value in TENSORS.items():
+        writer.write(name, value)
+    writer.close()
+    back = load_file(str(path))
+    assert all(torch.equal(back[k], v) for k, v in TENSORS.items())
+
+
+def test_writer_refuses_out_of_order_tensors(tmp_path):
+    writer = SafetensorsWriter(tmp_path / "o.safetensors", [("a", torch.float32, [2])], {})
+    with pytest.raises(SafetensorsFormatError):
+        writer.write("b", torch.zeros(2))
+
+
+def test_truncated_file_is_reported(saved):
+    saved.write_bytes(saved.read_bytes()[:-4])
+    with pytest.raises(SafetensorsFormatError, match="truncated"):
+        SafetensorsReader(saved)
