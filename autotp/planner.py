@@ -340,7 +340,7 @@ def _param_spec(node, seeds, entries, final: Propagation, region_of, rejected) -
     placement = seeds.get(node)
     region = region_of.get(node)
     if placement is None:
-        spec.reason = _replicated_reason(node, rejected)
+        spec.reason = _replicated_reason(node, rejected, final)
         return spec
     spec.placement, spec.region = placement, region
     users = [u for u in node.users if u in final.answers]
@@ -355,10 +355,14 @@ def _param_spec(node, seeds, entries, final: Propagation, region_of, rejected) -
     return spec
 
 
-def _replicated_reason(node: fx.Node, rejected: dict) -> str:
+def _replicated_reason(node: fx.Node, rejected: dict, final: Propagation) -> str:
     for cand, reason in rejected.items():
         if cand.param is node:
             return f"not sharded: {reason}"
+    for user in final.partials:
+        bias = final.answers[user].bias_path
+        if bias and arg_at(user, bias) is node:
+            return "bias of a row-parallel matmul: added once, after the all-reduce"
     if not any(u.target in MATMUL_SPECS for u in node.users if u.op == "call_function"):
         kinds = sorted({str(getattr(u.target, "__name__", u.target)) for u in node.users})
         return f"used by {', '.join(kinds) or 'nothing'}: replicated"
