@@ -130,11 +130,23 @@ def _as_fake(value: Any, mode: FakeTensorMode, device: torch.device, bump: bool)
     return pytree.tree_map(convert, value)
 
 
-def _dynamic_shapes(inputs: Mapping[str, Any]) -> dict[str, Any]:
+def _dynamic_shapes(model: nn.Module, inputs: Mapping[str, Any]) -> dict[str, Any]:
+    """``Dim.AUTO`` on every tensor dim, keyed as export wants: by ``forward``'s parameter
+    names, with arguments that land in ``**kwargs`` nested under that parameter's name."""
+
     def dims(t: Any) -> Any:
         return {d: Dim.AUTO for d in range(t.dim())} if isinstance(t, torch.Tensor) else None
 
-    return {name: pytree.tree_map(dims, value) for name, value in inputs.items()}
+    params = inspect.signature(model.forward).parameters
+    var_keyword = next((n for n, p in params.items() if p.kind is inspect.Parameter.VAR_KEYWORD), None)
+    shapes: dict[str, Any] = {}
+    for name, value in inputs.items():
+        spec = pytree.tree_map(dims, value)
+        if name in params or var_keyword is None:
+            shapes[name] = spec
+        else:
+            shapes.setdefault(var_keyword, {})[name] = spec
+    return shapes
 
 
 def capture(
@@ -171,7 +183,7 @@ def capture(
     try:
         with hf.capture_settings(skeleton), torch.no_grad():
             exported = torch.export.export(
-                skeleton, (), fake_inputs, dynamic_shapes=_dynamic_shapes(fake_inputs), strict=False
+                skeleton, (), fake_inputs, dynamic_shapes=_dynamic_shapes(skeleton, fake_inputs), strict=False
             )
     except Exception as exc:  # export raises many types; one clear error names the model
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -44,17 +44,19 @@ def example_inputs(model: nn.Module, *, seed: int = 0) -> dict[str, torch.Tensor
 
 @contextlib.contextmanager
 def capture_settings(model: nn.Module) -> Iterator[None]:
-    """Capture without a KV cache: the cache object is not a tensor export can take or return."""
-    config: Optional[Any] = getattr(model, "config", None) if is_hf_model(model) else None
-    if config is None:
-        yield
-        return
-    saved = getattr(config, "use_cache", None)
-    config.use_cache = False
+    """Capture without a KV cache: the cache object is not a tensor export can take or return.
+
+    Submodules may hold their own config copy (an encoder-decoder's decoder stack does), so
+    every config in the module tree is switched off and restored afterwards."""
+    configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None and hasattr(c, "use_cache")}
+    saved = {key: c.use_cache for key, c in configs.items()}
+    for c in configs.values():
+        c.use_cache = False
     try:
         yield
     finally:
-        config.use_cache = saved
+        for key, c in configs.items():
+            c.use_cache = saved[key]
 
 
 @contextlib.contextmanager

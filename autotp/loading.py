@@ -292,11 +292,16 @@ def load_into(gm: fx.GraphModule, plan: Plan, rank: int, source: TensorSource) -
     for name in _graph_tensor_names(gm):
         current = gm.get_parameter(name) if _is_param(gm, name) else _get_attr(gm, name)
         spec = plan.params.get(name)
-        if spec is None:
-            if isinstance(current, FakeTensor):
+        captured = isinstance(current, torch.Tensor) and not isinstance(current, FakeTensor)
+        if spec is None or (captured and not source.has(name)):
+            if not captured:
                 raise LoadError(f"the graph reads {name!r}, which the plan does not list")
-            continue  # a real constant captured with the graph
-        value = source.read(name, spec.placement, rank, plan.tp_size)
+            # a constant the model created during the captured forward: the graph holds its value
+            if spec is None or not isinstance(spec.placement, Shard):
+                continue
+            value = local_chunk(current, spec.placement, rank, plan.tp_size).clone()
+        else:
+            value = source.read(name, spec.placement, rank, plan.tp_size)
         expected = spec.local_shape(plan.tp_size)
         if list(value.shape) != expected:
             raise LoadError(f"{name}: got shape {list(value.shape)}, expected {expected} for rank {rank}")

@@ -100,9 +100,11 @@ def _common_module(names: Iterable[str]) -> str:
 
 
 def _layer_of(region: str) -> Optional[str]:
+    """The decoder layer a region sits in: its path up to the first index (``model.layers.3``,
+    ``encoder.block.0``); a region outside any indexed container has none."""
     parts = region.split(".")
     digits = [i for i, p in enumerate(parts) if p.isdigit()]
-    return ".".join(parts[: digits[-1] + 1]) if digits else None
+    return ".".join(parts[: digits[0] + 1]) if digits else None
 
 
 _MAX_LAYOUT_RETRIES = 4  # phi3's q|k|v slices refine the layout once per slice

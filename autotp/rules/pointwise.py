@@ -40,10 +40,9 @@ UNARY = [
 
 @rule(*UNARY)
 def pointwise_rule(node: fx.Node, inputs: Inputs) -> Result:
-    """Elementwise on one tensor: the output keeps the input's placement."""
+    """Elementwise on one tensor: the output keeps the input's placement (``type_as`` reads
+    only its reference's dtype, so the reference's placement does not matter)."""
     src = inputs[node.args[0]]
-    if node.target is aten.type_as.default and isinstance(inputs[node.args[1]], Shard):
-        return Cannot("type_as of a sharded reference")
     if node.target is aten.native_dropout.default:
         return (src, src)
     return src

@@ -220,6 +220,11 @@ def _sub_blocks(src: Shard, picked: list[int]) -> Union[int, tuple[int, ...]]:
     return tuple(picked) if len(picked) > 1 else 1
 
 
+def _local_bound(bound: int, world: int) -> int:
+    """A slice bound on block boundaries, per rank (negative bounds count from the end)."""
+    return -((-bound) // world) if bound < 0 else bound // world
+
+
 @rule(aten.slice.Tensor)
 def slice_rule(node: fx.Node, inputs: Inputs) -> Result:
     """Slices of other dims pass; on the sharded dim only whole fused blocks (phi3's q|k|v)."""
@@ -235,7 +240,8 @@ def slice_rule(node: fx.Node, inputs: Inputs) -> Result:
     n = sizes(node.args[0])[dim]
     if not all(isinstance(v, int) for v in (start, end if end is not None else 0, step)):
         return Cannot("symbolic slice bounds on a sharded dim")
-    end = n if end is None or end >= n else end
+    start = start + n if start < 0 else start
+    end = n if end is None or end >= n else (end + n if end < 0 else end)
     if step != 1:
         return Cannot("strided slice of a sharded dim")
     if start == 0 and end == n:
@@ -245,9 +251,9 @@ def slice_rule(node: fx.Node, inputs: Inputs) -> Result:
         hint = _refined(src, n, [start, end])
         return Cannot(f"slice [{start}:{end}] cuts through the blocks of a sharded dim of {n}", hint)
     world = inputs.world_size
-    edits = [ArgEdit((2,), start, start // world)] if start else []
+    edits = [ArgEdit((2,), args[2], _local_bound(args[2], world))] if args[2] else []
     if args[3] is not None and args[3] < n:
-        edits.append(ArgEdit((3,), end, end // world))
+        edits.append(ArgEdit((3,), args[3], _local_bound(args[3], world)))
     return Out(Shard(dim, _sub_blocks(src, span[2])), edits=tuple(edits))
 
 
