@@ -188,9 +188,23 @@ def capture(
     except Exception as exc:  # export raises many types; one clear error names the model
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CaptureError(f"torch.export could not capture {name}: {type(exc).__name__}: {first}") from exc
-    gm = exported.module()
+    gm = _drop_unused_tensors(exported.module())
     tensors = [str(n.target) for n in gm.graph.nodes if n.op == "get_attr"]
     return Captured(gm, list(inputs), structure_key(inputs), name, tensors)
+
+
+def _drop_unused_tensors(gm: fx.GraphModule) -> fx.GraphModule:
+    """Remove tensors the graph never reads (a tied weight's second name): loading them
+    would hold a full copy of what is sharded under the other name."""
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            owner_name, _, attr = str(node.target).rpartition(".")
+            owner = gm.get_submodule(owner_name) if owner_name else gm
+            for store in (owner._parameters, owner._buffers):
+                store.pop(attr, None)
+            gm.graph.erase_node(node)
+    gm.recompile()
+    return gm
 
 
 def normalise_example_inputs(model: nn.Module, example_inputs: Any) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-__all__ = ["AllReduce", "ALL_REDUCE", "count_collectives"]
+__all__ = ["AllReduce", "AllGather", "ALL_REDUCE", "ALL_GATHER", "count_collectives"]
 
 ALL_REDUCE = "autotp_all_reduce"
 
@@ -41,8 +41,32 @@ class AllReduce(nn.Module):
 
 def count_collectives(graph_module: torch.fx.GraphModule) -> dict[str, int]:
     """Number of collective call sites in a rewritten graph, by kind."""
+    kinds = {ALL_REDUCE: "all_reduce", ALL_GATHER: "all_gather"}
     counts: dict[str, int] = {}
     for node in graph_module.graph.nodes:
-        if node.op == "call_module" and node.target == ALL_REDUCE:
-            counts["all_reduce"] = counts.get("all_reduce", 0) + 1
+        if node.op == "call_module" and node.target in kinds:
+            counts[kinds[node.target]] = counts.get(kinds[node.target], 0) + 1
     return counts
+
+
+ALL_GATHER = "autotp_all_gather"
+
+
+class AllGather(nn.Module):
+    """Concatenate every rank's shard along ``dim``: ``Shard(dim)`` in, ``Replicate()`` out."""
+
+    def __init__(self, group: Optional[dist.ProcessGroup] = None, world_size: int = 1) -> None:
+        super().__init__()
+        self.group = group
+        self.world_size = world_size
+
+    def forward(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        if self.world_size == 1:
+            return x
+        x = x.contiguous()
+        pieces = [torch.empty_like(x) for _ in range(self.world_size)]
+        dist.all_gather(pieces, x, group=self.group)
+        return torch.cat(pieces, dim)
+
+    def extra_repr(self) -> str:
+        return f"world_size={self.world_size}"

@@ -27,11 +27,13 @@ def _module(name: str) -> str:
     return name.rsplit(".", 1)[0]
 
 
-def _style(spec: ParamSpec) -> Optional[str]:
+def _style(spec: ParamSpec, gathered: set[Optional[str]]) -> Optional[str]:
     """The Hugging Face style of one sharded weight, or None if it has none."""
     shard = spec.placement
     assert isinstance(shard, Shard)
     if spec.module_type == "Linear" and spec.name.endswith(".weight"):
+        if spec.style == "colwise" and shard.dim == 0 and spec.region in gathered and shard.blocks == 1:
+            return "colwise_gather_output"  # its output is a model output, all-gathered
         if spec.style == "colwise" and shard.dim == 0:
             return {1: "colwise", 2: "packed_colwise"}.get(shard.blocks)  # type: ignore[arg-type]
         if spec.style == "rowwise" and shard.dim == 1:
@@ -50,10 +52,11 @@ def to_hf_tp_plan(plan: Plan) -> tuple[dict[str, str], list[str]]:
     """
     styles: dict[str, set[str]] = {}
     missing: list[str] = []
+    gathered = {c.region for c in plan.collectives if c.kind == "all_gather"}
     for spec in plan.sharded_params():
         if not spec.name.endswith(".weight"):
             continue  # biases follow their module's style
-        style = _style(spec)
+        style = _style(spec, gathered)
         key = _LAYER_INDEX.sub(".*", _module(spec.name))
         if style is None:
             missing.append(f"{spec.name}: {spec.style} {spec.placement} of a {spec.module_type or 'tensor'} "

@@ -25,7 +25,7 @@ from typing import Any, Optional
 
 from autotp.placement import Placement, Replicate, Shard, block_sizes, parse_placement
 
-__all__ = ["Plan", "ParamSpec", "Collective", "ArgEdit", "LocalSlice", "Region", "FORMAT_VERSION"]
+__all__ = ["Plan", "ParamSpec", "Collective", "ArgEdit", "LocalSlice", "LocalOp", "ShardedOutput", "Region", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
 
@@ -77,10 +77,28 @@ class ParamSpec:
 
 @dataclass
 class Collective:
-    kind: str  # "all_reduce"
+    kind: str  # "all_reduce" after ``node``, or "all_gather" of ``node``'s argument at ``path``
     node: str
     region: Optional[str] = None
     bias_path: Optional[list[int]] = None
+    path: Optional[list[int]] = None
+    dim: Optional[int] = None
+
+
+@dataclass
+class LocalOp:
+    """``node`` runs a rank-aware implementation (``autotp.local_ops.LOCAL_OPS[op]``)."""
+
+    node: str
+    op: str
+
+
+@dataclass
+class ShardedOutput:
+    """A model output left sharded (``gather_outputs=False``): each rank returns its part."""
+
+    path: list[int]
+    placement: Placement
 
 
 @dataclass
@@ -124,6 +142,8 @@ class Plan:
     collectives: list[Collective] = field(default_factory=list)
     edits: list[ArgEdit] = field(default_factory=list)
     slices: list[LocalSlice] = field(default_factory=list)
+    local_ops: list[LocalOp] = field(default_factory=list)
+    sharded_outputs: list[ShardedOutput] = field(default_factory=list)
     regions: list[Region] = field(default_factory=list)
     inputs: list[str] = field(default_factory=list)
     model: str = ""
@@ -144,6 +164,8 @@ class Plan:
         layer_of = {r.name: r.layer for r in self.regions}
         counts: dict[str, int] = {}
         for c in self.collectives:
+            if c.kind != "all_reduce":
+                continue
             layer = layer_of.get(c.region or "") or "(outside layers)"
             counts[layer] = counts.get(layer, 0) + 1
         return counts
@@ -155,6 +177,8 @@ class Plan:
             data["params"][name]["placement"] = str(spec.placement)
         for i, s in enumerate(self.slices):
             data["slices"][i]["placement"] = str(s.placement)
+        for i, s in enumerate(self.sharded_outputs):
+            data["sharded_outputs"][i]["placement"] = str(s.placement)
         return data
 
     def to_json(self, indent: Optional[int] = 1) -> str:
@@ -175,6 +199,8 @@ class Plan:
             collectives=[Collective(**c) for c in data["collectives"]],
             edits=[ArgEdit(**e) for e in data["edits"]],
             slices=[LocalSlice(**{**s, "placement": parse_placement(s["placement"])}) for s in data["slices"]],
+            local_ops=[LocalOp(**o) for o in data.get("local_ops", [])],
+            sharded_outputs=[ShardedOutput(o["path"], parse_placement(o["placement"])) for o in data.get("sharded_outputs", [])],
             regions=[Region(**r) for r in data["regions"]],
             inputs=list(data.get("inputs", [])),
             model=data.get("model", ""),
@@ -212,12 +238,17 @@ class Plan:
             f"{_human(total)} unsharded",
             f"bytes per rank: {_human(per_rank)} = {per_rank / total:.3f} x unsharded "
             f"(ideal 1/{tp} = {1 / tp:.3f})" if total else "bytes per rank: 0",
-            f"all-reduces: {len(self.collectives)} in total; per decoder layer: "
+            f"all-reduces: {sum(1 for c in self.collectives if c.kind == 'all_reduce')} in total; per decoder layer: "
             + (", ".join(str(c) for c in counts) if counts else "none")
             + (f" ({len(layers)} layers)" if layers else "")
             + (f"; outside layers: {per_layer['(outside layers)']}" if "(outside layers)" in per_layer else ""),
             f"literal sizes localised: {len(self.edits)}; local slices of replicated values: {len(self.slices)}",
         ]
+        gathers = [c for c in self.collectives if c.kind == "all_gather"]
+        if gathers:
+            lines.append(f"outputs gathered (all-gather): {len(gathers)}")
+        if self.sharded_outputs:
+            lines.append(f"outputs left sharded: {', '.join(str(o.placement) for o in self.sharded_outputs)}")
         rejected = [r for r in self.regions if not r.sharded]
         if rejected:
             lines.append("replicated regions:")

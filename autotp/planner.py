@@ -36,7 +36,7 @@ import torch
 import torch.fx as fx
 
 from autotp.placement import Partial, Placement, Replicate, Shard, divides
-from autotp.plan import ArgEdit, Collective, LocalSlice, ParamSpec, Plan, Region
+from autotp.plan import ArgEdit, Collective, LocalOp, LocalSlice, ParamSpec, Plan, Region, ShardedOutput
 from autotp.propagate import Propagation, arg_at, propagate
 from autotp.rules import ndim, sizes
 from autotp.rules.matmul import MATMUL_SPECS
@@ -56,6 +56,9 @@ _WEIGHT_CHAIN = {
 
 @dataclass(frozen=True)
 class Candidate:
+    """A parameter worth sharding and the node that consumes it: a matmul (seeded so that its
+    output columns are sharded) or an embedding lookup (seeded on the vocabulary)."""
+
     matmul: fx.Node
     param: fx.Node
 
@@ -71,18 +74,29 @@ def _param_source(arg: object) -> Optional[fx.Node]:
 
 
 def find_candidates(graph: fx.Graph) -> list[Candidate]:
-    """Matmuls with a parameter operand of rank >= 2, in graph order."""
+    """Matmuls with a parameter operand of rank >= 2, and embedding tables, in graph order."""
     found, seen = [], set()
     for node in graph.nodes:
-        if node.op != "call_function" or node.target not in MATMUL_SPECS:
+        if node.op != "call_function" or node.target not in _CANDIDATE_OPERANDS:
             continue
-        for pos in MATMUL_SPECS[node.target][0]:
+        for pos in _CANDIDATE_OPERANDS[node.target]:
             param = _param_source(node.args[pos])
             if param is not None and param not in seen and ndim(param) >= 2:
                 found.append(Candidate(node, param))
                 seen.add(param)
                 break
     return found
+
+
+_CANDIDATE_OPERANDS = {**{op: spec[0] for op, spec in MATMUL_SPECS.items()}, aten.embedding.default: (0,)}
+
+
+def _wants(c: Candidate, got: object) -> bool:
+    """Whether a seed gave the consumer the layout we shard for: column-parallel output
+    columns for a matmul, a vocabulary-parallel (Partial) lookup for an embedding."""
+    if c.matmul.target is aten.embedding.default:
+        return isinstance(got, Partial)
+    return isinstance(got, Shard) and got.dim == ndim(c.matmul) - 1
 
 
 def _module_of(param_name: str) -> str:
@@ -132,9 +146,10 @@ class _Grown:
 
 
 class _Planner:
-    def __init__(self, graph: fx.Graph, world_size: int) -> None:
+    def __init__(self, graph: fx.Graph, world_size: int, gather_outputs: bool = True) -> None:
         self.graph = graph
         self.world = world_size
+        self.gather_outputs = gather_outputs
         self.candidates = find_candidates(graph)
         self.by_matmul = {c.matmul: c for c in self.candidates}
         self._colwise: dict[fx.Node, Optional[int]] = {}
@@ -159,8 +174,8 @@ class _Planner:
                 if not divides(Shard(d), shape[d], self.world):
                     continue
                 prop = propagate(self.graph, {c.param: Shard(d)}, self.world, until=c.matmul)
-                got = prop.placements.get(c.matmul)
-                if isinstance(got, Shard) and got.dim == ndim(c.matmul) - 1:
+                answer_at = prop.answers.get(c.matmul)
+                if answer_at is not None and _wants(c, answer_at.placement):
                     answer = d
                     break
                 if prop.failure is not None:
@@ -244,7 +259,10 @@ class _Planner:
         return None
 
 
-def plan_graph(graph: fx.Graph, world_size: int, *, model: str = "", inputs: Optional[list[str]] = None) -> Plan:
+def plan_graph(
+    graph: fx.Graph, world_size: int, *, model: str = "", inputs: Optional[list[str]] = None,
+    gather_outputs: bool = True,
+) -> Plan:
     """Plan tensor parallelism for a captured graph over ``world_size`` ranks.
 
     Args:
@@ -252,13 +270,15 @@ def plan_graph(graph: fx.Graph, world_size: int, *, model: str = "", inputs: Opt
         world_size: the tensor-parallel size.
         model: a label recorded in the plan.
         inputs: the names of the graph's user inputs, recorded in the plan.
+        gather_outputs: all-gather sharded model outputs (a column-parallel LM head's
+            logits), so every rank returns the full output; ``False`` leaves them sharded.
 
     Returns:
         A :class:`Plan`; with ``world_size == 1`` every parameter is replicated.
     """
     if world_size < 1:
         raise ValueError(f"tp_size must be >= 1, got {world_size}")
-    planner = _Planner(graph, world_size)
+    planner = _Planner(graph, world_size, gather_outputs)
     accepted: list[tuple[str, _Grown]] = []
     rejected: dict[Candidate, str] = {}
     assigned: set = set()
@@ -285,10 +305,10 @@ def plan_graph(graph: fx.Graph, world_size: int, *, model: str = "", inputs: Opt
     seeds, final = planner.settle(seeds)
     if not final.ok:  # regions were checked pairwise when they touched; this is a bug guard
         raise RuntimeError(f"autotp planner: accepted regions fail together: {final.failure}")
-    return _build_plan(graph, world_size, accepted, rejected, seeds, final, model, inputs or [])
+    return _build_plan(graph, world_size, accepted, rejected, seeds, final, model, inputs or [], gather_outputs)
 
 
-def _build_plan(graph, world, accepted, rejected, seeds, final: Propagation, model, inputs) -> Plan:
+def _build_plan(graph, world, accepted, rejected, seeds, final: Propagation, model, inputs, gather_outputs) -> Plan:
     region_of: dict[fx.Node, str] = {}
     for name, grown in accepted:
         for node in list(grown.prop.answers) + list(grown.seeds):
@@ -304,8 +324,17 @@ def _build_plan(graph, world, accepted, rejected, seeds, final: Propagation, mod
     for node in final.partials:
         bias = final.answers[node].bias_path
         plan.collectives.append(Collective("all_reduce", node.name, region_of.get(node), list(bias) if bias else None))
+    output = _output_node(graph)
+    for path, placement in final.outputs:
+        if gather_outputs:
+            region = region_of.get(arg_at(output, path))
+            plan.collectives.append(Collective("all_gather", output.name, region, None, list(path), placement.dim))
+        else:
+            plan.sharded_outputs.append(ShardedOutput(list(path), placement))
     for node, answer in final.answers.items():
         plan.edits.extend(ArgEdit(node.name, list(e.path), e.old, e.new) for e in answer.edits)
+        if answer.local_op:
+            plan.local_ops.append(LocalOp(node.name, answer.local_op))
         for move in answer.redistribute:
             src = arg_at(node, move.path)
             plan.slices.append(LocalSlice(node.name, list(move.path), move.to, f"{src.name} is replicated, {node.name} needs it {move.to}"))
@@ -315,6 +344,10 @@ def _build_plan(graph, world, accepted, rejected, seeds, final: Propagation, mod
     for cand, reason in rejected.items():
         plan.regions.append(Region(cand.module, False, [str(cand.param.target)], [], reason, _layer_of(cand.module)))
     return plan
+
+
+def _output_node(graph: fx.Graph) -> fx.Node:
+    return next(n for n in reversed(graph.nodes) if n.op == "output")
 
 
 def _module_types(graph: fx.Graph) -> dict[str, str]:
@@ -346,7 +379,17 @@ def _param_spec(node, seeds, entries, final: Propagation, region_of, rejected) -
         return spec
     spec.placement, spec.region = placement, region
     users = [u for u in node.users if u in final.answers]
-    if node in entries:
+    lookups = [u for u in users if final.answers[u].local_op == "vocab_parallel_embedding"]
+    if lookups and len(lookups) == len(users):
+        spec.style, spec.reason = "vocab", "vocabulary-parallel embedding: masked lookup, all-reduce after"
+    elif lookups:
+        spec.style, spec.reason = "vocab", (f"vocabulary-parallel, tied: masked embedding lookup (all-reduce after) "
+                                            f"and column-parallel head in {region}")
+    elif node in entries and final.outputs and any(u in final.placements for u in users):
+        gathered = any(region_of.get(arg_at(_output_node(node.graph), p)) == region for p, _ in final.outputs)
+        spec.style = "colwise"
+        spec.reason = f"column-parallel entry of {region}" + (": its output is a model output, gathered" if gathered else "")
+    elif node in entries:
         spec.style, spec.reason = "colwise", f"column-parallel entry of {region}"
     elif any(isinstance(final.answers[u].placement, Partial) for u in users):
         spec.style, spec.reason = "rowwise", f"row-parallel exit of {region} (all-reduce after)"

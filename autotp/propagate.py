@@ -11,8 +11,10 @@ Invariants:
   sharded: the cost is proportional to the region a seed reaches, not to the graph.
 - A ``Partial`` output marks an all-reduce point; the value is ``Replicate`` after it, so the
   region ends there.
-- The first ``Cannot`` stops propagation and is reported as the failure; a sharded value that
-  reaches the graph output is a failure too (gathering outputs is not done here).
+- The first ``Cannot`` stops propagation and is reported as the failure.
+- A sharded value that reaches the graph output is recorded in ``outputs`` (the planner
+  gathers it there, or leaves it sharded when asked to); with ``allow_sharded_outputs=False``
+  it is a failure.
 
 This module only reads the graph; it never knows a rank.
 """
@@ -25,7 +27,7 @@ from typing import Any, Iterator, Mapping, Optional
 
 import torch.fx as fx
 
-from autotp.placement import Partial, Placement, Replicate
+from autotp.placement import Partial, Placement, Replicate, Shard
 from autotp.rules import Cannot, Inputs, Out, Redistribute, apply_rule
 
 __all__ = ["Propagation", "Failure", "propagate", "arg_at"]
@@ -49,6 +51,7 @@ class Propagation:
     placements: dict[fx.Node, Any] = field(default_factory=dict)
     answers: dict[fx.Node, Out] = field(default_factory=dict)
     partials: list[fx.Node] = field(default_factory=list)
+    outputs: list[tuple[tuple[int, ...], Shard]] = field(default_factory=list)  # sharded graph outputs
     failure: Optional[Failure] = None
 
     @property
@@ -67,6 +70,17 @@ def arg_at(node: fx.Node, path: tuple[int, ...]) -> Any:
     for i in path:
         value = value[i]
     return value
+
+
+def _sharded_outputs(node: fx.Node, inputs: Inputs, found: list) -> Optional[Failure]:
+    """Record the graph outputs that are sharded; only plain shards can be gathered."""
+    for i, value in enumerate(node.args[0] if isinstance(node.args[0], (list, tuple)) else [node.args[0]]):
+        placement = inputs[value]
+        if isinstance(placement, Shard) and placement.blocks == 1:
+            found.append(((0, i), placement))
+        elif not isinstance(placement, Replicate):
+            return Failure(node, f"model output {i} is {placement}, which cannot be gathered")
+    return None
 
 
 def _order(graph: fx.Graph) -> dict[fx.Node, int]:
@@ -89,6 +103,7 @@ def propagate(
     world_size: int,
     *,
     until: Optional[fx.Node] = None,
+    allow_sharded_outputs: bool = True,
 ) -> Propagation:
     """Propagate ``seeds`` forward; stop after ``until`` if given (used to test one matmul)."""
     order = _order(graph)
@@ -109,6 +124,11 @@ def propagate(
     while heap:
         _, name = heapq.heappop(heap)
         node = by_name[name]
+        if node.op == "output" and allow_sharded_outputs:
+            failure = _sharded_outputs(node, inputs, result.outputs)
+            if failure is not None:
+                result.failure = failure
+            return result  # the output node is the last node
         if node.op != "call_function":
             what = "reaches the model output" if node.op == "output" else f"enters {node.op} {node.target}"
             result.failure = Failure(node, f"a sharded value {what}")

@@ -5,9 +5,12 @@ produces the same graph module, edited so that it computes this rank's part:
 
 1. literal sizes in node arguments become per-rank sizes (``ArgEdit``);
 2. replicated inputs that a node needs sharded are sliced locally (``local_chunk`` nodes);
-3. after each row-parallel matmul an all-reduce is inserted; its bias, if any, is taken out of
-   the matmul and added once after the reduction (``addmm -> mm``, ``linear(x, W, b) ->
-   linear(x, W) + b``).
+3. ops whose sharded form differs from the op on local tensors get a rank-aware
+   implementation (``autotp.local_ops``: a vocabulary-parallel lookup);
+4. after each row-parallel matmul (and each Partial lookup) an all-reduce is inserted; a
+   matmul's bias, if any, is taken out of it and added once after the reduction
+   (``addmm -> mm``, ``linear(x, W, b) -> linear(x, W) + b``);
+5. sharded model outputs are all-gathered before they are returned.
 
 Parameters are not touched here: their data is this rank's business and belongs to
 :mod:`autotp.loading`. The graph stays a plain fx graph (lint + recompile), so the result has
@@ -23,7 +26,8 @@ import torch.distributed as dist
 import torch.fx as fx
 
 from autotp.errors import AutotpError
-from autotp.collectives import ALL_REDUCE, AllReduce
+from autotp.collectives import ALL_GATHER, ALL_REDUCE, AllGather, AllReduce
+from autotp.local_ops import LOCAL_OPS
 from autotp.placement import Shard, local_chunk
 from autotp.plan import Plan
 from autotp.propagate import arg_at
@@ -81,9 +85,28 @@ def _apply_slices(gm: fx.GraphModule, by_name: dict[str, fx.Node], plan: Plan, r
         node.args = _replace_at(node.args, item.path, piece)
 
 
+def _apply_local_ops(by_name: dict[str, fx.Node], plan: Plan, rank: int) -> None:
+    for item in plan.local_ops:
+        node = by_name[item.node]
+        node.target = LOCAL_OPS[item.op]
+        node.kwargs = {**node.kwargs, "rank": rank, "world_size": plan.tp_size}
+
+
+def _apply_all_gathers(gm: fx.GraphModule, by_name: dict[str, fx.Node], plan: Plan) -> None:
+    for coll in plan.collectives:
+        if coll.kind != "all_gather":
+            continue
+        node = by_name[coll.node]
+        with gm.graph.inserting_before(node):
+            whole = gm.graph.call_module(ALL_GATHER, (arg_at(node, tuple(coll.path)), coll.dim))
+        node.args = _replace_at(node.args, coll.path, whole)
+
+
 def _apply_all_reduces(gm: fx.GraphModule, by_name: dict[str, fx.Node], plan: Plan) -> None:
     graph = gm.graph
     for coll in plan.collectives:
+        if coll.kind != "all_reduce":
+            continue
         node = by_name[coll.node]
         bias = None
         if coll.bias_path:
@@ -130,8 +153,11 @@ def rewrite(
     by_name = _nodes(gm, plan)
     _apply_edits(by_name, plan)
     _apply_slices(gm, by_name, plan, rank)
+    _apply_local_ops(by_name, plan, rank)
     gm.add_module(ALL_REDUCE, AllReduce(group, plan.tp_size))
+    gm.add_module(ALL_GATHER, AllGather(group, plan.tp_size))
     _apply_all_reduces(gm, by_name, plan)
+    _apply_all_gathers(gm, by_name, plan)
     gm.graph.lint()
     gm.recompile()
     return gm

@@ -213,11 +213,12 @@ def _agree(ctx: TPContext, fn: Callable[[], Any]) -> Any:
 
 def _build(
     model: nn.Module, example_inputs: Any, ctx: TPContext, source: Any, clock: "_Stopwatch",
-    *, expected: Optional[Plan] = None,
+    *, expected: Optional[Plan] = None, gather_outputs: bool = True,
 ) -> TensorParallelModule:
     """The pipeline for this rank: capture -> plan (checked) -> rewrite -> load."""
     captured = clock.lap("capture", capture(model, example_inputs, device=ctx.device))
-    plan = plan_graph(captured.graph, ctx.tp_size, model=_model_label(model), inputs=captured.input_names)
+    plan = plan_graph(captured.graph, ctx.tp_size, model=_model_label(model), inputs=captured.input_names,
+                      gather_outputs=gather_outputs)
     if expected is not None and _placements(plan) != _placements(expected):
         differ = sorted(n for n in plan.params if str(plan.params[n].placement) != str(getattr(expected.params.get(n), "placement", None)))
         raise AutotpError(f"the stored plan differs from this autotp's plan for {differ[:3]}: convert the model again")
@@ -238,6 +239,7 @@ def parallelize(
     tp_size: Optional[int] = None,
     device: Optional[torch.device | str] = None,
     checkpoint: Optional[str | os.PathLike] = None,
+    gather_outputs: bool = True,
 ) -> TensorParallelModule:
     """Shard ``model`` over the tensor-parallel group and return this rank's part.
 
@@ -259,6 +261,10 @@ def parallelize(
         checkpoint: a Hugging Face model directory whose ``*.safetensors`` hold the weights;
             each rank reads only its slices of them. Build the model with
             ``autotp.init_empty_weights()`` so that nothing else is allocated.
+        gather_outputs: all-gather outputs that come out sharded (the logits of a
+            column-parallel LM head), so every rank returns the full output. ``False``
+            leaves them sharded: rank r returns its slice (``tp_model.plan.sharded_outputs``
+            says which), and saves the gather.
 
     Returns:
         A :class:`TensorParallelModule`; ``out = tp_model(input_ids)`` returns what the model
@@ -285,7 +291,7 @@ def parallelize(
         files = SafetensorsCheckpoint(checkpoint)
         check_checkpoint(files, model)
         source = FirstOf(CheckpointSource(files, aliases(model)), in_memory)
-    tp_model = _build(model, example_inputs, ctx, source, clock)
+    tp_model = _build(model, example_inputs, ctx, source, clock, gather_outputs=gather_outputs)
     # the model keeps no full copy of what this rank holds a slice of (or a copy of, on another device)
     in_memory.release(list(named_tensors(model)) if moved else [s.name for s in tp_model.plan.sharded_params()])
     return tp_model

@@ -63,6 +63,7 @@ def test_plan_as_hugging_face_tp_plan(capsys, llama_dir):
     code, out, err = run_cli(capsys, "plan", llama_dir, "--tp", "2", "--format", "hf")
     assert code == 0 and err == ""
     assert json.loads(out) == {
+        "lm_head": "colwise_gather_output", "model.embed_tokens": "embedding_rowwise",
         "model.layers.*.mlp.down_proj": "rowwise", "model.layers.*.mlp.gate_proj": "colwise",
         "model.layers.*.mlp.up_proj": "colwise", "model.layers.*.self_attn.k_proj": "colwise",
         "model.layers.*.self_attn.o_proj": "rowwise", "model.layers.*.self_attn.q_proj": "colwise",
@@ -73,7 +74,7 @@ def test_plan_as_hugging_face_tp_plan(capsys, llama_dir):
 def test_plan_hf_lists_what_it_cannot_express(capsys, tmp_path):
     hf_model("gpt2").config.save_pretrained(tmp_path)
     code, out, err = run_cli(capsys, "plan", tmp_path, "--tp", "2", "--format", "hf")
-    assert code == 0 and json.loads(out) == {}
+    assert code == 0 and json.loads(out) == {"transformer.wpe": "embedding_rowwise"}
     assert "not expressible: transformer.h.*.attn.c_attn.weight: colwise Shard(1, blocks=3) of a Conv1D" in err
 
 

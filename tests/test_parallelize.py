@@ -48,7 +48,13 @@ def hf_parity_worker(rank: int, world: int, names: list[str]) -> dict:
             local_bytes=local,
             total_bytes=total,
             all_reduces=count_collectives(tp_model.graph_module).get("all_reduce", 0),
+            all_gathers=count_collectives(tp_model.graph_module).get("all_gather", 0),
             per_layer=tp_model.plan.all_reduces_per_layer(),
+            # the bound: <= 1.05 x total/tp + the replicated vectors (norms, row-parallel biases)
+            bytes_bound=1.05 * tp_model.plan.bytes_unsharded() / world
+            + sum(p.nbytes for p in tp_model.plan.params.values() if not p.sharded and len(p.shape) == 1),
+            bytes_per_rank=tp_model.plan.bytes_per_rank(),
+            lookups=len(tp_model.plan.local_ops),
             released=all(t.device.type == "meta" for n, t in named_tensors(model).items() if n in sharded_names),
             plan=hashlib.sha256(tp_model.plan.to_json().encode()).hexdigest(),
             graphs=len(tp_model._graphs),
@@ -72,8 +78,14 @@ def test_hf_models_match_unsharded(world: int, names: list[str]) -> None:
                 assert r["all_reduces"] == 0 and r["total_bytes"] == 0
                 continue
             assert r["local_bytes"] * world == r["total_bytes"], f"{name}: sharded bytes are not 1/{world}"
-            assert r["all_reduces"] == 2 * num_layers(name), f"{name}: {r['all_reduces']} all-reduces"
-            assert set(r["per_layer"].values()) == {2} and len(r["per_layer"]) == num_layers(name), r["per_layer"]
+            layers = {k: v for k, v in r["per_layer"].items() if k != "(outside layers)"}
+            outside = r["per_layer"].get("(outside layers)", 0)
+            assert set(layers.values()) == {2} and len(layers) == num_layers(name), r["per_layer"]
+            assert outside == r["lookups"] >= 1, "one all-reduce after each vocabulary-parallel lookup"
+            assert r["all_reduces"] == 2 * num_layers(name) + outside, f"{name}: {r['all_reduces']} all-reduces"
+            assert r["all_gathers"] == 1, "the logits of the column-parallel LM head"
+            if name != "qwen2_kv2":  # its k/v projections stay replicated
+                assert r["bytes_per_rank"] <= r["bytes_bound"], f"{name}: {r['bytes_per_rank']} > {r['bytes_bound']:.0f} bytes"
             assert r["released"], f"{name}: the model still holds full copies of sharded weights"
 
 
@@ -105,7 +117,7 @@ def test_heads_not_divisible_replicate_attention_but_shard_mlp() -> None:
         assert "6 heads not divisible by tp=4" in result["rejected"][f"{prefix}.self_attn.q_proj"]
         assert result["styles"][f"{prefix}.mlp.gate_proj.weight"] == "colwise"
         assert result["styles"][f"{prefix}.mlp.down_proj.weight"] == "rowwise"
-    assert result["all_reduces"] == 2  # one per MLP
+    assert result["all_reduces"] == 2 + 1  # one per MLP, one after the embedding
 
 
 def custom_module_worker(rank: int, world: int) -> dict:

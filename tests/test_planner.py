@@ -26,21 +26,45 @@ def test_llama_regions_are_megatron_pairs(llama_plan: Plan) -> None:
         assert [styles[f"{mlp}.{p}.weight"] for p in ("gate_proj", "up_proj", "down_proj")] == ["colwise"] * 2 + ["rowwise"]
     assert {r.name for r in llama_plan.regions if r.sharded} == {
         f"model.layers.{i}.{m}" for i in range(2) for m in ("self_attn", "mlp")
-    }
+    } | {"model.embed_tokens", "lm_head"}
     assert llama_plan.params["model.layers.0.self_attn.q_proj.weight"].placement == Shard(0)
     assert llama_plan.params["model.layers.0.self_attn.o_proj.weight"].placement == Shard(1)
-    assert llama_plan.all_reduces_per_layer() == {"model.layers.0": 2, "model.layers.1": 2}
+    assert llama_plan.all_reduces_per_layer() == {"model.layers.0": 2, "model.layers.1": 2, "(outside layers)": 1}
     assert not llama_plan.slices
 
 
 def test_gqa_repeat_literals_are_localised(llama_plan: Plan) -> None:
     # repeat_kv: expand[B, kv=4, n_rep=2, S, D] and reshape[B, heads=8, S, D], twice per layer
-    assert sorted((e.old, e.new) for e in llama_plan.edits) == [(4, 2)] * 4 + [(8, 4)] * 4
+    assert sorted((e.old, e.new) for e in llama_plan.edits if e.node.startswith(("expand", "reshape"))) == [(4, 2)] * 4 + [(8, 4)] * 4
 
 
-def test_lm_head_reaching_the_output_stays_replicated(llama_plan: Plan) -> None:
-    head = llama_plan.params["lm_head.weight"]
-    assert head.placement == Replicate() and "model output" in head.reason
+def test_vocab_parallel_embedding_and_gathered_lm_head(llama_plan: Plan) -> None:
+    embed, head = llama_plan.params["model.embed_tokens.weight"], llama_plan.params["lm_head.weight"]
+    assert embed.placement == Shard(0) and embed.style == "vocab"
+    assert [o.op for o in llama_plan.local_ops] == ["vocab_parallel_embedding"]
+    assert head.placement == Shard(0) and "gathered" in head.reason
+    gathers = [c for c in llama_plan.collectives if c.kind == "all_gather"]
+    assert [(g.node, g.path, g.dim) for g in gathers] == [("output", [0, 0], 2)]
+    assert llama_plan.all_reduces_per_layer()["(outside layers)"] == 1  # after the embedding lookup
+    assert llama_plan.bytes_per_rank() <= 1.02 * llama_plan.bytes_unsharded() / 2
+
+
+def test_outputs_can_stay_sharded() -> None:
+    from autotp.capture import capture
+    from autotp.planner import plan_graph
+
+    captured = capture(hf_model("llama", device="meta"))
+    plan = plan_graph(captured.graph, 2, gather_outputs=False)
+    assert not [c for c in plan.collectives if c.kind == "all_gather"]
+    assert [(o.path, o.placement) for o in plan.sharded_outputs] == [([0, 0], Shard(2))]
+    assert Plan.from_json(plan.to_json()) == plan
+
+
+def test_tied_embedding_and_head_share_one_shard() -> None:
+    plan = autotp.plan(hf_model("gpt2", device="meta"), tp_size=2)
+    tied = plan.params["lm_head.weight"]  # the one tensor both lookups and logits read
+    assert tied.placement == Shard(0) and tied.style == "vocab" and "tied" in tied.reason
+    assert "transformer.wte.weight" not in plan.params  # the alias the graph never reads is not loaded
 
 
 def test_gpt2_fused_qkv_is_sharded_blockwise() -> None:
@@ -49,7 +73,8 @@ def test_gpt2_fused_qkv_is_sharded_blockwise() -> None:
     assert plan.params["transformer.h.0.attn.c_attn.bias"].placement == Shard(0, 3)
     assert plan.params["transformer.h.0.attn.c_proj.weight"].placement == Shard(0)
     assert plan.params["transformer.h.0.attn.c_proj.bias"].placement == Replicate()
-    assert all(c.bias_path == [0] for c in plan.collectives)  # addmm's bias, added once after the reduce
+    reduces = [c for c in plan.collectives if c.kind == "all_reduce" and c.region.startswith("transformer.h")]
+    assert len(reduces) == 4 and all(c.bias_path == [0] for c in reduces)  # addmm's bias, added once after the reduce
     split_edits = [(e.old, e.new) for e in plan.edits if e.node.startswith("split")]
     assert split_edits == [(64, 32), (64, 32)]
 
@@ -95,7 +120,7 @@ def test_custom_module_fused_chunk_is_found_from_the_graph() -> None:
     assert plan.params["attn.qkv.weight"].placement == Shard(0, 3)
     assert plan.params["attn.qkv.bias"].placement == Shard(0, 3)
     assert plan.params["attn.proj.weight"].style == "rowwise"
-    assert len(plan.collectives) == 2
+    assert [c.kind for c in plan.collectives] == ["all_reduce"] * 2
 
 
 def test_example_inputs_are_required_for_plain_modules() -> None:

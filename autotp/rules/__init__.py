@@ -82,6 +82,9 @@ class Out:
     # For a matmul whose output is Partial: where its bias sits, so the rewrite adds it once,
     # after the all-reduce, instead of once per rank.
     bias_path: tuple[int, ...] | None = None
+    # The op needs a rank-aware implementation (a name in autotp.local_ops.LOCAL_OPS), e.g. a
+    # lookup in a vocabulary-sharded table that masks the ids other ranks own.
+    local_op: str | None = None
 
 
 Result = Union[Placement, tuple[Placement, ...], Out, Cannot]

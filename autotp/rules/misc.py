@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from autotp.placement import Replicate, Shard
-from autotp.rules import Cannot, Inputs, Result, ndim, norm_dim, rule
+from autotp.placement import Partial, Replicate, Shard
+from autotp.rules import Cannot, Inputs, Out, Result, ndim, norm_dim, rule
 
 aten = torch.ops.aten
 
@@ -40,13 +40,17 @@ def new_tensor_rule(node: fx.Node, inputs: Inputs) -> Result:
 
 @rule(aten.embedding.default)
 def embedding_rule(node: fx.Node, inputs: Inputs) -> Result:
-    """Row lookup: a table sharded on the hidden dim gives a hidden-sharded output."""
+    """Row lookup. A table sharded on the hidden dim gives a hidden-sharded output. A table
+    sharded on the vocabulary (rows) is vocabulary-parallel: each rank looks up the ids it
+    owns and writes zeros for the others, so the output is a sum over ranks (Partial)."""
     table, ids = inputs[node.args[0]], inputs[node.args[1]]
     if isinstance(table, Shard) and isinstance(ids, Shard):
         return Cannot("embedding with both table and indices sharded")
     if isinstance(table, Shard):
+        if table.dim == 0 and table.blocks == 1:
+            return Out(Partial(), local_op="vocab_parallel_embedding")
         if table.dim != 1:
-            return Cannot("vocabulary-sharded embedding table")
+            return Cannot(f"embedding table sharded as {table}")
         return table.with_dim(ndim(node) - 1)
     if isinstance(ids, Shard):
         return ids

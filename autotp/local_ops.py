@@ -1,0 +1,36 @@
+"""Rank-aware implementations of ops whose sharded form is not the op on local tensors.
+
+A rule names one of these in ``Out.local_op``; the rewrite replaces the node's target by it
+and passes ``rank`` and ``world_size``. Each returns this rank's part of the result as the
+rule's placement describes it (here: a summand of the full result, ``Partial``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+__all__ = ["LOCAL_OPS", "vocab_parallel_embedding"]
+
+
+def vocab_parallel_embedding(
+    weight: torch.Tensor, indices: torch.Tensor, padding_idx: int = -1, scale_grad_by_freq: bool = False,
+    sparse: bool = False, *, rank: int, world_size: int,
+) -> torch.Tensor:
+    """Lookup in this rank's rows ``[rank * V/N, (rank + 1) * V/N)`` of a ``(V, H)`` table.
+
+    Ids owned by other ranks read row 0 and are then zeroed, so summing over ranks (the
+    all-reduce the planner puts after this node) gives the full lookup.
+    """
+    rows = weight.shape[0]
+    start = rank * rows
+    outside = (indices < start) | (indices >= start + rows)
+    local = torch.where(outside, torch.zeros_like(indices), indices - start)
+    out = torch.ops.aten.embedding.default(weight, local)
+    return out.masked_fill_(outside.unsqueeze(-1), 0)
+
+
+LOCAL_OPS: dict[str, Callable[..., torch.Tensor]] = {
+    "vocab_parallel_embedding": vocab_parallel_embedding,
+}
