@@ -39,7 +39,7 @@ from autotp.placement import Partial, Placement, Replicate, Shard, divides
 from autotp.plan import ArgEdit, Collective, LocalOp, LocalSlice, ParamSpec, Plan, Region, ShardedOutput
 from autotp.propagate import Propagation, arg_at, propagate
 from autotp.rules import ndim, sizes
-from autotp.rules.matmul import MATMUL_SPECS
+from autotp.rules.matmul import matmul_spec
 
 __all__ = ["plan_graph", "find_candidates", "Candidate"]
 
@@ -77,9 +77,10 @@ def find_candidates(graph: fx.Graph) -> list[Candidate]:
     """Matmuls with a parameter operand of rank >= 2, and embedding tables, in graph order."""
     found, seen = [], set()
     for node in graph.nodes:
-        if node.op != "call_function" or node.target not in _CANDIDATE_OPERANDS:
+        operands = _candidate_operands(node)
+        if not operands:
             continue
-        for pos in _CANDIDATE_OPERANDS[node.target]:
+        for pos in operands:
             param = _param_source(node.args[pos])
             if param is not None and param not in seen and ndim(param) >= 2:
                 found.append(Candidate(node, param))
@@ -88,7 +89,14 @@ def find_candidates(graph: fx.Graph) -> list[Candidate]:
     return found
 
 
-_CANDIDATE_OPERANDS = {**{op: spec[0] for op, spec in MATMUL_SPECS.items()}, aten.embedding.default: (0,)}
+def _candidate_operands(node: fx.Node) -> tuple[int, ...]:
+    """Positions of the operands of ``node`` that may be a parameter worth sharding."""
+    if node.op != "call_function":
+        return ()
+    if node.target is aten.embedding.default:
+        return (0,)
+    spec = matmul_spec(node.target)
+    return spec[0] if spec else ()
 
 
 def _wants(c: Candidate, got: object) -> bool:
@@ -119,6 +127,23 @@ def _layer_of(region: str) -> Optional[str]:
     parts = region.split(".")
     digits = [i for i, p in enumerate(parts) if p.isdigit()]
     return ".".join(parts[: digits[0] + 1]) if digits else None
+
+
+# The layout ops a parameter may pass through on its way to a matmul, and how each maps an
+# output dim back to an input dim (None: not a pure relabelling of dims).
+def _placement_before(node: fx.Node, after: Placement) -> Optional[Shard]:
+    """The placement of ``node``'s input that gives ``after`` on its output."""
+    if not isinstance(after, Shard) or node.target not in _WEIGHT_CHAIN:
+        return None
+    rank = ndim(node)
+    if node.target is aten.transpose.int:
+        d0, d1 = (a % rank for a in node.args[1:3])
+        return after.with_dim({d0: d1, d1: d0}.get(after.dim, after.dim))
+    if node.target is aten.permute.default:
+        return after.with_dim([d % rank for d in node.args[1]][after.dim])
+    if node.target in (aten.t.default, aten.numpy_T.default):
+        return after.with_dim(rank - 1 - after.dim)
+    return after  # casts, copies, aliases keep the layout
 
 
 _MAX_LAYOUT_RETRIES = 4  # phi3's q|k|v slices refine the layout once per slice
@@ -184,16 +209,19 @@ class _Planner:
         return self._colwise[c.param]
 
     def settle(self, seeds: dict[fx.Node, Placement]) -> tuple[dict[fx.Node, Placement], Propagation]:
-        """Propagate, promoting parameters that all their users want sliced to sharded seeds."""
+        """Propagate, promoting parameters that all their users want sliced to sharded seeds
+        (a parameter reached through transposes counts: the placement is mapped back)."""
         while True:
             prop = propagate(self.graph, seeds, self.world)
             if not prop.ok:
                 return seeds, prop
             wanted: dict[fx.Node, set] = {}
             for node, move in prop.redistributions():
-                src = arg_at(node, move.path)
-                if src.op == "get_attr" and src not in seeds:
-                    wanted.setdefault(src, set()).add((node, move.to))
+                user, src, to = node, arg_at(node, move.path), move.to
+                while to is not None and src.op == "call_function" and len(src.users) == 1:
+                    user, src, to = src, src.args[0], _placement_before(src, to)
+                if to is not None and src.op == "get_attr" and src not in seeds:
+                    wanted.setdefault(src, set()).add((user, to))
             promote = {
                 p: next(iter(asks))[1]
                 for p, asks in wanted.items()
@@ -393,7 +421,7 @@ def _param_spec(node, seeds, entries, final: Propagation, region_of, rejected) -
         spec.style, spec.reason = "colwise", f"column-parallel entry of {region}"
     elif any(isinstance(final.answers[u].placement, Partial) for u in users):
         spec.style, spec.reason = "rowwise", f"row-parallel exit of {region} (all-reduce after)"
-    elif any(u.target in MATMUL_SPECS for u in users):
+    elif any(matmul_spec(u.target) for u in users):
         spec.style, spec.reason = "colwise", f"bias of a column-parallel matmul in {region}"
     else:
         spec.style, spec.reason = "sharded", f"sharded with its users in {region}"
@@ -408,7 +436,7 @@ def _replicated_reason(node: fx.Node, rejected: dict, final: Propagation) -> str
         bias = final.answers[user].bias_path
         if bias and arg_at(user, bias) is node:
             return "bias of a row-parallel matmul: added once, after the all-reduce"
-    if not any(u.target in MATMUL_SPECS for u in node.users if u.op == "call_function"):
+    if not any(matmul_spec(u.target) for u in node.users if u.op == "call_function"):
         kinds = sorted({str(getattr(u.target, "__name__", u.target)) for u in node.users})
         return f"used by {', '.join(kinds) or 'nothing'}: replicated"
     return "replicated"

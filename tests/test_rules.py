@@ -28,8 +28,8 @@ class _Fn(torch.nn.Module):
         return self.fn(*args)
 
 
-def node_of(fn: Callable, shapes: list[tuple[int, ...]], op) -> tuple[fx.Node, list[fx.Node]]:
-    args = tuple(torch.randn(s) for s in shapes)
+def node_of(fn: Callable, shapes: list[tuple[int, ...]], op, dtype=torch.float32) -> tuple[fx.Node, list[fx.Node]]:
+    args = tuple(torch.randn(s, dtype=dtype) for s in shapes)
     gm = torch.export.export(_Fn(fn), args, strict=False).module()
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     found = [n for n in gm.graph.nodes if n.target == op]
@@ -37,10 +37,12 @@ def node_of(fn: Callable, shapes: list[tuple[int, ...]], op) -> tuple[fx.Node, l
     return found[0], placeholders
 
 
-def answer(fn, shapes, op, placements, world=2):
-    node, inputs = node_of(fn, shapes, op)
+def answer(fn, shapes, op, placements, world=2, dtype=torch.float32):
+    node, inputs = node_of(fn, shapes, op, dtype)
     return apply_rule(node, Inputs(dict(zip(inputs, placements)), world))
 
+
+OFFSETS = torch.tensor([4, 8], dtype=torch.int32)  # rows 0-3 go to expert 0, rows 4-7 to expert 1
 
 CASES = [
     # id, fn, input shapes, op, input placements, world, expected placement (or Cannot)
@@ -59,6 +61,8 @@ CASES = [
     ("slice-through-shard", lambda x: x[:, :3], [(2, 8)], aten.slice.Tensor, [Shard(1)], 2, Cannot),
     ("slice-whole-block", lambda x: x[:, 4:8], [(2, 12)], aten.slice.Tensor, [Shard(1, 3)], 2, Shard(1)),
     ("cat-other-dim", lambda x, y: torch.cat([x, y], -1), [(2, 4, 8), (2, 4, 8)], aten.cat.default, [Shard(1), Shard(1)], 2, Shard(1)),
+    ("stack", lambda x, y: torch.stack([x, y], -1), [(2, 4, 8), (2, 4, 8)], aten.stack.default, [Shard(1), Shard(1)], 2, Shard(1)),
+    ("stack-before-shard", lambda x, y: torch.stack([x, y], 0), [(2, 4, 8), (2, 4, 8)], aten.stack.default, [Shard(1), Replicate()], 2, Shard(2)),
     ("cat-sharded-dim", lambda x, y: torch.cat([x, y], 1), [(2, 4), (2, 8)], aten.cat.default, [Shard(1), Shard(1)], 2, Shard(1, (4, 8))),
     ("linear-colwise", lambda x, w: F.linear(x, w), [(2, 8, 16), (32, 16)], aten.linear.default, [Replicate(), Shard(0)], 2, Shard(2)),
     ("linear-rowwise", lambda x, w: F.linear(x, w), [(2, 8, 16), (32, 16)], aten.linear.default, [Shard(2), Replicate()], 2, Partial()),
@@ -120,3 +124,14 @@ def test_colwise_bias_is_sliced_with_the_output():
     got = answer(lambda x, w, b: F.linear(x, w, b), [(2, 16), (32, 16), (32,)], aten.linear.default,
                  [Replicate(), Shard(0), Replicate()], 2)
     assert got.placement == Shard(1) and got.redistribute == (Redistribute((2,), Shard(0)),)
+
+
+@pytest.mark.parametrize("placements, expected", [
+    ([Shard(1), Shard(1)], Partial()),        # row-parallel experts: the intermediate dim
+    ([Replicate(), Shard(2)], Shard(1)),      # column-parallel experts
+    ([Replicate(), Shard(0)], Cannot),        # the expert dim selects rows: never sharded
+], ids=["rowwise", "colwise", "expert-dim"])
+def test_grouped_mm_of_experts(placements, expected):
+    got = answer(lambda x, w: torch._grouped_mm(x, w, OFFSETS), [(8, 16), (2, 16, 8)], aten._grouped_mm.default,
+                 placements, 2, torch.bfloat16)  # the CPU kernel is bf16-only
+    assert isinstance(got, Cannot) if expected is Cannot else got.placement == expected

@@ -121,7 +121,7 @@ def rule(*ops: Any) -> Callable[[Rule], Rule]:
 
 def apply_rule(node: fx.Node, inputs: Inputs) -> Out | Cannot:
     """Run the node's rule and normalise the answer to ``Out`` or ``Cannot``."""
-    fn = RULES.get(node.target)
+    fn = RULES.get(node.target) or RULES.get(str(node.target))  # custom ops register by name
     if fn is None:
         return Cannot(f"no propagation rule for {_op_name(node)}")
     try:

@@ -45,7 +45,14 @@ def _matmul_specs(node: fx.Node) -> tuple[list[Spec], Spec]:
     return [batch[out - a:] + ["m", "k"], batch[out - b:] + ["k", "n"]], batch + ["m", "n"]
 
 
-# op -> (positions of the matmul operands in node.args, spec builder, position of the bias)
+def _grouped_specs(node: fx.Node) -> tuple[list[Spec], Spec]:
+    """Mixture-of-experts grouped matmul: row t of x meets the weight of the expert it is
+    routed to (``e`` selects, it does not sum), ``(t, k) x (e, k, n) -> (t, n)``."""
+    return [["t", "k"], ["e", "k", "n"]], ["t", "n"]
+
+
+# op -> (positions of the matmul operands in node.args, spec builder, position of the bias).
+# Custom ops are keyed by name: they exist only once their library (transformers) is loaded.
 MATMUL_SPECS = {
     aten.mm.default: ((0, 1), lambda n: ([["m", "k"], ["k", "n"]], ["m", "n"]), None),
     aten.addmm.default: ((1, 2), lambda n: ([["m", "k"], ["k", "n"]], ["m", "n"]), 0),
@@ -53,7 +60,14 @@ MATMUL_SPECS = {
     aten.baddbmm.default: ((1, 2), lambda n: ([["b", "m", "k"], ["b", "k", "n"]], ["b", "m", "n"]), 0),
     aten.linear.default: ((0, 1), _linear_specs, 2),
     aten.matmul.default: ((0, 1), _matmul_specs, None),
+    aten._grouped_mm.default: ((0, 1), _grouped_specs, None),
+    "transformers.grouped_mm_fallback.default": ((0, 1), _grouped_specs, None),
 }
+
+
+def matmul_spec(target: object):
+    """The spec of a matmul op (by op, or by name for custom ops), or None."""
+    return MATMUL_SPECS.get(target) or MATMUL_SPECS.get(str(target))
 
 
 def _sharded_label(node: fx.Node, operands, specs, inputs: Inputs):
@@ -84,7 +98,7 @@ def _bias_moves(node: fx.Node, bias_at: Optional[int], out: Shard, inputs: Input
 
 @rule(*MATMUL_SPECS)
 def matmul_rule(node: fx.Node, inputs: Inputs) -> Result:
-    positions, build, bias_at = MATMUL_SPECS[node.target]
+    positions, build, bias_at = matmul_spec(node.target)
     specs, out_spec = build(node)
     operands = [node.args[i] for i in positions]
     if bias_at is not None and len(node.args) > bias_at and isinstance(inputs[node.args[bias_at]], Shard):
@@ -94,6 +108,8 @@ def matmul_rule(node: fx.Node, inputs: Inputs) -> Result:
     if isinstance(found, Cannot):
         return found
     label, blocks = found
+    if label is not None and label not in out_spec and sum(label in spec for spec in specs) < 2:
+        return Cannot(f"matmul dim {label!r} selects rather than sums (an expert index): not sharded")
     moves = []
     for pos, arg, spec in zip(positions, operands, specs):
         if label not in spec or isinstance(inputs[arg], Shard):

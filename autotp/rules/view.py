@@ -411,3 +411,21 @@ def other_dim_rule(node: fx.Node, inputs: Inputs) -> Result:
     if src.dim in [norm_dim(d, ndim(node)) for d in dims]:
         return Cannot(f"{node.target} along the sharded dim")
     return src
+
+
+@rule(aten.stack.default)
+def stack_rule(node: fx.Node, inputs: Inputs) -> Result:
+    """Stacking inserts a new dim; inputs sharded alike stay sharded (shifted past it)."""
+    tensors = node.args[0]
+    new = norm_dim(node.args[1] if len(node.args) > 1 else 0, ndim(node))
+    shards = {inputs[t] for t in tensors if isinstance(inputs[t], Shard)}
+    if len(shards) != 1 or any(not isinstance(inputs[t], (Shard, Replicate)) for t in tensors):
+        return Cannot("stack of inputs sharded differently")
+    shard = shards.pop()
+    moves = []
+    for i, t in enumerate(tensors):
+        if isinstance(inputs[t], Replicate):
+            if not divides(shard, sizes(t)[shard.dim], inputs.world_size):
+                return Cannot("replicated stack input does not split over the ranks")
+            moves.append(Redistribute((0, i), shard))
+    return Out(shard.with_dim(shard.dim + 1 if new <= shard.dim else shard.dim), tuple(moves))
