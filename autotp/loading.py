@@ -97,9 +97,10 @@ class ModuleSource:
 def _ranges(placement: Shard, size: int, rank: int, world_size: int) -> list[tuple[int, int]]:
     """Index ranges of rank ``rank``'s part of a dim of ``size`` (one per block)."""
     out, start = [], 0
+    chunk = rank // placement.replicas
     for part in block_sizes(placement, size):
-        step = part // world_size
-        out.append((start + rank * step, start + (rank + 1) * step))
+        step = part // placement.chunks(world_size)
+        out.append((start + chunk * step, start + (chunk + 1) * step))
         start += part
     return out
 

@@ -10,6 +10,12 @@ The three kinds follow DTensor's vocabulary:
   (``q|k|v`` with fewer kv heads).
 - ``Partial()``: every rank holds a summand; an all-reduce turns it into ``Replicate()``.
 
+``Shard(dim, blocks, replicas=k)`` splits the dim into ``world_size / k`` chunks only, and
+rank ``r`` holds chunk ``r // k``: groups of ``k`` consecutive ranks hold the same chunk. It
+is how 2 kv heads serve 4 ranks (each pair of ranks computes the kv head its query heads
+read, as vLLM does). ``replicas == world_size`` is ``Replicate()``; going from more replicas
+to fewer is a local slice (:func:`refine`), never communication.
+
 Placements are frozen dataclasses: hashable, comparable, and printable as ``Shard(2, blocks=3)``,
 which is also their JSON form (:func:`parse_placement` reads it back).
 """
@@ -39,10 +45,13 @@ class Partial:
 class Shard:
     dim: int
     blocks: Union[int, tuple[int, ...]] = 1
+    replicas: int = 1
 
     def __post_init__(self) -> None:
         if self.dim < 0:
             raise ValueError(f"Shard dim must be normalised to >= 0, got {self.dim}")
+        if self.replicas < 1:
+            raise ValueError(f"Shard replicas must be >= 1, got {self.replicas}")
         if isinstance(self.blocks, list):
             object.__setattr__(self, "blocks", tuple(self.blocks))
 
@@ -51,17 +60,23 @@ class Shard:
         return len(self.blocks) if isinstance(self.blocks, tuple) else self.blocks
 
     def with_dim(self, dim: int) -> "Shard":
-        return Shard(dim, self.blocks)
+        return Shard(dim, self.blocks, self.replicas)
+
+    def with_blocks(self, blocks: Union[int, tuple[int, ...]]) -> "Shard":
+        return Shard(self.dim, blocks, self.replicas)
+
+    def chunks(self, world_size: int) -> int:
+        """How many different pieces the ranks hold."""
+        return world_size // self.replicas
 
     def __str__(self) -> str:
-        if self.blocks == 1:
-            return f"Shard({self.dim})"
-        return f"Shard({self.dim}, blocks={self.blocks})"
+        extra = ("" if self.blocks == 1 else f", blocks={self.blocks}") + ("" if self.replicas == 1 else f", replicas={self.replicas}")
+        return f"Shard({self.dim}{extra})"
 
 
 Placement = Union[Replicate, Shard, Partial]
 
-_SHARD_RE = re.compile(r"^Shard\((\d+)(?:, blocks=(\d+|\([\d, ]*\)))?\)$")
+_SHARD_RE = re.compile(r"^Shard\((\d+)(?:, blocks=(\d+|\([\d, ]*\)))?(?:, replicas=(\d+))?\)$")
 
 
 def parse_placement(text: str) -> Placement:
@@ -73,12 +88,12 @@ def parse_placement(text: str) -> Placement:
     match = _SHARD_RE.match(text)
     if not match:
         raise ValueError(f"not a placement: {text!r}")
-    dim, blocks = int(match.group(1)), match.group(2)
+    dim, blocks, replicas = int(match.group(1)), match.group(2), int(match.group(3) or 1)
     if blocks is None:
-        return Shard(dim)
+        return Shard(dim, 1, replicas)
     if blocks.startswith("("):
-        return Shard(dim, tuple(int(b) for b in blocks.strip("()").split(",") if b.strip()))
-    return Shard(dim, int(blocks))
+        return Shard(dim, tuple(int(b) for b in blocks.strip("()").split(",") if b.strip()), replicas)
+    return Shard(dim, int(blocks), replicas)
 
 
 def block_sizes(shard: Shard, size: int) -> list[int]:
@@ -93,18 +108,20 @@ def block_sizes(shard: Shard, size: int) -> list[int]:
 
 
 def divides(shard: Shard, size: int, world_size: int) -> bool:
-    """Whether every part of a ``size``-long dimension splits evenly over ``world_size`` ranks."""
+    """Whether every part of a ``size``-long dimension splits evenly into the shard's chunks."""
+    if world_size % shard.replicas:
+        return False
     try:
         parts = block_sizes(shard, size)
     except ValueError:
         return False
-    return all(p % world_size == 0 and p > 0 for p in parts)
+    return all(p % shard.chunks(world_size) == 0 and p > 0 for p in parts)
 
 
 def local_blocks(shard: Shard, world_size: int) -> Union[int, tuple[int, ...]]:
     """The ``blocks`` of the local tensor: equal parts stay equal, sized parts shrink."""
     if isinstance(shard.blocks, tuple):
-        return tuple(b // world_size for b in shard.blocks)
+        return tuple(b // shard.chunks(world_size) for b in shard.blocks)
     return shard.blocks
 
 
@@ -114,12 +131,33 @@ def local_chunk(tensor, shard: Shard, rank: int, world_size: int):
     With several blocks, the rank's chunk of every block is taken and concatenated, so a fused
     ``q|k|v`` weight gives ``q_r|k_r|v_r``.
     """
+    return refine(tensor, shard, world_size, rank)
+
+
+def refine(local, shard: Shard, held_replicas: int, rank: int):
+    """From a local tensor held with ``held_replicas`` (the world size for a full tensor) to
+    this rank's piece of ``shard`` (fewer replicas): a slice of every block, no communication.
+
+    Rank ``r`` holds chunk ``r // held_replicas`` and wants chunk ``r // shard.replicas``: the
+    piece ``(r % held_replicas) // shard.replicas`` of what it holds.
+    """
     import torch
 
-    size = tensor.shape[shard.dim]
+    if held_replicas % shard.replicas:
+        raise ValueError(f"cannot refine a piece held by {held_replicas} ranks into {shard}")
+    count = held_replicas // shard.replicas
+    index = (rank % held_replicas) // shard.replicas
     pieces, start = [], 0
-    for part in block_sizes(shard, size):
-        step = part // world_size
-        pieces.append(tensor.narrow(shard.dim, start + rank * step, step))
+    for part in _local_parts(shard, local.shape[shard.dim]):
+        step = part // count
+        pieces.append(local.narrow(shard.dim, start + index * step, step))
         start += part
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, shard.dim)
+
+
+def _local_parts(shard: Shard, local_size: int) -> list[int]:
+    """Block sizes of a dim held as ``local_size`` elements (global blocks scaled down)."""
+    if isinstance(shard.blocks, tuple):
+        total = sum(shard.blocks)
+        return [b * local_size // total for b in shard.blocks]
+    return [local_size // shard.blocks] * shard.blocks

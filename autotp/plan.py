@@ -41,7 +41,7 @@ def local_shape(shape: list[int], placement: Placement, tp_size: int) -> list[in
     if not isinstance(placement, Shard):
         return list(shape)
     out = list(shape)
-    out[placement.dim] = sum(p // tp_size for p in block_sizes(placement, shape[placement.dim]))
+    out[placement.dim] = sum(p // placement.chunks(tp_size) for p in block_sizes(placement, shape[placement.dim]))
     return out
 
 
@@ -111,10 +111,14 @@ class ArgEdit:
 
 @dataclass
 class LocalSlice:
+    """``node``'s input at ``path`` is held by ``held_replicas`` ranks per chunk (the tp size
+    for a replicated value) and is sliced locally to ``placement``."""
+
     node: str
     path: list[int]
     placement: Placement
     reason: str = ""
+    held_replicas: int = 0
 
 
 @dataclass

@@ -241,7 +241,7 @@ class _Planner:
         dim = self.colwise_dim(c)
         if isinstance(dim, str):
             return dim
-        found = self._seed_layout(c.param, dim)
+        found = self._seed_layout({}, c.param, dim)
         if isinstance(found, str):
             return found
         grown = _Grown(*found, entries=[c])
@@ -251,19 +251,21 @@ class _Planner:
                 return grown
             grown = better
 
-    def _seed_layout(self, param: fx.Node, dim: int):
-        """Settle ``param`` sharded on ``dim``; when a rule asks for fused blocks (a split of
-        q|k|v), retry with that layout."""
+    def _seed_layout(self, base: dict[fx.Node, Placement], param: fx.Node, dim: int):
+        """Settle ``base`` plus ``param`` sharded on ``dim``. When a rule hints at a layout, retry
+        with it: fused blocks (a split of q|k|v), or ranks sharing a head (2 kv heads, 4 ranks)."""
         size = sizes(param)[dim]
         shard = Shard(dim)
         for _ in range(_MAX_LAYOUT_RETRIES):
-            seeds, prop = self.settle({param: shard})
+            seeds, prop = self.settle({**base, param: shard})
             if prop.ok:
                 return seeds, prop
-            blocks = _blocks_for(prop.failure.blocks, size)
-            if blocks is None or blocks == shard.blocks or not divides(Shard(dim, blocks), size, self.world):
-                return str(prop.failure)
-            shard = Shard(dim, blocks)
+            failure = prop.failure
+            blocks = _blocks_for(failure.blocks, size) if failure.blocks else shard.blocks
+            hinted = Shard(dim, blocks or shard.blocks, failure.replicas or shard.replicas)
+            if hinted == shard or not divides(hinted, size, self.world):
+                return str(failure)
+            shard = hinted
         return str(prop.failure)
 
     def _grow_once(self, grown: _Grown, assigned: set) -> Optional[_Grown]:
@@ -278,13 +280,24 @@ class _Planner:
                 if cand not in extra and isinstance(self.colwise_dim(cand), int):
                     extra.append(cand)
         trials = [extra] + ([[e] for e in extra] if len(extra) > 1 else []) if extra else []
-        current = sum(1 for _ in grown.prop.redistributions())
+        current = _replicated_slices(grown.prop)
         for group in trials:
-            seeds = {**grown.seeds, **{e.param: Shard(int(self.colwise_dim(e))) for e in group}}
-            seeds, prop = self.settle(seeds)
-            if prop.ok and sum(1 for _ in prop.redistributions()) < current:
+            if len(group) == 1:  # one new seed: it may take a hinted layout
+                found = self._seed_layout(grown.seeds, group[0].param, int(self.colwise_dim(group[0])))
+                if isinstance(found, str):
+                    continue
+                seeds, prop = found
+            else:
+                seeds, prop = self.settle({**grown.seeds, **{e.param: Shard(int(self.colwise_dim(e))) for e in group}})
+            if prop.ok and _replicated_slices(prop) < current:
                 return _Grown(seeds, prop, grown.entries + list(group))
         return None
+
+
+def _replicated_slices(prop: Propagation) -> int:
+    """Local slices of values every rank computed whole: redundant work a bigger region avoids.
+    (Refining a piece a few ranks share, such as a kv head, is not counted.)"""
+    return sum(1 for node, move in prop.redistributions() if arg_at(node, move.path) not in prop.placements)
 
 
 def plan_graph(
@@ -365,7 +378,11 @@ def _build_plan(graph, world, accepted, rejected, seeds, final: Propagation, mod
             plan.local_ops.append(LocalOp(node.name, answer.local_op))
         for move in answer.redistribute:
             src = arg_at(node, move.path)
-            plan.slices.append(LocalSlice(node.name, list(move.path), move.to, f"{src.name} is replicated, {node.name} needs it {move.to}"))
+            held = final.placements.get(src)
+            held_replicas = held.replicas if isinstance(held, Shard) else world
+            what = f"{src.name} is {held or Replicate()}"
+            plan.slices.append(LocalSlice(node.name, list(move.path), move.to, f"{what}, {node.name} needs it {move.to}",
+                                          held_replicas))
     for name, grown in accepted:
         exits = sorted({str(planner_param) for planner_param in _exit_params(grown.prop)})
         plan.regions.append(Region(name, True, [str(e.param.target) for e in grown.entries], exits, "", _layer_of(name)))

@@ -37,7 +37,8 @@ __all__ = ["Propagation", "Failure", "propagate", "arg_at"]
 class Failure:
     node: fx.Node
     reason: str
-    blocks: Optional[tuple[int, ...]] = None  # a layout hint from the rule, see rules.Cannot
+    blocks: Optional[tuple[int, ...]] = None  # layout hints from the rule, see rules.Cannot
+    replicas: Optional[int] = None
 
     def __str__(self) -> str:
         stack = self.node.meta.get("nn_module_stack") or {}
@@ -76,7 +77,7 @@ def _sharded_outputs(node: fx.Node, inputs: Inputs, found: list) -> Optional[Fai
     """Record the graph outputs that are sharded; only plain shards can be gathered."""
     for i, value in enumerate(node.args[0] if isinstance(node.args[0], (list, tuple)) else [node.args[0]]):
         placement = inputs[value]
-        if isinstance(placement, Shard) and placement.blocks == 1:
+        if isinstance(placement, Shard) and placement.blocks == 1 and placement.replicas == 1:
             found.append(((0, i), placement))
         elif not isinstance(placement, Replicate):
             return Failure(node, f"model output {i} is {placement}, which cannot be gathered")
@@ -135,7 +136,7 @@ def propagate(
             return result
         answer = apply_rule(node, inputs)
         if isinstance(answer, Cannot):
-            result.failure = Failure(node, answer.reason, answer.blocks)
+            result.failure = Failure(node, answer.reason, answer.blocks, answer.replicas)
             return result
         result.answers[node] = answer
         if isinstance(answer.placement, Partial):

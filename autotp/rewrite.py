@@ -28,7 +28,7 @@ import torch.fx as fx
 from autotp.errors import AutotpError
 from autotp.collectives import ALL_GATHER, ALL_REDUCE, AllGather, AllReduce
 from autotp.local_ops import LOCAL_OPS
-from autotp.placement import Shard, local_chunk
+from autotp.placement import Shard, refine
 from autotp.plan import Plan
 from autotp.propagate import arg_at
 
@@ -52,9 +52,10 @@ def _replace_at(args: Any, path: list[int], value: Any) -> Any:
     return tuple(items) if isinstance(args, tuple) else items
 
 
-def shard_locally(x: torch.Tensor, dim: int, blocks: Any, rank: int, world_size: int) -> torch.Tensor:
-    """Replicate -> Shard without communication: keep this rank's chunk (graph call target)."""
-    return local_chunk(x, Shard(dim, blocks), rank, world_size)
+def shard_locally(x: torch.Tensor, dim: int, blocks: Any, replicas: int, held_replicas: int, rank: int) -> torch.Tensor:
+    """Replicate (or a coarser shard) -> Shard without communication: keep this rank's piece
+    (a graph call target)."""
+    return refine(x, Shard(dim, blocks, replicas), held_replicas, rank)
 
 
 def _nodes(gm: fx.GraphModule, plan: Plan) -> dict[str, fx.Node]:
@@ -81,7 +82,8 @@ def _apply_slices(gm: fx.GraphModule, by_name: dict[str, fx.Node], plan: Plan, r
         source = arg_at(node, tuple(item.path))
         with gm.graph.inserting_before(node):
             shard = item.placement
-            piece = gm.graph.call_function(shard_locally, (source, shard.dim, shard.blocks, rank, plan.tp_size))
+            held = item.held_replicas or plan.tp_size
+            piece = gm.graph.call_function(shard_locally, (source, shard.dim, shard.blocks, shard.replicas, held, rank))
         node.args = _replace_at(node.args, item.path, piece)
 
 

@@ -96,7 +96,7 @@ def test_torchrun_run_prints_and_saves_last_logits(saved, tmp_path):
     ids = ",".join(str(i) for i in IDS[0].tolist())
     torchrun = Path(sys.executable).with_name("torchrun")
     done = subprocess.run(
-        [str(torchrun), "--nproc-per-node", "2", "-m", "autotp", "run", str(out), "--input-ids", ids, "--save", str(saved_logits)],
+        [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "autotp", "run", str(out), "--input-ids", ids, "--save", str(saved_logits)],
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert done.returncode == 0, done.stderr[-3000:]

@@ -24,10 +24,14 @@ pytestmark = pytest.mark.distributed
 
 
 def _sharded_bytes(tp_model: autotp.TensorParallelModule) -> tuple[int, int]:
+    """Bytes this rank holds of the parameters sharded over every rank (no shared chunks), and
+    their unsharded bytes; and the same check for all sharded ones against the plan."""
     local = dict(tp_model.graph_module.named_parameters()) | dict(tp_model.graph_module.named_buffers())
-    sharded = tp_model.plan.sharded_params()
-    got = sum(local[s.name].numel() * local[s.name].element_size() for s in sharded)
-    return got, sum(s.nbytes for s in sharded)
+    held = {s.name: local[s.name].numel() * local[s.name].element_size() for s in tp_model.plan.sharded_params()}
+    tp = tp_model.tp_size
+    assert held == {s.name: s.local_nbytes(tp) for s in tp_model.plan.sharded_params()}, "shard sizes differ from the plan"
+    plain = [s for s in tp_model.plan.sharded_params() if s.placement.replicas == 1]
+    return sum(held[s.name] for s in plain), sum(s.nbytes for s in plain)
 
 
 def hf_parity_worker(rank: int, world: int, names: list[str]) -> dict:
@@ -90,7 +94,7 @@ def test_hf_models_match_unsharded(world: int, names: list[str]) -> None:
 
 
 def heads_not_divisible_worker(rank: int, world: int) -> dict:
-    model = hf_model("llama_6heads")
+    model = hf_model("llama_5heads")
     ids = token_ids(2, 7)
     with torch.no_grad():
         ref = model(ids).logits
@@ -113,8 +117,8 @@ def test_heads_not_divisible_replicate_attention_but_shard_mlp() -> None:
         prefix = f"model.layers.{layer}"
         for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
             assert result["styles"][f"{prefix}.self_attn.{proj}.weight"] == "replicate"
-        assert "6 heads not divisible by tp=4" in result["reasons"][f"{prefix}.self_attn.q_proj.weight"]
-        assert "6 heads not divisible by tp=4" in result["rejected"][f"{prefix}.self_attn.q_proj"]
+        assert "5 heads not divisible by tp=4" in result["reasons"][f"{prefix}.self_attn.q_proj.weight"]
+        assert "5 heads not divisible by tp=4" in result["rejected"][f"{prefix}.self_attn.q_proj"]
         assert result["styles"][f"{prefix}.mlp.gate_proj.weight"] == "colwise"
         assert result["styles"][f"{prefix}.mlp.down_proj.weight"] == "rowwise"
     assert result["all_reduces"] == 2 + 1  # one per MLP, one after the embedding

@@ -45,3 +45,21 @@ def test_local_chunks_reassemble():
     # rank r holds block b's r-th half: interleave back
     rebuilt = torch.cat([torch.cat([p[:, 2 * b:2 * b + 2] for p in parts], 1) for b in range(3)], 1)
     assert torch.equal(rebuilt, full)
+
+
+def test_replicas_group_ranks_on_one_chunk():
+    full = torch.arange(8)
+    two_heads = [local_chunk(full, Shard(0, replicas=2), r, 4).tolist() for r in range(4)]
+    assert two_heads == [[0, 1, 2, 3], [0, 1, 2, 3], [4, 5, 6, 7], [4, 5, 6, 7]]
+    assert parse_placement("Shard(1, blocks=3, replicas=2)") == Shard(1, 3, 2)
+    assert divides(Shard(0, replicas=2), 2, 4) and not divides(Shard(0), 2, 4)
+
+
+def test_refine_is_the_same_as_slicing_the_full_tensor():
+    from autotp.placement import refine
+
+    full = torch.arange(24).reshape(2, 12)
+    fine = Shard(1, 3)
+    for rank in range(4):
+        coarse = local_chunk(full, Shard(1, 3, replicas=2), rank, 4)
+        assert torch.equal(refine(coarse, fine, 2, rank), local_chunk(full, fine, rank, 4))

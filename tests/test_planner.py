@@ -79,14 +79,27 @@ def test_gpt2_fused_qkv_is_sharded_blockwise() -> None:
     assert split_edits == [(64, 32), (64, 32)]
 
 
-def test_kv_heads_not_divisible_shard_queries_and_slice_kv() -> None:
-    model = hf_model("llama_gqa", device="meta")  # 4 kv heads
-    plan = autotp.plan(model, tp_size=8)  # 8 q heads divide, 4 kv heads do not
-    styles = {n: s.style for n, s in plan.params.items()}
-    assert styles["model.layers.0.self_attn.q_proj.weight"] == "colwise"
-    assert styles["model.layers.0.self_attn.k_proj.weight"] == "replicate"
-    assert "not divisible by tp=8" in plan.params["model.layers.0.self_attn.k_proj.weight"].reason
-    assert len(plan.slices) == 4  # k and v sliced to each rank's heads, in 2 layers
+def test_kv_heads_fewer_than_ranks_are_shared_by_rank_groups() -> None:
+    model = hf_model("llama_gqa", device="meta")  # 8 query heads, 4 kv heads
+    plan = autotp.plan(model, tp_size=8)
+    q, k = plan.params["model.layers.0.self_attn.q_proj.weight"], plan.params["model.layers.0.self_attn.k_proj.weight"]
+    assert q.placement == Shard(0) and q.local_shape(8) == [8, 64]  # one query head (head_dim 8) per rank
+    # each kv head serves the 2 ranks whose query heads read it (as vLLM duplicates kv heads)
+    assert k.placement == Shard(0, replicas=2) and k.local_shape(8) == [8, 64]  # one kv head of 8 dims
+    assert k.local_nbytes(8) * 4 == k.nbytes  # a quarter of the kv weights per rank, not all of them
+    # the shared kv head is cut to each rank's query head after repeat_kv: no communication
+    assert {(s.placement, s.held_replicas) for s in plan.slices} == {(Shard(1), 2)}
+    assert {r.name for r in plan.regions if r.sharded and "self_attn" in r.name} == {
+        "model.layers.0.self_attn", "model.layers.1.self_attn"}
+
+
+def test_heads_sharing_a_divisor_with_tp_are_shared_by_rank_pairs() -> None:
+    plan = autotp.plan(hf_model("llama_6heads", device="meta"), tp_size=4)  # 6 heads, gcd(6, 4) = 2
+    styles = {n: (s.style, s.placement) for n, s in plan.params.items()}
+    assert styles["model.layers.0.self_attn.q_proj.weight"] == ("colwise", Shard(0, replicas=2))  # 3 heads per pair
+    # the output projection only contracts the hidden dim: it still splits 4 ways
+    assert styles["model.layers.0.self_attn.o_proj.weight"] == ("rowwise", Shard(1))
+    assert styles["model.layers.0.mlp.down_proj.weight"] == ("rowwise", Shard(1))
 
 
 def test_tp1_shards_nothing() -> None:

@@ -29,6 +29,8 @@ import torch.fx as fx
 from autotp.placement import Partial, Placement, Replicate, Shard
 
 __all__ = [
+    "finest",
+    "refinable",
     "RULES",
     "rule",
     "Cannot",
@@ -55,11 +57,13 @@ class Cannot:
 
     reason: str
     blocks: Optional[tuple[int, ...]] = None
+    replicas: Optional[int] = None  # a hint: the op would work with the dim shared by this many ranks
 
 
 @dataclass(frozen=True)
 class Redistribute:
-    """Replicate -> Shard for the input at ``node.args[path...]``: a local slice, no communication."""
+    """The input at ``node.args[path...]`` becomes ``to`` by a local slice, no communication:
+    from ``Replicate()``, or from a coarser shard of the same dim (more replicas)."""
 
     path: tuple[int, ...]
     to: Shard
@@ -131,6 +135,25 @@ def apply_rule(node: fx.Node, inputs: Inputs) -> Out | Cannot:
     if isinstance(result, (Out, Cannot)):
         return result
     return Out(result)
+
+
+def finest(shards: list[Shard]) -> Union[Shard, Cannot]:
+    """The common layout of shards of one dim that may differ only in ``replicas``: the one
+    with the fewest (the others are refined to it locally)."""
+    base = {(s.dim, s.blocks) for s in shards}
+    if len(base) != 1:
+        return Cannot(f"operands sharded differently ({', '.join(sorted(map(str, set(shards))))})")
+    return min(shards, key=lambda s: s.replicas)
+
+
+def refinable(held: Any, to: Shard, size: Any, world_size: int) -> bool:
+    """Whether a local slice turns ``held`` (Replicate or a shard) into ``to``."""
+    from autotp.placement import divides
+
+    if isinstance(held, Replicate):
+        return divides(to, size, world_size)
+    return (isinstance(held, Shard) and (held.dim, held.blocks) == (to.dim, to.blocks)
+            and held.replicas % to.replicas == 0)
 
 
 def _op_name(node: fx.Node) -> str:

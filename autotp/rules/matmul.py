@@ -19,8 +19,8 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from autotp.placement import Partial, Replicate, Shard, divides
-from autotp.rules import Cannot, Inputs, Out, Redistribute, Result, ndim, rule, sizes
+from autotp.placement import Partial, Replicate, Shard
+from autotp.rules import Cannot, Inputs, Out, Redistribute, Result, ndim, refinable, rule, sizes
 
 aten = torch.ops.aten
 
@@ -71,16 +71,18 @@ def matmul_spec(target: object):
 
 
 def _sharded_label(node: fx.Node, operands, specs, inputs: Inputs):
-    label, blocks = None, None
+    """The label every sharded operand shards, its blocks, and the fewest replicas among them."""
+    label, blocks, replicas = None, None, None
     for arg, spec in zip(operands, specs):
         p = inputs[arg]
         if isinstance(p, Shard):
             if label is not None and (spec[p.dim], p.blocks) != (label, blocks):
                 return Cannot("matmul operands sharded on different dims")
             label, blocks = spec[p.dim], p.blocks
+            replicas = p.replicas if replicas is None else min(replicas, p.replicas)
         elif not isinstance(p, Replicate):
             return Cannot(f"matmul operand placement {p} not supported")
-    return label, blocks
+    return label, blocks, replicas
 
 
 def _bias_moves(node: fx.Node, bias_at: Optional[int], out: Shard, inputs: Inputs):
@@ -93,7 +95,7 @@ def _bias_moves(node: fx.Node, bias_at: Optional[int], out: Shard, inputs: Input
     dim = out.dim - (ndim(node) - ndim(bias))
     if dim < 0 or sizes(bias)[dim] == 1:
         return ()
-    return (Redistribute((bias_at,), Shard(dim, out.blocks)),)
+    return (Redistribute((bias_at,), out.with_dim(dim)),)
 
 
 @rule(*MATMUL_SPECS)
@@ -107,22 +109,24 @@ def matmul_rule(node: fx.Node, inputs: Inputs) -> Result:
     found = _sharded_label(node, operands, specs, inputs)
     if isinstance(found, Cannot):
         return found
-    label, blocks = found
+    label, blocks, replicas = found
     if label is not None and label not in out_spec and sum(label in spec for spec in specs) < 2:
         return Cannot(f"matmul dim {label!r} selects rather than sums (an expert index): not sharded")
+    if label not in out_spec:
+        replicas = 1  # partial sums of a chunk held twice would be counted twice: split it fully
     moves = []
     for pos, arg, spec in zip(positions, operands, specs):
-        if label not in spec or isinstance(inputs[arg], Shard):
+        if label not in spec:
             continue
         dim = spec.index(label)
-        size = sizes(arg)[dim]
-        if isinstance(size, int) and size == 1:
-            continue  # a broadcast batch dim
-        if not divides(Shard(dim, blocks), size, inputs.world_size):
-            return Cannot(f"matmul operand dim of {size} does not split over {inputs.world_size} ranks")
-        moves.append(Redistribute((pos,), Shard(dim, blocks)))
+        want, size = Shard(dim, blocks, replicas), sizes(arg)[dim]
+        if inputs[arg] == want or (isinstance(size, int) and size == 1):
+            continue  # already right, or a broadcast batch dim
+        if not refinable(inputs[arg], want, size, inputs.world_size):
+            return Cannot(f"matmul operand dim of {size} does not split as {want} over {inputs.world_size} ranks")
+        moves.append(Redistribute((pos,), want))
     if label in out_spec:
-        out = Shard(out_spec.index(label), blocks)
+        out = Shard(out_spec.index(label), blocks, replicas)
         return Out(out, tuple(moves) + _bias_moves(node, bias_at, out, inputs))
     has_bias = bias_at is not None and len(node.args) > bias_at and isinstance(node.args[bias_at], fx.Node)
     return Out(Partial(), tuple(moves), bias_path=(bias_at,) if has_bias else None)

@@ -47,7 +47,7 @@ def embedding_rule(node: fx.Node, inputs: Inputs) -> Result:
     if isinstance(table, Shard) and isinstance(ids, Shard):
         return Cannot("embedding with both table and indices sharded")
     if isinstance(table, Shard):
-        if table.dim == 0 and table.blocks == 1:
+        if table.dim == 0 and table.blocks == 1 and table.replicas == 1:
             return Out(Partial(), local_op="vocab_parallel_embedding")
         if table.dim != 1:
             return Cannot(f"embedding table sharded as {table}")

@@ -12,7 +12,7 @@ import torch
 import torch.fx as fx
 
 from autotp.placement import Replicate, Shard, divides
-from autotp.rules import Cannot, Inputs, Out, Redistribute, Result, ndim, rule, sizes
+from autotp.rules import Cannot, Inputs, Out, Redistribute, Result, finest, ndim, refinable, rule, sizes
 
 aten = torch.ops.aten
 
@@ -65,28 +65,26 @@ def broadcast_rule(node: fx.Node, inputs: Inputs) -> Result:
     """n-ary elementwise with broadcasting (see the module docstring for the maths)."""
     out_rank = ndim(node)
     operands = [(i, a) for i, a in enumerate(node.args) if isinstance(a, fx.Node) and _is_tensor(a)]
-    wanted = None
+    aligned = []
     for _, arg in operands:
         p = inputs[arg]
         if isinstance(p, Shard):
-            aligned = p.with_dim(p.dim + out_rank - ndim(arg))
-            if wanted is not None and wanted != aligned:
-                return Cannot(f"operands sharded differently ({wanted} vs {aligned})")
-            wanted = aligned
+            aligned.append(p.with_dim(p.dim + out_rank - ndim(arg)))
         elif not isinstance(p, Replicate):
             return Cannot(f"operand placement {p} not supported")
-    if wanted is None:
+    if not aligned:
         return Replicate()
+    wanted = finest(aligned)
+    if isinstance(wanted, Cannot):
+        return wanted
     moves = []
     for i, arg in operands:
-        if isinstance(inputs[arg], Shard):
-            continue
         dim = wanted.dim - (out_rank - ndim(arg))
-        if dim < 0 or sizes(arg)[dim] == 1:
-            continue  # broadcast along the sharded dim: identical on every rank
-        if not divides(Shard(dim, wanted.blocks), sizes(arg)[dim], inputs.world_size):
-            return Cannot(f"operand {i} of size {sizes(arg)[dim]} does not split over {inputs.world_size} ranks")
-        moves.append(Redistribute((i,), Shard(dim, wanted.blocks)))
+        if dim < 0 or sizes(arg)[dim] == 1 or inputs[arg] == wanted.with_dim(dim):
+            continue  # broadcast along the sharded dim (identical on every rank), or already right
+        if not refinable(inputs[arg], wanted.with_dim(dim), sizes(arg)[dim], inputs.world_size):
+            return Cannot(f"operand {i} of size {sizes(arg)[dim]} does not split as {wanted}")
+        moves.append(Redistribute((i,), wanted.with_dim(dim)))
     return Out(wanted, tuple(moves))
 
 

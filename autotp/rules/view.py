@@ -20,6 +20,7 @@ Literal sizes at the sharded position are rewritten to their per-rank value (``A
 
 from __future__ import annotations
 
+import math
 import operator
 from itertools import accumulate
 from typing import Any, Optional, Union
@@ -72,31 +73,37 @@ def _shard_src(node: fx.Node, inputs: Inputs) -> Union[Shard, Cannot]:
 
 
 def _resize(src: Shard, n: int, m: int, j: int, world: int) -> Union[Shard, Cannot]:
-    """Shard of a dim of size ``n`` landing on an output dim of size ``m`` (split or merge)."""
+    """Shard of a dim of size ``n`` landing on an output dim of size ``m`` (split or merge).
+
+    When the heads do not divide into the shard's chunks but do divide the world size (2 kv
+    heads on 4 ranks), the answer hints how many ranks should share each head."""
     parts = block_sizes(src, n)
+    chunks = src.chunks(world)
     if m == n:
-        return Shard(j, src.blocks)
+        return src.with_dim(j)
     if n % m == 0:
         inner = n // m
         if any(p % inner for p in parts):
             return Cannot(f"view splits a fused dim of {n} into {m} x {inner}, across its blocks {parts}")
         parts = [p // inner for p in parts]
-        if any(p % world for p in parts):
+        if any(p % chunks for p in parts):
             counts = parts if len(parts) > 1 else parts[0]
-            return Cannot(f"view splits dim of {n} into {m} heads of {inner}: {counts} heads not divisible by tp={world}")
+            shared = world // math.gcd(world, *parts)
+            return Cannot(f"view splits dim of {n} into {m} heads of {inner}: {counts} heads not divisible by tp={world}",
+                          replicas=shared if shared < world else None)
     elif m % n == 0:
         parts = [p * (m // n) for p in parts]
     else:
         return Cannot(f"view maps a sharded dim of {n} onto {m}")
-    return Shard(j, src.blocks if isinstance(src.blocks, int) else tuple(parts))
+    return Shard(j, src.blocks if isinstance(src.blocks, int) else tuple(parts), src.replicas)
 
 
-def _size_edit(path: tuple[int, ...], literal: Any, world: int) -> Union[tuple, Cannot]:
+def _size_edit(path: tuple[int, ...], literal: Any, chunks: int) -> Union[tuple, Cannot]:
     if isinstance(literal, fx.Node):
         return Cannot("a symbolic size sits at the sharded position of a view")
     if literal == -1:
         return ()
-    return (ArgEdit(path, literal, literal // world),)
+    return (ArgEdit(path, literal, literal // chunks),)
 
 
 def _reshape(node: fx.Node, inputs: Inputs, shape_path: Optional[tuple[int, ...]], first: int) -> Result:
@@ -116,7 +123,7 @@ def _reshape(node: fx.Node, inputs: Inputs, shape_path: Optional[tuple[int, ...]
     if isinstance(placed, Cannot) or shape_path is None:
         return placed
     literals = node.args[shape_path[0]]
-    edits = _size_edit(shape_path + (j - first,), literals[j - first], inputs.world_size)
+    edits = _size_edit(shape_path + (j - first,), literals[j - first], src.chunks(inputs.world_size))
     return edits if isinstance(edits, Cannot) else Out(placed, edits=edits)
 
 
@@ -142,7 +149,7 @@ def expand_rule(node: fx.Node, inputs: Inputs) -> Result:
     if isinstance(src, Cannot):
         return src
     j = src.dim + ndim(node) - ndim(node.args[0])
-    edits = _size_edit((1, j), node.args[1][j], inputs.world_size)
+    edits = _size_edit((1, j), node.args[1][j], src.chunks(inputs.world_size))
     return edits if isinstance(edits, Cannot) else Out(src.with_dim(j), edits=edits)
 
 
@@ -214,10 +221,11 @@ def _refined(src: Shard, n: int, cuts: list[int]) -> tuple[int, ...]:
     return tuple(b - a for a, b in zip(bounds, bounds[1:]))
 
 
-def _sub_blocks(src: Shard, picked: list[int]) -> Union[int, tuple[int, ...]]:
+def _sub_shard(src: Shard, dim: int, picked: list[int]) -> Shard:
+    """The shard of a piece made of the blocks ``picked`` (their sizes) of ``src``."""
     if isinstance(src.blocks, int):
-        return len(picked)
-    return tuple(picked) if len(picked) > 1 else 1
+        return Shard(dim, len(picked), src.replicas)
+    return Shard(dim, tuple(picked) if len(picked) > 1 else 1, src.replicas)
 
 
 def _local_bound(bound: int, world: int) -> int:
@@ -250,11 +258,11 @@ def slice_rule(node: fx.Node, inputs: Inputs) -> Result:
     if span is None:
         hint = _refined(src, n, [start, end])
         return Cannot(f"slice [{start}:{end}] cuts through the blocks of a sharded dim of {n}", hint)
-    world = inputs.world_size
-    edits = [ArgEdit((2,), args[2], _local_bound(args[2], world))] if args[2] else []
+    chunks = src.chunks(inputs.world_size)
+    edits = [ArgEdit((2,), args[2], _local_bound(args[2], chunks))] if args[2] else []
     if args[3] is not None and args[3] < n:
-        edits.append(ArgEdit((3,), args[3], _local_bound(args[3], world)))
-    return Out(Shard(dim, _sub_blocks(src, span[2])), edits=tuple(edits))
+        edits.append(ArgEdit((3,), args[3], _local_bound(args[3], chunks)))
+    return Out(_sub_shard(src, dim, span[2]), edits=tuple(edits))
 
 
 @rule(aten.narrow.default)
@@ -272,9 +280,9 @@ def narrow_rule(node: fx.Node, inputs: Inputs) -> Result:
     if span is None:
         hint = _refined(src, n, [start, start + length])
         return Cannot(f"narrow [{start}:{start + length}] cuts through the blocks of a sharded dim", hint)
-    world = inputs.world_size
-    edits = (ArgEdit((2,), start, start // world), ArgEdit((3,), length, length // world))
-    return Out(Shard(dim, _sub_blocks(src, span[2])), edits=edits)
+    chunks = src.chunks(inputs.world_size)
+    edits = (ArgEdit((2,), start, start // chunks), ArgEdit((3,), length, length // chunks))
+    return Out(_sub_shard(src, dim, span[2]), edits=edits)
 
 
 @rule(aten.select.int)
@@ -298,7 +306,7 @@ def _split_outputs(node: fx.Node, src: Shard, dim: int) -> Union[list[Shard], Ca
         if span is None:
             hint = _refined(src, n, list(accumulate(pieces)))
             return Cannot(f"split into {pieces} cuts through the blocks {block_sizes(src, n)} of a sharded dim", hint)
-        out.append(Shard(dim, _sub_blocks(src, span[2])))
+        out.append(_sub_shard(src, dim, span[2]))
         start += size
     return out
 
@@ -315,11 +323,11 @@ def split_rule(node: fx.Node, inputs: Inputs) -> Result:
     pieces = _split_outputs(node, src, dim)
     if isinstance(pieces, Cannot):
         return pieces
-    world = inputs.world_size
+    chunks = src.chunks(inputs.world_size)
     if node.target is aten.split.Tensor:
-        edits: tuple = (ArgEdit((1,), node.args[1], node.args[1] // world),)
+        edits: tuple = (ArgEdit((1,), node.args[1], node.args[1] // chunks),)
     elif node.target is aten.split_with_sizes.default:
-        edits = tuple(ArgEdit((1, i), s, s // world) for i, s in enumerate(node.args[1]))
+        edits = tuple(ArgEdit((1, i), s, s // chunks) for i, s in enumerate(node.args[1]))
     else:  # chunk(n) recomputes its pieces from the local size
         edits = ()
     return Out(tuple(pieces), edits=edits)
@@ -369,17 +377,20 @@ def cat_rule(node: fx.Node, inputs: Inputs) -> Result:
                     return Cannot("replicated cat input does not split over the ranks")
                 moves.append(Redistribute((0, i), shard))
         return Out(shard, tuple(moves))
+    if len({s.replicas for s in shards}) != 1:
+        return Cannot("cat of pieces shared by different numbers of ranks")
+    replicas = next(iter(shards)).replicas
     parts, moves = [], []
     for i, t in enumerate(tensors):
         p, n = inputs[t], sizes(t)[dim]
         if isinstance(p, Replicate):
-            p = Shard(dim)
+            p = Shard(dim, 1, replicas)
             moves.append(Redistribute((0, i), p))
         if not divides(p, n, world):
             return Cannot("cat input does not split over the ranks")
         parts.extend(block_sizes(p, n))
     blocks = len(parts) if len(set(parts)) == 1 else tuple(parts)
-    return Out(Shard(dim, blocks), tuple(moves))
+    return Out(Shard(dim, blocks, replicas), tuple(moves))
 
 
 @rule(aten.repeat_interleave.self_int)
