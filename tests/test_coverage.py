@@ -1,0 +1,63 @@
+"""Coverage matrix: transformers families from small seeded configs, no per-model code.
+
+One group of real ranks per tp checks many architectures in turn (the worker of
+``scripts/coverage.py``): every rank's output must match the unsharded model's. Then a few
+checks per capability: fused projections found from the graph, experts sharded, kv heads
+shared by rank pairs, encoder and encoder-decoder models. A failing architecture is named
+with its error or its max difference.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "scripts"))
+
+from arch_configs import ARCHS  # noqa: E402
+from coverage import worker  # noqa: E402
+from distributed import run_ranks  # noqa: E402
+
+pytestmark = pytest.mark.distributed
+
+TP4 = ["llama", "mixtral", "qwen3_moe", "phi3", "gpt2", "gpt_neox", "falcon", "bert", "t5"]
+
+
+@pytest.fixture(scope="module")
+def results() -> dict[tuple[str, int], dict]:
+    out = {}
+    for tp, archs in ((2, list(ARCHS)), (4, TP4)):
+        per_rank = run_ranks(worker, tp, archs, timeout=1800)
+        for i, arch in enumerate(archs):
+            ranks = [r[i] for r in per_rank]
+            out[(arch, tp)] = {**ranks[0], "exact": all(r.get("exact") for r in ranks),
+                               "diff": max(r.get("diff", float("inf")) for r in ranks)}
+    return out
+
+
+@pytest.mark.parametrize("key", [(a, 2) for a in ARCHS] + [(a, 4) for a in TP4], ids=lambda k: f"{k[0]}-tp{k[1]}")
+def test_architecture_matches_unsharded(results, key):
+    r = results[key]
+    assert "error" not in r, r.get("trace", r.get("error"))
+    assert r["exact"], f"max abs diff {r['diff']:.2e} > 1e-4 x {r['scale']:.2e}"
+    assert r["sharded_fraction"] > 0.5, f"only {r['sharded_fraction']:.2f} of the parameter bytes sharded"
+
+
+def test_llama_family_per_rank_bytes_near_ideal(results):
+    for arch in ("llama", "mistral", "qwen2", "qwen3", "gemma", "olmo", "granite", "cohere"):
+        assert results[(arch, 2)]["per_rank_ratio"] <= 1.05, arch
+
+
+def test_experts_are_tensor_parallel(results):
+    for arch in ("mixtral", "qwen2_moe", "qwen3_moe"):
+        assert results[(arch, 2)]["per_rank_ratio"] <= 1.05, arch
+    assert results[("mixtral", 4)]["per_rank_ratio"] <= 1.10
+
+
+def test_two_all_reduces_per_decoder_layer(results):
+    for arch in ("llama", "mixtral", "gpt2", "gpt_neox", "phi3", "codegen", "opt", "starcoder2"):
+        assert results[(arch, 2)]["all_reduces"] == [2], arch
+    assert results[("t5", 2)]["all_reduces"][:2] == [2, 3]  # encoder layers, decoder layers (+ cross-attention)
+    assert results[("bart", 2)]["all_reduces"] == [2, 3]
