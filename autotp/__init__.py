@@ -17,7 +17,8 @@ from autotp.errors import AutotpError
 from autotp.hf import params_on_meta as init_empty_weights
 from autotp.placement import Partial, Replicate, Shard
 from autotp.plan import Plan
-from autotp.runtime import TensorParallelModule, load, parallelize, plan_model
+from autotp.module import TensorParallelModule
+from autotp.runtime import load, parallelize, plan_model
 
 __all__ = [
     "parallelize",

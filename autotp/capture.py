@@ -37,7 +37,9 @@ from torch.utils import _pytree as pytree
 from autotp.errors import AutotpError
 from autotp import hf
 
-__all__ = ["capture", "Captured", "bind_inputs", "structure_key", "fake_skeleton", "model_device", "CaptureError"]
+__all__ = ["capture", "Captured", "bind_inputs", "forward_signature", "structure_key", "fake_skeleton", "meta_twin",
+           "model_device",
+           "CaptureError"]
 
 
 class CaptureError(AutotpError):
@@ -65,6 +67,26 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def meta_twin(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every tensor on ``meta`` at its current (global) shape: what
+    later captures read once the model's own tensors have been replaced by one rank's pieces."""
+    memo: dict[int, Any] = {}
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        meta = torch.empty_like(tensor, device="meta")
+        memo.setdefault(id(tensor), nn.Parameter(meta, requires_grad=False) if isinstance(tensor, nn.Parameter) else meta)
+    return _copy_unrouted(model, memo)
+
+
+def _copy_unrouted(model: nn.Module, memo: dict[int, Any]) -> nn.Module:
+    """``deepcopy`` with ``memo``, leaving out a routing of calls put on module instances."""
+    routed = [(m, m.__dict__.pop("forward")) for m in model.modules() if "forward" in m.__dict__]
+    try:
+        return copy.deepcopy(model, memo)
+    finally:
+        for module, forward in routed:
+            module.__dict__["forward"] = forward
+
+
 def fake_skeleton(model: nn.Module, device: Optional[torch.device] = None) -> tuple[nn.Module, FakeTensorMode]:
     """A copy of ``model`` whose parameters and buffers are fake tensors on ``device``.
 
@@ -81,12 +103,18 @@ def fake_skeleton(model: nn.Module, device: Optional[torch.device] = None) -> tu
         meta = torch.empty_like(tensor, device="meta")
         fake = mode.fake_tensor_converter.from_meta_and_device(mode, meta, device)
         memo[id(tensor)] = nn.Parameter(fake, requires_grad=False) if isinstance(tensor, nn.Parameter) else fake
-    return copy.deepcopy(model, memo), mode
+    # a parallelized model routes its calls to its TensorParallelModule: copy the class's own forward
+    return _copy_unrouted(model, memo), mode
+
+
+def forward_signature(model: nn.Module) -> inspect.Signature:
+    """The signature of the model's own ``forward`` (not of a routing put on the instance)."""
+    return inspect.signature(type(model).forward.__get__(model)) if "forward" in model.__dict__ else inspect.signature(model.forward)
 
 
 def bind_inputs(model: nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> dict[str, Any]:
     """Map a call's arguments to keyword arguments of ``model.forward`` (``None`` defaults dropped)."""
-    sig = inspect.signature(model.forward)
+    sig = forward_signature(model)
     try:
         bound = sig.bind(*args, **kwargs)
     except TypeError as exc:

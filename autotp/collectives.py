@@ -60,13 +60,13 @@ class AllGather(nn.Module):
         self.group = group
         self.world_size = world_size
 
-    def forward(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, dim: int, replicas: int = 1) -> torch.Tensor:
         if self.world_size == 1:
             return x
         x = x.contiguous()
         pieces = [torch.empty_like(x) for _ in range(self.world_size)]
         dist.all_gather(pieces, x, group=self.group)
-        return torch.cat(pieces, dim)
+        return torch.cat(pieces[::replicas], dim)  # ranks sharing a chunk hold the same piece
 
     def extra_repr(self) -> str:
         return f"world_size={self.world_size}"

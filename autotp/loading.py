@@ -82,15 +82,25 @@ class ModuleSource:
             return local_chunk(full, placement, rank, world_size).to(self.device or full.device).clone()
         return full if self.device is None else full.to(self.device)
 
-    def release(self, names: Iterable[str]) -> None:
-        """Move the named tensors of the source module to ``meta``, freeing their memory."""
-        doomed = {id(self.tensors[n]) for n in names if n in self.tensors}
+    def release(self, names: Iterable[str], local: Optional[dict[str, torch.Tensor]] = None) -> None:
+        """Free the named tensors of the source module: each becomes this rank's tensor of the
+        same name from ``local`` (a slice, so the module keeps a real device but no full copy),
+        or an empty ``meta`` tensor."""
+        local = local or {}
+        replacement: dict[int, Optional[torch.Tensor]] = {}
+        for name in names:
+            if name in self.tensors:
+                key = id(self.tensors[name])
+                replacement[key] = local.get(name, replacement.get(key))  # tied names share one tensor
         for module in self.module.modules():
             for store in (module._parameters, module._buffers):
                 for key, t in list(store.items()):
-                    if t is not None and id(t) in doomed:
-                        meta = torch.empty_like(t, device="meta")
-                        store[key] = nn.Parameter(meta, requires_grad=False) if isinstance(t, nn.Parameter) else meta
+                    if t is None or id(t) not in replacement:
+                        continue
+                    new = replacement[id(t)]
+                    if new is None:
+                        new = torch.empty_like(t, device="meta")
+                    store[key] = nn.Parameter(new, requires_grad=False) if isinstance(t, nn.Parameter) and not isinstance(new, nn.Parameter) else new
         self.tensors = named_tensors(self.module)
 
 

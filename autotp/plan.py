@@ -25,7 +25,7 @@ from typing import Any, Optional
 
 from autotp.placement import Placement, Replicate, Shard, block_sizes, parse_placement
 
-__all__ = ["Plan", "ParamSpec", "Collective", "ArgEdit", "LocalSlice", "LocalOp", "ShardedOutput", "Region", "FORMAT_VERSION"]
+__all__ = ["Plan", "ParamSpec", "Collective", "ArgEdit", "LocalSlice", "LocalOp", "ShardedOutput", "ShardedInput", "Region", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
 
@@ -83,6 +83,7 @@ class Collective:
     bias_path: Optional[list[int]] = None
     path: Optional[list[int]] = None
     dim: Optional[int] = None
+    replicas: int = 1  # all_gather of a piece several ranks share: one copy per chunk is kept
 
 
 @dataclass
@@ -98,6 +99,14 @@ class ShardedOutput:
     """A model output left sharded (``gather_outputs=False``): each rank returns its part."""
 
     path: list[int]
+    placement: Placement
+
+
+@dataclass
+class ShardedInput:
+    """A graph input each rank passes its part of (a KV cache it got from a sharded output)."""
+
+    name: str
     placement: Placement
 
 
@@ -148,6 +157,7 @@ class Plan:
     slices: list[LocalSlice] = field(default_factory=list)
     local_ops: list[LocalOp] = field(default_factory=list)
     sharded_outputs: list[ShardedOutput] = field(default_factory=list)
+    sharded_inputs: list[ShardedInput] = field(default_factory=list)
     regions: list[Region] = field(default_factory=list)
     inputs: list[str] = field(default_factory=list)
     model: str = ""
@@ -181,8 +191,9 @@ class Plan:
             data["params"][name]["placement"] = str(spec.placement)
         for i, s in enumerate(self.slices):
             data["slices"][i]["placement"] = str(s.placement)
-        for i, s in enumerate(self.sharded_outputs):
-            data["sharded_outputs"][i]["placement"] = str(s.placement)
+        for key in ("sharded_outputs", "sharded_inputs"):
+            for i, s in enumerate(getattr(self, key)):
+                data[key][i]["placement"] = str(s.placement)
         return data
 
     def to_json(self, indent: Optional[int] = 1) -> str:
@@ -205,6 +216,7 @@ class Plan:
             slices=[LocalSlice(**{**s, "placement": parse_placement(s["placement"])}) for s in data["slices"]],
             local_ops=[LocalOp(**o) for o in data.get("local_ops", [])],
             sharded_outputs=[ShardedOutput(o["path"], parse_placement(o["placement"])) for o in data.get("sharded_outputs", [])],
+            sharded_inputs=[ShardedInput(o["name"], parse_placement(o["placement"])) for o in data.get("sharded_inputs", [])],
             regions=[Region(**r) for r in data["regions"]],
             inputs=list(data.get("inputs", [])),
             model=data.get("model", ""),

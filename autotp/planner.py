@@ -36,7 +36,7 @@ import torch
 import torch.fx as fx
 
 from autotp.placement import Partial, Placement, Replicate, Shard, divides
-from autotp.plan import ArgEdit, Collective, LocalOp, LocalSlice, ParamSpec, Plan, Region, ShardedOutput
+from autotp.plan import ArgEdit, Collective, LocalOp, LocalSlice, ParamSpec, Plan, Region, ShardedInput, ShardedOutput
 from autotp.propagate import Propagation, arg_at, propagate
 from autotp.rules import ndim, sizes
 from autotp.rules.matmul import matmul_spec
@@ -146,6 +146,15 @@ def _placement_before(node: fx.Node, after: Placement) -> Optional[Shard]:
     return after  # casts, copies, aliases keep the layout
 
 
+def _reads_only_metadata(user: fx.Node, value: fx.Node, shard: Shard) -> bool:
+    """A user that reads ``value``'s dtype or the size of a dim ``shard`` leaves whole: it does
+    not care whether ``value`` is sharded. (Export's input guards are dropped by the rewrite for
+    graphs that take sharded inputs.)"""
+    if user.target is aten._assert_tensor_metadata.default or (user.op == "call_module" and user.target == "_guards_fn"):
+        return True
+    return user.target is aten.sym_size.int and user.args[1] % ndim(value) != shard.dim
+
+
 _MAX_LAYOUT_RETRIES = 4  # phi3's q|k|v slices refine the layout once per slice
 
 
@@ -171,10 +180,10 @@ class _Grown:
 
 
 class _Planner:
-    def __init__(self, graph: fx.Graph, world_size: int, gather_outputs: bool = True) -> None:
+    def __init__(self, graph: fx.Graph, world_size: int, local_inputs: Iterable[str] = ()) -> None:
         self.graph = graph
         self.world = world_size
-        self.gather_outputs = gather_outputs
+        self.local_inputs = set(local_inputs)
         self.candidates = find_candidates(graph)
         self.by_matmul = {c.matmul: c for c in self.candidates}
         self._colwise: dict[fx.Node, Optional[int]] = {}
@@ -218,15 +227,20 @@ class _Planner:
             wanted: dict[fx.Node, set] = {}
             for node, move in prop.redistributions():
                 user, src, to = node, arg_at(node, move.path), move.to
-                while to is not None and src.op == "call_function" and len(src.users) == 1:
-                    user, src, to = src, src.args[0], _placement_before(src, to)
-                if to is not None and src.op == "get_attr" and src not in seeds:
+                while src.op == "call_function" and len(src.users) == 1:
+                    before = _placement_before(src, to)
+                    if before is None:
+                        break
+                    user, src, to = src, src.args[0], before
+                promotable = src.op == "get_attr" or (src.op == "placeholder" and src.name in self.local_inputs)
+                if promotable and src not in seeds:
                     wanted.setdefault(src, set()).add((user, to))
-            promote = {
-                p: next(iter(asks))[1]
-                for p, asks in wanted.items()
-                if len({to for _, to in asks}) == 1 and {u for u, _ in asks} == set(p.users)
-            }
+            promote = {}
+            for p, asks in wanted.items():
+                placements = {to for _, to in asks}
+                askers = {u for u, _ in asks}
+                if len(placements) == 1 and all(u in askers or _reads_only_metadata(u, p, *placements) for u in p.users):
+                    promote[p] = placements.pop()
             if not promote:
                 return seeds, prop
             seeds = {**seeds, **promote}
@@ -302,7 +316,7 @@ def _replicated_slices(prop: Propagation) -> int:
 
 def plan_graph(
     graph: fx.Graph, world_size: int, *, model: str = "", inputs: Optional[list[str]] = None,
-    gather_outputs: bool = True,
+    gather_outputs: bool = True, local_inputs: Iterable[str] = (), local_outputs: Iterable[int] = (),
 ) -> Plan:
     """Plan tensor parallelism for a captured graph over ``world_size`` ranks.
 
@@ -313,13 +327,16 @@ def plan_graph(
         inputs: the names of the graph's user inputs, recorded in the plan.
         gather_outputs: all-gather sharded model outputs (a column-parallel LM head's
             logits), so every rank returns the full output; ``False`` leaves them sharded.
+        local_inputs: names of graph inputs the caller can pass sharded (a KV cache): they
+            are sharded like parameters when all their users want it.
+        local_outputs: positions of graph outputs that stay sharded (the KV cache it returns).
 
     Returns:
         A :class:`Plan`; with ``world_size == 1`` every parameter is replicated.
     """
     if world_size < 1:
         raise ValueError(f"tp_size must be >= 1, got {world_size}")
-    planner = _Planner(graph, world_size, gather_outputs)
+    planner = _Planner(graph, world_size, local_inputs)
     accepted: list[tuple[str, _Grown]] = []
     rejected: dict[Candidate, str] = {}
     assigned: set = set()
@@ -346,10 +363,14 @@ def plan_graph(
     seeds, final = planner.settle(seeds)
     if not final.ok:  # regions were checked pairwise when they touched; this is a bug guard
         raise RuntimeError(f"autotp planner: accepted regions fail together: {final.failure}")
-    return _build_plan(graph, world_size, accepted, rejected, seeds, final, model, inputs or [], gather_outputs)
+    keep = set(local_outputs)
+    plan = _build_plan(graph, world_size, accepted, rejected, seeds, final, model, inputs or [],
+                       lambda i: gather_outputs and i not in keep)
+    plan.sharded_inputs = [ShardedInput(n.name, p) for n, p in seeds.items() if n.op == "placeholder"]
+    return plan
 
 
-def _build_plan(graph, world, accepted, rejected, seeds, final: Propagation, model, inputs, gather_outputs) -> Plan:
+def _build_plan(graph, world, accepted, rejected, seeds, final: Propagation, model, inputs, gather) -> Plan:
     region_of: dict[fx.Node, str] = {}
     for name, grown in accepted:
         for node in list(grown.prop.answers) + list(grown.seeds):
@@ -367,9 +388,10 @@ def _build_plan(graph, world, accepted, rejected, seeds, final: Propagation, mod
         plan.collectives.append(Collective("all_reduce", node.name, region_of.get(node), list(bias) if bias else None))
     output = _output_node(graph)
     for path, placement in final.outputs:
-        if gather_outputs:
+        if gather(path[-1]):
             region = region_of.get(arg_at(output, path))
-            plan.collectives.append(Collective("all_gather", output.name, region, None, list(path), placement.dim))
+            plan.collectives.append(Collective("all_gather", output.name, region, None, list(path), placement.dim,
+                                               placement.replicas))
         else:
             plan.sharded_outputs.append(ShardedOutput(list(path), placement))
     for node, answer in final.answers.items():

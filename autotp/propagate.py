@@ -77,7 +77,7 @@ def _sharded_outputs(node: fx.Node, inputs: Inputs, found: list) -> Optional[Fai
     """Record the graph outputs that are sharded; only plain shards can be gathered."""
     for i, value in enumerate(node.args[0] if isinstance(node.args[0], (list, tuple)) else [node.args[0]]):
         placement = inputs[value]
-        if isinstance(placement, Shard) and placement.blocks == 1 and placement.replicas == 1:
+        if isinstance(placement, Shard) and placement.blocks == 1:
             found.append(((0, i), placement))
         elif not isinstance(placement, Replicate):
             return Failure(node, f"model output {i} is {placement}, which cannot be gathered")
@@ -130,6 +130,8 @@ def propagate(
             if failure is not None:
                 result.failure = failure
             return result  # the output node is the last node
+        if node.op == "call_module" and node.target == "_guards_fn":
+            continue  # export's input checks: dropped by the rewrite when an input is sharded
         if node.op != "call_function":
             what = "reaches the model output" if node.op == "output" else f"enters {node.op} {node.target}"
             result.failure = Failure(node, f"a sharded value {what}")

@@ -87,6 +87,17 @@ def _apply_slices(gm: fx.GraphModule, by_name: dict[str, fx.Node], plan: Plan, r
         node.args = _replace_at(node.args, item.path, piece)
 
 
+def _drop_input_guards(gm: fx.GraphModule) -> None:
+    """Export guards the captured (global) input shapes; a graph fed this rank's part of an
+    input must not check them. The runtime builds those inputs itself."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            gm.graph.erase_node(node)
+    if hasattr(gm, "_guards_fn"):
+        delattr(gm, "_guards_fn")
+    gm.validate_inputs = False
+
+
 def _apply_local_ops(by_name: dict[str, fx.Node], plan: Plan, rank: int) -> None:
     for item in plan.local_ops:
         node = by_name[item.node]
@@ -100,7 +111,7 @@ def _apply_all_gathers(gm: fx.GraphModule, by_name: dict[str, fx.Node], plan: Pl
             continue
         node = by_name[coll.node]
         with gm.graph.inserting_before(node):
-            whole = gm.graph.call_module(ALL_GATHER, (arg_at(node, tuple(coll.path)), coll.dim))
+            whole = gm.graph.call_module(ALL_GATHER, (arg_at(node, tuple(coll.path)), coll.dim, coll.replicas))
         node.args = _replace_at(node.args, coll.path, whole)
 
 
@@ -156,6 +167,8 @@ def rewrite(
     _apply_edits(by_name, plan)
     _apply_slices(gm, by_name, plan, rank)
     _apply_local_ops(by_name, plan, rank)
+    if plan.sharded_inputs:
+        _drop_input_guards(gm)
     gm.add_module(ALL_REDUCE, AllReduce(group, plan.tp_size))
     gm.add_module(ALL_GATHER, AllGather(group, plan.tp_size))
     _apply_all_reduces(gm, by_name, plan)

@@ -1,31 +1,25 @@
-"""Runtime: the process group from the torchrun environment, and :func:`parallelize`.
+"""Runtime: the pipeline for one rank, :func:`parallelize` and :func:`load`.
 
-``parallelize`` is the whole pipeline for one rank: capture (fake weights) -> plan (same on
-every rank, checked) -> rewrite for this rank -> load this rank's tensors from the model ->
-release the model's full copies of sharded tensors. It returns a
-:class:`TensorParallelModule`: an ``nn.Module`` called like the original model that returns
-the original output type.
-
-Only this module, :mod:`autotp.rewrite` and :mod:`autotp.loading` know the rank.
+``parallelize`` runs capture (fake weights) -> plan (the same on every rank, checked) ->
+rewrite for this rank -> load this rank's tensors (from the model, or slice by slice from a
+checkpoint) -> hand the model object over (its full copies of sharded tensors are dropped and
+its calls route to the result). ``load`` does the same from a converted directory, reading
+only this rank's file. Both return a :class:`~autotp.module.TensorParallelModule`.
 """
 
 from __future__ import annotations
 
-import datetime
-import hashlib
 import os
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
-import torch.distributed as dist
-import torch.fx as fx
 import torch.nn as nn
 
 from autotp import hf
-from autotp.capture import bind_inputs, capture, model_device, structure_key
+from autotp.capture import capture, forward_signature, model_device
 from autotp.errors import AutotpError
+from autotp.group import TPContext, agree, check_same_plan, init_tp
 from autotp.loading import (
     CheckpointSource,
     FirstOf,
@@ -37,29 +31,12 @@ from autotp.loading import (
     load_into,
     named_tensors,
 )
-from autotp.placement import Placement
+from autotp.module import TensorParallelModule, placements
 from autotp.plan import Plan
 from autotp.planner import plan_graph
 from autotp.rewrite import rewrite
 
-__all__ = ["parallelize", "load", "TensorParallelModule", "TPContext", "init_tp", "plan_model"]
-
-DEFAULT_TIMEOUT_S = float(os.environ.get("AUTOTP_TIMEOUT", "300"))
-
-
-@dataclass
-class TPContext:
-    """Where this process sits in the tensor-parallel group."""
-
-    rank: int
-    tp_size: int
-    group: Optional[dist.ProcessGroup]
-    device: torch.device
-
-    @property
-    def distributed(self) -> bool:
-        return self.tp_size > 1
-
+__all__ = ["parallelize", "load", "plan_model"]
 
 def _default_device(model: Optional[nn.Module]) -> torch.device:
     device = model_device(model) if model is not None else torch.device("cpu")
@@ -68,30 +45,6 @@ def _default_device(model: Optional[nn.Module]) -> torch.device:
     ) and torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return device
-
-
-def init_tp(tp_size: Optional[int] = None, device: Optional[torch.device] = None) -> TPContext:
-    """Join (or start) the process group that torchrun describes in the environment.
-
-    Without torchrun (no ``WORLD_SIZE``) and no process group, this is a group of one.
-    gloo is used on CPU, nccl on CUDA. ``tp_size`` defaults to the world size; a smaller one
-    must divide it, and consecutive ranks form each tensor-parallel group.
-    """
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=DEFAULT_TIMEOUT_S))
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    tp = world if tp_size is None else int(tp_size)
-    if tp < 1 or world % tp:
-        raise ValueError(f"tp_size={tp} must be >= 1 and divide the world size {world}")
-    if tp == world:
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        return TPContext(rank, tp, None, device)
-    group, _ = dist.new_subgroups(group_size=tp)
-    return TPContext(dist.get_rank(group), tp, group, device)
 
 
 def plan_model(model: nn.Module, tp_size: int, example_inputs: Any = None) -> Plan:
@@ -106,111 +59,6 @@ def _model_label(model: nn.Module) -> str:
     return f"{type(model).__name__} ({kind})" if kind else type(model).__name__
 
 
-def _placements(plan: Plan) -> dict[str, Placement]:
-    return {name: spec.placement for name, spec in plan.params.items()}
-
-
-def _check_same_plan(plan: Plan, ctx: TPContext) -> None:
-    """Every rank plans on its own; a disagreement would compute garbage, so fail loudly."""
-    if not ctx.distributed:
-        return
-    digest = hashlib.sha256(plan.to_json(indent=None).encode()).hexdigest()
-    digests: list[Any] = [None] * ctx.tp_size
-    dist.all_gather_object(digests, digest, group=ctx.group)
-    if len(set(digests)) != 1:
-        raise RuntimeError(f"autotp: ranks computed different plans ({sorted(set(digests))}); "
-                           "every rank must build the same model and call with the same inputs")
-
-
-class _LocalSource:
-    """Tensors already local to this rank, from another graph of the same model."""
-
-    def __init__(self, gm: fx.GraphModule) -> None:
-        self.tensors = dict(gm.named_parameters(remove_duplicate=False)) | dict(gm.named_buffers(remove_duplicate=False))
-
-    def read(self, name: str, placement: Placement, rank: int, world_size: int) -> torch.Tensor:
-        return self.tensors[name]
-
-
-class TensorParallelModule(nn.Module):
-    """This rank's part of a tensor-parallel model. Call it like the original model.
-
-    Attributes:
-        graph_module: the rewritten graph for the inputs given to :func:`parallelize`.
-        plan: the plan it carries out (the same on every rank).
-        rank, tp_size: this rank and the size of its tensor-parallel group.
-        timings: seconds per stage of :func:`parallelize` (capture, plan, rewrite, load).
-    """
-
-    def __init__(self, gm: fx.GraphModule, plan: Plan, ctx: TPContext, source: nn.Module, key: tuple) -> None:
-        super().__init__()
-        self.graph_module = gm
-        self.plan = plan
-        self.rank, self.tp_size = ctx.rank, ctx.tp_size
-        self.timings: dict[str, float] = {}
-        # Not submodules: the source's sharded tensors are on meta now; it serves only as the
-        # skeleton for capturing another input structure.
-        self.__dict__["_ctx"] = ctx
-        self.__dict__["_source"] = source
-        self.__dict__["_graphs"] = {key: gm}
-        if hf.is_hf_model(source):
-            self.__dict__["config"] = source.config
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        inputs = bind_inputs(self._source, args, kwargs)
-        key = structure_key(inputs)
-        gm = self._graphs.get(key)
-        if gm is None:
-            gm = self._graph_for(key, inputs)
-        return gm(**inputs)
-
-    def _graph_for(self, key: tuple, inputs: dict[str, Any]) -> fx.GraphModule:
-        """A call with other arguments than the capture's: capture and plan again (all ranks do)."""
-        captured = capture(self._source, inputs, device=self._ctx.device, bump_unit_dims=True)
-        plan = plan_graph(captured.graph, self.tp_size, model=self.plan.model, inputs=captured.input_names)
-        if _placements(plan) != _placements(self.plan):
-            raise RuntimeError(
-                f"autotp: a call with arguments {captured.input_names} plans the parameters differently "
-                f"from the capture with {self.plan.inputs}; parallelize with example_inputs like this call"
-            )
-        _check_same_plan(plan, self._ctx)
-        gm = rewrite(captured.graph_module, plan, self.rank, group=self._ctx.group)
-        load_into(gm, plan, self.rank, _LocalSource(self.graph_module))
-        self._graphs[key] = gm
-        return gm
-
-    def local_bytes(self) -> int:
-        """Bytes of the parameters and buffers this rank holds (each storage counted once)."""
-        seen, total = set(), 0
-        for t in list(self.graph_module.parameters()) + list(self.graph_module.buffers()):
-            key = (t.untyped_storage().data_ptr(), t.device)
-            if key not in seen:
-                seen.add(key)
-                total += t.untyped_storage().nbytes()
-        return total
-
-    def extra_repr(self) -> str:
-        return f"model={self.plan.model}, rank={self.rank}, tp_size={self.tp_size}"
-
-
-def _agree(ctx: TPContext, fn: Callable[[], Any]) -> Any:
-    """Run a check on every rank; if any rank fails it, every rank raises (naming the failed
-    ranks) instead of the healthy ones waiting in the next collective."""
-    error, value = None, None
-    try:
-        value = fn()
-    except AutotpError as exc:
-        error = str(exc)
-    errors: list[Any] = [error]
-    if ctx.distributed:
-        errors = [None] * ctx.tp_size
-        dist.all_gather_object(errors, error, group=ctx.group)
-    failed = [(r, e) for r, e in enumerate(errors) if e]
-    if failed:
-        raise AutotpError("; ".join(f"rank {r}: {e}" for r, e in failed) if ctx.distributed else failed[0][1])
-    return value
-
-
 def _build(
     model: nn.Module, example_inputs: Any, ctx: TPContext, source: Any, clock: "_Stopwatch",
     *, expected: Optional[Plan] = None, gather_outputs: bool = True,
@@ -219,17 +67,33 @@ def _build(
     captured = clock.lap("capture", capture(model, example_inputs, device=ctx.device))
     plan = plan_graph(captured.graph, ctx.tp_size, model=_model_label(model), inputs=captured.input_names,
                       gather_outputs=gather_outputs)
-    if expected is not None and _placements(plan) != _placements(expected):
+    if expected is not None and placements(plan) != placements(expected):
         differ = sorted(n for n in plan.params if str(plan.params[n].placement) != str(getattr(expected.params.get(n), "placement", None)))
         raise AutotpError(f"the stored plan differs from this autotp's plan for {differ[:3]}: convert the model again")
-    _check_same_plan(plan, ctx)
+    check_same_plan(plan, ctx)
     clock.lap("plan")
     gm = clock.lap("rewrite", rewrite(captured.graph_module, plan, ctx.rank, group=ctx.group))
-    _agree(ctx, lambda: load_into(gm, plan, ctx.rank, source))
+    agree(ctx, lambda: load_into(gm, plan, ctx.rank, source))
     clock.lap("load")
     tp_model = TensorParallelModule(gm, plan, ctx, model, captured.key)
     tp_model.timings = clock.laps
     return tp_model
+
+
+def _hand_over(model: nn.Module, tp_model: TensorParallelModule, names: list[str]) -> None:
+    """The model object keeps no full copy of what this rank holds a piece of: its tensors
+    become this rank's (so ``model.device`` and ``model.generate`` still work), and its calls
+    route to ``tp_model``, so using the original object computes correctly too."""
+    local = dict(tp_model.graph_module.named_parameters(remove_duplicate=False))
+    local |= dict(tp_model.graph_module.named_buffers(remove_duplicate=False))
+    ModuleSource(model).release(names, local)
+
+    def routed(*args: Any, **kwargs: Any) -> Any:
+        return tp_model(*args, **kwargs)
+
+    # generate() inspects forward's parameters (to pass position_ids, ...): show the model's own
+    routed.__signature__ = forward_signature(model)  # type: ignore[attr-defined]
+    model.__dict__["forward"] = routed
 
 
 def parallelize(
@@ -292,8 +156,8 @@ def parallelize(
         check_checkpoint(files, model)
         source = FirstOf(CheckpointSource(files, aliases(model)), in_memory)
     tp_model = _build(model, example_inputs, ctx, source, clock, gather_outputs=gather_outputs)
-    # the model keeps no full copy of what this rank holds a slice of (or a copy of, on another device)
-    in_memory.release(list(named_tensors(model)) if moved else [s.name for s in tp_model.plan.sharded_params()])
+    _hand_over(model, tp_model, list(named_tensors(model)) if moved or checkpoint is not None
+               else [s.name for s in tp_model.plan.sharded_params()])
     return tp_model
 
 
@@ -331,7 +195,9 @@ def load(directory: str | os.PathLike, *, device: Optional[torch.device | str] =
     path = _agree(ctx, lambda: verify_rank_file(directory, manifest, ctx.rank, checksum=checksum))
     model, _ = resolve_model(str(directory)).build("empty")
     source = FirstOf(ShardFileSource(path), ModuleSource(model, torch.device(device)))
-    return _build(model, None, ctx, source, clock, expected=Plan.from_dict(manifest["plan"]))
+    tp_model = _build(model, None, ctx, source, clock, expected=Plan.from_dict(manifest["plan"]))
+    _hand_over(model, tp_model, list(named_tensors(model)))
+    return tp_model
 
 
 class _Stopwatch:

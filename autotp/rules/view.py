@@ -356,7 +356,8 @@ def getitem_rule(node: fx.Node, inputs: Inputs) -> Result:
 @rule(aten.cat.default)
 def cat_rule(node: fx.Node, inputs: Inputs) -> Result:
     """Concatenating along the sharded dim makes a fused dim: the pieces become its blocks."""
-    tensors = node.args[0]
+    # torch.cat skips 1-D empty tensors (a lazily initialised cache starts as one)
+    tensors = [t for t in node.args[0] if tuple(t.meta["val"].shape) != (0,)]
     dim = norm_dim(node.args[1] if len(node.args) > 1 else 0, ndim(node))
     shards = {inputs[t] for t in tensors if isinstance(inputs[t], Shard)}
     if any(not isinstance(inputs[t], (Shard, Replicate)) for t in tensors):
@@ -371,8 +372,8 @@ def cat_rule(node: fx.Node, inputs: Inputs) -> Result:
             return Cannot("cat of inputs with different blocks")
         shard = shards.pop()
         moves = []
-        for i, t in enumerate(tensors):
-            if isinstance(inputs[t], Replicate):
+        for i, t in enumerate(node.args[0]):
+            if t in tensors and isinstance(inputs[t], Replicate):
                 if not divides(shard, sizes(t)[sharded_dim], world):
                     return Cannot("replicated cat input does not split over the ranks")
                 moves.append(Redistribute((0, i), shard))
@@ -381,7 +382,9 @@ def cat_rule(node: fx.Node, inputs: Inputs) -> Result:
         return Cannot("cat of pieces shared by different numbers of ranks")
     replicas = next(iter(shards)).replicas
     parts, moves = [], []
-    for i, t in enumerate(tensors):
+    for i, t in enumerate(node.args[0]):
+        if t not in tensors:
+            continue
         p, n = inputs[t], sizes(t)[dim]
         if isinstance(p, Replicate):
             p = Shard(dim, 1, replicas)

@@ -1,0 +1,100 @@
+"""The tensor-parallel process group and the checks every rank runs together.
+
+Only this module, :mod:`autotp.runtime`, :mod:`autotp.module`, :mod:`autotp.rewrite` and
+:mod:`autotp.loading` know about ranks.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from autotp.errors import AutotpError
+from autotp.plan import Plan
+
+__all__ = ["TPContext", "init_tp", "agree", "check_same_plan", "DEFAULT_TIMEOUT_S"]
+
+DEFAULT_TIMEOUT_S = float(os.environ.get("AUTOTP_TIMEOUT", "300"))
+
+
+@dataclass
+class TPContext:
+    """Where this process sits in the tensor-parallel group."""
+
+    rank: int
+    tp_size: int
+    group: Optional[dist.ProcessGroup]
+    device: torch.device
+
+    @property
+    def distributed(self) -> bool:
+        return self.tp_size > 1
+
+
+def init_tp(tp_size: Optional[int] = None, device: Optional[torch.device] = None) -> TPContext:
+    """Join (or start) the process group that torchrun describes in the environment.
+
+    Without torchrun (no ``WORLD_SIZE``) and no process group, this is a group of one.
+    gloo is used on CPU, nccl on CUDA. ``tp_size`` defaults to the world size; a smaller one
+    must divide it, and consecutive ranks form each tensor-parallel group.
+    """
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=DEFAULT_TIMEOUT_S))
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    tp = world if tp_size is None else int(tp_size)
+    if tp < 1 or world % tp:
+        raise ValueError(f"tp_size={tp} must be >= 1 and divide the world size {world}")
+    if tp == world:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        return TPContext(rank, tp, None, device)
+    group, _ = dist.new_subgroups(group_size=tp)
+    return TPContext(dist.get_rank(group), tp, group, device)
+
+
+def agree(ctx: TPContext, fn: Callable[[], Any]) -> Any:
+    """Run a check on every rank; if any rank fails it, every rank raises (naming the failed
+    ranks) instead of the healthy ones waiting in the next collective."""
+    error, value = None, None
+    try:
+        value = fn()
+    except AutotpError as exc:
+        error = str(exc)
+    errors: list[Any] = [error]
+    if ctx.distributed:
+        errors = [None] * ctx.tp_size
+        dist.all_gather_object(errors, error, group=ctx.group)
+    failed = [(r, e) for r, e in enumerate(errors) if e]
+    if failed:
+        raise AutotpError("; ".join(f"rank {r}: {e}" for r, e in failed) if ctx.distributed else failed[0][1])
+    return value
+
+
+def check_same_plan(plan: Plan, ctx: TPContext) -> None:
+    """Every rank plans on its own; a disagreement would compute garbage, so fail loudly."""
+    if not ctx.distributed:
+        return
+    digest = hashlib.sha256(plan.to_json(indent=None).encode()).hexdigest()
+    digests: list[Any] = [None] * ctx.tp_size
+    dist.all_gather_object(digests, digest, group=ctx.group)
+    if len(set(digests)) != 1:
+        raise AutotpError(f"ranks computed different plans ({sorted(set(digests))}); "
+                          "every rank must build the same model and call it with the same inputs")
+
+
+def share_rng(ctx: TPContext) -> None:
+    """Give every rank rank 0's random state, so sampling draws the same tokens everywhere."""
+    if not ctx.distributed:
+        return
+    state = [torch.get_rng_state() if ctx.rank == 0 else None]
+    dist.broadcast_object_list(state, src=dist.get_global_rank(ctx.group, 0) if ctx.group else 0, group=ctx.group)
+    torch.set_rng_state(state[0])

@@ -1,0 +1,206 @@
+"""TensorParallelModule: this rank's part of a tensor-parallel model, called like the original.
+
+It holds one rewritten graph per input structure, all sharing this rank's tensors:
+
+- the graph :func:`autotp.parallelize` captured (a plain call such as ``model(input_ids)``);
+- graphs for other argument sets, captured and planned on first use (every rank does);
+- for causal LMs, the cached graphs of :mod:`autotp.generation` (prefill, decode, extend),
+  used when a call carries a Hugging Face cache; ``generate()`` runs Hugging Face's own
+  generation loop over them, on the original model object, whose ``forward`` now routes here.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from autotp import hf
+from autotp.capture import bind_inputs, capture, forward_signature, meta_twin, structure_key
+from autotp.errors import AutotpError
+from autotp.generation import CacheIO, cache_argument, cached_inputs, example_like, is_cache, phase_of, read_cache, write_cache
+from autotp.group import TPContext, check_same_plan, share_rng
+from autotp.loading import load_into
+from autotp.placement import Placement, Replicate
+from autotp.plan import Plan
+from autotp.planner import plan_graph
+from autotp.rewrite import rewrite
+
+__all__ = ["TensorParallelModule"]
+
+# arguments a cached call may carry that the cached graphs compute themselves or do not need
+_IGNORED_WITH_CACHE = ("use_cache", "return_dict", "cache_position", "output_attentions", "output_hidden_states")
+
+
+def placements(plan: Plan, prefix: str = "") -> dict[str, Placement]:
+    """Parameter name (without ``prefix``) -> placement."""
+    return {name.removeprefix(prefix): spec.placement for name, spec in plan.params.items()}
+
+
+class _LocalSource:
+    """Tensors already local to this rank, from another graph of the same model."""
+
+    def __init__(self, gm: fx.GraphModule, prefix: str = "") -> None:
+        self.prefix = prefix
+        self.tensors = dict(gm.named_parameters(remove_duplicate=False)) | dict(gm.named_buffers(remove_duplicate=False))
+
+    def has(self, name: str) -> bool:
+        return name.removeprefix(self.prefix) in self.tensors
+
+    def read(self, name: str, placement: Placement, rank: int, world_size: int) -> torch.Tensor:
+        return self.tensors[name.removeprefix(self.prefix)]
+
+
+class TensorParallelModule(nn.Module):
+    """This rank's part of a tensor-parallel model. Call it like the original model.
+
+    Attributes:
+        graph_module: the rewritten graph for the inputs given to :func:`parallelize`.
+        plan: the plan it carries out (the same on every rank).
+        rank, tp_size: this rank and the size of its tensor-parallel group.
+        timings: seconds per stage of :func:`parallelize` (capture, plan, rewrite, load).
+    """
+
+    def __init__(self, gm: fx.GraphModule, plan: Plan, ctx: TPContext, source: nn.Module, key: tuple) -> None:
+        super().__init__()
+        self.graph_module = gm
+        self.plan = plan
+        self.rank, self.tp_size = ctx.rank, ctx.tp_size
+        self.timings: dict[str, float] = {}
+        # Not submodules: the source model is the skeleton for capturing other calls, and the
+        # object whose generate() runs over this module.
+        signature = forward_signature(source)
+        # _twin: the model's structure at global shapes, on meta, for later captures (the
+        # source's own tensors become this rank's pieces)
+        self.__dict__.update(_ctx=ctx, _source=source, _twin=meta_twin(source), _graphs={key: gm},
+                             _signature=signature, _cache_arg=cache_argument(signature), _cache_layout=None)
+        if hf.is_hf_model(source):
+            self.__dict__["config"] = source.config
+
+    # ---- calls ------------------------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        inputs = bind_inputs(self._source, args, kwargs)
+        if self._cache_arg and is_cache(inputs.get(self._cache_arg)):
+            return self._cached_call(inputs)
+        inputs.pop("use_cache", None)  # plain calls return no cache (see generate() for cached decoding)
+        key = structure_key(inputs)
+        gm = self._graphs.get(key)
+        if gm is None:
+            gm = self._graph_for(key, inputs)
+        return gm(**inputs)
+
+    def _graph_for(self, key: tuple, inputs: dict[str, Any]) -> fx.GraphModule:
+        """A call with other arguments than the capture's: capture and plan again (all ranks do)."""
+        captured = capture(self._twin, inputs, device=self._ctx.device, bump_unit_dims=True)
+        plan = plan_graph(captured.graph, self.tp_size, model=self.plan.model, inputs=captured.input_names)
+        return self._install(key, captured, plan)
+
+    def _install(self, key: tuple, captured: Any, plan: Plan, prefix: str = "") -> fx.GraphModule:
+        mine, theirs = placements(plan, prefix), placements(self.plan)
+        differ = sorted(n for n in mine.keys() & theirs.keys() if mine[n] != theirs[n])  # constants differ by graph
+        if differ:
+            raise AutotpError(
+                f"a call with arguments {captured.input_names} plans the parameters differently from the "
+                f"capture with {self.plan.inputs} ({', '.join(f'{n}: {mine.get(n)} vs {theirs.get(n)}' for n in differ[:3])}); "
+                "parallelize with example_inputs like this call"
+            )
+        check_same_plan(plan, self._ctx)
+        gm = rewrite(captured.graph_module, plan, self.rank, group=self._ctx.group)
+        load_into(gm, plan, self.rank, _LocalSource(self.graph_module, prefix))
+        self._graphs[key] = gm
+        return gm
+
+    # ---- cached calls -----------------------------------------------------------------------
+    def _cached_call(self, inputs: dict[str, Any]) -> Any:
+        cache = inputs.pop(self._cache_arg)
+        ids = inputs.pop("input_ids", None)
+        if ids is None:
+            raise AutotpError("a call with a cache needs input_ids (inputs_embeds is not supported)")
+        mask, positions = inputs.pop("attention_mask", None), inputs.pop("position_ids", None)
+        keep = inputs.pop("logits_to_keep", 0)
+        for name in _IGNORED_WITH_CACHE:
+            inputs.pop(name, None)
+        if inputs:
+            raise AutotpError(f"arguments {sorted(inputs)} are not supported in a call with a cache")
+        past = cache.get_seq_length()
+        call = cached_inputs(ids, mask, positions)
+        if past:
+            call["past_keys"], call["past_values"] = read_cache(cache)
+        gm = self._cache_graph(phase_of(past, ids.shape[1]), keep, call)
+        logits, keys, values = gm(**call)
+        write_cache(cache, keys, values)
+        return self._output_type()(logits=logits, **{self._cache_arg: cache})
+
+    def _output_type(self) -> Any:
+        """The model's own output class when it carries the cache field, else the generic one."""
+        annotated = self._signature.return_annotation
+        if inspect.isclass(annotated) and self._cache_arg in getattr(annotated, "__dataclass_fields__", {}):
+            return annotated
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        return CausalLMOutputWithPast
+
+    def _cache_graph(self, phase: str, keep: Any, call: dict[str, Any]) -> fx.GraphModule:
+        key = ("cache", phase, keep if isinstance(keep, int) else repr(keep), tuple(sorted(call)))
+        if key in self._graphs:
+            return self._graphs[key]
+        if phase != "prefill" and self._cache_layout is None:
+            raise AutotpError("a cached call after a prefix needs the cache this model's prefill produced")
+        shapes = [shape for shape, _ in self._cache_layout] if self._cache_layout else None
+        captured = capture(CacheIO(self._twin, self._cache_arg, keep), example_like(call, shapes), device=self._ctx.device)
+        output = next(n for n in reversed(captured.graph.nodes) if n.op == "output")
+        outputs = len(output.args[0])
+        cache_inputs = [n.name for n in captured.graph.nodes if n.op == "placeholder" and n.name.startswith("past_")]
+        plan = plan_graph(captured.graph, self.tp_size, model=self.plan.model, inputs=captured.input_names,
+                          local_inputs=cache_inputs, local_outputs=range(1, outputs))
+        layout = _cache_layout(plan, output, outputs)
+        if self._cache_layout is None:
+            self.__dict__["_cache_layout"] = layout
+        elif [p for _, p in layout] != [p for _, p in self._cache_layout] or _input_layout(plan, cache_inputs) != [
+            p for _, p in self._cache_layout
+        ]:
+            raise AutotpError(f"the {phase} graph shards the cache differently from the prefill graph")
+        return self._install(key, captured, plan, prefix="model.")
+
+    # ---- generation -------------------------------------------------------------------------
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """Hugging Face's ``generate`` (greedy, sampling, ...) with the cache sharded by heads.
+
+        Call it on every rank with the same arguments; every rank returns the same tokens.
+        Sampling draws the same tokens on every rank: rank 0's random state is shared first.
+        """
+        if not callable(getattr(type(self._source), "generate", None)):
+            raise AttributeError(f"{type(self._source).__name__} has no generate()")
+        share_rng(self._ctx)
+        return self._source.generate(*args, **kwargs)
+
+    # ---- introspection ----------------------------------------------------------------------
+    def local_bytes(self) -> int:
+        """Bytes of the parameters and buffers this rank holds (each storage counted once)."""
+        seen, total = set(), 0
+        for t in list(self.graph_module.parameters()) + list(self.graph_module.buffers()):
+            key = (t.untyped_storage().data_ptr(), t.device)
+            if key not in seen:
+                seen.add(key)
+                total += t.untyped_storage().nbytes()
+        return total
+
+    def extra_repr(self) -> str:
+        return f"model={self.plan.model}, rank={self.rank}, tp_size={self.tp_size}"
+
+
+def _cache_layout(plan: Plan, output: fx.Node, count: int) -> list[tuple[list[int], Placement]]:
+    """Per cache output of a cached graph: its global shape and how it is laid out."""
+    sharded = {tuple(o.path): o.placement for o in plan.sharded_outputs}
+    return [(list(output.args[0][i].meta["val"].shape), sharded.get((0, i), Replicate())) for i in range(1, count)]
+
+
+def _input_layout(plan: Plan, names: list[str]) -> list[Placement]:
+    """Placements of a cached graph's past inputs, in the order of its cache outputs."""
+    given = {i.name: i.placement for i in plan.sharded_inputs}
+    keys = sorted((n for n in names if n.startswith("past_keys_")), key=lambda n: int(n.rsplit("_", 1)[1]))
+    values = sorted((n for n in names if n.startswith("past_values_")), key=lambda n: int(n.rsplit("_", 1)[1]))
+    return [given.get(n, Replicate()) for n in keys + values]
