@@ -4,6 +4,7 @@
     autotp convert MODEL --tp N -o OUT [--overwrite]
     autotp verify MODEL --tp N
     torchrun --nproc-per-node N -m autotp run OUT --input-ids 1,2,3 | --prompt TEXT
+    torchrun --nproc-per-node N -m autotp generate OUT --prompt TEXT --max-new-tokens 64
 
 Bad input (missing files, unknown model types, corrupt shards, wrong world size) prints one
 line, ``autotp: error: ...``, and exits with status 2. A parity failure in ``verify`` exits 1.
@@ -25,6 +26,7 @@ EXAMPLES = """examples:
   autotp convert ./llama --tp 2 -o ./llama-tp2     # per-rank shard files
   autotp verify ./llama --tp 2                     # sharded vs unsharded on N local ranks
   torchrun --nproc-per-node 2 -m autotp run ./llama-tp2 --input-ids 1,2,3
+  torchrun --nproc-per-node 2 -m autotp generate ./llama-tp2 --prompt "Once upon a time" --max-new-tokens 64
 
 MODEL is a Hugging Face model directory (config.json, weights optional) or
 package.module:factory, a callable returning an nn.Module or (module, example_inputs).
@@ -76,6 +78,22 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("--prompt", help="text, tokenized with OUT's tokenizer")
     run.add_argument("--top-k", type=int, default=5, help="how many top tokens to print (default 5)")
     run.add_argument("--save", metavar="FILE", help="rank 0 saves the last position's logits here (torch.save)")
+
+    gen = sub.add_parser("generate", help="(under torchrun) generate text from a converted model",
+                         description="Each rank loads only its own shard file from OUT; Hugging Face's generate() runs "
+                                     "with the KV cache sharded by heads; rank 0 prints the text (or the token ids when OUT "
+                                     "has no tokenizer) and the decoding speed.")
+    gen.add_argument("out", metavar="OUT")
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input-ids", help="comma-separated token ids, e.g. 1,2,3")
+    source.add_argument("--prompt", help="text, tokenized with OUT's tokenizer")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=0, help="random seed for sampling (the same on every rank)")
+    gen.add_argument("--no-warmup", action="store_true",
+                     help="do not run a 2-token generation first (its graph captures then count in the timing)")
     return parser
 
 
@@ -229,19 +247,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     import torch
 
     import autotp
-    from autotp.errors import AutotpError
 
     tp_model = autotp.load(args.out)
-    if args.input_ids is not None:
-        try:
-            ids = [int(t) for t in args.input_ids.split(",") if t.strip()]
-        except ValueError:
-            raise AutotpError(f"--input-ids must be comma-separated integers, got {args.input_ids!r}") from None
-    else:
-        ids = _tokenize(args.out, args.prompt)
-    vocab = tp_model.config.get_text_config().vocab_size if hasattr(tp_model, "config") else None
-    if not ids or (vocab and any(not 0 <= i < vocab for i in ids)):
-        raise AutotpError(f"token ids must be in [0, {vocab}); got {ids[:8]}")
+    ids, _ = _prompt_ids(args, tp_model)
     with torch.no_grad():
         logits = tp_model(torch.tensor([ids])).logits[0, -1].float()
     if tp_model.rank == 0:
@@ -254,19 +262,68 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tokenize(directory: str, prompt: str) -> list[int]:
+def _prompt_ids(args: argparse.Namespace, tp_model: Any) -> tuple[list[int], Any]:
+    """Token ids from --input-ids or --prompt (with OUT's tokenizer, returned too)."""
+    from autotp.errors import AutotpError
+
+    tokenizer = None
+    if args.input_ids is not None:
+        try:
+            ids = [int(t) for t in args.input_ids.split(",") if t.strip()]
+        except ValueError:
+            raise AutotpError(f"--input-ids must be comma-separated integers, got {args.input_ids!r}") from None
+    else:
+        tokenizer = _tokenizer(args.out)
+        ids = tokenizer(args.prompt)["input_ids"]
+    vocab = tp_model.config.get_text_config().vocab_size if hasattr(tp_model, "config") else None
+    if not ids or (vocab and any(not 0 <= i < vocab for i in ids)):
+        raise AutotpError(f"token ids must be in [0, {vocab}); got {ids[:8]}")
+    return ids, tokenizer
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    import autotp
+
+    tp_model = autotp.load(args.out)
+    ids, tokenizer = _prompt_ids(args, tp_model)
+    prompt = torch.tensor([ids])
+    options = dict(do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p,
+                   pad_token_id=getattr(tp_model.config, "pad_token_id", None) or 0)
+    torch.manual_seed(args.seed)
+    start = time.perf_counter()
+    if not args.no_warmup:
+        tp_model.generate(prompt, max_new_tokens=2, **options)  # captures the prefill and decode graphs
+    warm = time.perf_counter() - start
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = tp_model.generate(prompt, max_new_tokens=_positive(args.max_new_tokens, "--max-new-tokens"), **options)
+    seconds = time.perf_counter() - start
+    new = out[0, len(ids):].tolist()
+    if tp_model.rank == 0:
+        print(tokenizer.decode(new, skip_special_tokens=True) if tokenizer else ",".join(map(str, new)))
+        print(f"{len(new)} new tokens in {seconds:.2f} s: {len(new) / seconds:.1f} tokens/s at tp={tp_model.tp_size}"
+              + ("" if args.no_warmup else f" (warm-up with graph captures: {warm:.1f} s)"), file=sys.stderr)
+    return 0
+
+
+def _tokenizer(directory: str) -> Any:
     from autotp.errors import AutotpError
 
     try:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(directory)
+        return AutoTokenizer.from_pretrained(directory)
     except Exception:
         raise AutotpError(f"{directory} has no usable tokenizer: pass --input-ids instead of --prompt") from None
-    return tokenizer(prompt)["input_ids"]
 
 
-COMMANDS = {"plan": cmd_plan, "convert": cmd_convert, "verify": cmd_verify, "run": cmd_run}
+def _tokenize(directory: str, prompt: str) -> list[int]:
+    return _tokenizer(directory)(prompt)["input_ids"]
+
+
+COMMANDS = {"plan": cmd_plan, "convert": cmd_convert, "verify": cmd_verify, "run": cmd_run, "generate": cmd_generate}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

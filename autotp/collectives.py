@@ -7,11 +7,13 @@ are the identity. They are for inference: no autograd through the reduction.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+from autotp.group import PeerFailure, describe_failure
 
 __all__ = ["AllReduce", "AllGather", "ALL_REDUCE", "ALL_GATHER", "count_collectives"]
 
@@ -32,11 +34,19 @@ class AllReduce(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:
-            dist.all_reduce(x, group=self.group)
+            _run(lambda: dist.all_reduce(x, group=self.group), self.group)
         return x
 
     def extra_repr(self) -> str:
         return f"world_size={self.world_size}"
+
+
+def _run(collective: Callable[[], object], group: Optional[dist.ProcessGroup]) -> None:
+    """Run a collective; if a peer has stopped, fail with an error that names it."""
+    try:
+        collective()
+    except (RuntimeError, dist.DistError) as exc:
+        raise PeerFailure(describe_failure(group, exc)) from exc
 
 
 def count_collectives(graph_module: torch.fx.GraphModule) -> dict[str, int]:
@@ -65,7 +75,7 @@ class AllGather(nn.Module):
             return x
         x = x.contiguous()
         pieces = [torch.empty_like(x) for _ in range(self.world_size)]
-        dist.all_gather(pieces, x, group=self.group)
+        _run(lambda: dist.all_gather(pieces, x, group=self.group), self.group)
         return torch.cat(pieces[::replicas], dim)  # ranks sharing a chunk hold the same piece
 
     def extra_repr(self) -> str:

@@ -31,7 +31,7 @@ import torch
 
 from autotp._version import __version__ as _version
 from autotp.errors import AutotpError
-from autotp.loading import CheckpointSource, LoadError, SafetensorsCheckpoint, aliases, check_checkpoint
+from autotp.loading import CheckpointSource, SafetensorsCheckpoint, aliases, check_checkpoint
 from autotp.plan import Plan
 from autotp.runtime import plan_model
 from autotp.safetensors_io import SafetensorsWriter

@@ -13,6 +13,7 @@ import os
 import pickle
 import queue as queue_mod
 import tempfile
+import time
 import traceback
 from typing import Any, Callable
 
@@ -69,13 +70,19 @@ def run_local(fn: Callable, world_size: int, *args: Any, timeout: float = 600, g
         for p in procs:
             p.start()
         collected: dict[int, tuple[str, Any]] = {}
+        deadline = time.monotonic() + timeout
         try:
             while len(collected) < world_size:
-                rank, status, value = results.get(timeout=timeout)
-                collected[rank] = (status, value)
-        except queue_mod.Empty:
-            missing = sorted(set(range(world_size)) - collected.keys())
-            raise RankFailed(f"ranks {missing} did not finish within {timeout:.0f} s") from None
+                if time.monotonic() > deadline:
+                    missing = sorted(set(range(world_size)) - collected.keys())
+                    raise RankFailed(f"ranks {missing} did not finish within {timeout:.0f} s")
+                try:
+                    rank, status, value = results.get(timeout=1)
+                    collected[rank] = (status, value)
+                except queue_mod.Empty:
+                    for rank, p in enumerate(procs):  # a rank killed before it could report
+                        if rank not in collected and not p.is_alive() and p.exitcode not in (0, None):
+                            collected[rank] = ("error", f"died with exit code {p.exitcode}")
         finally:
             for p in procs:
                 p.join(timeout=30)

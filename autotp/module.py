@@ -11,8 +11,9 @@ It holds one rewritten graph per input structure, all sharing this rank's tensor
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from typing import Any, Optional
+from typing import Any, Iterator
 
 import torch
 import torch.fx as fx
@@ -22,7 +23,7 @@ from autotp import hf
 from autotp.capture import bind_inputs, capture, forward_signature, meta_twin, structure_key
 from autotp.errors import AutotpError
 from autotp.generation import CacheIO, cache_argument, cached_inputs, example_like, is_cache, phase_of, read_cache, write_cache
-from autotp.group import TPContext, check_same_plan, share_rng
+from autotp.group import PeerFailure, TPContext, check_same_plan, mark_failed, share_rng
 from autotp.loading import load_into
 from autotp.placement import Placement, Replicate
 from autotp.plan import Plan
@@ -62,6 +63,9 @@ class TensorParallelModule(nn.Module):
         plan: the plan it carries out (the same on every rank).
         rank, tp_size: this rank and the size of its tensor-parallel group.
         timings: seconds per stage of :func:`parallelize` (capture, plan, rewrite, load).
+        cached_calls: per phase of cached calls (prefill, decode, extend): how many calls, and
+            how many new tokens they fed (a decode step feeds one per sequence: the prefix is
+            never run again).
     """
 
     def __init__(self, gm: fx.GraphModule, plan: Plan, ctx: TPContext, source: nn.Module, key: tuple) -> None:
@@ -70,6 +74,7 @@ class TensorParallelModule(nn.Module):
         self.plan = plan
         self.rank, self.tp_size = ctx.rank, ctx.tp_size
         self.timings: dict[str, float] = {}
+        self.cached_calls: dict[str, dict[str, int]] = {}
         # Not submodules: the source model is the skeleton for capturing other calls, and the
         # object whose generate() runs over this module.
         signature = forward_signature(source)
@@ -82,6 +87,10 @@ class TensorParallelModule(nn.Module):
 
     # ---- calls ------------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with _reported_failure():
+            return self._forward(*args, **kwargs)
+
+    def _forward(self, *args: Any, **kwargs: Any) -> Any:
         inputs = bind_inputs(self._source, args, kwargs)
         if self._cache_arg and is_cache(inputs.get(self._cache_arg)):
             return self._cached_call(inputs)
@@ -129,8 +138,12 @@ class TensorParallelModule(nn.Module):
         call = cached_inputs(ids, mask, positions)
         if past:
             call["past_keys"], call["past_values"] = read_cache(cache)
-        gm = self._cache_graph(phase_of(past, ids.shape[1]), keep, call)
+        phase = phase_of(past, ids.shape[1])
+        gm = self._cache_graph(phase, keep, call)
         logits, keys, values = gm(**call)
+        counts = self.cached_calls.setdefault(phase, {"calls": 0, "tokens": 0})
+        counts["calls"] += 1
+        counts["tokens"] += ids.shape[1]
         write_cache(cache, keys, values)
         return self._output_type()(logits=logits, **{self._cache_arg: cache})
 
@@ -159,10 +172,9 @@ class TensorParallelModule(nn.Module):
         layout = _cache_layout(plan, output, outputs)
         if self._cache_layout is None:
             self.__dict__["_cache_layout"] = layout
-        elif [p for _, p in layout] != [p for _, p in self._cache_layout] or _input_layout(plan, cache_inputs) != [
-            p for _, p in self._cache_layout
-        ]:
-            raise AutotpError(f"the {phase} graph shards the cache differently from the prefill graph")
+        expected = [p for _, p in self._cache_layout]
+        if [p for _, p in layout] != expected or (cache_inputs and _input_layout(plan, cache_inputs) != expected):
+            raise AutotpError(f"the {phase} graph shards the cache differently from the first prefill graph")
         return self._install(key, captured, plan, prefix="model.")
 
     # ---- generation -------------------------------------------------------------------------
@@ -174,8 +186,9 @@ class TensorParallelModule(nn.Module):
         """
         if not callable(getattr(type(self._source), "generate", None)):
             raise AttributeError(f"{type(self._source).__name__} has no generate()")
-        share_rng(self._ctx)
-        return self._source.generate(*args, **kwargs)
+        with _reported_failure():
+            share_rng(self._ctx)
+            return self._source.generate(*args, **kwargs)
 
     # ---- introspection ----------------------------------------------------------------------
     def local_bytes(self) -> int:
@@ -190,6 +203,19 @@ class TensorParallelModule(nn.Module):
 
     def extra_repr(self) -> str:
         return f"model={self.plan.model}, rank={self.rank}, tp_size={self.tp_size}"
+
+
+@contextlib.contextmanager
+def _reported_failure() -> Iterator[None]:
+    """An error on this rank is recorded before it propagates, so that the peers it leaves
+    waiting in a collective can name this rank (see autotp.group.describe_failure)."""
+    try:
+        yield
+    except PeerFailure:
+        raise
+    except BaseException as exc:
+        mark_failed(f"{type(exc).__name__}: {exc}")
+        raise
 
 
 def _cache_layout(plan: Plan, output: fx.Node, count: int) -> list[tuple[list[int], Placement]]:

@@ -59,7 +59,12 @@ def hf_parity_worker(rank: int, world: int, names: list[str]) -> dict:
             + sum(p.nbytes for p in tp_model.plan.params.values() if not p.sharded and len(p.shape) == 1),
             bytes_per_rank=tp_model.plan.bytes_per_rank(),
             lookups=len(tp_model.plan.local_ops),
-            released=all(t.device.type == "meta" for n, t in named_tensors(model).items() if n in sharded_names),
+            # the model object keeps no full copy: its tensors are this rank's pieces, shared with the graph
+            released=all(
+                list(t.shape) == tp_model.plan.params[n].local_shape(world)
+                and t.data_ptr() == tp_model.graph_module.get_parameter(n).data_ptr()
+                for n, t in named_tensors(model).items() if n in sharded_names
+            ),
             plan=hashlib.sha256(tp_model.plan.to_json().encode()).hexdigest(),
             graphs=len(tp_model._graphs),
         )

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from autotp.placement import Replicate, Shard, divides
+from autotp.placement import Shard
 from autotp.rules import Cannot, Inputs, Out, Redistribute, Result, finest, ndim, refinable, rule, sizes
 
 aten = torch.ops.aten

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from autotp.placement import Replicate, Shard, divides
+from autotp.placement import Replicate, Shard
 from autotp.rules import Cannot, Inputs, Out, Redistribute, Result, finest, ndim, refinable, rule, sizes
 
 aten = torch.ops.aten

@@ -1,0 +1,55 @@
+"""A rank that raises or is killed mid-generation must stop its peers within 60 s with an
+error naming it, instead of leaving them waiting in a collective.
+
+The failure is injected from a stopping criterion (a callback Hugging Face ``generate`` calls
+every step), on rank 1 at step 5. The local launcher (unlike torchrun) does not kill the
+surviving rank, so its own error is what is checked.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+import autotp
+from autotp.launch import RankFailed, run_local
+from models import hf_model
+
+pytestmark = pytest.mark.distributed
+
+
+class _FailOnRank1:
+    def __init__(self, how: str) -> None:
+        self.how, self.step = how, 0
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.step += 1
+        if int(os.environ["RANK"]) == 1 and self.step == 5:
+            if self.how == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise RuntimeError("injected failure on rank 1")
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+
+def dying_worker(rank: int, world: int, how: str) -> None:
+    tp_model = autotp.parallelize(hf_model("llama"))
+    ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(0))
+    tp_model.generate(ids, max_new_tokens=30, min_new_tokens=30, do_sample=False, pad_token_id=0,
+                      stopping_criteria=[_FailOnRank1(how)])
+
+
+@pytest.mark.parametrize("how, named", [("raise", "rank 1 raised RuntimeError: injected failure on rank 1"),
+                                        ("kill", "rank 1 died (its process is gone)")])
+def test_a_failing_rank_stops_its_peers_and_is_named(how, named):
+    start = time.monotonic()
+    with pytest.raises(RankFailed) as failed:
+        run_local(dying_worker, 2, how, timeout=120, group_timeout=300)
+    elapsed = time.monotonic() - start
+    report = str(failed.value)
+    survivor = next(line for line in report.splitlines() if line.startswith("rank 0:"))
+    assert "PeerFailure: rank 0: a collective failed: " + named in survivor, report
+    assert elapsed < 60, f"the surviving rank took {elapsed:.0f} s to stop"
