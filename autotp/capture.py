@@ -112,9 +112,10 @@ def forward_signature(model: nn.Module) -> inspect.Signature:
     return inspect.signature(type(model).forward.__get__(model)) if "forward" in model.__dict__ else inspect.signature(model.forward)
 
 
-def bind_inputs(model: nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+def bind_inputs(model: nn.Module, args: tuple, kwargs: Mapping[str, Any],
+                signature: Optional[inspect.Signature] = None) -> dict[str, Any]:
     """Map a call's arguments to keyword arguments of ``model.forward`` (``None`` defaults dropped)."""
-    sig = forward_signature(model)
+    sig = signature or forward_signature(model)
     try:
         bound = sig.bind(*args, **kwargs)
     except TypeError as exc:

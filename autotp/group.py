@@ -9,19 +9,18 @@ from __future__ import annotations
 import datetime
 import hashlib
 import os
-import socket
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
 
+from autotp.collectives import Communicator, select_all_reduce
 from autotp.errors import AutotpError
+from autotp.health import register
 from autotp.plan import Plan
 
-__all__ = ["TPContext", "init_tp", "agree", "check_same_plan", "share_rng", "PeerFailure", "register", "mark_failed",
-           "describe_failure", "DEFAULT_TIMEOUT_S"]
+__all__ = ["TPContext", "init_tp", "agree", "check_same_plan", "share_rng", "DEFAULT_TIMEOUT_S"]
 
 DEFAULT_TIMEOUT_S = float(os.environ.get("AUTOTP_TIMEOUT", "300"))
 
@@ -34,6 +33,7 @@ class TPContext:
     tp_size: int
     group: Optional[dist.ProcessGroup]
     device: torch.device
+    comm: Communicator = field(default_factory=Communicator)  # what the inserted collectives use
 
     @property
     def distributed(self) -> bool:
@@ -63,7 +63,14 @@ def init_tp(tp_size: Optional[int] = None, device: Optional[torch.device] = None
     else:
         group, _ = dist.new_subgroups(group_size=tp)
         ctx = TPContext(dist.get_rank(group), tp, group, device)
-    register(ctx)
+    register()
+    fast, name = select_all_reduce(ctx.group, tp, device)
+    if ctx.distributed:  # every rank must use the same path, or they would wait on each other forever
+        names: list[Any] = [None] * tp
+        dist.all_gather_object(names, name, group=ctx.group)
+        if len(set(names)) != 1:
+            fast, name = None, "process group"
+    ctx.comm = Communicator(ctx.group, tp, fast, name)
     return ctx
 
 
@@ -104,73 +111,3 @@ def share_rng(ctx: TPContext) -> None:
     state = [torch.get_rng_state() if ctx.rank == 0 else None]
     dist.broadcast_object_list(state, src=dist.get_global_rank(ctx.group, 0) if ctx.group else 0, group=ctx.group)
     torch.set_rng_state(state[0])
-
-
-class PeerFailure(AutotpError):
-    """A collective failed because another rank stopped; the message names it when it can."""
-
-
-def _store() -> Any:
-    try:
-        return dist.distributed_c10d._get_default_store()
-    except Exception:  # no process group, or a store this torch cannot reach
-        return None
-
-
-def register(ctx: TPContext) -> None:
-    """Record where this rank runs, so that a peer can tell later whether it died."""
-    store = _store()
-    if store is not None and ctx.distributed:
-        store.set(f"autotp/where/{dist.get_rank()}", f"{socket.gethostname()}:{os.getpid()}")
-
-
-def mark_failed(reason: str) -> None:
-    """Record that this rank is about to stop with an error (read by the peers it leaves)."""
-    store = _store()
-    if store is not None and dist.is_initialized():
-        try:
-            store.set(f"autotp/failed/{dist.get_rank()}", reason[:300])
-        except Exception:  # the store may be gone too; the peers still see the connection drop
-            pass
-
-
-def describe_failure(group: Optional[dist.ProcessGroup], error: BaseException) -> str:
-    """Which ranks of ``group`` raised (they recorded it) or died (their process is gone)."""
-    store, me = _store(), dist.get_rank() if dist.is_initialized() else 0
-    ranks = [r for r in (dist.get_process_group_ranks(group) if group is not None else range(dist.get_world_size())) if r != me]
-    found: list[str] = []
-    deadline = time.monotonic() + 3  # a peer that just died may still be on its way out
-    while store is not None and not found and time.monotonic() < deadline:
-        found = _stopped_peers(store, ranks)
-        if not found:
-            time.sleep(0.2)
-    cause = "; ".join(found) or "a peer rank stopped or timed out"
-    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-    return f"rank {me}: a collective failed: {cause} ({first})"
-
-
-def _stopped_peers(store: Any, ranks: list[int]) -> list[str]:
-    found = []
-    for rank in ranks:
-        try:
-            if store.check([f"autotp/failed/{rank}"]):
-                found.append(f"rank {rank} raised {store.get(f'autotp/failed/{rank}').decode()}")
-            elif store.check([f"autotp/where/{rank}"]) and not _alive(store.get(f"autotp/where/{rank}").decode()):
-                found.append(f"rank {rank} died (its process is gone)")
-        except Exception:  # the store went away with its host
-            break
-    return found
-
-
-def _alive(where: str) -> bool:
-    """Whether the process at ``host:pid`` still runs (a zombie does not); True if remote."""
-    host, _, pid = where.rpartition(":")
-    if host != socket.gethostname():
-        return True  # cannot tell from here
-    try:
-        with open(f"/proc/{int(pid)}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except FileNotFoundError:
-        return False
-    except OSError:
-        return True

@@ -12,9 +12,11 @@ import datetime
 import os
 import pickle
 import queue as queue_mod
+import sys
 import tempfile
 import time
 import traceback
+import zlib
 from typing import Any, Callable
 
 import torch.multiprocessing as mp
@@ -33,7 +35,14 @@ def _entry(rank: int, world_size: int, init_file: str, timeout_s: float, fn: Cal
     import torch.distributed as dist
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
+    # this rank's stderr (fd 2 too, for native code) goes to a file the parent reads if it dies
+    log = open(f"{init_file}.stderr.{rank}", "w", buffering=1)
+    os.dup2(log.fileno(), 2)
+    sys.stderr = log
+    # MASTER_ADDR/PORT name shared-memory segments (DeepSpeed's all-reduce): unique per launch
+    port = str(20000 + zlib.crc32(init_file.encode()) % 40000)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     try:
         dist.init_process_group(
             "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
@@ -49,6 +58,16 @@ def _entry(rank: int, world_size: int, init_file: str, timeout_s: float, fn: Cal
         results.put((rank, "error", f"{type(exc).__name__}: {exc}"))
     except BaseException:  # report every failure, including asserts, to the parent
         results.put((rank, "error", traceback.format_exc()))
+
+
+def _last_lines(path: str, count: int = 3) -> str:
+    """The last lines a rank wrote to stderr (autotp's own messages first, if any)."""
+    try:
+        lines = [line.strip() for line in open(path, errors="replace") if line.strip()]
+    except OSError:
+        return ""
+    ours = [line for line in lines if "autotp: error" in line]
+    return " | ".join((ours or lines)[-count:])
 
 
 def run_local(fn: Callable, world_size: int, *args: Any, timeout: float = 600, group_timeout: float = 60) -> list[Any]:
@@ -82,7 +101,8 @@ def run_local(fn: Callable, world_size: int, *args: Any, timeout: float = 600, g
                 except queue_mod.Empty:
                     for rank, p in enumerate(procs):  # a rank killed before it could report
                         if rank not in collected and not p.is_alive() and p.exitcode not in (0, None):
-                            collected[rank] = ("error", f"died with exit code {p.exitcode}")
+                            last = _last_lines(f"{init_file}.stderr.{rank}")
+                            collected[rank] = ("error", f"died with exit code {p.exitcode}" + (f": {last}" if last else ""))
         finally:
             for p in procs:
                 p.join(timeout=30)

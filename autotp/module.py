@@ -23,7 +23,8 @@ from autotp import hf
 from autotp.capture import bind_inputs, capture, forward_signature, meta_twin, structure_key
 from autotp.errors import AutotpError
 from autotp.generation import CacheIO, cache_argument, cached_inputs, example_like, is_cache, phase_of, read_cache, write_cache
-from autotp.group import PeerFailure, TPContext, check_same_plan, mark_failed, share_rng
+from autotp.group import TPContext, check_same_plan, share_rng
+from autotp.health import PeerFailure, mark_failed
 from autotp.loading import load_into
 from autotp.placement import Placement, Replicate
 from autotp.plan import Plan
@@ -91,7 +92,7 @@ class TensorParallelModule(nn.Module):
             return self._forward(*args, **kwargs)
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
-        inputs = bind_inputs(self._source, args, kwargs)
+        inputs = bind_inputs(self._source, args, kwargs, self._signature)
         if self._cache_arg and is_cache(inputs.get(self._cache_arg)):
             return self._cached_call(inputs)
         inputs.pop("use_cache", None)  # plain calls return no cache (see generate() for cached decoding)
@@ -117,7 +118,7 @@ class TensorParallelModule(nn.Module):
                 "parallelize with example_inputs like this call"
             )
         check_same_plan(plan, self._ctx)
-        gm = rewrite(captured.graph_module, plan, self.rank, group=self._ctx.group)
+        gm = rewrite(captured.graph_module, plan, self.rank, comm=self._ctx.comm)
         load_into(gm, plan, self.rank, _LocalSource(self.graph_module, prefix))
         self._graphs[key] = gm
         return gm
@@ -201,8 +202,13 @@ class TensorParallelModule(nn.Module):
                 total += t.untyped_storage().nbytes()
         return total
 
+    @property
+    def collective_path(self) -> str:
+        """How the collectives run: ``deepspeed shared memory``, ``gloo``, ``nccl``, ..."""
+        return self._ctx.comm.name
+
     def extra_repr(self) -> str:
-        return f"model={self.plan.model}, rank={self.rank}, tp_size={self.tp_size}"
+        return f"model={self.plan.model}, rank={self.rank}, tp_size={self.tp_size}, collectives={self.collective_path}"
 
 
 @contextlib.contextmanager

@@ -10,7 +10,8 @@ produces the same graph module, edited so that it computes this rank's part:
 4. after each row-parallel matmul (and each Partial lookup) an all-reduce is inserted; a
    matmul's bias, if any, is taken out of it and added once after the reduction
    (``addmm -> mm``, ``linear(x, W, b) -> linear(x, W) + b``);
-5. sharded model outputs are all-gathered before they are returned.
+5. sharded model outputs are all-gathered before they are returned;
+6. what only export needed (assertions, no-op casts) is removed (:mod:`autotp.cleanup`).
 
 Parameters are not touched here: their data is this rank's business and belongs to
 :mod:`autotp.loading`. The graph stays a plain fx graph (lint + recompile), so the result has
@@ -22,11 +23,11 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
-import torch.distributed as dist
 import torch.fx as fx
 
 from autotp.errors import AutotpError
-from autotp.collectives import ALL_GATHER, ALL_REDUCE, AllGather, AllReduce
+from autotp.cleanup import cleanup
+from autotp.collectives import ALL_GATHER, ALL_REDUCE, AllGather, AllReduce, Communicator
 from autotp.local_ops import LOCAL_OPS
 from autotp.placement import Shard, refine
 from autotp.plan import Plan
@@ -145,7 +146,7 @@ def rewrite(
     plan: Plan,
     rank: int,
     *,
-    group: Optional[dist.ProcessGroup] = None,
+    comm: Optional[Communicator] = None,
 ) -> fx.GraphModule:
     """Edit ``gm`` in place so that it computes rank ``rank``'s part of ``plan``.
 
@@ -153,7 +154,8 @@ def rewrite(
         gm: the graph module the plan was made for (same model, same input structure).
         plan: a plan for ``plan.tp_size`` ranks.
         rank: this rank, in ``[0, plan.tp_size)``.
-        group: the tensor-parallel process group the all-reduces use (default: the world).
+        comm: how the inserted collectives communicate (default: the whole world over the
+            process group).
 
     Returns:
         ``gm``, rewritten and recompiled.
@@ -169,10 +171,10 @@ def rewrite(
     _apply_local_ops(by_name, plan, rank)
     if plan.sharded_inputs:
         _drop_input_guards(gm)
-    gm.add_module(ALL_REDUCE, AllReduce(group, plan.tp_size))
-    gm.add_module(ALL_GATHER, AllGather(group, plan.tp_size))
+    comm = comm or Communicator(None, plan.tp_size)
+    gm.add_module(ALL_REDUCE, AllReduce(comm))
+    gm.add_module(ALL_GATHER, AllGather(comm))
     _apply_all_reduces(gm, by_name, plan)
     _apply_all_gathers(gm, by_name, plan)
-    gm.graph.lint()
-    gm.recompile()
+    cleanup(gm)
     return gm

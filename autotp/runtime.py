@@ -72,7 +72,7 @@ def _build(
         raise AutotpError(f"the stored plan differs from this autotp's plan for {differ[:3]}: convert the model again")
     check_same_plan(plan, ctx)
     clock.lap("plan")
-    gm = clock.lap("rewrite", rewrite(captured.graph_module, plan, ctx.rank, group=ctx.group))
+    gm = clock.lap("rewrite", rewrite(captured.graph_module, plan, ctx.rank, comm=ctx.comm))
     agree(ctx, lambda: load_into(gm, plan, ctx.rank, source))
     clock.lap("load")
     tp_model = TensorParallelModule(gm, plan, ctx, model, captured.key)

@@ -3,11 +3,14 @@ error naming it, instead of leaving them waiting in a collective.
 
 The failure is injected from a stopping criterion (a callback Hugging Face ``generate`` calls
 every step), on rank 1 at step 5. The local launcher (unlike torchrun) does not kill the
-surviving rank, so its own error is what is checked.
+surviving rank, so its own error is what is checked, on both collective paths: over gloo the
+survivor raises ``PeerFailure``; on DeepSpeed's shared-memory all-reduce (which cannot time
+out) its watchdog prints the same error and ends the process.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import time
@@ -20,6 +23,8 @@ from autotp.launch import RankFailed, run_local
 from models import hf_model
 
 pytestmark = pytest.mark.distributed
+
+PATHS = ["gloo"] + (["deepspeed"] if importlib.util.find_spec("deepspeed") else [])
 
 
 class _FailOnRank1:
@@ -35,19 +40,21 @@ class _FailOnRank1:
         return torch.zeros(input_ids.shape[0], dtype=torch.bool)
 
 
-def dying_worker(rank: int, world: int, how: str) -> None:
+def dying_worker(rank: int, world: int, how: str, path: str) -> None:
+    os.environ["AUTOTP_ALLREDUCE"] = path
     tp_model = autotp.parallelize(hf_model("llama"))
     ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(0))
     tp_model.generate(ids, max_new_tokens=30, min_new_tokens=30, do_sample=False, pad_token_id=0,
                       stopping_criteria=[_FailOnRank1(how)])
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("how, named", [("raise", "rank 1 raised RuntimeError: injected failure on rank 1"),
                                         ("kill", "rank 1 died (its process is gone)")])
-def test_a_failing_rank_stops_its_peers_and_is_named(how, named):
+def test_a_failing_rank_stops_its_peers_and_is_named(how, named, path):
     start = time.monotonic()
     with pytest.raises(RankFailed) as failed:
-        run_local(dying_worker, 2, how, timeout=120, group_timeout=300)
+        run_local(dying_worker, 2, how, path, timeout=120, group_timeout=300)
     elapsed = time.monotonic() - start
     report = str(failed.value)
     survivor = next(line for line in report.splitlines() if line.startswith("rank 0:"))

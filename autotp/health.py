@@ -1,0 +1,128 @@
+"""Failure reporting between ranks: who raised, who died.
+
+Every rank records where it runs (host:pid) in the process group's store, and an error raised
+inside autotp's calls is recorded before it propagates. When a collective then fails on a
+surviving rank, :func:`describe_failure` names the rank that raised (with its error) or died
+(its process is gone), so the survivors stop with :class:`PeerFailure` instead of waiting.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import sys
+import threading
+import time
+from typing import Any, Iterator, Optional
+
+import torch.distributed as dist
+
+from autotp.errors import AutotpError
+
+__all__ = ["PeerFailure", "register", "mark_failed", "describe_failure", "Watchdog"]
+
+
+class PeerFailure(AutotpError):
+    """A collective failed because another rank stopped; the message names it when it can."""
+
+
+def _store() -> Any:
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except Exception:  # no process group, or a store this torch cannot reach
+        return None
+
+
+def register() -> None:
+    """Record where this rank runs, so that a peer can tell later whether it died."""
+    store = _store()
+    if store is not None and dist.is_initialized() and dist.get_world_size() > 1:
+        store.set(f"autotp/where/{dist.get_rank()}", f"{socket.gethostname()}:{os.getpid()}")
+
+
+def mark_failed(reason: str) -> None:
+    """Record that this rank is about to stop with an error (read by the peers it leaves)."""
+    store = _store()
+    if store is not None and dist.is_initialized():
+        try:
+            store.set(f"autotp/failed/{dist.get_rank()}", reason[:300])
+        except Exception:  # the store may be gone too; the peers still see the connection drop
+            pass
+
+
+def describe_failure(group: Optional[dist.ProcessGroup], error: BaseException) -> str:
+    """Which ranks of ``group`` raised (they recorded it) or died (their process is gone)."""
+    store, me = _store(), dist.get_rank() if dist.is_initialized() else 0
+    ranks = [r for r in (dist.get_process_group_ranks(group) if group is not None else range(dist.get_world_size())) if r != me]
+    found: list[str] = []
+    deadline = time.monotonic() + 3  # a peer that just died may still be on its way out
+    while store is not None and not found and time.monotonic() < deadline:
+        found = _stopped_peers(store, ranks)
+        if not found:
+            time.sleep(0.2)
+    cause = "; ".join(found) or "a peer rank stopped or timed out"
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    return f"rank {me}: a collective failed: {cause} ({first})"
+
+
+def _stopped_peers(store: Any, ranks: list[int]) -> list[str]:
+    found = []
+    for rank in ranks:
+        try:
+            if store.check([f"autotp/failed/{rank}"]):
+                found.append(f"rank {rank} raised {store.get(f'autotp/failed/{rank}').decode()}")
+            elif store.check([f"autotp/where/{rank}"]) and not _alive(store.get(f"autotp/where/{rank}").decode()):
+                found.append(f"rank {rank} died (its process is gone)")
+        except Exception:  # the store went away with its host
+            break
+    return found
+
+
+def _alive(where: str) -> bool:
+    """Whether the process at ``host:pid`` still runs (a zombie does not); True if remote."""
+    host, _, pid = where.rpartition(":")
+    if host != socket.gethostname():
+        return True  # cannot tell from here
+    try:
+        with open(f"/proc/{int(pid)}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+
+
+class Watchdog(threading.Thread):
+    """Guards a rank waiting in a collective that cannot time out (DeepSpeed's shared-memory
+    all-reduce spins on flags): if it has waited ``grace`` seconds and a peer has raised or
+    died, print the error naming it and end the process, instead of waiting forever."""
+
+    def __init__(self, group: Optional[dist.ProcessGroup] = None, grace: float = 2.0) -> None:
+        super().__init__(name="autotp-watchdog", daemon=True)
+        self.group, self.grace = group, grace
+        self._since: Optional[float] = None
+        self.start()
+
+    @contextlib.contextmanager
+    def waiting(self) -> Iterator[None]:
+        self._since = time.monotonic()
+        try:
+            yield
+        finally:
+            self._since = None
+
+    def run(self) -> None:
+        while True:
+            time.sleep(0.5)
+            since = self._since
+            if since is None or time.monotonic() - since < self.grace:
+                continue
+            store, me = _store(), dist.get_rank()
+            ranks = dist.get_process_group_ranks(self.group) if self.group is not None else range(dist.get_world_size())
+            found = _stopped_peers(store, [r for r in ranks if r != me]) if store is not None else []
+            if found and self._since is not None:
+                sys.stderr.write(f"[rank {me}] autotp: error: PeerFailure: rank {me}: a collective failed: "
+                                 f"{'; '.join(found)} (waited {time.monotonic() - since:.0f} s in shared memory)\n")
+                sys.stderr.flush()
+                os._exit(1)

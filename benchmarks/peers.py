@@ -1,0 +1,120 @@
+"""How each implementation becomes a ready tensor-parallel model, and what it is measured on.
+
+One function per implementation, each run on every rank under torchrun (the unsharded one in
+a single process): it reads the same Hugging Face checkpoint and returns a model whose
+``forward`` and ``generate`` work, plus the tensors that are this rank's parameters.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def param_bytes(model: torch.nn.Module) -> int:
+    """Bytes of this rank's parameters and buffers (each storage counted once)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        t = _local(t)
+        if t.device.type == "meta":
+            continue
+        key = t.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def unsharded(checkpoint: str) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+
+
+def hf_tp_plan(checkpoint: str) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, tp_plan="auto").eval()
+
+
+def _deepspeed(checkpoint: str, shm: bool) -> Any:
+    import deepspeed
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ["LOCAL_SIZE"] = os.environ["WORLD_SIZE"]  # its shared-memory kernel needs it (unset: SIGSEGV)
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    if not shm:
+        # Before each all-reduce DeepSpeed checks the CPU's vector level its kernel needs;
+        # at 0 it takes its own fallback, the process group's all_reduce (gloo).
+        import deepspeed.comm.comm as ds_comm
+
+        ds_comm.cdb.shm_vector_kernel_level = 0
+    model = unsharded(checkpoint)
+    engine = deepspeed.init_inference(model, tensor_parallel={"tp_size": dist.get_world_size()}, dtype=torch.float32,
+                                      replace_with_kernel_inject=False)
+    return engine.module
+
+
+def deepspeed_shm(checkpoint: str) -> Any:
+    return _deepspeed(checkpoint, shm=True)
+
+
+def deepspeed_gloo(checkpoint: str) -> Any:
+    return _deepspeed(checkpoint, shm=False)
+
+
+def dtensor_megatron(checkpoint: str) -> Any:
+    """The hand-written plan torchtitan applies: q/k/v and gate/up colwise, o and down rowwise."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    dist.init_process_group("gloo")
+    model = unsharded(checkpoint)
+    if not hasattr(getattr(model, "model", None), "layers"):
+        raise NotImplementedError("the hand-written plan names Llama-family modules (model.layers.*.q_proj, ...); "
+                                  f"{type(model).__name__} needs another (and ColwiseParallel does not take Conv1D)")
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    plan = {}
+    for i, _ in enumerate(model.model.layers):
+        for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
+            plan[f"model.layers.{i}.{name}"] = ColwiseParallel()
+        for name in ("self_attn.o_proj", "mlp.down_proj"):
+            plan[f"model.layers.{i}.{name}"] = RowwiseParallel()
+    return parallelize_module(model, mesh, plan)
+
+
+def _autotp(checkpoint: str, path: str) -> Any:
+    import autotp
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    os.environ["AUTOTP_ALLREDUCE"] = path
+    with autotp.init_empty_weights():
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(checkpoint)).eval()
+    return autotp.parallelize(model, checkpoint=checkpoint)
+
+
+def autotp_shm(checkpoint: str) -> Any:
+    return _autotp(checkpoint, "deepspeed")
+
+
+def autotp_gloo(checkpoint: str) -> Any:
+    return _autotp(checkpoint, "gloo")
+
+
+IMPLEMENTATIONS: dict[str, tuple[Callable[[str], Any], bool, str]] = {
+    # name: (builder, distributed, collective path)
+    "unsharded": (unsharded, False, "-"),
+    "hf_tp_plan": (hf_tp_plan, True, "gloo"),
+    "deepspeed_shm": (deepspeed_shm, True, "shared memory"),
+    "deepspeed_gloo": (deepspeed_gloo, True, "gloo"),
+    "dtensor_megatron": (dtensor_megatron, True, "gloo"),
+    "autotp_shm": (autotp_shm, True, "shared memory"),
+    "autotp_gloo": (autotp_gloo, True, "gloo"),
+}

@@ -1,0 +1,204 @@
+"""autotp against its peers, measured side by side in one run on this machine.
+
+    python -m benchmarks.run --tp 2 --model llama-200m [--impls autotp_shm hf_tp_plan ...]
+
+For each implementation (``benchmarks/peers.py``: unsharded, Hugging Face ``tp_plan="auto"``,
+DeepSpeed AutoTP over its shared-memory all-reduce and over gloo, a hand-written DTensor
+Megatron plan, autotp over both paths) this launches ``--tp`` ranks with torchrun (the
+unsharded model in one process), one thread per process, all reading the same saved
+checkpoint, and measures on every rank:
+
+- time to a ready model (load + plan + rewrite) and peak RSS at load;
+- this rank's parameter bytes and KV-cache bytes (batch 1 x 128 tokens);
+- forward (prefill) latency for batch 1 x 128 and 4 x 128: median of ``--repeats`` after
+  warm-up, ranks aligned by a barrier before each;
+- decode: tokens/s of a greedy ``generate`` of 64 new tokens after a 16-token prompt;
+- collectives per forward and the bytes they move (counted with the profiler).
+
+Results go to ``benchmarks/results/<model>-tp<N>.{json,md,png}`` with ratios to HF's figures
+and speed-ups over the unsharded model from the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.peers import IMPLEMENTATIONS, param_bytes
+
+RESULTS = Path(__file__).parent / "results"
+PREFILL = {"prefill_b1": (1, 128), "prefill_b4": (4, 128)}
+# dispatcher-level collective ops, recorded on the calling thread (gloo's own worker-thread
+# events are not counted: they would count each collective twice)
+_COLLECTIVE = re.compile(r"^(c10d|deepspeed)::.*(all_?reduce|all_?gather|reduce_?scatter|broadcast)", re.IGNORECASE)
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _ids(batch: int, seq: int, vocab: int) -> torch.Tensor:
+    return torch.randint(3, vocab, (batch, seq), generator=torch.Generator().manual_seed(batch * 1000 + seq))
+
+
+def _timed(fn, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _barrier()
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _collectives(model, ids: torch.Tensor) -> tuple[int, int]:
+    """Collective calls in one forward and the bytes of their inputs, from the profiler
+    (outermost collective events only, so wrappers are not counted twice)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        model(ids)
+    count = nbytes = 0
+    for event in prof.events():
+        if not _COLLECTIVE.search(event.name):
+            continue
+        parent, nested = event.cpu_parent, False
+        while parent is not None:
+            nested |= bool(_COLLECTIVE.search(parent.name))
+            parent = parent.cpu_parent
+        if nested:
+            continue
+        count += 1
+        shapes = [s for s in (event.input_shapes or []) if s]
+        nbytes += 4 * sum(int(torch.Size(s).numel()) for s in shapes[:1])
+    return count, nbytes
+
+
+def _kv_bytes(model, vocab: int) -> int:
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(_ids(1, 128, vocab), cache=cache, use_cache=True)
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+
+
+def worker(name: str, checkpoint: str, report: str, repeats: int) -> None:
+    """One rank: build the implementation's model and measure it."""
+    torch.set_num_threads(1)
+    import transformers  # noqa: F401  (imported before the baseline, as a user would have)
+
+    build = IMPLEMENTATIONS[name][0]
+    result: dict = {"rss_before_mib": _rss_mib()}
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        start = time.perf_counter()
+        model = build(checkpoint)
+        result["ready_s"] = time.perf_counter() - start
+        result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        result["param_bytes"] = param_bytes(getattr(model, "graph_module", model))
+        vocab = model.config.vocab_size
+        with torch.no_grad():
+            for key, (batch, seq) in PREFILL.items():
+                ids = _ids(batch, seq, vocab)
+                result[key + "_s"] = _timed(lambda: model(ids), repeats)
+            result["collectives"], result["collective_bytes"] = _collectives(model, _ids(1, 128, vocab))
+            result["kv_bytes"] = _kv_bytes(model, vocab)
+            prompt = _ids(1, 16, vocab)
+            options = dict(do_sample=False, pad_token_id=0)
+            model.generate(prompt, max_new_tokens=4, min_new_tokens=4, **options)  # warm-up
+            _barrier()
+            start = time.perf_counter()
+            model.generate(prompt, max_new_tokens=64, min_new_tokens=64, **options)
+            result["decode_tok_s"] = 64 / (time.perf_counter() - start)
+    except Exception as exc:  # a peer that cannot run this model is recorded, not fatal
+        result["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
+    Path(f"{report}.{rank}").write_text(json.dumps(result))
+
+
+def _launch(name: str, tp: int, checkpoint: Path, report: Path, repeats: int) -> list[dict]:
+    distributed = IMPLEMENTATIONS[name][1]
+    args = ["-m", "benchmarks.run", "--worker", name, str(checkpoint), str(report), "--repeats", str(repeats)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    if distributed:
+        command = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc-per-node", str(tp), *args]
+    else:
+        command = [sys.executable, *args]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=3600)
+    ranks = tp if distributed else 1
+    results = []
+    for r in range(ranks):
+        path = Path(f"{report}.{r}")
+        results.append(json.loads(path.read_text()) if path.exists()
+                       else {"error": f"exit code {done.returncode}: {done.stderr.strip().splitlines()[-1:]}"})
+    return results
+
+
+def summarise(name: str, ranks: list[dict]) -> dict:
+    """Rank 0's timings; the worst rank's memory."""
+    first = ranks[0]
+    if "error" in first:
+        return {"implementation": name, "error": first["error"]}
+    return {
+        "implementation": name, "collective_path": IMPLEMENTATIONS[name][2], **{k: v for k, v in first.items()},
+        "param_bytes": max(r["param_bytes"] for r in ranks), "peak_rss_mib": max(r["peak_rss_mib"] for r in ranks),
+        "kv_bytes": max(r["kv_bytes"] for r in ranks),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tp", type=int, default=2)
+    parser.add_argument("--model", default="llama-200m")
+    parser.add_argument("--impls", nargs="+", default=list(IMPLEMENTATIONS), choices=list(IMPLEMENTATIONS))
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--out", default=str(RESULTS), help="results folder (default benchmarks/results)")
+    parser.add_argument("--worker", nargs=3, metavar=("IMPL", "CHECKPOINT", "REPORT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(*args.worker, repeats=args.repeats)
+        return
+    from benchmarks.models import build
+    from benchmarks.report import write_reports
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = Path(tmp) / "checkpoint"
+        model = build(args.model)
+        params = sum(p.numel() for p in model.parameters())
+        model.save_pretrained(checkpoint)
+        del model
+        rows = []
+        for name in args.impls:
+            start = time.perf_counter()
+            ranks = _launch(name, args.tp, checkpoint, Path(tmp) / name, args.repeats)
+            rows.append(summarise(name, ranks))
+            status = rows[-1].get("error", "ok")
+            print(f"{name}: {status} ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+    meta = {"model": args.model, "params": params, "tp": args.tp, "date": time.strftime("%Y-%m-%d"),
+            "machine": f"{os.cpu_count()} CPU cores, 1 thread per process", "torch": torch.__version__,
+            "repeats": args.repeats}
+    for path in write_reports(rows, meta, Path(args.out)):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()
