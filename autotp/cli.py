@@ -72,10 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="(under torchrun) load a converted model and print the last position's logits",
                          description="Each rank loads only its own shard file from OUT; rank 0 prints the logits of the "
                                      "last position.")
-    run.add_argument("out", metavar="OUT")
-    source = run.add_mutually_exclusive_group(required=True)
-    source.add_argument("--input-ids", help="comma-separated token ids, e.g. 1,2,3")
-    source.add_argument("--prompt", help="text, tokenized with OUT's tokenizer")
+    _add_tokens(run)
     run.add_argument("--top-k", type=int, default=5, help="how many top tokens to print (default 5)")
     run.add_argument("--save", metavar="FILE", help="rank 0 saves the last position's logits here (torch.save)")
 
@@ -83,10 +80,7 @@ def _parser() -> argparse.ArgumentParser:
                          description="Each rank loads only its own shard file from OUT; Hugging Face's generate() runs "
                                      "with the KV cache sharded by heads; rank 0 prints the text (or the token ids when OUT "
                                      "has no tokenizer) and the decoding speed.")
-    gen.add_argument("out", metavar="OUT")
-    source = gen.add_mutually_exclusive_group(required=True)
-    source.add_argument("--input-ids", help="comma-separated token ids, e.g. 1,2,3")
-    source.add_argument("--prompt", help="text, tokenized with OUT's tokenizer")
+    _add_tokens(gen)
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     gen.add_argument("--temperature", type=float, default=1.0)
@@ -95,6 +89,14 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-warmup", action="store_true",
                      help="do not run a 2-token generation first (its graph captures then count in the timing)")
     return parser
+
+
+def _add_tokens(parser: argparse.ArgumentParser) -> None:
+    """OUT and where the tokens come from (run and generate)."""
+    parser.add_argument("out", metavar="OUT")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input-ids", help="comma-separated token ids, e.g. 1,2,3")
+    source.add_argument("--prompt", help="text, tokenized with OUT's tokenizer")
 
 
 def _positive(value: int, what: str) -> int:

@@ -129,7 +129,7 @@ def convert(
     tmp = _prepare_out(out, overwrite)
     try:
         files = _write_ranks(tmp, plan, names, reader, progress)
-        _write_manifest(tmp, plan, source_model, files)
+        _write_manifest(tmp, plan, source_model, type(skeleton).__name__, files)
         _publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -158,7 +158,7 @@ def _write_ranks(tmp: Path, plan: Plan, names: list[str], reader: CheckpointSour
             for r in range(tp)}
 
 
-def _write_manifest(tmp: Path, plan: Plan, source_model: Any, files: dict) -> None:
+def _write_manifest(tmp: Path, plan: Plan, source_model: Any, model_class: str, files: dict) -> None:
     directory = source_model.directory
     for name in _COPIED:
         if (directory / name).is_file():
@@ -167,7 +167,7 @@ def _write_manifest(tmp: Path, plan: Plan, source_model: Any, files: dict) -> No
         "format_version": FORMAT_VERSION,
         "producer": f"autotp {_version}",
         "tp_size": plan.tp_size,
-        "model_class": type(source_model.build("meta")[0]).__name__,
+        "model_class": model_class,
         "source": str(directory.resolve()),
         "config": json.loads((directory / "config.json").read_text()),
         "files": files,

@@ -118,12 +118,6 @@ def divides(shard: Shard, size: int, world_size: int) -> bool:
     return all(p % shard.chunks(world_size) == 0 and p > 0 for p in parts)
 
 
-def local_blocks(shard: Shard, world_size: int) -> Union[int, tuple[int, ...]]:
-    """The ``blocks`` of the local tensor: equal parts stay equal, sized parts shrink."""
-    if isinstance(shard.blocks, tuple):
-        return tuple(b // shard.chunks(world_size) for b in shard.blocks)
-    return shard.blocks
-
 
 def local_chunk(tensor, shard: Shard, rank: int, world_size: int):
     """Rank ``rank``'s piece of a full ``tensor`` laid out as ``shard`` (a view when possible).

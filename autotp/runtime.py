@@ -38,13 +38,18 @@ from autotp.rewrite import rewrite
 
 __all__ = ["parallelize", "load", "plan_model"]
 
-def _default_device(model: Optional[nn.Module]) -> torch.device:
-    device = model_device(model) if model is not None else torch.device("cpu")
-    if device.type == "cpu" and model is not None and all(
-        t.device.type == "meta" for t in list(model.parameters())[:1]
-    ) and torch.cuda.is_available():
+
+def _rank_device() -> torch.device:
+    """This rank's GPU under torchrun when CUDA is available, else the CPU."""
+    if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return device
+    return torch.device("cpu")
+
+
+def _default_device(model: nn.Module) -> torch.device:
+    """Where the model's weights are; for a model with no data yet (on meta), the rank's device."""
+    has_data = any(t.device.type != "meta" for t in model.parameters())
+    return model_device(model) if has_data else _rank_device()
 
 
 def plan_model(model: nn.Module, tp_size: int, example_inputs: Any = None) -> Plan:
@@ -68,7 +73,8 @@ def _build(
     plan = plan_graph(captured.graph, ctx.tp_size, model=_model_label(model), inputs=captured.input_names,
                       gather_outputs=gather_outputs)
     if expected is not None and placements(plan) != placements(expected):
-        differ = sorted(n for n in plan.params if str(plan.params[n].placement) != str(getattr(expected.params.get(n), "placement", None)))
+        ours, stored = placements(plan), placements(expected)
+        differ = sorted(n for n in ours.keys() | stored.keys() if ours.get(n) != stored.get(n))
         raise AutotpError(f"the stored plan differs from this autotp's plan for {differ[:3]}: convert the model again")
     check_same_plan(plan, ctx)
     clock.lap("plan")
@@ -186,15 +192,14 @@ def load(directory: str | os.PathLike, *, device: Optional[torch.device | str] =
 
     clock = _Stopwatch()
     manifest = read_manifest(directory)
-    if device is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else torch.device("cpu")
-    ctx = init_tp(None, torch.device(device))
+    device = torch.device(device) if device is not None else _rank_device()
+    ctx = init_tp(None, device)
     if ctx.tp_size != manifest["tp_size"]:
         raise AutotpError(f"{directory} was converted for tp={manifest['tp_size']}, but the world size is "
                           f"{ctx.tp_size}: start it with torchrun --nproc-per-node {manifest['tp_size']}")
     path = agree(ctx, lambda: verify_rank_file(directory, manifest, ctx.rank, checksum=checksum))
     model, _ = resolve_model(str(directory)).build("empty")
-    source = FirstOf(ShardFileSource(path), ModuleSource(model, torch.device(device)))
+    source = FirstOf(ShardFileSource(path), ModuleSource(model, device))
     tp_model = _build(model, None, ctx, source, clock, expected=Plan.from_dict(manifest["plan"]))
     _hand_over(model, tp_model, list(named_tensors(model)))
     return tp_model

@@ -26,7 +26,7 @@ import sympy
 import torch
 import torch.fx as fx
 
-from autotp.placement import Partial, Placement, Replicate, Shard
+from autotp.placement import Placement, Replicate, Shard
 
 __all__ = [
     "finest",
@@ -185,9 +185,6 @@ def ndim(x: fx.Node) -> int:
 def norm_dim(dim: int, rank: int) -> int:
     return dim + rank if dim < 0 else dim
 
-
-def is_partial(p: Any) -> bool:
-    return isinstance(p, Partial)
 
 
 # Importing the family modules fills RULES.
