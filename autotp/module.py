@@ -63,7 +63,8 @@ class TensorParallelModule(nn.Module):
         graph_module: the rewritten graph for the inputs given to :func:`parallelize`.
         plan: the plan it carries out (the same on every rank).
         rank, tp_size: this rank and the size of its tensor-parallel group.
-        timings: seconds per stage of :func:`parallelize` (capture, plan, rewrite, load).
+        timings: seconds per stage of :func:`parallelize` (init: the process group and the
+            collective path; capture, plan, rewrite, load).
         cached_calls: per phase of cached calls (prefill, decode, extend): how many calls, and
             how many new tokens they fed (a decode step feeds one per sequence: the prefix is
             never run again).

@@ -153,7 +153,7 @@ def parallelize(
     """
     clock = _Stopwatch()
     device = torch.device(device) if device is not None else _default_device(model)
-    ctx = init_tp(tp_size, device)
+    ctx = clock.lap("init", init_tp(tp_size, device))
     moved = device != model_device(model)
     in_memory = ModuleSource(model, device if moved else None)
     source: Any = in_memory
@@ -193,7 +193,7 @@ def load(directory: str | os.PathLike, *, device: Optional[torch.device | str] =
     clock = _Stopwatch()
     manifest = read_manifest(directory)
     device = torch.device(device) if device is not None else _rank_device()
-    ctx = init_tp(None, device)
+    ctx = clock.lap("init", init_tp(None, device))
     if ctx.tp_size != manifest["tp_size"]:
         raise AutotpError(f"{directory} was converted for tp={manifest['tp_size']}, but the world size is "
                           f"{ctx.tp_size}: start it with torchrun --nproc-per-node {manifest['tp_size']}")
