@@ -164,3 +164,18 @@ def count_collectives(graph_module: torch.fx.GraphModule) -> dict[str, int]:
         if node.op == "call_module" and node.target in kinds:
             counts[kinds[node.target]] = counts.get(kinds[node.target], 0) + 1
     return counts
+
+
+def prebuild_fast_path() -> bool:
+    """Compile DeepSpeed's shared-memory all-reduce now (it is otherwise built on first use,
+    ~25 s here, inside the first ``parallelize``). Returns whether it is available."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+            ShareMemCommBuilder().load()
+    except ImportError:
+        return False
+    return True
+

@@ -61,15 +61,19 @@ def main() -> None:
     rank, tp = tp_model.rank, tp_model.tp_size
     if rank == 0:
         print(tp_model.plan.to_table() if args.show_plan else tp_model.plan.summary(), flush=True)
-    torch.distributed.barrier() if tp > 1 else None
+        print(f"collectives: {tp_model.collective_path}", flush=True)
     diff = (logits - reference).abs().max().item()
     bound = 1e-4 * reference.abs().max().item()
-    print(
-        f"[rank {rank}/{tp}] logits {tuple(logits.shape)}  max|diff| {diff:.2e} (bound {bound:.2e}: "
-        f"{'OK' if diff <= bound else 'MISMATCH'})  weights {tp_model.local_bytes() / 2**20:.2f} MiB "
-        f"of {full_bytes / 2**20:.2f} MiB unsharded  parallelize {ready_s:.2f} s",
-        flush=True,
-    )
+    for turn in range(tp):  # one rank at a time, so lines do not interleave
+        if tp > 1:
+            torch.distributed.barrier()
+        if turn == rank:
+            print(
+                f"[rank {rank}/{tp}] logits {tuple(logits.shape)}  max|diff| {diff:.2e} (bound {bound:.2e}: "
+                f"{'OK' if diff <= bound else 'MISMATCH'})  weights {tp_model.local_bytes() / 2**20:.2f} MiB "
+                f"of {full_bytes / 2**20:.2f} MiB unsharded  parallelize {ready_s:.2f} s",
+                flush=True,
+            )
     if diff > bound:
         raise SystemExit(1)
 
