@@ -110,10 +110,25 @@ def _deepspeed_all_reduce(world_size: int) -> Optional[FastAllReduce]:
         ds_comm.init_distributed(dist_backend="gloo", verbose=False)
     probe = torch.full((8,), float(dist.get_rank() + 1))
     ds_comm.inference_all_reduce(probe)
+    # Every rank has now mapped every rank's segment (its init waits for all of them).
+    dist.barrier()
+    _unlink_own_segment()
     if not torch.equal(probe, torch.full((8,), world_size * (world_size + 1) / 2)):
         warnings.warn("DeepSpeed's shared-memory all-reduce failed its self-check: using the process group")
         return None
     return ds_comm.inference_all_reduce
+
+
+def _unlink_own_segment() -> None:
+    """Remove this rank's shared-memory segment name. DeepSpeed never unlinks it, so every
+    run left ~68 MB per rank in /dev/shm until reboot (23 GB here after a day of tests). The
+    mappings stay valid; the memory is freed when the last rank using it exits, killed or not."""
+    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    try:
+        os.unlink(name)
+    except FileNotFoundError:
+        warnings.warn(f"DeepSpeed's shared-memory segment {name} was not found: it may be left in /dev/shm")
 
 
 class AllReduce(nn.Module):

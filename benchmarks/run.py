@@ -143,7 +143,10 @@ def _launch(name: str, tp: int, checkpoint: Path, report: Path, repeats: int) ->
         command = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc-per-node", str(tp), *args]
     else:
         command = [sys.executable, *args]
+    segments = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=3600)
+    for leaked in set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) - segments:
+        leaked.unlink(missing_ok=True)  # DeepSpeed's own runs never remove their shared memory
     ranks = tp if distributed else 1
     results = []
     for r in range(ranks):

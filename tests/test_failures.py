@@ -60,3 +60,20 @@ def test_a_failing_rank_stops_its_peers_and_is_named(how, named, path):
     survivor = next(line for line in report.splitlines() if line.startswith("rank 0:"))
     assert "PeerFailure: rank 0: a collective failed: " + named in survivor, report
     assert elapsed < 60, f"the surviving rank took {elapsed:.0f} s to stop"
+
+
+def quiet_worker(rank: int, world: int) -> str:
+    tp_model = autotp.parallelize(hf_model("llama"))
+    with torch.no_grad():
+        tp_model(torch.randint(3, 128, (1, 5)))
+    return tp_model.collective_path
+
+
+@pytest.mark.skipif("deepspeed" not in PATHS, reason="DeepSpeed (autotp[fast]) is not installed")
+def test_the_shared_memory_path_leaves_nothing_in_dev_shm():
+    from pathlib import Path
+
+    before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
+    paths = run_local(quiet_worker, 2)
+    assert paths == ["deepspeed shared memory"] * 2
+    assert set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) - before == set()
