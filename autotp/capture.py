@@ -25,7 +25,7 @@ from __future__ import annotations
 import copy
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 import torch.fx as fx
@@ -70,15 +70,18 @@ def model_device(model: nn.Module) -> torch.device:
 def meta_twin(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with every tensor on ``meta`` at its current (global) shape: what
     later captures read once the model's own tensors have been replaced by one rank's pieces."""
+    return _copy_with_tensors(model, lambda tensor: torch.empty_like(tensor, device="meta"))
+
+
+def _copy_with_tensors(model: nn.Module, make: Callable[[torch.Tensor], torch.Tensor]) -> nn.Module:
+    """``deepcopy`` of ``model`` whose parameters and buffers are ``make(tensor)`` (tied tensors
+    stay tied), leaving out a routing of calls put on module instances: a parallelized model
+    routes its calls to its TensorParallelModule, the copy keeps the class's own forward."""
     memo: dict[int, Any] = {}
     for tensor in list(model.parameters()) + list(model.buffers()):
-        meta = torch.empty_like(tensor, device="meta")
-        memo.setdefault(id(tensor), nn.Parameter(meta, requires_grad=False) if isinstance(tensor, nn.Parameter) else meta)
-    return _copy_unrouted(model, memo)
-
-
-def _copy_unrouted(model: nn.Module, memo: dict[int, Any]) -> nn.Module:
-    """``deepcopy`` with ``memo``, leaving out a routing of calls put on module instances."""
+        if id(tensor) not in memo:
+            made = make(tensor)
+            memo[id(tensor)] = nn.Parameter(made, requires_grad=False) if isinstance(tensor, nn.Parameter) else made
     routed = [(m, m.__dict__.pop("forward")) for m in model.modules() if "forward" in m.__dict__]
     try:
         return copy.deepcopy(model, memo)
@@ -96,15 +99,12 @@ def fake_skeleton(model: nn.Module, device: Optional[torch.device] = None) -> tu
     """
     device = device or model_device(model)
     mode = FakeTensorMode(allow_non_fake_inputs=False)
-    memo: dict[int, Any] = {}
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        if id(tensor) in memo:
-            continue
+
+    def fake(tensor: torch.Tensor) -> torch.Tensor:
         meta = torch.empty_like(tensor, device="meta")
-        fake = mode.fake_tensor_converter.from_meta_and_device(mode, meta, device)
-        memo[id(tensor)] = nn.Parameter(fake, requires_grad=False) if isinstance(tensor, nn.Parameter) else fake
-    # a parallelized model routes its calls to its TensorParallelModule: copy the class's own forward
-    return _copy_unrouted(model, memo), mode
+        return mode.fake_tensor_converter.from_meta_and_device(mode, meta, device)
+
+    return _copy_with_tensors(model, fake), mode
 
 
 def forward_signature(model: nn.Module) -> inspect.Signature:
