@@ -29,7 +29,7 @@ import torch.nn as nn
 from torch._subclasses.fake_tensor import FakeTensor
 
 from autotp.errors import AutotpError
-from autotp.placement import Placement, Shard, block_sizes, local_chunk
+from autotp.placement import Placement, Replicate, Shard, local_chunk, rank_ranges
 from autotp.safetensors_io import SafetensorsReader
 from autotp.plan import Plan
 
@@ -104,17 +104,6 @@ class ModuleSource:
         self.tensors = named_tensors(self.module)
 
 
-def _ranges(placement: Shard, size: int, rank: int, world_size: int) -> list[tuple[int, int]]:
-    """Index ranges of rank ``rank``'s part of a dim of ``size`` (one per block)."""
-    out, start = [], 0
-    chunk = rank // placement.replicas
-    for part in block_sizes(placement, size):
-        step = part // placement.chunks(world_size)
-        out.append((start + chunk * step, start + (chunk + 1) * step))
-        start += part
-    return out
-
-
 class SafetensorsCheckpoint:
     """The ``*.safetensors`` files of a directory: sharded with ``model.safetensors.index.json``,
     or single. Tensors are read slice by slice (see :mod:`autotp.safetensors_io`)."""
@@ -149,12 +138,6 @@ class SafetensorsCheckpoint:
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
 
-    def shape(self, name: str) -> list[int]:
-        return self._reader(self.weight_map[name]).shape(name)
-
-    def dtype(self, name: str) -> torch.dtype:
-        return self._reader(self.weight_map[name]).dtype(name)
-
     def nbytes(self) -> int:
         return sum(p.stat().st_size for p in set(self.weight_map.values()))
 
@@ -163,7 +146,7 @@ class SafetensorsCheckpoint:
         if not isinstance(placement, Shard):
             return reader.read(name)
         shape = reader.shape(name)
-        return reader.read(name, placement.dim, _ranges(placement, shape[placement.dim], rank, world_size))
+        return reader.read(name, placement.dim, rank_ranges(placement, shape[placement.dim], rank, world_size))
 
     def close(self) -> None:
         for reader in self._readers.values():
@@ -264,8 +247,6 @@ def check_checkpoint(checkpoint: SafetensorsCheckpoint, model: nn.Module) -> Non
 def materialize(module: nn.Module, source: Any) -> nn.Module:
     """Replace every ``meta`` parameter and buffer of ``module`` by its full tensor from
     ``source`` (an unsharded reference model built from a checkpoint)."""
-    from autotp.placement import Replicate
-
     done: dict[int, torch.Tensor] = {}  # tied tensors stay tied
     for prefix, owner in module.named_modules(remove_duplicate=False):
         for store in (owner._parameters, owner._buffers):

@@ -130,23 +130,38 @@ def local_chunk(tensor, shard: Shard, rank: int, world_size: int):
 
 def refine(local, shard: Shard, held_replicas: int, rank: int):
     """From a local tensor held with ``held_replicas`` (the world size for a full tensor) to
-    this rank's piece of ``shard`` (fewer replicas): a slice of every block, no communication.
+    this rank's piece of ``shard`` (fewer replicas): a slice of every block, no communication."""
+    import torch
+
+    pieces = [local.narrow(shard.dim, start, end - start)
+              for start, end in piece_ranges(shard, local.shape[shard.dim], held_replicas, rank)]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, shard.dim)
+
+
+def rank_ranges(shard: Shard, size: int, rank: int, world_size: int) -> list[tuple[int, int]]:
+    """Index ranges of rank ``rank``'s part of a full dim of ``size`` laid out as ``shard``
+    (one per block): what a loader reads of a checkpoint tensor."""
+    block_sizes(shard, size)  # raises where the layout does not fit the size
+    return piece_ranges(shard, size, world_size, rank)
+
+
+def piece_ranges(shard: Shard, local_size: int, held_replicas: int, rank: int) -> list[tuple[int, int]]:
+    """Index ranges, one per block, of rank ``rank``'s piece of ``shard`` within a local dim of
+    ``local_size`` held with ``held_replicas`` (the world size for a full tensor).
 
     Rank ``r`` holds chunk ``r // held_replicas`` and wants chunk ``r // shard.replicas``: the
     piece ``(r % held_replicas) // shard.replicas`` of what it holds.
     """
-    import torch
-
     if held_replicas % shard.replicas:
         raise ValueError(f"cannot refine a piece held by {held_replicas} ranks into {shard}")
     count = held_replicas // shard.replicas
     index = (rank % held_replicas) // shard.replicas
-    pieces, start = [], 0
-    for part in _local_parts(shard, local.shape[shard.dim]):
+    ranges, start = [], 0
+    for part in _local_parts(shard, local_size):
         step = part // count
-        pieces.append(local.narrow(shard.dim, start + index * step, step))
+        ranges.append((start + index * step, start + (index + 1) * step))
         start += part
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, shard.dim)
+    return ranges
 
 
 def _local_parts(shard: Shard, local_size: int) -> list[int]:

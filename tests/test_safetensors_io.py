@@ -7,8 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from autotp.loading import _ranges
-from autotp.placement import Shard, local_chunk
+from autotp.placement import Shard, local_chunk, rank_ranges
 from autotp.safetensors_io import SafetensorsFormatError, SafetensorsReader, SafetensorsWriter
 
 TENSORS = {
@@ -38,7 +37,7 @@ def test_reads_whole_tensors(saved):
 @pytest.mark.parametrize("rank", [0, 1, 2])
 def test_reads_each_ranks_slice(saved, name, shard, rank):
     full = TENSORS[name]
-    ranges = _ranges(shard, full.shape[shard.dim], rank, 3)
+    ranges = rank_ranges(shard, full.shape[shard.dim], rank, 3)
     assert torch.equal(SafetensorsReader(saved).read(name, shard.dim, ranges), local_chunk(full, shard, rank, 3))
 
 
