@@ -321,10 +321,6 @@ def _tokenizer(directory: str) -> Any:
         raise AutotpError(f"{directory} has no usable tokenizer: pass --input-ids instead of --prompt") from None
 
 
-def _tokenize(directory: str, prompt: str) -> list[int]:
-    return _tokenizer(directory)(prompt)["input_ids"]
-
-
 COMMANDS = {"plan": cmd_plan, "convert": cmd_convert, "verify": cmd_verify, "run": cmd_run, "generate": cmd_generate}
 
 

@@ -205,19 +205,19 @@ def test_damaged_shard_file_fails_every_rank(converted, tmp_path, damage, expect
 
 
 def test_convert_copies_the_tokenizer_and_run_uses_it(llama_dir, tmp_path):
-    from autotp.cli import _tokenize
+    from autotp.cli import _tokenizer
 
     with_tokenizer = tmp_path / "model"
     shutil.copytree(llama_dir, with_tokenizer)
     save_word_tokenizer(with_tokenizer)
     out = autotp.convert(with_tokenizer, 2, tmp_path / "out", progress=False)
     assert (out / "tokenizer.json").exists() and (out / "tokenizer_config.json").exists()
-    assert _tokenize(str(out), "w5 w7 w9") == [5, 7, 9]
+    assert _tokenizer(str(out))("w5 w7 w9")["input_ids"] == [5, 7, 9]
 
 
 def test_prompt_without_tokenizer(converted):
-    from autotp.cli import _tokenize
+    from autotp.cli import _tokenizer
     from autotp.errors import AutotpError
 
     with pytest.raises(AutotpError, match="no usable tokenizer: pass --input-ids"):
-        _tokenize(str(converted), "hello")
+        _tokenizer(str(converted))("hello")
