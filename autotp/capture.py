@@ -22,10 +22,11 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import torch
 import torch.fx as fx
@@ -53,6 +54,9 @@ class Captured:
     key: tuple
     model_name: str = ""
     tensor_names: list[str] = field(default_factory=list)  # parameters and buffers, get_attr order
+    # the input checks export put in the graph (its _guards_fn), as (guard code, input paths);
+    # None when there are none or they could not be recorded (autotp.cache needs them)
+    guards: Optional[tuple[list[str], list[tuple]]] = None
 
     @property
     def graph(self) -> fx.Graph:
@@ -217,9 +221,34 @@ def capture(
     except Exception as exc:  # export raises many types; one clear error names the model
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CaptureError(f"torch.export could not capture {name}: {type(exc).__name__}: {first}") from exc
-    gm = _drop_unused_tensors(exported.module())
+    with _recorded_guards() as guards:
+        gm = _drop_unused_tensors(exported.module())
     tensors = [str(n.target) for n in gm.graph.nodes if n.op == "get_attr"]
-    return Captured(gm, list(inputs), structure_key(inputs), name, tensors)
+    return Captured(gm, list(inputs), structure_key(inputs), name, tensors, guards[-1] if guards else None)
+
+
+@contextlib.contextmanager
+def _recorded_guards() -> Iterator[list[tuple[list[str], list[tuple]]]]:
+    """Record the guard code export compiles into the module's ``_guards_fn``, so that
+    :mod:`autotp.cache` can rebuild the same check. It is a private torch function: where it
+    does not exist nothing is recorded (and graphs with guards are not cached)."""
+    import torch.export._unlift as unlift
+
+    original = getattr(unlift, "_convert_guards_code_to_fn", None)
+    recorded: list[tuple[list[str], list[tuple]]] = []
+    if original is None:
+        yield recorded
+        return
+
+    def recording(codes: list[str], paths: list[tuple]) -> Any:
+        recorded.append((list(codes), [tuple(p) for p in paths]))
+        return original(codes, paths)
+
+    unlift._convert_guards_code_to_fn = recording
+    try:
+        yield recorded
+    finally:
+        unlift._convert_guards_code_to_fn = original
 
 
 def _drop_unused_tensors(gm: fx.GraphModule) -> fx.GraphModule:

@@ -30,6 +30,9 @@ EXAMPLES = """examples:
 
 MODEL is a Hugging Face model directory (config.json, weights optional) or
 package.module:factory, a callable returning an nn.Module or (module, example_inputs).
+
+run and generate keep each rank's rewritten graphs in a cache, so the next start skips the
+capture: ~/.cache/autotp, or $AUTOTP_CACHE_DIR (AUTOTP_CACHE_DIR=off turns it off).
 """
 
 
@@ -296,7 +299,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     start = time.perf_counter()
     if not args.no_warmup:
-        tp_model.generate(prompt, max_new_tokens=2, **options)  # captures the prefill and decode graphs
+        tp_model.generate(prompt, max_new_tokens=2, **options)  # captures (or reads from the cache) the cached-call graphs
     warm = time.perf_counter() - start
     start = time.perf_counter()
     with torch.no_grad():
@@ -306,8 +309,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if tp_model.rank == 0:
         print(tokenizer.decode(new, skip_special_tokens=True) if tokenizer else ",".join(map(str, new)))
         print(f"{len(new)} new tokens in {seconds:.2f} s: {len(new) / seconds:.1f} tokens/s at tp={tp_model.tp_size}"
-              + ("" if args.no_warmup else f" (warm-up with graph captures: {warm:.1f} s)"), file=sys.stderr)
+              + ("" if args.no_warmup else f" (warm-up: {warm:.1f} s; graphs: {_cache_summary(tp_model)})"),
+              file=sys.stderr)
     return 0
+
+
+def _cache_summary(tp_model: Any) -> str:
+    """How each graph came to be: ``2 hit, 1 stored`` (see autotp.cache)."""
+    statuses = [tp_model.cache_status, *tp_model.graph_cache.values()]
+    kinds = sorted({s.split(":")[0] for s in statuses})
+    return ", ".join(f"{sum(s.split(':')[0] == k for s in statuses)} {k}" for k in kinds)
 
 
 def _tokenizer(directory: str) -> Any:

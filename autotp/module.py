@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from autotp import cache as graph_cache
 from autotp import hf
 from autotp.capture import bind_inputs, capture, forward_signature, meta_twin, structure_key
 from autotp.errors import AutotpError
@@ -26,7 +27,7 @@ from autotp.generation import CacheIO, cache_argument, cached_inputs, example_li
 from autotp.group import TPContext, check_same_plan, share_rng
 from autotp.health import PeerFailure, mark_failed
 from autotp.loading import load_into
-from autotp.placement import Placement, Replicate
+from autotp.placement import Placement, Replicate, parse_placement
 from autotp.plan import Plan
 from autotp.planner import plan_graph
 from autotp.rewrite import rewrite
@@ -68,22 +69,29 @@ class TensorParallelModule(nn.Module):
         cached_calls: per phase of cached calls (prefill, decode, extend): how many calls, and
             how many new tokens they fed (a decode step feeds one per sequence: the prefix is
             never run again).
+        cache_status: what the graph cache (:mod:`autotp.cache`) did for ``graph_module``:
+            ``hit``, ``stored``, ``miss``, ``off``, ``uncacheable: <why>``; ``graph_cache``
+            holds the same per later graph.
     """
 
-    def __init__(self, gm: fx.GraphModule, plan: Plan, ctx: TPContext, source: nn.Module, key: tuple) -> None:
+    def __init__(self, gm: fx.GraphModule, plan: Plan, ctx: TPContext, source: nn.Module, key: tuple,
+                 *, cache: bool = True) -> None:
         super().__init__()
         self.graph_module = gm
         self.plan = plan
         self.rank, self.tp_size = ctx.rank, ctx.tp_size
         self.timings: dict[str, float] = {}
         self.cached_calls: dict[str, dict[str, int]] = {}
+        self.cache_status = "off"
+        self.graph_cache: dict[tuple, str] = {}
         # Not submodules: the source model is the skeleton for capturing other calls, and the
         # object whose generate() runs over this module.
         signature = forward_signature(source)
         # _twin: the model's structure at global shapes, on meta, for later captures (the
         # source's own tensors become this rank's pieces)
         self.__dict__.update(_ctx=ctx, _source=source, _twin=meta_twin(source), _graphs={key: gm},
-                             _signature=signature, _cache_arg=cache_argument(signature), _cache_layout=None)
+                             _signature=signature, _cache_arg=cache_argument(signature), _cache_layout=None,
+                             _use_cache=cache)
         if hf.is_hf_model(source):
             self.__dict__["config"] = source.config
 
@@ -105,21 +113,39 @@ class TensorParallelModule(nn.Module):
 
     def _graph_for(self, key: tuple, inputs: dict[str, Any]) -> fx.GraphModule:
         """A call with other arguments than the capture's: capture and plan again (all ranks do)."""
+        slot = self._slot(key, self._twin, inputs, graph="other call")
+        hit = slot.get(self._ctx.comm)
+        if hit is not None:
+            return self._install(key, hit.graph_module, hit.plan, slot=slot)
         captured = capture(self._twin, inputs, device=self._ctx.device, bump_unit_dims=True)
         plan = plan_graph(captured.graph, self.tp_size, model=self.plan.model, inputs=captured.input_names)
-        return self._install(key, captured, plan)
+        return self._install(key, captured, plan, slot=slot)
 
-    def _install(self, key: tuple, captured: Any, plan: Plan, prefix: str = "") -> fx.GraphModule:
+    def _slot(self, key: tuple, model: nn.Module, inputs: dict[str, Any], **settings: Any) -> graph_cache.CacheSlot:
+        return graph_cache.slot(self._use_cache, model, inputs, tp_size=self.tp_size, rank=self.rank,
+                                device=str(self._ctx.device), **settings)
+
+    def _install(self, key: tuple, captured: Any, plan: Plan, prefix: str = "",
+                 slot: Optional[graph_cache.CacheSlot] = None, extra: Optional[dict[str, Any]] = None) -> fx.GraphModule:
+        """Check ``plan`` against the first graph's, rewrite ``captured`` (a Captured), or take
+        it as rewritten (a graph module from the cache), and load it from the first graph."""
         mine, theirs = placements(plan, prefix), placements(self.plan)
         differ = sorted(n for n in mine.keys() & theirs.keys() if mine[n] != theirs[n])  # constants differ by graph
         if differ:
             raise AutotpError(
-                f"a call with arguments {captured.input_names} plans the parameters differently from the "
-                f"capture with {self.plan.inputs} ({', '.join(f'{n}: {mine.get(n)} vs {theirs.get(n)}' for n in differ[:3])}); "
+                f"a call with arguments {plan.inputs} plans the parameters differently from the "
+                f"capture with {self.plan.inputs} ({', '.join(f'{n}: {mine[n]} vs {theirs[n]}' for n in differ[:3])}); "
                 "parallelize with example_inputs like this call"
             )
         check_same_plan(plan, self._ctx)
-        gm = rewrite(captured.graph_module, plan, self.rank, comm=self._ctx.comm)
+        if isinstance(captured, fx.GraphModule):
+            gm = captured
+        else:
+            gm = rewrite(captured.graph_module, plan, self.rank, comm=self._ctx.comm)
+            if slot is not None:
+                slot.put(gm, plan, captured.guards, extra)
+        if slot is not None:
+            self.graph_cache[key] = slot.status
         load_into(gm, plan, self.rank, _LocalSource(self.graph_module, prefix))
         self._graphs[key] = gm
         return gm
@@ -165,19 +191,30 @@ class TensorParallelModule(nn.Module):
         if phase != "prefill" and self._cache_layout is None:
             raise AutotpError("a cached call after a prefix needs the cache this model's prefill produced")
         shapes = [shape for shape, _ in self._cache_layout] if self._cache_layout else None
-        captured = capture(CacheIO(self._twin, self._cache_arg, keep), example_like(call, shapes), device=self._ctx.device)
-        output = next(n for n in reversed(captured.graph.nodes) if n.op == "output")
-        outputs = len(output.args[0])
-        cache_inputs = [n.name for n in captured.graph.nodes if n.op == "placeholder" and n.name.startswith("past_")]
-        plan = plan_graph(captured.graph, self.tp_size, model=self.plan.model, inputs=captured.input_names,
-                          local_inputs=cache_inputs, local_outputs=range(1, outputs))
-        layout = _cache_layout(plan, output, outputs)
+        wrapper, example = CacheIO(self._twin, self._cache_arg, keep), example_like(call, shapes)
+        slot = self._slot(key, wrapper, example, graph="cached call", phase=phase, keep=repr(keep))
+        hit = slot.get(self._ctx.comm)
+        if hit is not None:
+            graph, plan = hit.graph_module, hit.plan
+            layout = [(shape, parse_placement(p)) for shape, p in hit.extra["layout"]]
+            inputs_layout = [parse_placement(p) for p in hit.extra["input_layout"]]
+        else:
+            graph = capture(wrapper, example, device=self._ctx.device)
+            output = next(n for n in reversed(graph.graph.nodes) if n.op == "output")
+            outputs = len(output.args[0])
+            cache_inputs = [n.name for n in graph.graph.nodes if n.op == "placeholder" and n.name.startswith("past_")]
+            plan = plan_graph(graph.graph, self.tp_size, model=self.plan.model, inputs=graph.input_names,
+                              local_inputs=cache_inputs, local_outputs=range(1, outputs))
+            layout = _cache_layout(plan, output, outputs)
+            inputs_layout = _input_layout(plan, cache_inputs) if cache_inputs else None
         if self._cache_layout is None:
             self.__dict__["_cache_layout"] = layout
         expected = [p for _, p in self._cache_layout]
-        if [p for _, p in layout] != expected or (cache_inputs and _input_layout(plan, cache_inputs) != expected):
+        if [p for _, p in layout] != expected or (inputs_layout and inputs_layout != expected):
             raise AutotpError(f"the {phase} graph shards the cache differently from the first prefill graph")
-        return self._install(key, captured, plan, prefix="model.")
+        extra = {"layout": [(shape, str(p)) for shape, p in layout],
+                 "input_layout": [str(p) for p in inputs_layout] if inputs_layout else []}
+        return self._install(key, graph, plan, prefix="model.", slot=slot, extra=extra)
 
     # ---- generation -------------------------------------------------------------------------
     def generate(self, *args: Any, **kwargs: Any) -> Any:
@@ -225,10 +262,12 @@ def _reported_failure() -> Iterator[None]:
         raise
 
 
-def _cache_layout(plan: Plan, output: fx.Node, count: int) -> list[tuple[list[int], Placement]]:
-    """Per cache output of a cached graph: its global shape and how it is laid out."""
+def _cache_layout(plan: Plan, output: fx.Node, count: int) -> list[tuple[list[Optional[int]], Placement]]:
+    """Per cache output of a cached graph: its global shape (``None`` for a dynamic size) and
+    how it is laid out."""
     sharded = {tuple(o.path): o.placement for o in plan.sharded_outputs}
-    return [(list(output.args[0][i].meta["val"].shape), sharded.get((0, i), Replicate())) for i in range(1, count)]
+    return [([d if isinstance(d, int) else None for d in output.args[0][i].meta["val"].shape],
+             sharded.get((0, i), Replicate())) for i in range(1, count)]
 
 
 def _input_layout(plan: Plan, names: list[str]) -> list[Placement]:

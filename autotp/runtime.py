@@ -16,8 +16,9 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
+from autotp import cache as graph_cache
 from autotp import hf
-from autotp.capture import capture, forward_signature, model_device
+from autotp.capture import capture, forward_signature, model_device, normalise_example_inputs, structure_key
 from autotp.errors import AutotpError
 from autotp.group import TPContext, agree, check_same_plan, init_tp
 from autotp.loading import (
@@ -66,23 +67,36 @@ def _model_label(model: nn.Module) -> str:
 
 def _build(
     model: nn.Module, example_inputs: Any, ctx: TPContext, source: Any, clock: "_Stopwatch",
-    *, expected: Optional[Plan] = None, gather_outputs: bool = True,
+    *, expected: Optional[Plan] = None, gather_outputs: bool = True, cache: bool = True,
 ) -> TensorParallelModule:
-    """The pipeline for this rank: capture -> plan (checked) -> rewrite -> load."""
-    captured = clock.lap("capture", capture(model, example_inputs, device=ctx.device))
-    plan = plan_graph(captured.graph, ctx.tp_size, model=_model_label(model), inputs=captured.input_names,
-                      gather_outputs=gather_outputs)
+    """The pipeline for this rank: capture -> plan (checked) -> rewrite, or all three from the
+    graph cache -> load."""
+    inputs = normalise_example_inputs(model, example_inputs)
+    slot = graph_cache.slot(cache, model, inputs, graph="call", tp_size=ctx.tp_size, rank=ctx.rank,
+                            device=str(ctx.device), gather_outputs=gather_outputs)
+    hit = clock.lap("cache", slot.get(ctx.comm))
+    if hit is None:
+        captured = clock.lap("capture", capture(model, inputs, device=ctx.device))
+        plan = plan_graph(captured.graph, ctx.tp_size, model=_model_label(model), inputs=captured.input_names,
+                          gather_outputs=gather_outputs)
+    else:
+        plan = hit.plan
     if expected is not None and placements(plan) != placements(expected):
         ours, stored = placements(plan), placements(expected)
         differ = sorted(n for n in ours.keys() | stored.keys() if ours.get(n) != stored.get(n))
         raise AutotpError(f"the stored plan differs from this autotp's plan for {differ[:3]}: convert the model again")
     check_same_plan(plan, ctx)
     clock.lap("plan")
-    gm = clock.lap("rewrite", rewrite(captured.graph_module, plan, ctx.rank, comm=ctx.comm))
+    if hit is None:
+        gm = clock.lap("rewrite", rewrite(captured.graph_module, plan, ctx.rank, comm=ctx.comm))
+        slot.put(gm, plan, captured.guards)
+    else:
+        gm = hit.graph_module
     agree(ctx, lambda: load_into(gm, plan, ctx.rank, source))
     clock.lap("load")
-    tp_model = TensorParallelModule(gm, plan, ctx, model, captured.key)
+    tp_model = TensorParallelModule(gm, plan, ctx, model, structure_key(inputs), cache=cache)
     tp_model.timings = clock.laps
+    tp_model.cache_status = slot.status
     return tp_model
 
 
@@ -110,6 +124,7 @@ def parallelize(
     device: Optional[torch.device | str] = None,
     checkpoint: Optional[str | os.PathLike] = None,
     gather_outputs: bool = True,
+    cache: bool = True,
 ) -> TensorParallelModule:
     """Shard ``model`` over the tensor-parallel group and return this rank's part.
 
@@ -135,6 +150,10 @@ def parallelize(
             column-parallel LM head), so every rank returns the full output. ``False``
             leaves them sharded: rank r returns its slice (``tp_model.plan.sharded_outputs``
             says which), and saves the gather.
+        cache: look up and store this rank's rewritten graph in the graph cache
+            (:mod:`autotp.cache`: ``~/.cache/autotp``, or ``$AUTOTP_CACHE_DIR``, ``off`` turns it
+            off), so that the next run of the same model skips the capture.
+            ``tp_model.cache_status`` says what happened.
 
     Returns:
         A :class:`TensorParallelModule`; ``out = tp_model(input_ids)`` returns what the model
@@ -161,13 +180,14 @@ def parallelize(
         files = SafetensorsCheckpoint(checkpoint)
         check_checkpoint(files, model)
         source = FirstOf(CheckpointSource(files, aliases(model)), in_memory)
-    tp_model = _build(model, example_inputs, ctx, source, clock, gather_outputs=gather_outputs)
+    tp_model = _build(model, example_inputs, ctx, source, clock, gather_outputs=gather_outputs, cache=cache)
     _hand_over(model, tp_model, list(named_tensors(model)) if moved or checkpoint is not None
                else [s.name for s in tp_model.plan.sharded_params()])
     return tp_model
 
 
-def load(directory: str | os.PathLike, *, device: Optional[torch.device | str] = None, checksum: bool = True) -> TensorParallelModule:
+def load(directory: str | os.PathLike, *, device: Optional[torch.device | str] = None, checksum: bool = True,
+         cache: bool = True) -> TensorParallelModule:
     """This rank's model from a directory written by :func:`autotp.convert`.
 
     Call it on every rank under ``torchrun --nproc-per-node N`` with N the converted tp size.
@@ -178,6 +198,7 @@ def load(directory: str | os.PathLike, *, device: Optional[torch.device | str] =
         device: where this rank's shards live and run (default: CPU, or this rank's GPU when
             CUDA is available).
         checksum: verify this rank's file against the sha256 in ``autotp.json``.
+        cache: use the graph cache, as for :func:`parallelize`.
 
     Raises:
         autotp.errors.AutotpError: the directory is not a converted model, the world size
@@ -200,7 +221,7 @@ def load(directory: str | os.PathLike, *, device: Optional[torch.device | str] =
     path = agree(ctx, lambda: verify_rank_file(directory, manifest, ctx.rank, checksum=checksum))
     model, _ = resolve_model(str(directory)).build("empty")
     source = FirstOf(ShardFileSource(path), ModuleSource(model, device))
-    tp_model = _build(model, None, ctx, source, clock, expected=Plan.from_dict(manifest["plan"]))
+    tp_model = _build(model, None, ctx, source, clock, expected=Plan.from_dict(manifest["plan"]), cache=cache)
     _hand_over(model, tp_model, list(named_tensors(model)))
     return tp_model
 

@@ -1,0 +1,503 @@
+"""Graph cache: a rank's rewritten graph and its plan, kept on disk between runs.
+
+Capture is most of the time to a ready model: torch.export traces the model symbolically
+(1.9 s of 3.6 s for the 191M-parameter Llama of the benchmarks), and every run of the same
+model on the same ranks traces the same graph. An entry holds what :func:`autotp.rewrite.rewrite`
+produced for one rank, before any weight is loaded: the graph (nodes as JSON), the plan, the
+input guards export made, the constants the model created while it was traced, and whatever
+the caller keeps with it. A hit rebuilds the graph module in milliseconds; loading then goes
+on as after a capture.
+
+The key is a sha256 over everything that shapes that graph, so that no stale entry is used:
+
+- Python, torch and transformers versions, and a digest of autotp's own source files;
+- per module of the model: its class and a digest of the files defining the class and its
+  bases, its plain attributes (head counts, scaling, configs as JSON, ...), the names, shapes
+  and dtypes of its tensors;
+- the example inputs' structure and sizes, and the caller's settings (tp size, rank, device,
+  what the graph is for).
+
+Classes must come from an installed package (or autotp): a model defined in a script may call
+helpers from other files of the user's, which the key would not see. Anything the key cannot
+describe (a hook, an attribute of an unknown type, a graph op it cannot name) makes the call
+uncacheable: it is captured every time, as without the cache.
+
+Where: ``$AUTOTP_CACHE_DIR`` (``off`` turns the cache off), else ``$XDG_CACHE_HOME/autotp``,
+else ``~/.cache/autotp``. An entry is written under a temporary name and renamed, so a reader
+sees a whole entry or none; an entry that cannot be read is reported, ignored and rewritten.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import hashlib
+import importlib
+import json
+import os
+import sys
+import sysconfig
+import types
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.utils import _pytree as pytree
+
+from autotp.capture import structure_key
+from autotp.collectives import ALL_GATHER, ALL_REDUCE, AllGather, AllReduce, Communicator
+from autotp.plan import Plan
+
+__all__ = ["GraphCache", "CachedGraph", "CacheSlot", "Uncacheable", "cache_dir", "graph_key", "slot"]
+
+FORMAT = 1  # bump when the entry layout changes
+_GUARDS = "_guards_fn"
+_OUR_MODULES = {ALL_REDUCE: AllReduce, ALL_GATHER: AllGather}
+_PLAIN = (bool, int, float, str, bytes, type(None), torch.dtype, torch.device, torch.memory_format, torch.layout)
+# attributes every nn.Module has (hooks among them are checked on their own)
+_MODULE_INTERNALS = frozenset(vars(nn.Module())) - {"training"}
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
+          "_backward_hooks", "_backward_pre_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks")
+# python functions a graph may call: resolved by module and name when an entry is read
+_FUNCTION_MODULES = ("_operator", "operator", "math", "builtins", "torch", "autotp")
+
+
+class Uncacheable(Exception):
+    """The key or the entry cannot describe this model or graph; it is captured every time."""
+
+
+def cache_dir() -> Optional[Path]:
+    """Where entries live, or ``None`` when ``AUTOTP_CACHE_DIR=off``."""
+    configured = os.environ.get("AUTOTP_CACHE_DIR")
+    if configured is not None:
+        return None if configured.strip().lower() in ("off", "0", "false", "") else Path(configured)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "autotp"
+
+
+# ---- the key ------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _file_digest(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@functools.lru_cache(maxsize=1)
+def _autotp_digest() -> str:
+    root = Path(__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=1)
+def _installed_roots() -> tuple[str, ...]:
+    paths = sysconfig.get_paths()
+    return tuple({os.path.realpath(paths[k]) for k in ("purelib", "platlib", "stdlib", "platstdlib") if k in paths})
+
+
+def _code_id(obj: Any) -> list[str]:
+    """A class or function as the key sees it: its name and the digest of its file."""
+    module = sys.modules.get(getattr(obj, "__module__", "") or "")
+    name = f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', '?')}"
+    if module is not None and module.__name__.split(".")[0] == "autotp":
+        return [name]  # autotp's source is in the key as a whole
+    path = getattr(module, "__file__", None)
+    if path is None:
+        if module is not None and module.__name__ in sys.builtin_module_names:
+            return [name]
+        raise Uncacheable(f"{name} has no source file")
+    real = os.path.realpath(path)
+    if not real.startswith(_installed_roots()):
+        raise Uncacheable(f"{name} is defined outside an installed package ({path})")
+    return [name, _file_digest(real)]
+
+
+def _class_id(cls: type) -> list[Any]:
+    return [_code_id(base) for base in cls.__mro__ if base is not object]
+
+
+def _tensor_id(t: torch.Tensor, with_data: bool) -> list[Any]:
+    described: list[Any] = ["tensor", list(t.shape), str(t.dtype), t.device.type]
+    if with_data and t.device.type != "meta" and not isinstance(t, FakeTensor):
+        flat = t.detach().reshape(-1).cpu().contiguous()
+        described.append(hashlib.sha256(flat.view(torch.uint8).numpy().tobytes()).hexdigest())
+    return described
+
+
+def _value_id(value: Any, where: str, seen: dict[int, Any]) -> Any:
+    """A JSON-able description of an attribute value, or Uncacheable."""
+    if isinstance(value, _PLAIN) or isinstance(value, enum.Enum):
+        return repr(value)
+    if id(value) in seen:
+        return seen[id(value)]
+    if isinstance(value, (tuple, list, set, frozenset)):
+        items = sorted(value, key=repr) if isinstance(value, (set, frozenset)) else value
+        out: Any = [type(value).__name__, [_value_id(v, where, seen) for v in items]]
+    elif isinstance(value, dict):
+        out = ["dict", [[repr(k), _value_id(v, where, seen)] for k, v in value.items()]]
+    elif isinstance(value, torch.Tensor):
+        out = _tensor_id(value, with_data=True)  # an unregistered tensor is baked into the graph
+    elif callable(getattr(value, "to_json_string", None)):  # a transformers model or generation config
+        out = ["config", _class_id(type(value)), value.to_json_string(use_diff=False),
+               repr(getattr(value, "_attn_implementation", None))]
+    elif isinstance(value, (types.FunctionType, types.BuiltinFunctionType, type)):
+        out = ["code", _code_id(value)]
+    elif isinstance(value, functools.partial):
+        out = ["partial", _value_id(value.func, where, seen), _value_id(value.args, where, seen),
+               _value_id(value.keywords, where, seen)]
+    else:
+        raise Uncacheable(f"{where} is a {type(value).__name__}")
+    seen[id(value)] = out
+    return out
+
+
+def _module_id(name: str, module: nn.Module, seen: dict[int, Any]) -> list[Any]:
+    where = f"module {name or '(root)'} ({type(module).__name__})"
+    if any(getattr(module, h, None) for h in _HOOKS):
+        raise Uncacheable(f"{where} has hooks")
+    attrs = [[k, _value_id(v, f"{where}.{k}", seen)] for k, v in sorted(vars(module).items())
+             if k not in _MODULE_INTERNALS]
+    tensors = [[k, isinstance(t, nn.Parameter), _tensor_id(t, with_data=False)]
+               for k, t in list(module._parameters.items()) + list(module._buffers.items()) if t is not None]
+    return [name, _class_id(type(module)), attrs, tensors]
+
+
+def _global_hooks() -> bool:
+    from torch.nn.modules import module as torch_module
+
+    return any(getattr(torch_module, n, None) for n in ("_global_forward_hooks", "_global_forward_pre_hooks",
+                                                        "_global_module_registration_hooks"))
+
+
+def graph_key(model: nn.Module, inputs: Mapping[str, Any], **settings: Any) -> str:
+    """The sha256 naming the entry for ``model`` called with ``inputs`` under ``settings``.
+
+    Raises:
+        Uncacheable: something that shapes the graph cannot be described.
+    """
+    if _global_hooks():
+        raise Uncacheable("global module hooks are registered")
+    transformers = sys.modules.get("transformers")
+    seen: dict[int, Any] = {}
+    described = {
+        "format": FORMAT,
+        "versions": [sys.version, torch.__version__, getattr(transformers, "__version__", None), _autotp_digest()],
+        "default_dtype": str(torch.get_default_dtype()),
+        "modules": [_module_id(n, m, seen) for n, m in model.named_modules(remove_duplicate=False)],
+        "inputs": [repr(structure_key(inputs)),
+                   [list(t.shape) for t in pytree.tree_leaves(dict(inputs)) if isinstance(t, torch.Tensor)]],
+        "settings": sorted((k, repr(v)) for k, v in settings.items()),
+    }
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
+
+
+# ---- graph <-> JSON -----------------------------------------------------------------------------
+
+def _encode(value: Any) -> Any:
+    if isinstance(value, fx.Node):
+        return {"node": value.name}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return {"tuple" if isinstance(value, tuple) else "list": [_encode(v) for v in value]}
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return {"dict": {k: _encode(v) for k, v in value.items()}}
+    for kind in (torch.dtype, torch.device, torch.memory_format, torch.layout):
+        if isinstance(value, kind):
+            return {kind.__name__: str(value)}
+    raise Uncacheable(f"a graph argument of type {type(value).__name__}")
+
+
+def _torch_constant(text: str) -> Any:
+    name = text.removeprefix("torch.")
+    value = getattr(torch, name, None)
+    if value is None:
+        raise Uncacheable(f"unknown torch constant {text}")
+    return value
+
+
+def _decode(value: Any, nodes: Mapping[str, fx.Node]) -> Any:
+    if not isinstance(value, dict):
+        return value
+    (kind, item), = value.items()
+    if kind == "node":
+        return nodes[item]
+    if kind in ("list", "tuple"):
+        items = [_decode(v, nodes) for v in item]
+        return tuple(items) if kind == "tuple" else items
+    if kind == "dict":
+        return {k: _decode(v, nodes) for k, v in item.items()}
+    if kind == "device":
+        return torch.device(item)
+    return _torch_constant(item)  # dtype, memory_format, layout
+
+
+def _function_name(fn: Any) -> str:
+    module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
+    if not module or not qualname or module.split(".")[0] not in _FUNCTION_MODULES or "<" in qualname:
+        raise Uncacheable(f"the graph calls {fn!r}")
+    name = f"{module}:{qualname}"
+    if _resolve_function(name) is not fn:
+        raise Uncacheable(f"the graph calls {fn!r}, which its name does not resolve to")
+    return name
+
+
+def _resolve_function(name: str) -> Any:
+    module, qualname = name.split(":")
+    value: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _encode_target(node: fx.Node, gm: fx.GraphModule) -> Any:
+    if node.op == "call_function":
+        if isinstance(node.target, torch._ops.OpOverload):
+            return {"op": str(node.target)}
+        return {"fn": _function_name(node.target)}
+    if node.op == "call_module" and node.target not in (*_OUR_MODULES, _GUARDS):
+        raise Uncacheable(f"the graph calls submodule {node.target}")
+    return node.target
+
+
+def _decode_target(target: Any) -> Any:
+    if isinstance(target, dict) and "op" in target:
+        namespace, name, overload = target["op"].split(".")
+        return getattr(getattr(getattr(torch.ops, namespace), name), overload)
+    if isinstance(target, dict):
+        return _resolve_function(target["fn"])
+    return target
+
+
+def _owner(root: nn.Module, name: str, create: bool = False) -> tuple[nn.Module, str]:
+    owner_name, _, attr = name.rpartition(".")
+    owner = root
+    for part in filter(None, owner_name.split(".")):
+        if create and part not in owner._modules:
+            owner.add_module(part, nn.Module())
+        owner = owner._modules[part]
+    return owner, attr
+
+
+def _tensor_entries(gm: fx.GraphModule) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
+    """What each ``get_attr`` reads: a fake parameter or buffer (only its metadata is kept), or
+    a constant the model made while it was traced (kept with its data)."""
+    specs, constants = [], {}
+    for node in gm.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        owner, attr = _owner(gm, str(node.target))
+        value = getattr(owner, attr)
+        if not isinstance(value, torch.Tensor):
+            raise Uncacheable(f"the graph reads {node.target}, a {type(value).__name__}")
+        kind = "parameter" if attr in owner._parameters else "buffer" if attr in owner._buffers else "attribute"
+        spec = {"name": str(node.target), "kind": kind, "shape": list(value.shape), "dtype": str(value.dtype),
+                "device": str(value.device), "fake": isinstance(value, FakeTensor)}
+        if not spec["fake"]:
+            constants[str(node.target)] = value.detach().cpu().clone()
+        specs.append(spec)
+    return specs, constants
+
+
+def _pytree_info(gm: fx.GraphModule) -> Optional[dict[str, Any]]:
+    info = getattr(gm.graph._codegen, "pytree_info", None)
+    if info is None:
+        return None
+    try:
+        return {"orig_args": list(info.orig_args), "in_spec": pytree.treespec_dumps(info.in_spec),
+                "out_spec": pytree.treespec_dumps(info.out_spec) if info.out_spec is not None else None}
+    except Exception as exc:  # a type pytree cannot name
+        raise Uncacheable(f"the call's input or output structure: {exc}") from None
+
+
+def _key_path(path: tuple) -> list[list[Any]]:
+    out = []
+    for entry in path:
+        if isinstance(entry, pytree.MappingKey):
+            out.append(["mapping", entry.key])
+        elif isinstance(entry, pytree.SequenceKey):
+            out.append(["sequence", entry.idx])
+        elif isinstance(entry, pytree.GetAttrKey):
+            out.append(["attr", entry.name])
+        else:
+            raise Uncacheable(f"an input path entry {entry!r}")
+    return out
+
+
+def _from_key_path(path: list[list[Any]]) -> tuple:
+    kinds = {"mapping": pytree.MappingKey, "sequence": pytree.SequenceKey, "attr": pytree.GetAttrKey}
+    return tuple(kinds[kind](value) for kind, value in path)
+
+
+def _guards_module(guards: list[Any]) -> nn.Module:
+    """The module export makes to check a call's input sizes, rebuilt from its guard code."""
+    from torch.export._unlift import _convert_guards_code_to_fn
+
+    codes, paths = guards
+    return _convert_guards_code_to_fn(list(codes), [_from_key_path(p) for p in paths])
+
+
+def encode_graph(gm: fx.GraphModule, guards: Optional[tuple[list[str], list[tuple]]]) -> tuple[dict, dict]:
+    """The rewritten ``gm`` (fake tensors, not yet loaded) as JSON, plus its constants' data."""
+    nodes = [[n.op, n.name, _encode_target(n, gm), _encode(n.args), _encode(n.kwargs)] for n in gm.graph.nodes]
+    calls_guards = any(n.op == "call_module" and n.target == _GUARDS for n in gm.graph.nodes)
+    if calls_guards and guards is None:
+        raise Uncacheable("the graph checks its inputs with guards that were not recorded")
+    tensors, constants = _tensor_entries(gm)
+    graph = {"nodes": nodes, "tensors": tensors, "pytree": _pytree_info(gm),
+             "guards": [guards[0], [_key_path(p) for p in guards[1]]] if calls_guards and guards else None}
+    return graph, constants
+
+
+def decode_graph(graph: Mapping[str, Any], constants: Mapping[str, torch.Tensor], comm: Communicator) -> fx.GraphModule:
+    """The graph module :func:`encode_graph` described: fake parameters and buffers (loading
+    fills them), real constants, the collectives bound to ``comm``."""
+    root, mode = nn.Module(), FakeTensorMode()
+    for spec in graph["tensors"]:
+        owner, attr = _owner(root, spec["name"], create=True)
+        dtype = _torch_constant(spec["dtype"])
+        if spec["fake"]:
+            meta = torch.empty(spec["shape"], dtype=dtype, device="meta")
+            value = mode.fake_tensor_converter.from_meta_and_device(mode, meta, torch.device(spec["device"]))
+        else:
+            value = constants[spec["name"]].to(spec["device"])
+        if spec["kind"] == "parameter":
+            owner.register_parameter(attr, nn.Parameter(value, requires_grad=False))
+        elif spec["kind"] == "buffer":
+            owner.register_buffer(attr, value)
+        else:
+            setattr(owner, attr, value)
+    for name, make in _OUR_MODULES.items():
+        root.add_module(name, make(comm))
+    if graph["guards"] is not None:
+        root.add_module(_GUARDS, _guards_module(graph["guards"]))
+    fx_graph, by_name = fx.Graph(), {}
+    for op, name, target, args, kwargs in graph["nodes"]:
+        node = fx_graph.create_node(op, _decode_target(target), _decode(args, by_name), _decode(kwargs, by_name),
+                                    name=name)
+        if node.name != name:
+            raise ValueError(f"node {name} was named {node.name}")
+        by_name[name] = node
+    info = graph["pytree"]
+    if info is not None:
+        out_spec = pytree.treespec_loads(info["out_spec"]) if info["out_spec"] is not None else None
+        fx_graph._codegen = fx.graph._PyTreeCodeGen(
+            fx.graph._PyTreeInfo(info["orig_args"], pytree.treespec_loads(info["in_spec"]), out_spec))
+    gm = fx.GraphModule(root, fx_graph)
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            owner, attr = _owner(gm, str(node.target))
+            node.meta["val"] = getattr(owner, attr)
+    return gm
+
+
+# ---- the store ----------------------------------------------------------------------------------
+
+@dataclass
+class CachedGraph:
+    """One rank's rewritten graph module (not yet loaded) and its plan."""
+
+    graph_module: fx.GraphModule
+    plan: Plan
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class GraphCache:
+    """Entries under ``root``, one file per key (``<key>.pt``)."""
+
+    root: Path
+
+    @classmethod
+    def from_env(cls) -> Optional["GraphCache"]:
+        root = cache_dir()
+        return cls(root) if root is not None else None
+
+    def path(self, key: str) -> Path:
+        return self.root / f"{key}.pt"
+
+    def get(self, key: str, comm: Communicator) -> Optional[CachedGraph]:
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        try:
+            entry = torch.load(path, weights_only=True)
+            if entry.get("format") != FORMAT:
+                return None
+            meta = json.loads(entry["meta"])
+            gm = decode_graph(meta["graph"], entry["constants"], comm)
+            return CachedGraph(gm, Plan.from_dict(meta["plan"]), meta["extra"])
+        except Exception as exc:  # a damaged or foreign entry is not fatal: capture again
+            warnings.warn(f"autotp: ignoring graph cache entry {path}: {type(exc).__name__}: {exc}", stacklevel=2)
+            return None
+
+    def put(self, key: str, gm: fx.GraphModule, plan: Plan, guards: Any, extra: Optional[dict[str, Any]] = None) -> None:
+        """Write the entry.
+
+        Raises:
+            Uncacheable: the graph cannot be described (nothing is written).
+        """
+        graph, constants = encode_graph(gm, guards)
+        meta = json.dumps({"graph": graph, "plan": plan.to_dict(), "extra": extra or {}})
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.path(key)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            torch.save({"format": FORMAT, "meta": meta, "constants": constants}, temporary)
+            os.replace(temporary, path)
+        finally:
+            temporary.unlink(missing_ok=True)
+
+    def entries(self) -> Iterator[Path]:
+        return iter(sorted(self.root.glob("*.pt")) if self.root.is_dir() else [])
+
+
+@dataclass
+class CacheSlot:
+    """Where one graph is looked up and stored. ``status``: ``off``, ``uncacheable: <why>``,
+    ``miss``, ``hit``, ``stored`` or ``not stored: <why>``."""
+
+    store: Optional[GraphCache]
+    key: Optional[str]
+    status: str
+
+    def get(self, comm: Communicator) -> Optional[CachedGraph]:
+        if self.store is None or self.key is None:
+            return None
+        found = self.store.get(self.key, comm)
+        self.status = "hit" if found is not None else "miss"
+        return found
+
+    def put(self, gm: fx.GraphModule, plan: Plan, guards: Any, extra: Optional[dict[str, Any]] = None) -> None:
+        if self.store is None or self.key is None:
+            return
+        try:
+            self.store.put(self.key, gm, plan, guards, extra)
+            self.status = "stored"
+        except Uncacheable as exc:
+            self.status = f"uncacheable: {exc}"
+        except OSError as exc:  # a read-only or full disk costs the next run time, not this one
+            self.status = f"not stored: {exc}"
+            warnings.warn(f"autotp: could not write the graph cache entry {self.store.path(self.key)}: {exc}",
+                          stacklevel=2)
+
+
+def slot(enabled: bool, model: nn.Module, inputs: Mapping[str, Any], **settings: Any) -> CacheSlot:
+    """The cache slot for ``model`` called with ``inputs`` under ``settings`` (see
+    :func:`graph_key`); status ``off`` when ``enabled`` is False or the cache is turned off."""
+    store = GraphCache.from_env() if enabled else None
+    if store is None:
+        return CacheSlot(None, None, "off")
+    try:
+        key = graph_key(model, inputs, **settings)
+    except Uncacheable as exc:
+        return CacheSlot(None, None, f"uncacheable: {exc}")
+    return CacheSlot(store, key, "miss")

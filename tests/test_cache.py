@@ -1,0 +1,136 @@
+"""The graph cache (autotp.cache): a second run of the same model on the same ranks rebuilds
+each rank's rewritten graph from disk instead of capturing it, and computes exactly what the
+first run computed.
+
+Distributed checks run on real processes (gloo): each rank builds the same seeded model twice
+(a fresh object each time, as a new run would), compares logits with the unsharded model and
+greedy tokens with the unsharded ``generate``. The key checks run in one process: what must
+change the key does, what the key cannot describe is not cached.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import autotp
+from autotp import cache as graph_cache
+from distributed import run_ranks
+from models import assert_close_to, hf_model, plain_block, token_ids
+
+
+def _run_twice_worker(rank: int, world: int, name: str, cache_dir: str) -> list[dict]:
+    os.environ["AUTOTP_CACHE_DIR"] = cache_dir
+    runs = []
+    for _ in range(2):
+        model = hf_model(name)
+        ids, other = token_ids(2, 8), token_ids(3, 5, seed=2)
+        mask = torch.ones_like(other)
+        mask[0, :2] = 0  # a left-padded row
+        prompt = token_ids(1, 5, seed=3)
+        with torch.no_grad():
+            ref, ref_other = model(ids).logits, model(input_ids=other, attention_mask=mask).logits
+        expected = model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        tp_model = autotp.parallelize(model)
+        with torch.no_grad():
+            out = tp_model(ids).logits
+            out_other = tp_model(input_ids=other, attention_mask=mask).logits  # a second graph, from the twin
+        tokens = tp_model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)  # cached graphs
+        runs.append(dict(
+            status=tp_model.cache_status,
+            later=sorted(tp_model.graph_cache.values()),
+            timings=sorted(tp_model.timings),
+            diff=(assert_close_to(ref, out), assert_close_to(ref_other, out_other)),
+            logits=out,
+            same_tokens=torch.equal(tokens, expected),
+        ))
+    return runs
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_second_run_rebuilds_every_graph_from_the_cache(name: str, tmp_path: Path) -> None:
+    per_rank = run_ranks(_run_twice_worker, 2, name, str(tmp_path))
+    for rank, (first, second) in enumerate(per_rank):
+        assert first["status"] == "stored" and second["status"] == "hit", (rank, first["status"], second["status"])
+        # the other call's graph, the prefill and the decode graphs
+        assert first["later"] == ["stored"] * 3 and second["later"] == ["hit"] * 3, (first["later"], second["later"])
+        assert "capture" in first["timings"] and "capture" not in second["timings"]
+        assert first["same_tokens"] and second["same_tokens"], f"rank {rank}: greedy tokens differ from unsharded"
+        assert torch.equal(first["logits"], second["logits"]), "the cached graph computes something else"
+    assert len(list(tmp_path.glob("*.pt"))) == 2 * 4  # per rank: the call, the other call, prefill, decode
+
+
+def _damaged_entry_worker(rank: int, world: int, cache_dir: str) -> dict:
+    os.environ["AUTOTP_CACHE_DIR"] = cache_dir
+    ids = token_ids(2, 8)
+    autotp.parallelize(hf_model("llama"))
+    entries = list(Path(cache_dir).glob("*.pt"))
+    entry = torch.load(entries[0], weights_only=True)
+    for path in entries:
+        path.write_bytes(b"not an entry")
+    model = hf_model("llama")
+    with torch.no_grad():
+        ref = model(ids).logits
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tp_model = autotp.parallelize(model)
+    with torch.no_grad():
+        diff = assert_close_to(ref, tp_model(ids).logits)
+    return dict(status=tp_model.cache_status, diff=diff, warned=[str(w.message) for w in caught],
+                constants=sorted(entry["constants"]), params=sorted(tp_model.plan.params),
+                rewritten=torch.load(entries[0], weights_only=True)["format"] == graph_cache.FORMAT)
+
+
+@pytest.mark.distributed
+def test_damaged_entry_is_reported_and_captured_again(tmp_path: Path) -> None:
+    result = run_ranks(_damaged_entry_worker, 1, str(tmp_path))[0]
+    assert result["status"] == "stored" and result["rewritten"]
+    assert any("ignoring graph cache entry" in w for w in result["warned"]), result["warned"]
+    # an entry holds no weights: only tensors the model made while it was traced
+    assert not set(result["constants"]) & set(result["params"]), result["constants"]
+
+
+# ---- the key, in one process --------------------------------------------------------------------
+
+def _key(model: torch.nn.Module, ids: torch.Tensor | None = None, **settings) -> str:
+    return graph_cache.graph_key(model, {"input_ids": token_ids(2, 8) if ids is None else ids},
+                                 **{"tp_size": 2, "rank": 0, **settings})
+
+
+def test_key_is_the_same_for_the_same_model_and_changes_with_what_shapes_the_graph() -> None:
+    base = _key(hf_model("llama"))
+    assert _key(hf_model("llama", seed=5)) == base, "weights do not shape the graph"
+    assert _key(hf_model("llama_gqa")) != base, "another config"
+    assert _key(hf_model("llama"), rank=1) != base and _key(hf_model("llama"), tp_size=4) != base
+    assert _key(hf_model("llama"), token_ids(2, 1)) != base, "another example size may specialise"
+    edited = hf_model("llama")
+    edited.model.layers[0].self_attn.scaling = 0.5  # an attribute outside the config
+    assert _key(edited) != base
+    half = hf_model("llama").to(torch.bfloat16)
+    assert _key(half) != base
+
+
+def test_what_the_key_cannot_describe_is_not_cached() -> None:
+    hooked = hf_model("llama")
+    hooked.model.layers[0].mlp.register_forward_hook(lambda module, args, out: out * 2)
+    with pytest.raises(graph_cache.Uncacheable, match="hooks"):
+        _key(hooked)
+    block = plain_block()  # defined in this test folder, not in an installed package
+    with pytest.raises(graph_cache.Uncacheable, match="outside an installed package"):
+        graph_cache.graph_key(block, {"x": torch.randn(2, 6, 64)})
+    assert graph_cache.slot(False, hf_model("llama"), {"input_ids": token_ids(2, 8)}).status == "off"
+
+
+def test_cache_dir_setting(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("AUTOTP_CACHE_DIR", "off")
+    assert graph_cache.cache_dir() is None
+    monkeypatch.setenv("AUTOTP_CACHE_DIR", str(tmp_path))
+    assert graph_cache.cache_dir() == tmp_path
+    monkeypatch.delenv("AUTOTP_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert graph_cache.cache_dir() == tmp_path / "autotp"
