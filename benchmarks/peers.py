@@ -118,3 +118,7 @@ IMPLEMENTATIONS: dict[str, tuple[Callable[[str], Any], bool, str]] = {
     "autotp_shm": (autotp_shm, True, "shared memory"),
     "autotp_gloo": (autotp_gloo, True, "gloo"),
 }
+
+# implementations that keep something between runs (autotp's graph cache): the runner measures
+# their time to a ready model on a first run too
+CACHED = {"autotp_shm", "autotp_gloo"}

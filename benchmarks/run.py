@@ -8,7 +8,9 @@ Megatron plan, autotp over both paths) this launches ``--tp`` ranks with torchru
 unsharded model in one process), one thread per process, all reading the same saved
 checkpoint, and measures on every rank:
 
-- time to a ready model (load + plan + rewrite) and peak RSS at load;
+- time to a ready model (load + plan + rewrite) and peak RSS at load; for autotp also on a
+  first run, a launch of its own with an empty graph cache (``autotp.cache``), as the first
+  start on a machine is;
 - this rank's parameter bytes and KV-cache bytes (batch 1 x 128 tokens);
 - forward (prefill) latency for batch 1 x 128 and 4 x 128: median of ``--repeats`` after
   warm-up, ranks aligned by a barrier before each;
@@ -32,16 +34,19 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
-from benchmarks.peers import IMPLEMENTATIONS, param_bytes
+from benchmarks.peers import CACHED, IMPLEMENTATIONS, param_bytes
 
 RESULTS = Path(__file__).parent / "results"
 PREFILL = {"prefill_b1": (1, 128), "prefill_b4": (4, 128)}
 # dispatcher-level collective ops, recorded on the calling thread (gloo's own worker-thread
 # events are not counted: they would count each collective twice)
 _COLLECTIVE = re.compile(r"^(c10d|deepspeed)::.*(all_?reduce|all_?gather|reduce_?scatter|broadcast)", re.IGNORECASE)
+# gloo's worker-thread events: the only ones over gloo that record the tensor's shape
+_GLOO = re.compile(r"^gloo:(all_?reduce|all_?gather|reduce_?scatter|broadcast)", re.IGNORECASE)
 
 
 def _rss_mib() -> float:
@@ -70,15 +75,23 @@ def _timed(fn, repeats: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
+def _input_bytes(event) -> int:
+    shapes = [s for s in (event.input_shapes or []) if s]
+    return 4 * sum(int(torch.Size(s).numel()) for s in shapes[:1])  # fp32
+
+
 def _collectives(model, ids: torch.Tensor) -> tuple[int, int]:
     """Collective calls in one forward and the bytes of their inputs, from the profiler
-    (outermost collective events only, so wrappers are not counted twice)."""
+    (outermost collective events only, so wrappers are not counted twice; over gloo, the
+    bytes come from gloo's own events, as the dispatcher's hold no shapes)."""
     from torch.profiler import ProfilerActivity, profile
 
     with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         model(ids)
-    count = nbytes = 0
+    count = nbytes = gloo_bytes = 0
     for event in prof.events():
+        if _GLOO.search(event.name):
+            gloo_bytes += _input_bytes(event)
         if not _COLLECTIVE.search(event.name):
             continue
         parent, nested = event.cpu_parent, False
@@ -88,9 +101,8 @@ def _collectives(model, ids: torch.Tensor) -> tuple[int, int]:
         if nested:
             continue
         count += 1
-        shapes = [s for s in (event.input_shapes or []) if s]
-        nbytes += 4 * sum(int(torch.Size(s).numel()) for s in shapes[:1])
-    return count, nbytes
+        nbytes += _input_bytes(event)
+    return count, nbytes or gloo_bytes
 
 
 def _kv_bytes(model, vocab: int) -> int:
@@ -102,8 +114,9 @@ def _kv_bytes(model, vocab: int) -> int:
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
 
-def worker(name: str, checkpoint: str, report: str, repeats: int) -> None:
-    """One rank: build the implementation's model and measure it."""
+def worker(name: str, checkpoint: str, report: str, repeats: int, ready_only: bool = False) -> None:
+    """One rank: build the implementation's model and measure it (``ready_only``: only how
+    long it takes to be ready)."""
     torch.set_num_threads(1)
     import transformers  # noqa: F401  (imported before the baseline, as a user would have)
 
@@ -116,6 +129,8 @@ def worker(name: str, checkpoint: str, report: str, repeats: int) -> None:
         result["ready_s"] = time.perf_counter() - start
         result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         result["param_bytes"] = param_bytes(getattr(model, "graph_module", model))
+        if ready_only:
+            raise _Done
         vocab = model.config.vocab_size
         with torch.no_grad():
             for key, (batch, seq) in PREFILL.items():
@@ -130,15 +145,23 @@ def worker(name: str, checkpoint: str, report: str, repeats: int) -> None:
             start = time.perf_counter()
             model.generate(prompt, max_new_tokens=64, min_new_tokens=64, **options)
             result["decode_tok_s"] = 64 / (time.perf_counter() - start)
+    except _Done:
+        pass
     except Exception as exc:  # a peer that cannot run this model is recorded, not fatal
         result["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
     Path(f"{report}.{rank}").write_text(json.dumps(result))
 
 
-def _launch(name: str, tp: int, checkpoint: Path, report: Path, repeats: int) -> list[dict]:
+class _Done(Exception):
+    """A ready-only worker has measured what it was launched for."""
+
+
+def _launch(name: str, tp: int, checkpoint: Path, report: Path, repeats: int, *, ready_only: bool = False,
+            env: Optional[dict[str, str]] = None) -> list[dict]:
     distributed = IMPLEMENTATIONS[name][1]
     args = ["-m", "benchmarks.run", "--worker", name, str(checkpoint), str(report), "--repeats", str(repeats)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    args += ["--ready-only"] if ready_only else []
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", **(env or {})}
     if distributed:
         command = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc-per-node", str(tp), *args]
     else:
@@ -176,9 +199,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out", default=str(RESULTS), help="results folder (default benchmarks/results)")
     parser.add_argument("--worker", nargs=3, metavar=("IMPL", "CHECKPOINT", "REPORT"), help=argparse.SUPPRESS)
+    parser.add_argument("--ready-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(*args.worker, repeats=args.repeats)
+        worker(*args.worker, repeats=args.repeats, ready_only=args.ready_only)
         return
     from benchmarks.models import build
     from benchmarks.report import write_reports
@@ -192,8 +216,15 @@ def main() -> None:
         rows = []
         for name in args.impls:
             start = time.perf_counter()
-            ranks = _launch(name, args.tp, checkpoint, Path(tmp) / name, args.repeats)
+            first_run = None
+            env = {}
+            if name in CACHED:  # a first run on its own, with an empty cache; then the measured run
+                env = {"AUTOTP_CACHE_DIR": str(Path(tmp) / f"cache-{name}")}
+                first_run = _launch(name, args.tp, checkpoint, Path(tmp) / f"{name}-first", 1, ready_only=True, env=env)
+            ranks = _launch(name, args.tp, checkpoint, Path(tmp) / name, args.repeats, env=env)
             rows.append(summarise(name, ranks))
+            if first_run and "error" not in rows[-1]:
+                rows[-1]["ready_first_run_s"] = first_run[0].get("ready_s")
             status = rows[-1].get("error", "ok")
             print(f"{name}: {status} ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
     meta = {"model": args.model, "params": params, "tp": args.tp, "date": time.strftime("%Y-%m-%d"),

@@ -29,4 +29,6 @@ def test_benchmark_entry_point_writes_its_reports(tmp_path):
         assert "error" not in row, row
         assert row["decode_tok_s"] > 0 and row["prefill_b1_s"] > 0
     assert results[1]["collectives"] > 0 and results[1]["decode_speedup"] is not None
+    assert results[1]["collective_bytes"] > 0, "bytes moved over gloo come from gloo's own events"
+    assert results[1]["ready_first_run_s"] > 0, "autotp's first run (empty graph cache) is measured on its own"
     assert "| autotp_gloo | gloo |" in (tmp_path / "llama-tiny-tp2.md").read_text()
