@@ -7,7 +7,9 @@ weight touches only those bytes, and no file page stays resident (with ``mmap``,
 a slice touched counts in the process's memory until the file is closed).
 
 :class:`SafetensorsReader` reads a slice ``(dim, [(start, stop), ...])`` of a tensor with one
-read per contiguous run; :class:`SafetensorsWriter` writes the header first (known from the
+read per contiguous run, or, for runs a few KiB apart (a column slice of a row-major weight
+is one run per row), one ``preadv`` per group of runs with the gaps read into a scratch
+buffer; :class:`SafetensorsWriter` writes the header first (known from the
 plan), then each tensor's bytes in the declared order.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from pathlib import Path
 from typing import Any, BinaryIO, Optional
@@ -32,6 +35,11 @@ DTYPES = {
 }
 CODES = {v: k for k, v in DTYPES.items()}
 _MAX_HEADER = 100 << 20
+# Runs at most this far apart are read by one call, the bytes between them into a scratch
+# buffer: a read call costs ~10 us here, the time to copy ~50 KiB from the page cache.
+_COALESCE_GAP = 64 << 10
+_COALESCE_RUN = 1 << 20  # longer runs are read on their own: the call is cheap next to the copy
+_RUNS_PER_CALL = 512  # a preadv takes at most IOV_MAX (1024) buffers: runs and gaps
 
 
 class SafetensorsFormatError(AutotpError):
@@ -43,6 +51,7 @@ class SafetensorsReader:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self._scratch: Optional[bytearray] = None  # where coalesced reads put the bytes between runs
         try:
             self._file: Optional[BinaryIO] = open(self.path, "rb")
             size = self.path.stat().st_size
@@ -90,13 +99,43 @@ class SafetensorsReader:
         inner = math.prod(shape[dim + 1:]) * item if shape else item
         size = shape[dim] if shape else 1
         dest = out.reshape(-1).view(torch.uint8).numpy() if out.numel() else None
-        written = 0
-        for o in range(outer):
-            for a, b in ranges:  # one contiguous run per outer index and range
-                nbytes = (b - a) * inner
-                self._read_into(offset + (o * size + a) * inner, dest[written:written + nbytes])
-                written += nbytes
+        runs = [(offset + (o * size + a) * inner, (b - a) * inner) for o in range(outer) for a, b in ranges]
+        self._read_runs([r for r in runs if r[1]], dest)
         return out
+
+    def _read_runs(self, runs: list[tuple[int, int]], dest: Any) -> None:
+        """Read each ``(position, nbytes)`` run into ``dest``, back to back."""
+        written, i = 0, 0
+        while i < len(runs):
+            j = i + 1
+            while (j < len(runs) and j - i < _RUNS_PER_CALL and hasattr(os, "preadv")
+                   and runs[j - 1][1] <= _COALESCE_RUN and runs[j][1] <= _COALESCE_RUN
+                   and 0 <= runs[j][0] - sum(runs[j - 1]) <= _COALESCE_GAP):
+                j += 1
+            if j - i == 1:
+                position, nbytes = runs[i]
+                self._read_into(position, dest[written:written + nbytes])
+                written += nbytes
+            else:
+                written = self._read_group(runs[i:j], dest, written)
+            i = j
+
+    def _read_group(self, runs: list[tuple[int, int]], dest: Any, written: int) -> int:
+        """One ``preadv`` for runs a few KiB apart; the gaps land in a scratch buffer."""
+        assert self._file is not None, "reader is closed"
+        if self._scratch is None:
+            self._scratch = bytearray(_COALESCE_GAP)
+        scratch = memoryview(self._scratch)
+        buffers, end = [], runs[0][0]
+        for position, nbytes in runs:
+            if position > end:
+                buffers.append(scratch[:position - end])
+            buffers.append(dest[written:written + nbytes])
+            written += nbytes
+            end = position + nbytes
+        if os.preadv(self._file.fileno(), buffers, runs[0][0]) != end - runs[0][0]:
+            raise SafetensorsFormatError(f"{self.path}: file ends early (truncated)")
+        return written
 
     def _read_into(self, position: int, view: Any) -> None:
         assert self._file is not None, "reader is closed"

@@ -41,6 +41,23 @@ def test_reads_each_ranks_slice(saved, name, shard, rank):
     assert torch.equal(SafetensorsReader(saved).read(name, shard.dim, ranges), local_chunk(full, shard, rank, 3))
 
 
+@pytest.mark.parametrize("gap, run, per_call", [(0, 1 << 20, 512), (16, 1 << 20, 3), (64 << 10, 16, 512), (64 << 10, 1 << 20, 2)],
+                         ids=["no-coalescing", "small-gaps-only", "small-runs-only", "two-runs-per-call"])
+def test_coalesced_reads_equal_the_slice(tmp_path, monkeypatch, gap, run, per_call):
+    import autotp.safetensors_io as io
+
+    monkeypatch.setattr(io, "_COALESCE_GAP", gap)
+    monkeypatch.setattr(io, "_COALESCE_RUN", run)
+    monkeypatch.setattr(io, "_RUNS_PER_CALL", per_call)
+    full = torch.randn(1500, 12)  # a column slice: one run per row, 1500 runs
+    save_file({"w": full}, str(tmp_path / "w.safetensors"))
+    reader = SafetensorsReader(tmp_path / "w.safetensors")
+    for shard in (Shard(1), Shard(1, 3)):
+        for rank in range(3):
+            got = reader.read("w", 1, rank_ranges(shard, 12, rank, 3))
+            assert torch.equal(got, local_chunk(full, shard, rank, 3)), (shard, rank)
+
+
 def test_writer_output_loads_with_safetensors(tmp_path):
     path = tmp_path / "out.safetensors"
     writer = SafetensorsWriter(path, [(k, v.dtype, list(v.shape)) for k, v in TENSORS.items()], {"format": "pt"})
