@@ -29,9 +29,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Iterable, Optional, Union
+from typing import TYPE_CHECKING, Iterable, Optional, Union
 
-import networkx as nx
 import torch
 import torch.fx as fx
 
@@ -40,6 +39,9 @@ from autotp.plan import ArgEdit, Collective, LocalOp, LocalSlice, ParamSpec, Pla
 from autotp.propagate import Propagation, arg_at, propagate
 from autotp.rules import ndim, sizes
 from autotp.rules.matmul import matmul_spec
+
+if TYPE_CHECKING:  # imported where it is used: a run whose graphs all come from the cache never plans
+    import networkx as nx
 
 __all__ = ["plan_graph", "find_candidates", "Candidate"]
 
@@ -189,9 +191,11 @@ class _Planner:
         self._colwise: dict[fx.Node, Optional[int]] = {}
         self.cut = self._dataflow_cut()
 
-    def _dataflow_cut(self) -> nx.DiGraph:
+    def _dataflow_cut(self) -> "nx.DiGraph":
         """Dataflow graph with the edges *into* every candidate matmul removed, so that the
         ancestors of a value stop at the nearest matmuls that produce it."""
+        import networkx as nx
+
         flow = nx.DiGraph()
         for node in self.graph.nodes:
             flow.add_node(node)
@@ -246,6 +250,8 @@ class _Planner:
             seeds = {**seeds, **promote}
 
     def upstream_candidates(self, value: fx.Node, taken: set) -> list[Candidate]:
+        import networkx as nx
+
         nodes = nx.ancestors(self.cut, value) | {value}
         return [self.by_matmul[n] for n in self.graph.nodes if n in nodes and n in self.by_matmul
                 and self.by_matmul[n].param not in taken]
