@@ -106,10 +106,13 @@ class ModuleSource:
 
 class SafetensorsCheckpoint:
     """The ``*.safetensors`` files of a directory: sharded with ``model.safetensors.index.json``,
-    or single. Tensors are read slice by slice (see :mod:`autotp.safetensors_io`)."""
+    or single. Tensors are read slice by slice (see :mod:`autotp.safetensors_io`); ``mapped``:
+    contiguous slices are views of the mapped file (for loading weights that stay resident;
+    converting copies, so that its memory does not grow with every page it touched)."""
 
-    def __init__(self, directory: str | Path) -> None:
+    def __init__(self, directory: str | Path, *, mapped: bool = False) -> None:
         self.directory = Path(directory)
+        self.mapped = mapped
         self._readers: dict[Path, SafetensorsReader] = {}
         index = self.directory / "model.safetensors.index.json"
         if index.exists():
@@ -144,9 +147,10 @@ class SafetensorsCheckpoint:
     def read(self, name: str, placement: Placement, rank: int, world_size: int) -> torch.Tensor:
         reader = self._reader(self.weight_map[name])
         if not isinstance(placement, Shard):
-            return reader.read(name)
+            return reader.read(name, mapped=self.mapped)
         shape = reader.shape(name)
-        return reader.read(name, placement.dim, rank_ranges(placement, shape[placement.dim], rank, world_size))
+        ranges = rank_ranges(placement, shape[placement.dim], rank, world_size)
+        return reader.read(name, placement.dim, ranges, mapped=self.mapped)
 
     def close(self) -> None:
         for reader in self._readers.values():
@@ -199,7 +203,7 @@ class ShardFileSource:
         return name in self._file
 
     def read(self, name: str, placement: Placement, rank: int, world_size: int) -> torch.Tensor:
-        return self._file.read(name)
+        return self._file.read(name, mapped=True)
 
     def close(self) -> None:
         self._file.close()

@@ -177,7 +177,7 @@ def parallelize(
     in_memory = ModuleSource(model, device if moved else None)
     source: Any = in_memory
     if checkpoint is not None:
-        files = SafetensorsCheckpoint(checkpoint)
+        files = SafetensorsCheckpoint(checkpoint, mapped=True)
         check_checkpoint(files, model)
         source = FirstOf(CheckpointSource(files, aliases(model)), in_memory)
     tp_model = _build(model, example_inputs, ctx, source, clock, gather_outputs=gather_outputs, cache=cache)

@@ -4,7 +4,11 @@ The format is an 8-byte little-endian header length, a JSON header (name -> dtyp
 byte offsets) and the raw bytes. Reading here uses plain ``seek`` + ``readinto`` straight
 into the destination tensor instead of a memory map: a rank that reads a column slice of a
 weight touches only those bytes, and no file page stays resident (with ``mmap``, every page
-a slice touched counts in the process's memory until the file is closed).
+a slice touched counts in the process's memory until the file is closed). Loading asks for
+``mapped=True``: a slice that is one contiguous run (a row slice, a whole tensor) is then a
+view of a private memory map of the file, copying nothing. Those bytes are the model's
+weights and stay resident anyway; the pages are read on first touch and shared with every
+other process mapping the file.
 
 :class:`SafetensorsReader` reads a slice ``(dim, [(start, stop), ...])`` of a tensor with one
 read per contiguous run, or, for runs a few KiB apart (a column slice of a row-major weight
@@ -52,6 +56,7 @@ class SafetensorsReader:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._scratch: Optional[bytearray] = None  # where coalesced reads put the bytes between runs
+        self._mapped: Optional[torch.UntypedStorage] = None
         try:
             self._file: Optional[BinaryIO] = open(self.path, "rb")
             size = self.path.stat().st_size
@@ -84,8 +89,13 @@ class SafetensorsReader:
     def dtype(self, name: str) -> torch.dtype:
         return self.entries[name][0]
 
-    def read(self, name: str, dim: int = 0, ranges: Optional[list[tuple[int, int]]] = None) -> torch.Tensor:
-        """The tensor, or the concatenation of ``ranges`` of it along ``dim``."""
+    def read(self, name: str, dim: int = 0, ranges: Optional[list[tuple[int, int]]] = None, *,
+             mapped: bool = False) -> torch.Tensor:
+        """The tensor, or the concatenation of ``ranges`` of it along ``dim``.
+
+        ``mapped``: when the slice is one contiguous run, return a view of a private (copy on
+        write) memory map of the file instead of a copy.
+        """
         dtype, shape, offset = self.entries[name]
         if not shape:
             ranges, dim = None, 0
@@ -93,15 +103,23 @@ class SafetensorsReader:
         out_shape = list(shape)
         if shape:
             out_shape[dim] = sum(b - a for a, b in ranges)
-        out = torch.empty(out_shape, dtype=dtype)
         item = _itemsize(dtype)
         outer = math.prod(shape[:dim]) if shape else 1
         inner = math.prod(shape[dim + 1:]) * item if shape else item
         size = shape[dim] if shape else 1
-        dest = out.reshape(-1).view(torch.uint8).numpy() if out.numel() else None
-        runs = [(offset + (o * size + a) * inner, (b - a) * inner) for o in range(outer) for a, b in ranges]
-        self._read_runs([r for r in runs if r[1]], dest)
+        runs = [r for r in ((offset + (o * size + a) * inner, (b - a) * inner) for o in range(outer) for a, b in ranges)
+                if r[1]]
+        if mapped and len(runs) == 1 and runs[0][0] % item == 0:
+            return torch.empty(0, dtype=dtype).set_(self._mapping(), runs[0][0] // item, out_shape)
+        out = torch.empty(out_shape, dtype=dtype)
+        self._read_runs(runs, out.reshape(-1).view(torch.uint8).numpy() if out.numel() else None)
         return out
+
+    def _mapping(self) -> torch.UntypedStorage:
+        """The whole file as a private memory map (pages are read when first touched)."""
+        if self._mapped is None:
+            self._mapped = torch.UntypedStorage.from_file(str(self.path), shared=False, nbytes=self.path.stat().st_size)
+        return self._mapped
 
     def _read_runs(self, runs: list[tuple[int, int]], dest: Any) -> None:
         """Read each ``(position, nbytes)`` run into ``dest``, back to back."""
@@ -145,9 +163,11 @@ class SafetensorsReader:
             raise SafetensorsFormatError(f"{self.path}: file ends early (truncated)")
 
     def close(self) -> None:
+        """Close the file; mapped tensors already read stay valid (they hold the mapping)."""
         if self._file is not None:
             self._file.close()
             self._file = None
+        self._mapped = None
 
 
 def _itemsize(dtype: torch.dtype) -> int:

@@ -58,6 +58,20 @@ def test_coalesced_reads_equal_the_slice(tmp_path, monkeypatch, gap, run, per_ca
             assert torch.equal(got, local_chunk(full, shard, rank, 3)), (shard, rank)
 
 
+def test_mapped_reads_are_views_of_the_file_only_when_contiguous(saved):
+    reader = SafetensorsReader(saved)
+    rows = reader.read("w", 0, rank_ranges(Shard(0), 6, 1, 3), mapped=True)
+    columns = reader.read("w", 1, rank_ranges(Shard(1), 12, 1, 3), mapped=True)
+    assert torch.equal(rows, local_chunk(TENSORS["w"], Shard(0), 1, 3))
+    assert torch.equal(columns, local_chunk(TENSORS["w"], Shard(1), 1, 3))
+    mapping = reader._mapping()
+    assert rows.untyped_storage().data_ptr() == mapping.data_ptr(), "a row slice is a view of the mapped file"
+    assert columns.untyped_storage().data_ptr() != mapping.data_ptr(), "a column slice is copied"
+    reader.close()
+    rows.add_(1)  # private mapping: the tensor stays valid after close, and writes never reach the file
+    assert torch.equal(SafetensorsReader(saved).read("w"), TENSORS["w"])
+
+
 def test_writer_output_loads_with_safetensors(tmp_path):
     path = tmp_path / "out.safetensors"
     writer = SafetensorsWriter(path, [(k, v.dtype, list(v.shape)) for k, v in TENSORS.items()], {"format": "pt"})
