@@ -231,13 +231,14 @@ class TensorParallelModule(nn.Module):
 
     # ---- introspection ----------------------------------------------------------------------
     def local_bytes(self) -> int:
-        """Bytes of the parameters and buffers this rank holds (each storage counted once)."""
+        """Bytes of the parameters and buffers this rank holds, each tensor counted once. (Not
+        storage sizes: a tensor loaded from a checkpoint may be a view of the mapped file.)"""
         seen, total = set(), 0
         for t in list(self.graph_module.parameters()) + list(self.graph_module.buffers()):
-            key = (t.untyped_storage().data_ptr(), t.device)
+            key = (t.data_ptr(), t.numel(), t.device)
             if key not in seen:
                 seen.add(key)
-                total += t.untyped_storage().nbytes()
+                total += t.numel() * t.element_size()
         return total
 
     @property

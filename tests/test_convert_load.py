@@ -68,6 +68,8 @@ def test_convert_then_load_matches_unsharded(saved, tmp_path, name, tp):
     assert (out / "config.json").exists() and (out / "generation_config.json").exists()
     for result in run_ranks(load_worker, tp, str(out)):
         assert_close_to(reference, result["logits"])
+        # what the rank holds is its planned share (tensors mapped from its file count their own bytes)
+        assert result["bytes"] == plan.bytes_per_rank(), (result["bytes"], plan.bytes_per_rank())
 
 
 def checkpoint_worker(rank: int, world: int, directory: str) -> torch.Tensor:
