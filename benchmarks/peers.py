@@ -18,17 +18,36 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+def _file_mappings() -> list[tuple[int, int]]:
+    """Address ranges of this process mapped from regular files (from /proc/self/maps)."""
+    ranges = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            if len(fields) >= 6 and fields[5].startswith("/") and not fields[5].startswith("/dev/"):
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                ranges.append((start, end))
+    return ranges
+
+
 def param_bytes(model: torch.nn.Module) -> int:
-    """Bytes of this rank's parameters and buffers (each storage counted once)."""
+    """Bytes of this rank's parameters and buffers: each allocated storage counted once, whole
+    (a view keeps all of it alive); a view of a memory-mapped file counts only its own bytes
+    (only the pages it touches are ever read)."""
+    mappings = _file_mappings()
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
         t = _local(t)
         if t.device.type == "meta":
             continue
-        key = t.untyped_storage().data_ptr()
+        storage = t.untyped_storage()
+        if any(start <= storage.data_ptr() < end for start, end in mappings):
+            key, nbytes = (t.data_ptr(), t.numel()), t.numel() * t.element_size()
+        else:
+            key, nbytes = storage.data_ptr(), storage.nbytes()
         if key not in seen:
             seen.add(key)
-            total += t.untyped_storage().nbytes()
+            total += nbytes
     return total
 
 

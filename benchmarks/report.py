@@ -47,7 +47,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "*ready*: seconds from nothing imported but transformers to a model ready to call; *first run*: the same "
         "for autotp with an empty graph cache (a launch of its own).",
         "",
-        "| implementation | collectives | ready (s) | first run (s) | peak RSS/rank (MiB) | params/rank (MiB) | KV/rank (MiB) "
+        "| implementation | collectives | ready (s) | first run (s) | peak RSS/rank at load / whole run (MiB) | params/rank (MiB) | KV/rank (MiB) "
         "| prefill 1x128 (ms) | x HF | speed-up | prefill 4x128 (ms) | x HF | speed-up | decode (tok/s) | x HF | speed-up "
         "| collectives/forward | MiB moved |",
         "|---" * 18 + "|",
@@ -58,7 +58,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
             continue
         lines.append(
             f"| {r['implementation']} | {r['collective_path']} | {r['ready_s']:.1f} | {_fmt(r.get('ready_first_run_s'), '{:.1f}')} "
-            f"| {r['peak_rss_mib']:.0f} "
+            f"| {r['peak_rss_mib']:.0f} / {r.get('peak_rss_run_mib', 0):.0f} "
             f"| {r['param_bytes'] / MIB:.0f} | {r['kv_bytes'] / MIB:.1f} "
             f"| {r['prefill_b1_s'] * 1e3:.0f} | {_fmt(r['prefill_b1_vs_hf'], '{:.2f}')} | {_fmt(r['prefill_b1_speedup'], '{:.2f}x')} "
             f"| {r['prefill_b4_s'] * 1e3:.0f} | {_fmt(r['prefill_b4_vs_hf'], '{:.2f}')} | {_fmt(r['prefill_b4_speedup'], '{:.2f}x')} "

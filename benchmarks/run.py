@@ -8,7 +8,8 @@ Megatron plan, autotp over both paths) this launches ``--tp`` ranks with torchru
 unsharded model in one process), one thread per process, all reading the same saved
 checkpoint, and measures on every rank:
 
-- time to a ready model (load + plan + rewrite) and peak RSS at load; for autotp also on a
+- time to a ready model (load + plan + rewrite) and peak RSS at load, and over the whole run
+  (weights mapped from the checkpoint are read when first used, after load); for autotp also on a
   first run, a launch of its own with an empty graph cache (``autotp.cache``), as the first
   start on a machine is;
 - this rank's parameter bytes and KV-cache bytes (batch 1 x 128 tokens);
@@ -145,6 +146,7 @@ def worker(name: str, checkpoint: str, report: str, repeats: int, ready_only: bo
             start = time.perf_counter()
             model.generate(prompt, max_new_tokens=64, min_new_tokens=64, **options)
             result["decode_tok_s"] = 64 / (time.perf_counter() - start)
+        result["peak_rss_run_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     except _Done:
         pass
     except Exception as exc:  # a peer that cannot run this model is recorded, not fatal
@@ -187,6 +189,7 @@ def summarise(name: str, ranks: list[dict]) -> dict:
     return {
         "implementation": name, "collective_path": IMPLEMENTATIONS[name][2], **{k: v for k, v in first.items()},
         "param_bytes": max(r["param_bytes"] for r in ranks), "peak_rss_mib": max(r["peak_rss_mib"] for r in ranks),
+        "peak_rss_run_mib": max(r.get("peak_rss_run_mib", 0) for r in ranks),
         "kv_bytes": max(r["kv_bytes"] for r in ranks),
     }
 
