@@ -146,7 +146,7 @@ def _value_id(value: Any, where: str, seen: dict[int, Any]) -> Any:
     elif isinstance(value, torch.Tensor):
         out = _tensor_id(value, with_data=True)  # an unregistered tensor is baked into the graph
     elif callable(getattr(value, "to_json_string", None)):  # a transformers model or generation config
-        out = ["config", _class_id(type(value)), value.to_json_string(use_diff=False),
+        out = ["config", _class_id(type(value)), _without_origin(json.loads(value.to_json_string(use_diff=False))),
                repr(getattr(value, "_attn_implementation", None))]
     elif isinstance(value, (types.FunctionType, types.BuiltinFunctionType, type)):
         out = ["code", _code_id(value)]
@@ -157,6 +157,16 @@ def _value_id(value: Any, where: str, seen: dict[int, Any]) -> Any:
         raise Uncacheable(f"{where} is a {type(value).__name__}")
     seen[id(value)] = out
     return out
+
+
+def _without_origin(config: Any) -> Any:
+    """A config's fields without where it was read from: the same model in another directory
+    has the same graph."""
+    if isinstance(config, dict):
+        return {k: _without_origin(v) for k, v in config.items() if k not in ("_name_or_path", "_commit_hash")}
+    if isinstance(config, list):
+        return [_without_origin(v) for v in config]
+    return config
 
 
 def _module_id(name: str, module: nn.Module, seen: dict[int, Any]) -> list[Any]:

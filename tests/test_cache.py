@@ -113,6 +113,9 @@ def test_key_is_the_same_for_the_same_model_and_changes_with_what_shapes_the_gra
     assert _key(edited) != base
     half = hf_model("llama").to(torch.bfloat16)
     assert _key(half) != base
+    moved = hf_model("llama")
+    moved.config._name_or_path = "/somewhere/else"  # read from another directory: the same graph
+    assert _key(moved) == base
 
 
 def test_what_the_key_cannot_describe_is_not_cached() -> None:
