@@ -111,7 +111,10 @@ def _code_id(obj: Any) -> list[str]:
         return [name]  # autotp's source is in the key as a whole
     path = getattr(module, "__file__", None)
     if path is None:
-        if module is not None and module.__name__ in sys.builtin_module_names:
+        # built into the interpreter, or a compiled part of torch (torch._C._nn.gelu): its
+        # version is in the key
+        if module is not None and (module.__name__ in sys.builtin_module_names
+                                   or module.__name__.split(".")[0] == "torch"):
             return [name]
         raise Uncacheable(f"{name} has no source file")
     real = os.path.realpath(path)
