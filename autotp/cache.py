@@ -117,14 +117,53 @@ def _code_id(obj: Any) -> list[str]:
                                    or module.__name__.split(".")[0] == "torch"):
             return [name]
         raise Uncacheable(f"{name} has no source file")
-    real = os.path.realpath(path)
-    if not real.startswith(_installed_roots()):
+    digest = _installed_file_digest(path)
+    if digest is None:
         raise Uncacheable(f"{name} is defined outside an installed package ({path})")
-    return [name, _file_digest(real)]
+    return [name, digest]
 
 
-def _class_id(cls: type) -> list[Any]:
-    return [_code_id(base) for base in cls.__mro__ if base is not object]
+@functools.lru_cache(maxsize=None)
+def _installed_file_digest(path: str) -> Optional[str]:
+    """The digest of a file of an installed package; None for any other file. (Per process:
+    an installed file that changes under a running process is not seen.)"""
+    real = os.path.realpath(path)
+    return _file_digest(real) if real.startswith(_installed_roots()) else None
+
+
+def _class_id(cls: type, seen: Optional[dict[Any, Any]] = None) -> list[Any]:
+    """A class as the key sees it: per class of its MRO, its file's digest, the functions its
+    body holds now, and the functions and classes its module's globals name now. A method or a
+    module function replaced after import (as kernel-patching libraries do) changes the key."""
+    seen = {} if seen is None else seen
+    if ("class", cls) not in seen:
+        seen[("class", cls)] = [[_code_id(base), _namespace_id(vars(base)), _globals_id(base.__module__, seen)]
+                                for base in cls.__mro__ if base is not object]
+    return seen[("class", cls)]
+
+
+def _functions(value: Any) -> list[Any]:
+    """The functions behind a class attribute (methods, static/class methods, properties)."""
+    if isinstance(value, (staticmethod, classmethod)):
+        value = value.__func__
+    if isinstance(value, property):
+        return [f for f in (value.fget, value.fset) if f is not None]
+    return [value] if isinstance(value, (types.FunctionType, types.BuiltinFunctionType)) else []
+
+
+def _namespace_id(namespace: Mapping[str, Any]) -> list[Any]:
+    return [[k, [_code_id(f) for f in _functions(v)]] for k, v in sorted(namespace.items()) if _functions(v)]
+
+
+def _globals_id(module_name: str, seen: dict[Any, Any]) -> Any:
+    """The functions and classes a module's globals name (what its code calls by name)."""
+    key = ("globals", module_name)
+    if key not in seen:
+        module = sys.modules.get(module_name)
+        names = vars(module) if module is not None else {}
+        seen[key] = [[k, _code_id(v)] for k, v in sorted(names.items())
+                     if isinstance(v, (types.FunctionType, type)) and not k.startswith("__")]
+    return seen[key]
 
 
 def _tensor_id(t: torch.Tensor, with_data: bool) -> list[Any]:
@@ -149,7 +188,7 @@ def _value_id(value: Any, where: str, seen: dict[int, Any]) -> Any:
     elif isinstance(value, torch.Tensor):
         out = _tensor_id(value, with_data=True)  # an unregistered tensor is baked into the graph
     elif callable(getattr(value, "to_json_string", None)):  # a transformers model or generation config
-        out = ["config", _class_id(type(value)), _without_origin(json.loads(value.to_json_string(use_diff=False))),
+        out = ["config", _class_id(type(value), seen), _without_origin(json.loads(value.to_json_string(use_diff=False))),
                repr(getattr(value, "_attn_implementation", None))]
     elif isinstance(value, (types.FunctionType, types.BuiltinFunctionType, type)):
         out = ["code", _code_id(value)]
@@ -180,7 +219,7 @@ def _module_id(name: str, module: nn.Module, seen: dict[int, Any]) -> list[Any]:
              if k not in _MODULE_INTERNALS]
     tensors = [[k, isinstance(t, nn.Parameter), _tensor_id(t, with_data=False)]
                for k, t in list(module._parameters.items()) + list(module._buffers.items()) if t is not None]
-    return [name, _class_id(type(module)), attrs, tensors]
+    return [name, _class_id(type(module), seen), attrs, tensors]
 
 
 def _global_hooks() -> bool:

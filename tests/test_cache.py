@@ -118,6 +118,26 @@ def test_key_is_the_same_for_the_same_model_and_changes_with_what_shapes_the_gra
     assert _key(moved) == base
 
 
+def test_methods_and_functions_patched_after_import_change_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kernel-patching libraries replace a class's forward or a modeling module's function
+    after import; the files are unchanged, the graph is not."""
+    from transformers.models.gemma import modeling_gemma
+    from transformers.models.llama import modeling_llama
+
+    base = _key(hf_model("llama"))
+    monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", modeling_gemma.GemmaMLP.forward)
+    patched_method = _key(hf_model("llama"))
+    monkeypatch.undo()
+    assert _key(hf_model("llama")) == base
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", modeling_gemma.apply_rotary_pos_emb)
+    patched_function = _key(hf_model("llama"))
+    assert len({base, patched_method, patched_function}) == 3
+    # a patch written outside an installed package is never cached
+    monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", lambda self, x: x)
+    with pytest.raises(graph_cache.Uncacheable, match="outside an installed package"):
+        _key(hf_model("llama"))
+
+
 def test_every_family_of_the_coverage_matrix_is_cacheable() -> None:
     """Each transformers family autotp covers gets a key (a run of the coverage matrix twice
     over one cache: all 30 families pass from cached graphs at tp2 and tp4)."""
