@@ -34,6 +34,7 @@ import functools
 import hashlib
 import importlib
 import json
+import marshal
 import os
 import sys
 import sysconfig
@@ -103,8 +104,23 @@ def _installed_roots() -> tuple[str, ...]:
     return tuple({os.path.realpath(paths[k]) for k in ("purelib", "platlib", "stdlib", "platstdlib") if k in paths})
 
 
-def _code_id(obj: Any) -> list[str]:
-    """A class or function as the key sees it: its name and the digest of its file."""
+def _code_id(obj: Any) -> list[Any]:
+    """A class or function as the key sees it: its name and the digest of its file. A Python
+    function is named by where its code object was compiled (file and line), not by its
+    ``__module__``/``__qualname__``, which ``functools.wraps`` copies from the function a
+    patch replaces; the functions it wraps are named too."""
+    code = getattr(obj, "__code__", None)
+    if isinstance(obj, types.FunctionType) and isinstance(code, types.CodeType):
+        where = f"{code.co_filename}:{code.co_firstlineno}:{code.co_name}"
+        if os.path.isabs(code.co_filename):
+            digest = _installed_file_digest(code.co_filename)
+        else:  # generated, not read from a file (a dataclass's __eq__): its bytecode
+            digest = hashlib.sha256(marshal.dumps(code)).hexdigest()
+        if digest is None and not _is_autotp_file(code.co_filename):
+            raise Uncacheable(f"{obj.__module__}.{obj.__qualname__} is defined outside an installed package "
+                              f"({code.co_filename})")
+        wrapped = getattr(obj, "__wrapped__", None)
+        return [where, digest, _code_id(wrapped) if callable(wrapped) and wrapped is not obj else None]
     module = sys.modules.get(getattr(obj, "__module__", "") or "")
     name = f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', '?')}"
     if module is not None and module.__name__.split(".")[0] == "autotp":
@@ -123,6 +139,10 @@ def _code_id(obj: Any) -> list[str]:
     return [name, digest]
 
 
+def _is_autotp_file(path: str) -> bool:
+    return os.path.realpath(path).startswith(os.path.realpath(Path(__file__).parent) + os.sep)
+
+
 @functools.lru_cache(maxsize=None)
 def _installed_file_digest(path: str) -> Optional[str]:
     """The digest of a file of an installed package; None for any other file. (Per process:
@@ -131,14 +151,15 @@ def _installed_file_digest(path: str) -> Optional[str]:
     return _file_digest(real) if real.startswith(_installed_roots()) else None
 
 
-def _class_id(cls: type, seen: Optional[dict[Any, Any]] = None) -> list[Any]:
+def _class_id(cls: type, seen: Optional[dict[Any, Any]] = None) -> list[str]:
     """A class as the key sees it: per class of its MRO, its file's digest, the functions its
     body holds now, and the functions and classes its module's globals name now. A method or a
     module function replaced after import (as kernel-patching libraries do) changes the key."""
     seen = {} if seen is None else seen
-    if ("class", cls) not in seen:
-        seen[("class", cls)] = [[_code_id(base), _namespace_id(vars(base)), _globals_id(base.__module__, seen)]
-                                for base in cls.__mro__ if base is not object]
+    if ("class", cls) not in seen:  # a digest: a hundred modules of the same class repeat it
+        described = [[_code_id(base), _namespace_id(vars(base)), _globals_id(base.__module__, seen)]
+                     for base in cls.__mro__ if base is not object]
+        seen[("class", cls)] = [cls.__qualname__, hashlib.sha256(json.dumps(described).encode()).hexdigest()]
     return seen[("class", cls)]
 
 
@@ -155,15 +176,45 @@ def _namespace_id(namespace: Mapping[str, Any]) -> list[Any]:
     return [[k, [_code_id(f) for f in _functions(v)]] for k, v in sorted(namespace.items()) if _functions(v)]
 
 
-def _globals_id(module_name: str, seen: dict[Any, Any]) -> Any:
-    """The functions and classes a module's globals name (what its code calls by name)."""
+def _globals_id(module_name: str, seen: dict[Any, Any], hops: int = 1) -> Any:
+    """The functions and classes a module's globals name (what its code calls by name), the
+    functions in registries it names (transformers' ``ALL_ATTENTION_FUNCTIONS``, where
+    ``config._attn_implementation`` is looked up), and, ``hops`` modules deep, the same for the
+    modules those functions come from (a helper patched in ``masking_utils``)."""
     key = ("globals", module_name)
-    if key not in seen:
-        module = sys.modules.get(module_name)
-        names = vars(module) if module is not None else {}
-        seen[key] = [[k, _code_id(v)] for k, v in sorted(names.items())
-                     if isinstance(v, (types.FunctionType, type)) and not k.startswith("__")]
-    return seen[key]
+    if key in seen:
+        return seen[key]
+    seen[key] = "(cycle)"
+    module = sys.modules.get(module_name)
+    out, reached = [], set()
+    for k, v in sorted(vars(module).items() if module is not None else []):
+        if k.startswith("__"):
+            continue
+        if isinstance(v, (types.FunctionType, type)):
+            out.append([k, _code_id(v)])
+            reached.add(getattr(v, "__module__", None))
+        elif _is_registry(v):
+            functions = sorted((str(name), f) for name, f in v.items() if isinstance(f, types.FunctionType))
+            out.append([k, [[name, _code_id(f)] for name, f in functions]])
+            reached.update(f.__module__ for _, f in functions)
+    if hops > 0:
+        package = module_name.split(".")[0]
+        for name in sorted(n for n in reached if n and n != module_name and n.split(".")[0] == package):
+            out.append([name, _globals_id(name, seen, hops - 1)])
+    seen[key] = out
+    return out
+
+
+def _is_registry(value: Any) -> bool:
+    """A mapping of names to functions that code looks functions up in at run time."""
+    from collections.abc import Mapping as AbstractMapping
+
+    if not isinstance(value, AbstractMapping) or isinstance(value, type):
+        return False
+    try:
+        return any(isinstance(f, types.FunctionType) for f in list(value.values())[:64])
+    except Exception:
+        return False
 
 
 def _tensor_id(t: torch.Tensor, with_data: bool) -> list[Any]:
@@ -188,8 +239,9 @@ def _value_id(value: Any, where: str, seen: dict[int, Any]) -> Any:
     elif isinstance(value, torch.Tensor):
         out = _tensor_id(value, with_data=True)  # an unregistered tensor is baked into the graph
     elif callable(getattr(value, "to_json_string", None)):  # a transformers model or generation config
+        chosen = {k: repr(v) for k, v in vars(value).items() if "_implementation" in k}  # not in to_dict()
         out = ["config", _class_id(type(value), seen), _without_origin(json.loads(value.to_json_string(use_diff=False))),
-               repr(getattr(value, "_attn_implementation", None))]
+               sorted(chosen.items())]
     elif isinstance(value, (types.FunctionType, types.BuiltinFunctionType, type)):
         out = ["code", _code_id(value)]
     elif isinstance(value, functools.partial):
@@ -222,6 +274,17 @@ def _module_id(name: str, module: nn.Module, seen: dict[int, Any]) -> list[Any]:
     return [name, _class_id(type(module), seen), attrs, tensors]
 
 
+def _aliases(named: Any) -> list[list[str]]:
+    first: dict[int, str] = {}
+    out = []
+    for name, obj in named:
+        if id(obj) in first:
+            out.append([name, first[id(obj)]])
+        else:
+            first[id(obj)] = name
+    return out
+
+
 def _global_hooks() -> bool:
     from torch.nn.modules import module as torch_module
 
@@ -243,7 +306,13 @@ def graph_key(model: nn.Module, inputs: Mapping[str, Any], **settings: Any) -> s
         "format": FORMAT,
         "versions": [sys.version, torch.__version__, getattr(transformers, "__version__", None), _autotp_digest()],
         "default_dtype": str(torch.get_default_dtype()),
+        # read by transformers' modeling code (TRANSFORMERS_SDPA_FORCE_GQA, ...)
+        "environment": sorted((k, v) for k, v in os.environ.items() if k.startswith("TRANSFORMERS_")),
         "modules": [_module_id(n, m, seen) for n, m in model.named_modules(remove_duplicate=False)],
+        # tied weights and shared modules: per name, the first name of the same object
+        "same_as": [_aliases(model.named_modules(remove_duplicate=False)),
+                    _aliases(list(model.named_parameters(remove_duplicate=False))
+                             + list(model.named_buffers(remove_duplicate=False)))],
         "inputs": [repr(structure_key(inputs)),
                    [list(t.shape) for t in pytree.tree_leaves(dict(inputs)) if isinstance(t, torch.Tensor)]],
         "settings": sorted((k, repr(v)) for k, v in settings.items()),
@@ -478,7 +547,11 @@ class GraphCache:
 
     def get(self, key: str, comm: Communicator) -> Optional[CachedGraph]:
         path = self.path(key)
-        if not path.is_file():
+        try:
+            if not path.is_file():
+                return None
+        except OSError as exc:  # a folder another user made (permission denied): run without it
+            warnings.warn(f"autotp: cannot read the graph cache {self.root}: {exc}", stacklevel=2)
             return None
         try:
             entry = torch.load(path, weights_only=True)
@@ -536,8 +609,8 @@ class CacheSlot:
             self.status = "stored"
         except Uncacheable as exc:
             self.status = f"uncacheable: {exc}"
-        except OSError as exc:  # a read-only or full disk costs the next run time, not this one
-            self.status = f"not stored: {exc}"
+        except Exception as exc:  # a read-only or full disk costs the next run time, not this one
+            self.status = f"not stored: {type(exc).__name__}: {exc}"
             warnings.warn(f"autotp: could not write the graph cache entry {self.store.path(self.key)}: {exc}",
                           stacklevel=2)
 
@@ -552,4 +625,6 @@ def slot(enabled: bool, model: nn.Module, inputs: Mapping[str, Any], **settings:
         key = graph_key(model, inputs, **settings)
     except Uncacheable as exc:
         return CacheSlot(None, None, f"uncacheable: {exc}")
+    except Exception as exc:  # an attribute the key cannot even read (a config that is not JSON, ...)
+        return CacheSlot(None, None, f"uncacheable: {type(exc).__name__}: {exc}")
     return CacheSlot(store, key, "miss")

@@ -138,6 +138,57 @@ def test_methods_and_functions_patched_after_import_change_the_key(monkeypatch: 
         _key(hf_model("llama"))
 
 
+def test_ties_shared_modules_registries_and_environment_are_in_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    import functools
+
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.llama import modeling_llama
+
+    base = _key(hf_model("llama"))
+    untied = hf_model("llama")
+    untied.lm_head.weight = torch.nn.Parameter(untied.lm_head.weight.detach().clone())
+    tied = hf_model("llama")
+    tied.lm_head.weight = tied.model.embed_tokens.weight
+    shared = hf_model("llama")
+    shared.model.layers[1].mlp = shared.model.layers[0].mlp
+    assert _key(tied) != _key(untied), "which tensors are one object shapes the graph"
+    assert _key(shared) != base, "so does which modules are one object"
+    monkeypatch.setenv("TRANSFORMERS_SDPA_FORCE_GQA", "1")  # read by transformers' sdpa attention
+    assert _key(hf_model("llama")) != base
+    monkeypatch.delenv("TRANSFORMERS_SDPA_FORCE_GQA")
+    # a patch in a script, disguised by functools.wraps, or put in the attention registry
+    original = modeling_llama.LlamaMLP.forward
+
+    @functools.wraps(original)
+    def doubled(self, x):
+        return original(self, x) * 2
+
+    monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", doubled)
+    with pytest.raises(graph_cache.Uncacheable, match="outside an installed package"):
+        _key(hf_model("llama"))
+    monkeypatch.undo()
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "sdpa", lambda *args, **kwargs: None)
+    with pytest.raises(graph_cache.Uncacheable, match="outside an installed package"):
+        _key(hf_model("llama"))
+
+
+def test_a_key_that_cannot_be_computed_or_a_folder_that_cannot_be_read_runs_uncached(tmp_path: Path) -> None:
+    odd = hf_model("llama")
+    odd.config.extra = {1, 2}  # not JSON: the config's own serialisation raises TypeError
+    slot = graph_cache.slot(True, odd, {"input_ids": token_ids(2, 8)}, tp_size=2, rank=0)
+    assert slot.status.startswith("uncacheable: TypeError"), slot.status
+    # a folder another user made: reading it raises PermissionError (patched: tests run as root)
+    store = graph_cache.GraphCache(tmp_path / "cache")
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Path, "is_file", denied)
+        with pytest.warns(UserWarning, match="cannot read the graph cache"):
+            assert store.get("0" * 64, None) is None
+
+
 def test_every_family_of_the_coverage_matrix_is_cacheable() -> None:
     """Each transformers family autotp covers gets a key (a run of the coverage matrix twice
     over one cache: all 30 families pass from cached graphs at tp2 and tp4)."""
