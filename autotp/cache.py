@@ -10,14 +10,19 @@ on as after a capture.
 
 The key is a sha256 over everything that shapes that graph, so that no stale entry is used:
 
-- Python, torch and transformers versions, and a digest of autotp's own source files;
-- per module of the model: its class and a digest of the files defining the class and its
-  bases, its plain attributes (head counts, scaling, configs as JSON, ...), the names, shapes
-  and dtypes of its tensors;
+- Python, torch and transformers versions, a digest of autotp's own source, and
+  ``TRANSFORMERS_*`` environment variables (transformers' modeling code reads some);
+- per module of the model: its class, with per class of its MRO the file defining it, the
+  functions its body holds now and the functions, classes and function registries (such as
+  ``ALL_ATTENTION_FUNCTIONS``) its module's globals name now, one module deep (so a method or
+  helper replaced after import counts, ``functools.wraps`` or not: functions are named by
+  where their code was compiled); its plain attributes (head counts, scaling, configs as JSON
+  with their ``*_implementation`` choices, ...); the names, shapes and dtypes of its tensors;
+- which names are the same tensor or module (tied weights, shared layers);
 - the example inputs' structure and sizes, and the caller's settings (tp size, rank, device,
   what the graph is for).
 
-Classes must come from an installed package (or autotp): a model defined in a script may call
+Code must come from an installed package (or autotp): a model defined in a script may call
 helpers from other files of the user's, which the key would not see. Anything the key cannot
 describe (a hook, an attribute of an unknown type, a graph op it cannot name) makes the call
 uncacheable: it is captured every time, as without the cache.
@@ -42,7 +47,7 @@ import types
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 import torch.fx as fx
@@ -383,7 +388,7 @@ def _resolve_function(name: str) -> Any:
     return value
 
 
-def _encode_target(node: fx.Node, gm: fx.GraphModule) -> Any:
+def _encode_target(node: fx.Node) -> Any:
     if node.op == "call_function":
         if isinstance(node.target, torch._ops.OpOverload):
             return {"op": str(node.target)}
@@ -472,7 +477,7 @@ def _guards_module(guards: list[Any]) -> nn.Module:
 
 def encode_graph(gm: fx.GraphModule, guards: Optional[tuple[list[str], list[tuple]]]) -> tuple[dict, dict]:
     """The rewritten ``gm`` (fake tensors, not yet loaded) as JSON, plus its constants' data."""
-    nodes = [[n.op, n.name, _encode_target(n, gm), _encode(n.args), _encode(n.kwargs)] for n in gm.graph.nodes]
+    nodes = [[n.op, n.name, _encode_target(n), _encode(n.args), _encode(n.kwargs)] for n in gm.graph.nodes]
     calls_guards = any(n.op == "call_module" and n.target == _GUARDS for n in gm.graph.nodes)
     if calls_guards and guards is None:
         raise Uncacheable("the graph checks its inputs with guards that were not recorded")
@@ -584,9 +589,6 @@ class GraphCache:
             os.replace(temporary, path)
         finally:
             temporary.unlink(missing_ok=True)
-
-    def entries(self) -> Iterator[Path]:
-        return iter(sorted(self.root.glob("*.pt")) if self.root.is_dir() else [])
 
 
 @dataclass
