@@ -78,11 +78,16 @@ class Uncacheable(Exception):
 
 
 def cache_dir() -> Optional[Path]:
-    """Where entries live, or ``None`` when ``AUTOTP_CACHE_DIR=off``."""
+    """Where entries live, or ``None`` when ``AUTOTP_CACHE_DIR=off`` (or no folder is known)."""
     configured = os.environ.get("AUTOTP_CACHE_DIR")
     if configured is not None:
         return None if configured.strip().lower() in ("off", "0", "false", "") else Path(configured)
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    base = os.environ.get("XDG_CACHE_HOME")
+    if not base:
+        try:
+            base = str(Path.home() / ".cache")
+        except (RuntimeError, KeyError):  # no home directory (some containers): no cache
+            return None
     return Path(base) / "autotp"
 
 
@@ -234,7 +239,7 @@ def _tensor_id(t: torch.Tensor, with_data: bool) -> list[Any]:
     return described
 
 
-def _value_id(value: Any, where: str, seen: dict[int, Any]) -> Any:
+def _value_id(value: Any, where: str, seen: dict[Any, Any]) -> Any:
     """A JSON-able description of an attribute value, or Uncacheable."""
     if isinstance(value, _PLAIN) or isinstance(value, enum.Enum):
         return repr(value)
@@ -272,7 +277,7 @@ def _without_origin(config: Any) -> Any:
     return config
 
 
-def _module_id(name: str, module: nn.Module, seen: dict[int, Any]) -> list[Any]:
+def _module_id(name: str, module: nn.Module, seen: dict[Any, Any]) -> list[Any]:
     where = f"module {name or '(root)'} ({type(module).__name__})"
     if any(getattr(module, h, None) for h in _HOOKS):
         raise Uncacheable(f"{where} has hooks")
@@ -310,7 +315,7 @@ def graph_key(model: nn.Module, inputs: Mapping[str, Any], **settings: Any) -> s
     if _global_hooks():
         raise Uncacheable("global module hooks are registered")
     transformers = sys.modules.get("transformers")
-    seen: dict[int, Any] = {}
+    seen: dict[Any, Any] = {}  # per object and per class/module: what was described
     described = {
         "format": FORMAT,
         "versions": [sys.version, torch.__version__, getattr(transformers, "__version__", None), _autotp_digest()],
