@@ -65,13 +65,19 @@ def init_tp(tp_size: Optional[int] = None, device: Optional[torch.device] = None
         ctx = TPContext(dist.get_rank(group), tp, group, device)
     register()
     fast, name = select_all_reduce(ctx.group, tp, device)
-    if ctx.distributed:  # every rank must use the same path, or they would wait on each other forever
-        names: list[Any] = [None] * tp
-        dist.all_gather_object(names, name, group=ctx.group)
-        if len(set(names)) != 1:
-            fast, name = None, "process group"
+    if len(set(_from_every_rank(ctx, name))) != 1:  # one path for all, or they would wait on each other forever
+        fast, name = None, "process group"
     ctx.comm = Communicator(ctx.group, tp, fast, name)
     return ctx
+
+
+def _from_every_rank(ctx: TPContext, value: Any) -> list[Any]:
+    """``value`` of every rank of the group, in rank order (``[value]`` for a group of one)."""
+    if not ctx.distributed:
+        return [value]
+    values: list[Any] = [None] * ctx.tp_size
+    dist.all_gather_object(values, value, group=ctx.group)
+    return values
 
 
 def agree(ctx: TPContext, fn: Callable[[], Any]) -> Any:
@@ -82,11 +88,7 @@ def agree(ctx: TPContext, fn: Callable[[], Any]) -> Any:
         value = fn()
     except AutotpError as exc:
         error = str(exc)
-    errors: list[Any] = [error]
-    if ctx.distributed:
-        errors = [None] * ctx.tp_size
-        dist.all_gather_object(errors, error, group=ctx.group)
-    failed = [(r, e) for r, e in enumerate(errors) if e]
+    failed = [(r, e) for r, e in enumerate(_from_every_rank(ctx, error)) if e]
     if failed:
         raise AutotpError("; ".join(f"rank {r}: {e}" for r, e in failed) if ctx.distributed else failed[0][1])
     return value
@@ -96,9 +98,7 @@ def check_same_plan(plan: Plan, ctx: TPContext) -> None:
     """Every rank plans on its own; a disagreement would compute garbage, so fail loudly."""
     if not ctx.distributed:
         return
-    digest = hashlib.sha256(plan.to_json(indent=None).encode()).hexdigest()
-    digests: list[Any] = [None] * ctx.tp_size
-    dist.all_gather_object(digests, digest, group=ctx.group)
+    digests = _from_every_rank(ctx, hashlib.sha256(plan.to_json(indent=None).encode()).hexdigest())
     if len(set(digests)) != 1:
         raise AutotpError(f"ranks computed different plans ({sorted(set(digests))}); "
                           "every rank must build the same model and call it with the same inputs")
