@@ -54,7 +54,7 @@ def mark_failed(reason: str) -> None:
 def describe_failure(group: Optional[dist.ProcessGroup], error: BaseException) -> str:
     """Which ranks of ``group`` raised (they recorded it) or died (their process is gone)."""
     store, me = _store(), dist.get_rank() if dist.is_initialized() else 0
-    ranks = [r for r in (dist.get_process_group_ranks(group) if group is not None else range(dist.get_world_size())) if r != me]
+    ranks = _peers(group, me)
     found: list[str] = []
     deadline = time.monotonic() + 3  # a peer that just died may still be on its way out
     while store is not None and not found and time.monotonic() < deadline:
@@ -64,6 +64,12 @@ def describe_failure(group: Optional[dist.ProcessGroup], error: BaseException) -
     cause = "; ".join(found) or "a peer rank stopped or timed out"
     first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
     return f"rank {me}: a collective failed: {cause} ({first})"
+
+
+def _peers(group: Optional[dist.ProcessGroup], me: int) -> list[int]:
+    """The global ranks of ``group`` (the whole world when None) other than ``me``."""
+    ranks = dist.get_process_group_ranks(group) if group is not None else range(dist.get_world_size())
+    return [r for r in ranks if r != me]
 
 
 def _stopped_peers(store: Any, ranks: list[int]) -> list[str]:
@@ -119,8 +125,7 @@ class Watchdog(threading.Thread):
             if since is None or time.monotonic() - since < self.grace:
                 continue
             store, me = _store(), dist.get_rank()
-            ranks = dist.get_process_group_ranks(self.group) if self.group is not None else range(dist.get_world_size())
-            found = _stopped_peers(store, [r for r in ranks if r != me]) if store is not None else []
+            found = _stopped_peers(store, _peers(self.group, me)) if store is not None else []
             if found and self._since is not None:
                 sys.stderr.write(f"[rank {me}] autotp: error: PeerFailure: rank {me}: a collective failed: "
                                  f"{'; '.join(found)} (waited {time.monotonic() - since:.0f} s in shared memory)\n")
