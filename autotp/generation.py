@@ -57,9 +57,7 @@ class CacheIO(nn.Module):
 
         cache = DynamicCache(config=self.model.config)
         if past_keys is not None:
-            for layer, keys, values in zip(cache.layers, past_keys, past_values):
-                layer.lazy_initialization(keys, values)  # filled directly: no concatenation with an empty tensor
-                layer.keys, layer.values = keys, values
+            _fill(cache, past_keys, past_values)  # filled directly: no concatenation with an empty tensor
         kwargs = {self.cache_arg: cache, "use_cache": True}
         if "logits_to_keep" in inspect.signature(self.model.forward).parameters:
             kwargs["logits_to_keep"] = self.logits_to_keep
@@ -67,7 +65,7 @@ class CacheIO(nn.Module):
         # derives positions from the mask, Llama from the cache length)
         given = {k: v for k, v in (("attention_mask", attention_mask), ("position_ids", position_ids)) if v is not None}
         out = self.model(input_ids=input_ids, **given, **kwargs)
-        return out.logits, [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
+        return out.logits, *_contents(cache)
 
 
 def _check_layers(cache: Any) -> None:
@@ -80,12 +78,20 @@ def _check_layers(cache: Any) -> None:
 def read_cache(cache: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """This rank's per-layer keys and values held by a Hugging Face cache."""
     _check_layers(cache)
-    return [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
+    return _contents(cache)
 
 
 def write_cache(cache: Any, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
     """Store this rank's updated keys and values in the caller's cache object (no copy)."""
     _check_layers(cache)
+    _fill(cache, keys, values)
+
+
+def _contents(cache: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    return [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
+
+
+def _fill(cache: Any, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
     for layer, k, v in zip(cache.layers, keys, values):
         if not layer.is_initialized:
             layer.lazy_initialization(k, v)
