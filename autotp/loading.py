@@ -286,7 +286,7 @@ def load_into(gm: fx.GraphModule, plan: Plan, rank: int, source: TensorSource) -
         LoadError: a tensor is missing from the source or its shape is not the planned one.
     """
     for name in _graph_tensor_names(gm):
-        current = gm.get_parameter(name) if _is_param(gm, name) else _get_attr(gm, name)
+        current = _get_attr(gm, name)
         spec = plan.params.get(name)
         captured = isinstance(current, torch.Tensor) and not isinstance(current, FakeTensor)
         if spec is None or (captured and not source.has(name)):
@@ -317,7 +317,7 @@ def _flatten_tensor_reads(gm: fx.GraphModule) -> None:
     ``self.model.layers[0].self_attn.q_proj.weight`` (a chain of ``Module.__getattr__`` calls,
     ~140 per decode step of a small model). The tensors stay registered under their names."""
     for i, node in enumerate(n for n in gm.graph.nodes if n.op == "get_attr"):
-        value = gm.get_parameter(node.target) if _is_param(gm, node.target) else _get_attr(gm, node.target)
+        value = _get_attr(gm, node.target)
         if isinstance(value, torch.Tensor):
             flat = f"_autotp_t{i}"
             gm.__dict__[flat] = value
@@ -325,13 +325,8 @@ def _flatten_tensor_reads(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
-def _is_param(gm: fx.GraphModule, name: str) -> bool:
-    owner_name, _, attr = name.rpartition(".")
-    owner = gm.get_submodule(owner_name) if owner_name else gm
-    return attr in owner._parameters
-
-
 def _get_attr(gm: fx.GraphModule, name: str) -> object:
+    """The parameter, buffer or attribute at a dotted name."""
     value: object = gm
     for part in name.split("."):
         value = getattr(value, part)
