@@ -24,24 +24,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.peers import peak_rss_mib, rss_mib
+
 LLAMA_70B = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 8192, "intermediate_size": 28672,
     "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 128256,
     "max_position_embeddings": 8192, "rms_norm_eps": 1e-05, "rope_theta": 500000.0, "tie_word_embeddings": False,
     "torch_dtype": "bfloat16",
 }
-
-
-def _rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def worker(mode: str, path: str, report: str) -> None:
@@ -52,7 +42,7 @@ def worker(mode: str, path: str, report: str) -> None:
     import autotp
 
     torch.set_num_threads(1)
-    before = _rss_mib()
+    before = rss_mib()
     start = time.perf_counter()
     if mode == "shards":
         tp_model = autotp.load(path)
@@ -64,7 +54,7 @@ def worker(mode: str, path: str, report: str) -> None:
         tp_model = autotp.parallelize(model, checkpoint=path)
     seconds = time.perf_counter() - start
     Path(f"{report}.{tp_model.rank}").write_text(json.dumps(dict(
-        mode=mode, rank=tp_model.rank, before_mib=before, peak_mib=_peak_mib(), after_mib=_rss_mib(),
+        mode=mode, rank=tp_model.rank, before_mib=before, peak_mib=peak_rss_mib(), after_mib=rss_mib(),
         held_mib=tp_model.local_bytes() / 2**20, seconds=seconds)))
 
 

@@ -8,6 +8,7 @@ a single process): it reads the same Hugging Face checkpoint and returns a model
 from __future__ import annotations
 
 import os
+import resource
 from typing import Any, Callable
 
 import torch
@@ -16,6 +17,17 @@ import torch.distributed as dist
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
+
+
+def rss_mib() -> float:
+    """This process's resident memory now, in MiB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far, in MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _file_mappings() -> list[tuple[int, int]]:

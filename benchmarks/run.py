@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -39,7 +38,7 @@ from typing import Optional
 
 import torch
 
-from benchmarks.peers import CACHED, IMPLEMENTATIONS, param_bytes
+from benchmarks.peers import CACHED, IMPLEMENTATIONS, param_bytes, peak_rss_mib, rss_mib
 
 RESULTS = Path(__file__).parent / "results"
 PREFILL = {"prefill_b1": (1, 128), "prefill_b4": (4, 128)}
@@ -48,11 +47,6 @@ PREFILL = {"prefill_b1": (1, 128), "prefill_b4": (4, 128)}
 _COLLECTIVE = re.compile(r"^(c10d|deepspeed)::.*(all_?reduce|all_?gather|reduce_?scatter|broadcast)", re.IGNORECASE)
 # gloo's worker-thread events: the only ones over gloo that record the tensor's shape
 _GLOO = re.compile(r"^gloo:(all_?reduce|all_?gather|reduce_?scatter|broadcast)", re.IGNORECASE)
-
-
-def _rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
 
 
 def _barrier() -> None:
@@ -122,13 +116,13 @@ def worker(name: str, checkpoint: str, report: str, repeats: int, ready_only: bo
     import transformers  # noqa: F401  (imported before the baseline, as a user would have)
 
     build = IMPLEMENTATIONS[name][0]
-    result: dict = {"rss_before_mib": _rss_mib()}
+    result: dict = {"rss_before_mib": rss_mib()}
     rank = int(os.environ.get("RANK", "0"))
     try:
         start = time.perf_counter()
         model = build(checkpoint)
         result["ready_s"] = time.perf_counter() - start
-        result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        result["peak_rss_mib"] = peak_rss_mib()
         result["param_bytes"] = param_bytes(getattr(model, "graph_module", model))
         if ready_only:
             raise _Done
@@ -146,7 +140,7 @@ def worker(name: str, checkpoint: str, report: str, repeats: int, ready_only: bo
             start = time.perf_counter()
             model.generate(prompt, max_new_tokens=64, min_new_tokens=64, **options)
             result["decode_tok_s"] = 64 / (time.perf_counter() - start)
-        result["peak_rss_run_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        result["peak_rss_run_mib"] = peak_rss_mib()
     except _Done:
         pass
     except Exception as exc:  # a peer that cannot run this model is recorded, not fatal
