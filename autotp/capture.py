@@ -39,8 +39,7 @@ from autotp.errors import AutotpError
 from autotp import hf
 
 __all__ = ["capture", "Captured", "bind_inputs", "forward_signature", "structure_key", "fake_skeleton", "meta_twin",
-           "model_device",
-           "CaptureError"]
+           "model_device", "CaptureError"]
 
 
 class CaptureError(AutotpError):
