@@ -18,6 +18,7 @@ import torch.distributed as dist
 from autotp.collectives import Communicator, select_all_reduce
 from autotp.errors import AutotpError
 from autotp.health import register
+from autotp.kernels import choose_kernels
 from autotp.plan import Plan
 
 __all__ = ["TPContext", "init_tp", "agree", "check_same_plan", "share_rng", "DEFAULT_TIMEOUT_S"]
@@ -34,6 +35,7 @@ class TPContext:
     group: Optional[dist.ProcessGroup]
     device: torch.device
     comm: Communicator = field(default_factory=Communicator)  # what the inserted collectives use
+    kernels: str = "aten"  # the GEMM the linears run on (autotp.kernels): the same on every rank
 
     @property
     def distributed(self) -> bool:
@@ -68,6 +70,8 @@ def init_tp(tp_size: Optional[int] = None, device: Optional[torch.device] = None
     if len(set(_from_every_rank(ctx, name))) != 1:  # one path for all, or they would wait on each other forever
         fast, name = None, "process group"
     ctx.comm = Communicator(ctx.group, tp, fast, name)
+    kernels = set(_from_every_rank(ctx, choose_kernels(device)))
+    ctx.kernels = kernels.pop() if len(kernels) == 1 else "aten"  # replicated layers must agree bit for bit
     return ctx
 
 

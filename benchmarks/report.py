@@ -45,19 +45,22 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "(one process, one thread), same run.",
         "",
         "*ready*: seconds from nothing imported but transformers to a model ready to call; *first run*: the same "
-        "for autotp with an empty graph cache (a launch of its own).",
+        "for autotp with an empty graph cache (a launch of its own). *GEMM*: what runs the linear layers: "
+        "`aten` is PyTorch's default (MKL on CPU); `onednn` is oneDNN with weights in its layout, which "
+        "autotp picks when a probe measures it faster (`autotp.kernels`). `autotp_1_process` is autotp at "
+        "tp 1: its speed-up is the kernels' alone.",
         "",
-        "| implementation | collectives | ready (s) | first run (s) | peak RSS/rank at load / whole run (MiB) | params/rank (MiB) | KV/rank (MiB) "
+        "| implementation | collectives | GEMM | ready (s) | first run (s) | peak RSS/rank at load / whole run (MiB) | params/rank (MiB) | KV/rank (MiB) "
         "| prefill 1x128 (ms) | x HF | speed-up | prefill 4x128 (ms) | x HF | speed-up | decode (tok/s) | x HF | speed-up "
         "| collectives/forward | MiB moved |",
-        "|---" * 18 + "|",
+        "|---" * 19 + "|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['implementation']} | {r['error']} |" + " |" * 16)
+            lines.append(f"| {r['implementation']} | {r['error']} |" + " |" * 17)
             continue
         lines.append(
-            f"| {r['implementation']} | {r['collective_path']} | {r['ready_s']:.1f} | {_fmt(r.get('ready_first_run_s'), '{:.1f}')} "
+            f"| {r['implementation']} | {r['collective_path']} | {r.get('kernels', 'aten')} | {r['ready_s']:.1f} | {_fmt(r.get('ready_first_run_s'), '{:.1f}')} "
             f"| {r['peak_rss_mib']:.0f} / {r.get('peak_rss_run_mib', 0):.0f} "
             f"| {r['param_bytes'] / MIB:.0f} | {r['kv_bytes'] / MIB:.1f} "
             f"| {r['prefill_b1_s'] * 1e3:.0f} | {_fmt(r['prefill_b1_vs_hf'], '{:.2f}')} | {_fmt(r['prefill_b1_speedup'], '{:.2f}x')} "

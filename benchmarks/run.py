@@ -124,6 +124,7 @@ def worker(name: str, checkpoint: str, report: str, repeats: int, ready_only: bo
         result["ready_s"] = time.perf_counter() - start
         result["peak_rss_mib"] = peak_rss_mib()
         result["param_bytes"] = param_bytes(getattr(model, "graph_module", model))
+        result["kernels"] = getattr(model, "kernels", "aten")  # the GEMM the linears run on (autotp.kernels)
         if ready_only:
             raise _Done
         vocab = model.config.vocab_size
