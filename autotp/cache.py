@@ -435,7 +435,8 @@ def _tensor_entries(gm: fx.GraphModule) -> tuple[list[dict[str, Any]], dict[str,
             raise Uncacheable(f"the graph reads {node.target}, a {type(value).__name__}")
         kind = "parameter" if attr in owner._parameters else "buffer" if attr in owner._buffers else "attribute"
         spec = {"name": str(node.target), "kind": kind, "shape": list(value.shape), "dtype": str(value.dtype),
-                "device": str(value.device), "fake": isinstance(value, FakeTensor)}
+                "device": str(value.device), "fake": isinstance(value, FakeTensor),
+                "persistent": attr not in owner._non_persistent_buffers_set}  # (rotary inv_freq is not)
         if not spec["fake"]:
             constants[str(node.target)] = value.detach().cpu().clone()
         specs.append(spec)
@@ -531,6 +532,10 @@ def decode_graph(graph: Mapping[str, Any], constants: Mapping[str, torch.Tensor]
         if node.op == "get_attr":
             owner, attr = _owner(gm, str(node.target))
             node.meta["val"] = getattr(owner, attr)
+    for spec in graph["tensors"]:
+        if not spec.get("persistent", True):  # GraphModule copies every buffer as persistent
+            owner, attr = _owner(gm, spec["name"])
+            owner._non_persistent_buffers_set.add(attr)
     return gm
 
 

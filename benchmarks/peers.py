@@ -14,8 +14,6 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from autotp.kernels import file_mappings
-
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
@@ -32,22 +30,32 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _file_mappings() -> list[tuple[int, int]]:
+    """Address ranges of this process mapped from regular files (from /proc/self/maps)."""
+    ranges = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            if len(fields) >= 6 and fields[5].startswith("/") and not fields[5].startswith("/dev/"):
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                ranges.append((start, end))
+    return ranges
+
+
 def param_bytes(model: torch.nn.Module) -> int:
     """Bytes of this rank's parameters and buffers: each allocated storage counted once, whole
     (a view keeps all of it alive); a view of a memory-mapped file counts only its own bytes
     (only the pages it touches are ever read)."""
-    mappings = file_mappings()
+    mappings = _file_mappings()
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
         t = _local(t)
         if t.device.type == "meta":
             continue
-        if t.is_mkldnn:  # oneDNN's opaque layout (autotp.kernels): a storage of its own
-            key, nbytes = (id(t),), t.numel() * t.element_size()
-        elif any(start <= t.untyped_storage().data_ptr() < end for start, end in mappings):
+        storage = t.untyped_storage()
+        if any(start <= storage.data_ptr() < end for start, end in mappings):
             key, nbytes = (t.data_ptr(), t.numel()), t.numel() * t.element_size()
         else:
-            storage = t.untyped_storage()
             key, nbytes = storage.data_ptr(), storage.nbytes()
         if key not in seen:
             seen.add(key)
@@ -117,7 +125,7 @@ def _autotp(checkpoint: str, path: str) -> Any:
     import autotp
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    os.environ["AUTOTP_ALLREDUCE"] = path  # (unused in one process: there is nothing to reduce)
+    os.environ["AUTOTP_ALLREDUCE"] = path
     with autotp.init_empty_weights():
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(checkpoint)).eval()
     return autotp.parallelize(model, checkpoint=checkpoint)
@@ -131,12 +139,6 @@ def autotp_gloo(checkpoint: str) -> Any:
     return _autotp(checkpoint, "gloo")
 
 
-def autotp_1_process(checkpoint: str) -> Any:
-    """autotp at tp 1: the unsharded model with autotp's graph and GEMM choice, so that its
-    speed-up over ``unsharded`` is the kernels' and autotp tp N / this is tensor parallelism's."""
-    return _autotp(checkpoint, "gloo")
-
-
 IMPLEMENTATIONS: dict[str, tuple[Callable[[str], Any], bool, str]] = {
     # name: (builder, distributed, collective path)
     "unsharded": (unsharded, False, "-"),
@@ -146,9 +148,8 @@ IMPLEMENTATIONS: dict[str, tuple[Callable[[str], Any], bool, str]] = {
     "dtensor_megatron": (dtensor_megatron, True, "gloo"),
     "autotp_shm": (autotp_shm, True, "shared memory"),
     "autotp_gloo": (autotp_gloo, True, "gloo"),
-    "autotp_1_process": (autotp_1_process, False, "-"),
 }
 
 # implementations that keep something between runs (autotp's graph cache): the runner measures
 # their time to a ready model on a first run too
-CACHED = {"autotp_shm", "autotp_gloo", "autotp_1_process"}
+CACHED = {"autotp_shm", "autotp_gloo"}

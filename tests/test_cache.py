@@ -47,6 +47,7 @@ def _run_twice_worker(rank: int, world: int, name: str, cache_dir: str) -> list[
             diff=(assert_close_to(ref, out), assert_close_to(ref_other, out_other)),
             logits=out,
             same_tokens=torch.equal(tokens, expected),
+            state=sorted(tp_model.state_dict()),
         ))
     return runs
 
@@ -62,6 +63,7 @@ def test_second_run_rebuilds_every_graph_from_the_cache(name: str, tmp_path: Pat
         assert "capture" in first["timings"] and "capture" not in second["timings"]
         assert first["same_tokens"] and second["same_tokens"], f"rank {rank}: greedy tokens differ from unsharded"
         assert torch.equal(first["logits"], second["logits"]), "the cached graph computes something else"
+        assert first["state"] == second["state"]  # non-persistent buffers (rotary inv_freq) stay so
     assert len(list(tmp_path.glob("*.pt"))) == 2 * 4  # per rank: the call, the other call, prefill, decode
 
 

@@ -16,7 +16,6 @@ import torch
 
 import autotp
 from autotp.collectives import count_collectives
-from autotp.kernels import declared_shape
 from autotp.loading import named_tensors
 from distributed import run_ranks
 from models import assert_close_to, hf_model, num_layers, plain_block, token_ids
@@ -62,8 +61,8 @@ def hf_parity_worker(rank: int, world: int, names: list[str]) -> dict:
             lookups=len(tp_model.plan.local_ops),
             # the model object keeps no full copy: its tensors are this rank's pieces, shared with the graph
             released=all(
-                declared_shape(t) == tp_model.plan.params[n].local_shape(world)
-                and t is tp_model.graph_module.get_parameter(n)
+                list(t.shape) == tp_model.plan.params[n].local_shape(world)
+                and t.data_ptr() == tp_model.graph_module.get_parameter(n).data_ptr()
                 for n, t in named_tensors(model).items() if n in sharded_names
             ),
             plan=hashlib.sha256(tp_model.plan.to_json().encode()).hexdigest(),
