@@ -26,7 +26,7 @@ from autotp.errors import AutotpError
 from autotp.generation import CacheIO, cache_argument, cached_inputs, example_like, is_cache, phase_of, read_cache, write_cache
 from autotp.group import TPContext, check_same_plan, share_rng
 from autotp.health import PeerFailure, mark_failed
-from autotp.kernels import dense_state, use_onednn
+from autotp.kernels import use_onednn
 from autotp.loading import load_into
 from autotp.placement import Placement, Replicate, parse_placement
 from autotp.plan import Plan
@@ -66,8 +66,7 @@ class TensorParallelModule(nn.Module):
         plan: the plan it carries out (the same on every rank).
         rank, tp_size: this rank and the size of its tensor-parallel group.
         timings: seconds per stage of :func:`parallelize` (init: the process group and the
-            collective path; capture, plan, rewrite, load;
-            kernels: converting the linears' weights for oneDNN).
+            collective path; capture, plan, rewrite, load).
         cached_calls: per phase of cached calls (prefill, decode, extend): how many calls, and
             how many new tokens they fed (a decode step feeds one per sequence: the prefix is
             never run again).
@@ -96,8 +95,6 @@ class TensorParallelModule(nn.Module):
                              _use_cache=cache)
         if hf.is_hf_model(source):
             self.__dict__["config"] = source.config
-        # weights converted for oneDNN are opaque tensors: a state_dict gives them back dense
-        self._register_state_dict_hook(lambda module, state, prefix, meta: dense_state(module, state, prefix))
 
     # ---- calls ------------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -241,7 +238,7 @@ class TensorParallelModule(nn.Module):
         storage sizes: a tensor loaded from a checkpoint may be a view of the mapped file.)"""
         seen, total = set(), 0
         for t in list(self.graph_module.parameters()) + list(self.graph_module.buffers()):
-            key = (id(t),) if t.is_mkldnn else (t.data_ptr(), t.numel(), t.device)  # oneDNN: no pointer
+            key = (t.data_ptr(), t.numel(), t.device)
             if key not in seen:
                 seen.add(key)
                 total += t.numel() * t.element_size()

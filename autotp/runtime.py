@@ -21,7 +21,7 @@ from autotp import hf
 from autotp.capture import capture, forward_signature, model_device, normalise_example_inputs, structure_key
 from autotp.errors import AutotpError
 from autotp.group import TPContext, agree, check_same_plan, init_tp
-from autotp.kernels import dense_state, use_onednn
+from autotp.kernels import use_onednn
 from autotp.loading import (
     CheckpointSource,
     FirstOf,
@@ -96,7 +96,7 @@ def _build(
     agree(ctx, lambda: load_into(gm, plan, ctx.rank, source))
     clock.lap("load")
     if ctx.kernels == "onednn":
-        clock.lap("kernels", use_onednn(gm))
+        use_onednn(gm)
     tp_model = TensorParallelModule(gm, plan, ctx, model, structure_key(inputs), cache=cache)
     tp_model.timings = clock.laps
     tp_model.cache_status = slot.status
@@ -110,7 +110,6 @@ def _hand_over(model: nn.Module, tp_model: TensorParallelModule, names: list[str
     local = dict(tp_model.graph_module.named_parameters(remove_duplicate=False))
     local |= dict(tp_model.graph_module.named_buffers(remove_duplicate=False))
     ModuleSource(model).release(names, local)
-    model._register_state_dict_hook(lambda module, state, prefix, meta: dense_state(module, state, prefix))  # oneDNN weights
 
     def routed(*args: Any, **kwargs: Any) -> Any:
         return tp_model(*args, **kwargs)
