@@ -20,13 +20,15 @@ in ``pointwise.py``, ``view.py``, ``matmul.py``, ``attention.py``, ``reduction.p
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Union
 
-import sympy
 import torch
 import torch.fx as fx
 
 from autotp.placement import Placement, Replicate, Shard
+
+if TYPE_CHECKING:  # sympy takes 0.23 s to import, and a run from the graph cache never plans
+    import sympy
 
 __all__ = [
     "finest",

@@ -25,7 +25,6 @@ import operator
 from itertools import accumulate
 from typing import Any, Optional, Union
 
-import sympy
 import torch
 import torch.fx as fx
 
@@ -57,6 +56,8 @@ def _prod(values) -> Any:
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, int) and isinstance(b, int):
         return a == b
+    import sympy  # only for dynamic sizes; symbolic tracing has imported it already
+
     return sympy.expand(sympy.sympify(a) - sympy.sympify(b)) == 0
 
 
