@@ -61,7 +61,7 @@ def main() -> None:
     rank, tp = tp_model.rank, tp_model.tp_size
     if rank == 0:
         print(tp_model.plan.to_table() if args.show_plan else tp_model.plan.summary(), flush=True)
-        print(f"collectives: {tp_model.collective_path}", flush=True)
+        print(f"collectives: {tp_model.collective_path}, linear kernels: {tp_model.kernels}", flush=True)
     diff = (logits - reference).abs().max().item()
     bound = 1e-4 * reference.abs().max().item()
     for turn in range(tp):  # one rank at a time, so lines do not interleave

@@ -10,7 +10,7 @@ import torch
 
 import autotp
 from autotp.errors import AutotpError
-from autotp.kernels import choose_kernels, onednn_matmul
+from autotp.kernels import choose_kernels, onednn_matmul, use_onednn
 from distributed import run_ranks
 from models import assert_close_to, hf_model, token_ids
 
@@ -73,6 +73,24 @@ def test_onednn_matmul_is_the_matmul(rows: int, bias: bool) -> None:
     b = torch.randn(80, generator=generator) if bias else None
     expected = x @ weight + (b if bias else 0)
     assert_close_to(expected, onednn_matmul(x, weight, b))
+
+
+def _linear_graph(weight: torch.Tensor) -> torch.fx.GraphModule:
+    graph = torch.fx.Graph()
+    x, w = graph.placeholder("x"), graph.get_attr("w")
+    graph.output(graph.call_function(torch.ops.aten.linear.default, (x, w)))
+    root = torch.nn.Module()
+    root.register_buffer("w", weight)
+    return torch.fx.GraphModule(root, graph)
+
+
+def test_only_contiguous_fp32_weights_are_retargeted() -> None:
+    generator = torch.Generator().manual_seed(0)
+    wide, x = torch.randn(16, 64, generator=generator), torch.randn(3, 32, generator=generator)
+    for weight, expected in [(wide[:, :32].contiguous(), 1), (wide[:, :32], 0), (wide[:, :32].double(), 0)]:
+        gm = _linear_graph(weight)
+        assert use_onednn(gm) == expected
+        assert_close_to(torch.nn.functional.linear(x.to(weight.dtype), weight), gm(x.to(weight.dtype)))
 
 
 def test_kernels_choice_is_checked(monkeypatch) -> None:
