@@ -40,11 +40,12 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"# {meta['model']} ({meta['params'] / 1e6:.0f}M parameters), tp={meta['tp']}",
         "",
         f"{meta['date']}, {meta['machine']}, torch {meta['torch']}, fp32. Prefill: median of {meta['repeats']} "
-        "forwards after warm-up. *x HF*: this figure / Hugging Face `tp_plan` figure from the same run "
+        f"forwards after warm-up; decode: median of {meta.get('decode_repeats', 1)} generations of 64 tokens. *x HF*: this figure / Hugging Face `tp_plan` figure from the same run "
         "(latency: lower is better; tokens/s: higher is better). *speed-up*: over the unsharded model "
         "(one process, one thread), same run.",
         "",
-        "*ready*: seconds from nothing imported but transformers to a model ready to call; *first run*: the same "
+        f"*ready*: seconds from nothing imported but transformers to a model ready to call (median of "
+        f"{meta.get('ready_launches', 1)} launches); *first run*: the same "
         "for autotp with an empty graph cache (a launch of its own). *GEMM*: what runs the linear layers: "
         "`aten` is PyTorch's default (MKL on CPU); `onednn` is oneDNN with weights in its layout, which "
         "autotp picks when a probe measures it faster (`autotp.kernels`). `autotp_1_process` is autotp at "

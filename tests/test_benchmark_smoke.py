@@ -1,4 +1,4 @@
-"""The benchmark entry point still runs: tiny config, two implementations, one repeat.
+"""The benchmark entry point still runs: tiny config, three implementations, one repeat.
 Figures are not checked (benchmarks are scripts, not timed tests); their presence is."""
 
 from __future__ import annotations
@@ -19,16 +19,18 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_benchmark_entry_point_writes_its_reports(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks.run", "--tp", "2", "--model", "llama-tiny", "--repeats", "1",
-         "--impls", "unsharded", "autotp_gloo", "--out", str(tmp_path)],
+         "--ready-launches", "2", "--impls", "unsharded", "autotp_gloo", "autotp_1_process", "--out", str(tmp_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "llama-tiny-tp2.json").read_text())["results"]
-    assert [r["implementation"] for r in results] == ["unsharded", "autotp_gloo"]
+    assert [r["implementation"] for r in results] == ["unsharded", "autotp_gloo", "autotp_1_process"]
     for row in results:
         assert "error" not in row, row
         assert row["decode_tok_s"] > 0 and row["prefill_b1_s"] > 0
     assert results[1]["collectives"] > 0 and results[1]["decode_speedup"] is not None
     assert results[1]["collective_bytes"] > 0, "bytes moved over gloo come from gloo's own events"
     assert results[1]["ready_first_run_s"] > 0, "autotp's first run (empty graph cache) is measured on its own"
-    assert "| autotp_gloo | gloo |" in (tmp_path / "llama-tiny-tp2.md").read_text()
+    assert all(len(row["ready_launches_s"]) == 2 for row in results)  # ready: the median of launches
+    assert results[2]["collectives"] == 0 and results[2]["kernels"] == results[1]["kernels"]
+    assert f"| autotp_gloo | gloo | {results[1]['kernels']} |" in (tmp_path / "llama-tiny-tp2.md").read_text()
