@@ -9,9 +9,10 @@ in another order (~1e-7 relative). Nothing is converted or copied: the weights s
 loading put them, so memory, ``state_dict`` and the graph cache are unchanged; only the
 graph's calls are retargeted.
 
-``AUTOTP_KERNELS`` chooses: ``auto`` (the default: oneDNN when a probe GEMM measured here is at
-least 1.2x faster with it, on every rank of the group; 5 ms at start-up), ``onednn`` or ``aten``. The choice is
-per group, never per rank: replicated layers must compute bit-identically on every rank.
+``AUTOTP_KERNELS`` chooses: ``auto`` (the default: oneDNN when a probe GEMM, 5 ms at start-up,
+measures it at least 1.2x faster on every rank of the group), ``onednn`` or ``aten``. The
+choice is per group, never per rank: replicated layers must compute bit-identically on every
+rank.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 
 from autotp.errors import AutotpError
 
-__all__ = ["KERNELS", "choose_kernels", "use_onednn", "onednn_speedup"]
+__all__ = ["KERNELS", "choose_kernels", "use_onednn", "kernel_pass", "onednn_speedup"]
 
 KERNELS = ("auto", "onednn", "aten")
 _MIN_SPEEDUP = 1.2  # below it, keep the stock kernel: a win within noise is not worth a change
@@ -107,9 +108,12 @@ def _value(gm: fx.GraphModule, node: object) -> Optional[torch.Tensor]:
     """The tensor a ``get_attr`` node reads, or a node's traced value."""
     if not isinstance(node, fx.Node):
         return None
-    if node.op == "get_attr":
-        value = gm.__dict__.get(node.target, None)
-        value = getattr(gm, str(node.target), None) if value is None else value
+    if node.op == "get_attr":  # a flat attribute after loading, else a dotted path
+        value = gm.__dict__.get(node.target)
+        if value is None:
+            value = gm
+            for part in str(node.target).split("."):
+                value = getattr(value, part, None)
     else:
         value = node.meta.get("val")
     return value if isinstance(value, torch.Tensor) else None
@@ -131,13 +135,19 @@ def _retargetable(gm: fx.GraphModule, node: fx.Node) -> bool:
     return True
 
 
-def use_onednn(gm: fx.GraphModule) -> int:
-    """Retarget ``gm``'s linears (and matmuls by a weight) to oneDNN; returns how many."""
+def use_onednn(gm: fx.GraphModule, recompile: bool = True) -> int:
+    """Retarget ``gm``'s linears (and matmuls by a weight) to oneDNN; returns how many.
+    ``recompile=False`` leaves generating the code to the caller (12 ms for a 600-node graph)."""
     count = 0
     for node in gm.graph.nodes:
         if _retargetable(gm, node):
             node.target, node.args = _RETARGET[node.target][1](node.args)
             count += 1
-    if count:
+    if count and recompile:
         gm.recompile()
     return count
+
+
+def kernel_pass(kernels: str) -> Optional[Callable[[fx.GraphModule], int]]:
+    """The pass that puts a loaded graph on ``kernels`` (for :func:`autotp.loading.load_into`)."""
+    return (lambda gm: use_onednn(gm, recompile=False)) if kernels == "onednn" else None

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Iterable, Optional, Protocol
+from typing import Any, Callable, Iterable, Optional, Protocol
 
 import torch
 import torch.fx as fx
@@ -279,8 +279,10 @@ def _graph_tensor_names(gm: fx.GraphModule) -> list[str]:
     return [str(n.target) for n in gm.graph.nodes if n.op == "get_attr" and isinstance(n.meta.get("val"), torch.Tensor)]
 
 
-def load_into(gm: fx.GraphModule, plan: Plan, rank: int, source: TensorSource) -> fx.GraphModule:
-    """Fill every tensor ``gm`` reads with this rank's data from ``source``.
+def load_into(gm: fx.GraphModule, plan: Plan, rank: int, source: TensorSource,
+              then: Optional[Callable[[fx.GraphModule], object]] = None) -> fx.GraphModule:
+    """Fill every tensor ``gm`` reads with this rank's data from ``source``. ``then``: a pass
+    over the loaded graph (kernel selection), run before the graph's code is generated once.
 
     Raises:
         LoadError: a tensor is missing from the source or its shape is not the planned one.
@@ -306,6 +308,8 @@ def load_into(gm: fx.GraphModule, plan: Plan, rank: int, source: TensorSource) -
             value = value.to(dtype)  # checkpoints in another precision load in the model's
         _set_tensor(gm, name, value)
     getattr(source, "close", lambda: None)()
+    if then is not None:
+        then(gm)
     _flatten_tensor_reads(gm)
     return gm
 

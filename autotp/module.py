@@ -26,7 +26,7 @@ from autotp.errors import AutotpError
 from autotp.generation import CacheIO, cache_argument, cached_inputs, example_like, is_cache, phase_of, read_cache, write_cache
 from autotp.group import TPContext, check_same_plan, share_rng
 from autotp.health import PeerFailure, mark_failed
-from autotp.kernels import use_onednn
+from autotp.kernels import kernel_pass
 from autotp.loading import load_into
 from autotp.placement import Placement, Replicate, parse_placement
 from autotp.plan import Plan
@@ -147,9 +147,7 @@ class TensorParallelModule(nn.Module):
                 slot.put(gm, plan, captured.guards, extra)
         if slot is not None:
             self.graph_cache[key] = slot.status
-        load_into(gm, plan, self.rank, _LocalSource(self.graph_module, prefix))
-        if self._ctx.kernels == "onednn":
-            use_onednn(gm)
+        load_into(gm, plan, self.rank, _LocalSource(self.graph_module, prefix), then=kernel_pass(self._ctx.kernels))
         self._graphs[key] = gm
         return gm
 

@@ -21,7 +21,7 @@ from autotp import hf
 from autotp.capture import capture, forward_signature, model_device, normalise_example_inputs, structure_key
 from autotp.errors import AutotpError
 from autotp.group import TPContext, agree, check_same_plan, init_tp
-from autotp.kernels import use_onednn
+from autotp.kernels import kernel_pass
 from autotp.loading import (
     CheckpointSource,
     FirstOf,
@@ -93,10 +93,8 @@ def _build(
         slot.put(gm, plan, captured.guards)
     else:
         gm = hit.graph_module
-    agree(ctx, lambda: load_into(gm, plan, ctx.rank, source))
+    agree(ctx, lambda: load_into(gm, plan, ctx.rank, source, then=kernel_pass(ctx.kernels)))
     clock.lap("load")
-    if ctx.kernels == "onednn":
-        use_onednn(gm)
     tp_model = TensorParallelModule(gm, plan, ctx, model, structure_key(inputs), cache=cache)
     tp_model.timings = clock.laps
     tp_model.cache_status = slot.status
