@@ -2,7 +2,8 @@
 
 The plan comes from the model's graph: capture (torch.export) -> propagate placements ->
 plan regions of column/row-parallel matmuls -> rewrite the graph for one rank -> load that
-rank's weights. Start with :func:`parallelize` (under torchrun) or :func:`plan`.
+rank's weights -> pick the CPU GEMM its linears run on. Start with :func:`parallelize` (under
+torchrun) or :func:`plan`.
 """
 
 from __future__ import annotations

@@ -309,7 +309,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if tp_model.rank == 0:
         print(tokenizer.decode(new, skip_special_tokens=True) if tokenizer else ",".join(map(str, new)))
         print(f"{len(new)} new tokens in {seconds:.2f} s: {len(new) / seconds:.1f} tokens/s at tp={tp_model.tp_size}"
-              + ("" if args.no_warmup else f" (warm-up: {warm:.1f} s; graphs: {_cache_summary(tp_model)})"),
+              f" ({tp_model.collective_path}, {tp_model.kernels} linears"
+              + (")" if args.no_warmup else f"; warm-up: {warm:.1f} s; graphs: {_cache_summary(tp_model)})"),
               file=sys.stderr)
     return 0
 

@@ -67,11 +67,12 @@ def init_tp(tp_size: Optional[int] = None, device: Optional[torch.device] = None
         ctx = TPContext(dist.get_rank(group), tp, group, device)
     register()
     fast, name = select_all_reduce(ctx.group, tp, device)
-    if len(set(_from_every_rank(ctx, name))) != 1:  # one path for all, or they would wait on each other forever
+    kernels = choose_kernels(device)
+    names, choices = zip(*_from_every_rank(ctx, (name, kernels)))
+    if len(set(names)) != 1:  # one path for all, or they would wait on each other forever
         fast, name = None, "process group"
     ctx.comm = Communicator(ctx.group, tp, fast, name)
-    kernels = set(_from_every_rank(ctx, choose_kernels(device)))
-    ctx.kernels = kernels.pop() if len(kernels) == 1 else "aten"  # replicated layers must agree bit for bit
+    ctx.kernels = kernels if len(set(choices)) == 1 else "aten"  # replicated layers must agree bit for bit
     return ctx
 
 

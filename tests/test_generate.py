@@ -105,3 +105,4 @@ def test_torchrun_generate_prints_the_unsharded_models_text(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip() == expected
     assert "8 new tokens in" in done.stderr and "tokens/s at tp=2" in done.stderr
+    assert " linears" in done.stderr  # and what ran them: the collective path and the kernels
