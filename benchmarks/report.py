@@ -47,7 +47,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"*ready*: seconds from nothing imported but transformers to a model ready to call (median of "
         f"{meta.get('ready_launches', 1)} launches); *first run*: the same "
         "for autotp with an empty graph cache (a launch of its own). *GEMM*: what runs the linear layers: "
-        "`aten` is PyTorch's default (MKL on CPU); `onednn` is oneDNN with weights in its layout, which "
+        "`aten` is PyTorch's default (MKL on CPU); `onednn` is oneDNN's GEMM on the same dense weights, which "
         "autotp picks when a probe measures it faster (`autotp.kernels`). `autotp_1_process` is autotp at "
         "tp 1: its speed-up is the kernels' alone.",
         "",
