@@ -532,9 +532,12 @@ def decode_graph(graph: Mapping[str, Any], constants: Mapping[str, torch.Tensor]
         if node.op == "get_attr":
             owner, attr = _owner(gm, str(node.target))
             node.meta["val"] = getattr(owner, attr)
-    for spec in graph["tensors"]:
-        if not spec.get("persistent", True):  # GraphModule copies every buffer as persistent
-            owner, attr = _owner(gm, spec["name"])
+    for spec in graph["tensors"]:  # GraphModule copies every tensor it reads as a persistent buffer
+        owner, attr = _owner(gm, spec["name"])
+        if spec["kind"] == "attribute":  # a constant export lifted: an attribute, as in a fresh capture
+            value = owner._buffers.pop(attr)
+            setattr(owner, attr, value)
+        elif spec["kind"] == "buffer" and not spec.get("persistent", True):
             owner._non_persistent_buffers_set.add(attr)
     return gm
 

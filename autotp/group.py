@@ -67,8 +67,14 @@ def init_tp(tp_size: Optional[int] = None, device: Optional[torch.device] = None
         ctx = TPContext(dist.get_rank(group), tp, group, device)
     register()
     fast, name = select_all_reduce(ctx.group, tp, device)
-    kernels = choose_kernels(device)
-    names, choices = zip(*_from_every_rank(ctx, (name, kernels)))
+    try:
+        kernels, error = choose_kernels(device), None
+    except AutotpError as exc:  # told to every rank below: the others would wait in the gather
+        kernels, error = "aten", str(exc)
+    names, choices, errors = zip(*_from_every_rank(ctx, (name, kernels, error)))
+    failed = [(r, e) for r, e in enumerate(errors) if e]
+    if failed:
+        raise AutotpError("; ".join(f"rank {r}: {e}" for r, e in failed) if ctx.distributed else failed[0][1])
     if len(set(names)) != 1:  # one path for all, or they would wait on each other forever
         fast, name = None, "process group"
     ctx.comm = Communicator(ctx.group, tp, fast, name)

@@ -35,12 +35,23 @@ _aten = torch.ops.aten
 
 
 def _onednn_available(device: torch.device) -> bool:
-    return (device.type == "cpu" and torch.backends.mkldnn.is_available()
+    return (device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
+def _stock_only(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
+    """A call the oneDNN op would get wrong: it knows neither autocast nor autograd, and reads
+    fp32 only."""
+    return (x.dtype != torch.float32 or torch.is_autocast_enabled("cpu")
+            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                              or (bias is not None and bias.requires_grad))))
+
+
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` on oneDNN."""
+    """``F.linear(x, weight, bias)`` on oneDNN (on PyTorch's own kernel under autocast or
+    autograd, or for another dtype)."""
+    if _stock_only(x, weight, bias):
+        return F.linear(x, weight, bias)
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
@@ -48,7 +59,7 @@ def onednn_matmul(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     """``x @ weight (+ bias)`` for a 2-D ``x`` and a weight stored [in, out] (GPT-2's Conv1D).
     One row stays on MKL: oneDNN reads that layout slower there (0.15 vs 0.10 ms for
     768 x 3072), and 2x faster from two rows on."""
-    if x.shape[0] == 1:
+    if x.shape[0] == 1 or _stock_only(x, weight, bias):
         return torch.mm(x, weight) if bias is None else torch.addmm(bias, x, weight)
     return torch.ops.mkldnn._linear_pointwise(x, weight.t(), bias, "none", [], "")
 
@@ -76,31 +87,36 @@ def onednn_speedup() -> float:
 
 
 def choose_kernels(device: torch.device) -> str:
-    """This rank's choice, ``onednn`` or ``aten``, from ``AUTOTP_KERNELS`` (and a probe)."""
+    """This rank's choice, ``onednn`` or ``aten``, from ``AUTOTP_KERNELS`` (and a probe).
+
+    Raises:
+        AutotpError: ``AUTOTP_KERNELS`` is not a known value, or asks for oneDNN where it
+            cannot run.
+    """
     choice = os.environ.get("AUTOTP_KERNELS", "auto")
     if choice not in KERNELS:
         raise AutotpError(f"AUTOTP_KERNELS={choice!r}: expected one of {', '.join(KERNELS)}")
     if choice == "aten" or not _onednn_available(device):
         if choice == "onednn":
-            raise AutotpError(f"AUTOTP_KERNELS=onednn needs a CPU device and torch built with oneDNN (got {device})")
+            raise AutotpError(f"AUTOTP_KERNELS=onednn needs a CPU device and torch built with oneDNN, "
+                              f"enabled (got {device})")
         return "aten"
     if choice == "onednn":
         return "onednn"
-    return "onednn" if onednn_speedup() >= _MIN_SPEEDUP else "aten"
+    try:
+        return "onednn" if onednn_speedup() >= _MIN_SPEEDUP else "aten"
+    except RuntimeError:  # oneDNN could not run the probe here: keep PyTorch's kernel
+        return "aten"
 
 
 # ---- the graph rewrite ---------------------------------------------------------------------
-def _linear_call(args: tuple) -> tuple[Callable, tuple]:
-    bias = args[2] if len(args) > 2 else None
-    return torch.ops.mkldnn._linear_pointwise.default, (args[0], args[1], bias, "none", [], "")
-
-
-# op -> (position of its weight, its replacement call and arguments). A linear's weight is
-# [out, in]; a matmul's right operand is [in, out].
-_RETARGET: dict[object, tuple[int, Callable[[tuple], tuple[Callable, tuple]]]] = {
-    _aten.linear.default: (1, _linear_call),
-    _aten.addmm.default: (2, lambda a: (onednn_matmul, (a[1], a[2], a[0]))),
-    _aten.mm.default: (1, lambda a: (onednn_matmul, (a[0], a[1]))),
+# op -> (position of its weight, position of its bias or None, whether the weight is stored
+# [in, out] (a matmul's right operand) rather than [out, in] (a linear's), the replacement
+# call and its (input, weight, bias) arguments)
+_RETARGET: dict[object, tuple[int, Optional[int], bool, Callable, Callable[[tuple], tuple]]] = {
+    _aten.linear.default: (1, 2, False, onednn_linear, lambda a: (a[0], a[1], a[2] if len(a) > 2 else None)),
+    _aten.addmm.default: (2, 0, True, onednn_matmul, lambda a: (a[1], a[2], a[0])),
+    _aten.mm.default: (1, None, True, onednn_matmul, lambda a: (a[0], a[1])),
 }
 
 
@@ -119,20 +135,33 @@ def _value(gm: fx.GraphModule, node: object) -> Optional[torch.Tensor]:
     return value if isinstance(value, torch.Tensor) else None
 
 
+def _loaded_matrix(t: Optional[torch.Tensor]) -> bool:
+    # (oneDNN reads a weight with padded rows 2500x slower: 21 s for 17 ms of work)
+    return (t is not None and not isinstance(t, torch._subclasses.FakeTensor) and t.dtype == torch.float32
+            and t.dim() == 2 and t.device.type == "cpu" and t.is_contiguous() and t.numel() > 0)
+
+
 def _retargetable(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """A call whose weight is a loaded fp32 CPU matrix and whose other operands fit oneDNN."""
+    """A call whose weight is a loaded, contiguous fp32 CPU matrix and whose bias, if any, is
+    a loaded vector of the output's width: the oneDNN op reads a bias as exactly that, with no
+    strides and no broadcasting."""
     rule = _RETARGET.get(node.target) if node.op == "call_function" else None
     if rule is None or node.kwargs or len(node.args) <= rule[0]:
         return False
-    weight_node = node.args[rule[0]]
+    weight_at, bias_at, transposed = rule[:3]
+    if node.target == _aten.addmm.default and len(node.args) > 3:
+        return False  # beta / alpha
+    weight_node = node.args[weight_at]
     weight = _value(gm, weight_node) if getattr(weight_node, "op", None) == "get_attr" else None
-    if (weight is None or isinstance(weight, torch._subclasses.FakeTensor) or weight.dtype != torch.float32
-            or weight.dim() != 2 or weight.device.type != "cpu" or not weight.is_contiguous()):
-        return False  # (oneDNN reads a weight with padded rows 2500x slower: 21 s for 17 ms of work)
-    if node.target == _aten.addmm.default:
-        bias = _value(gm, node.args[0])
-        return len(node.args) == 3 and bias is not None and bias.dim() == 1  # no beta/alpha; one bias row
-    return True
+    if not _loaded_matrix(weight):
+        return False
+    bias_node = node.args[bias_at] if bias_at is not None and len(node.args) > bias_at else None
+    if bias_node is None:
+        return True
+    bias = _value(gm, bias_node) if getattr(bias_node, "op", None) == "get_attr" else None
+    width = weight.shape[1] if transposed else weight.shape[0]
+    return (bias is not None and bias.dtype == torch.float32 and bias.device.type == "cpu"
+            and list(bias.shape) == [width] and bias.is_contiguous())
 
 
 def use_onednn(gm: fx.GraphModule, recompile: bool = True) -> int:
@@ -141,7 +170,8 @@ def use_onednn(gm: fx.GraphModule, recompile: bool = True) -> int:
     count = 0
     for node in gm.graph.nodes:
         if _retargetable(gm, node):
-            node.target, node.args = _RETARGET[node.target][1](node.args)
+            call, operands = _RETARGET[node.target][3:]
+            node.target, node.args = call, operands(node.args)
             count += 1
     if count and recompile:
         gm.recompile()

@@ -231,7 +231,7 @@ def main() -> None:
             if "error" not in rows[-1] and args.ready_launches > 1:  # time to ready moves by ~0.1 s a launch
                 again = [_launch(name, args.tp, checkpoint, Path(tmp) / f"{name}-ready{i}", 1, ready_only=True, env=env)
                          for i in range(args.ready_launches - 1)]
-                rows[-1]["ready_launches_s"] = [rows[-1]["ready_s"]] + [r[0].get("ready_s") for r in again]
+                rows[-1]["ready_launches_s"] = [rows[-1]["ready_s"]] + [r[0]["ready_s"] for r in again if "ready_s" in r[0]]
                 rows[-1]["ready_s"] = statistics.median(rows[-1]["ready_launches_s"])
             status = rows[-1].get("error", "ok")
             print(f"{name}: {status} ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)

@@ -225,3 +225,29 @@ def test_cache_dir_setting(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
     monkeypatch.delenv("AUTOTP_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert graph_cache.cache_dir() == tmp_path / "autotp"
+
+
+class _WithConstants(torch.nn.Module):
+    """A non-persistent buffer, and a constant made in forward (export lifts it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(16, 32)
+        self.register_buffer("scale", torch.full((32,), 2.0), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x) * self.scale + torch.tensor([1.0, 2.0]).repeat(16)
+
+
+def test_a_decoded_graph_keeps_what_is_state_and_what_is_not() -> None:
+    from autotp.capture import capture
+    from autotp.collectives import Communicator
+    from autotp.planner import plan_graph
+    from autotp.rewrite import rewrite
+
+    captured = capture(_WithConstants(), (torch.randn(4, 16),))
+    plan = plan_graph(captured.graph, 1, model="m", inputs=captured.input_names)
+    gm = rewrite(captured.graph_module, plan, 0, comm=Communicator())
+    graph, constants = graph_cache.encode_graph(gm, captured.guards)
+    decoded = graph_cache.decode_graph(graph, constants, Communicator())
+    assert sorted(decoded.state_dict()) == sorted(gm.state_dict()) == ["proj.bias", "proj.weight"]
