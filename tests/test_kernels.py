@@ -44,6 +44,7 @@ def kernels_worker(rank: int, world: int, kernels: str, names: list[str]) -> dic
     return out
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("world", [1, 2], ids=["tp1", "tp2"])
 def test_onednn_linears_match_unsharded(world: int) -> None:
     names = ["llama", "gpt2"]
@@ -148,6 +149,7 @@ def choice_worker(rank: int, world: int) -> str:
     return "no error"
 
 
+@pytest.mark.distributed
 def test_a_bad_choice_on_one_rank_fails_every_rank() -> None:
     # not a hang: the rank that raised tells the others in the same gather
     for message in run_ranks(choice_worker, 2, timeout=120):
