@@ -52,6 +52,10 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     autograd, or for another dtype)."""
     if _stock_only(x, weight, bias):
         return F.linear(x, weight, bias)
+    return _onednn(x, weight, bias)
+
+
+def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
@@ -61,7 +65,7 @@ def onednn_matmul(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     768 x 3072), and 2x faster from two rows on."""
     if x.shape[0] == 1 or _stock_only(x, weight, bias):
         return torch.mm(x, weight) if bias is None else torch.addmm(bias, x, weight)
-    return torch.ops.mkldnn._linear_pointwise(x, weight.t(), bias, "none", [], "")
+    return _onednn(x, weight.t(), bias)
 
 
 def _best_ms(fn: Callable[[], object], repeats: int = 3) -> float:
@@ -80,10 +84,10 @@ def onednn_speedup() -> float:
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(32, 1024, generator=generator)
     weight = torch.randn(1024, 1024, generator=generator)
-    reference, ours = F.linear(x, weight), onednn_linear(x, weight)
+    reference, ours = F.linear(x, weight), _onednn(x, weight)
     if not torch.allclose(reference, ours, rtol=1e-4, atol=1e-4 * float(reference.abs().max())):
         return 0.0
-    return _best_ms(lambda: F.linear(x, weight)) / _best_ms(lambda: onednn_linear(x, weight))
+    return _best_ms(lambda: F.linear(x, weight)) / _best_ms(lambda: _onednn(x, weight))
 
 
 def choose_kernels(device: torch.device) -> str:
