@@ -10,7 +10,7 @@ import datetime
 import hashlib
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -72,9 +72,7 @@ def init_tp(tp_size: Optional[int] = None, device: Optional[torch.device] = None
     except AutotpError as exc:  # told to every rank below: the others would wait in the gather
         kernels, error = "aten", str(exc)
     names, choices, errors = zip(*_from_every_rank(ctx, (name, kernels, error)))
-    failed = [(r, e) for r, e in enumerate(errors) if e]
-    if failed:
-        raise AutotpError("; ".join(f"rank {r}: {e}" for r, e in failed) if ctx.distributed else failed[0][1])
+    _raise_failures(ctx, errors)
     if len(set(names)) != 1:  # one path for all, or they would wait on each other forever
         fast, name = None, "process group"
     ctx.comm = Communicator(ctx.group, tp, fast, name)
@@ -99,10 +97,15 @@ def agree(ctx: TPContext, fn: Callable[[], Any]) -> Any:
         value = fn()
     except AutotpError as exc:
         error = str(exc)
-    failed = [(r, e) for r, e in enumerate(_from_every_rank(ctx, error)) if e]
+    _raise_failures(ctx, _from_every_rank(ctx, error))
+    return value
+
+
+def _raise_failures(ctx: TPContext, errors: Sequence[Optional[str]]) -> None:
+    """Raise on every rank, naming each rank whose entry in ``errors`` (rank order) is set."""
+    failed = [(r, e) for r, e in enumerate(errors) if e]
     if failed:
         raise AutotpError("; ".join(f"rank {r}: {e}" for r, e in failed) if ctx.distributed else failed[0][1])
-    return value
 
 
 def check_same_plan(plan: Plan, ctx: TPContext) -> None:
