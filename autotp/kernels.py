@@ -26,6 +26,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from autotp.errors import AutotpError
+from autotp.loading import _get_attr
 
 __all__ = ["KERNELS", "choose_kernels", "use_onednn", "kernel_pass", "onednn_speedup"]
 
@@ -128,12 +129,8 @@ def _value(gm: fx.GraphModule, node: object) -> Optional[torch.Tensor]:
     """The tensor a ``get_attr`` node reads, or a node's traced value."""
     if not isinstance(node, fx.Node):
         return None
-    if node.op == "get_attr":  # a flat attribute after loading, else a dotted path
-        value = gm.__dict__.get(node.target)
-        if value is None:
-            value = gm
-            for part in str(node.target).split("."):
-                value = getattr(value, part, None)
+    if node.op == "get_attr":  # (the pass runs before loading flattens the reads)
+        value = _get_attr(gm, str(node.target))
     else:
         value = node.meta.get("val")
     return value if isinstance(value, torch.Tensor) else None
