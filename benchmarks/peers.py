@@ -139,12 +139,6 @@ def autotp_gloo(checkpoint: str) -> Any:
     return _autotp(checkpoint, "gloo")
 
 
-def autotp_1_process(checkpoint: str) -> Any:
-    """autotp at tp 1: the unsharded model with autotp's graph and GEMM choice, so that its
-    speed-up over ``unsharded`` is the kernels' and autotp tp N / this is tensor parallelism's."""
-    return _autotp(checkpoint, "gloo")
-
-
 IMPLEMENTATIONS: dict[str, tuple[Callable[[str], Any], bool, str]] = {
     # name: (builder, distributed, collective path)
     "unsharded": (unsharded, False, "-"),
@@ -154,7 +148,9 @@ IMPLEMENTATIONS: dict[str, tuple[Callable[[str], Any], bool, str]] = {
     "dtensor_megatron": (dtensor_megatron, True, "gloo"),
     "autotp_shm": (autotp_shm, True, "shared memory"),
     "autotp_gloo": (autotp_gloo, True, "gloo"),
-    "autotp_1_process": (autotp_1_process, False, "-"),
+    # autotp at tp 1, in one process: the unsharded model with autotp's graph and GEMM choice,
+    # so that its speed-up over unsharded is the kernels' and autotp tp N / it is tensor parallelism's
+    "autotp_1_process": (autotp_gloo, False, "-"),
 }
 
 # implementations that keep something between runs (autotp's graph cache): the runner measures

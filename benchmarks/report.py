@@ -40,7 +40,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"# {meta['model']} ({meta['params'] / 1e6:.0f}M parameters), tp={meta['tp']}",
         "",
         f"{meta['date']}, {meta['machine']}, torch {meta['torch']}, fp32. Prefill: median of {meta['repeats']} "
-        f"forwards after warm-up; decode: median of {meta.get('decode_repeats', 1)} generations of 64 tokens. *x HF*: this figure / Hugging Face `tp_plan` figure from the same run "
+        f"forwards after warm-up; decode: median of {meta.get('decode_repeats', 1)} generations of 64 tokens. "
+        "*x HF*: this figure / Hugging Face `tp_plan` figure from the same run "
         "(latency: lower is better; tokens/s: higher is better). *speed-up*: over the unsharded model "
         "(one process, one thread), same run.",
         "",
