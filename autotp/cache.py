@@ -171,10 +171,22 @@ def _class_id(cls: type, seen: Optional[dict[Any, Any]] = None) -> list[str]:
     module function replaced after import (as kernel-patching libraries do) changes the key."""
     seen = {} if seen is None else seen
     if ("class", cls) not in seen:  # a digest: a hundred modules of the same class repeat it
-        described = [[_code_id(base), _namespace_id(vars(base)), _globals_id(base.__module__, seen)]
-                     for base in cls.__mro__ if base is not object]
-        seen[("class", cls)] = [cls.__qualname__, hashlib.sha256(json.dumps(described).encode()).hexdigest()]
+        described = [_base_id(base, seen) for base in cls.__mro__ if base is not object]
+        seen[("class", cls)] = [cls.__qualname__, _digest(described)]
     return seen[("class", cls)]
+
+
+def _base_id(base: type, seen: dict[Any, Any]) -> str:
+    """The digest of one class of an MRO (shared by every class deriving from it)."""
+    if ("base", base) not in seen:
+        seen[("base", base)] = _digest([_code_id(base), _namespace_id(vars(base)), _globals_id(base.__module__, seen)])
+    return seen[("base", base)]
+
+
+def _digest(described: Any) -> str:
+    """A description's sha256. Descriptions shared between classes (a base class, a module's
+    globals) enter the key as digests: described in full they made 2.6 MB of JSON per key."""
+    return hashlib.sha256(json.dumps(described).encode()).hexdigest()
 
 
 def _functions(value: Any) -> list[Any]:
@@ -190,11 +202,11 @@ def _namespace_id(namespace: Mapping[str, Any]) -> list[Any]:
     return [[k, [_code_id(f) for f in _functions(v)]] for k, v in sorted(namespace.items()) if _functions(v)]
 
 
-def _globals_id(module_name: str, seen: dict[Any, Any], hops: int = 1) -> Any:
-    """The functions and classes a module's globals name (what its code calls by name), the
-    functions in registries it names (transformers' ``ALL_ATTENTION_FUNCTIONS``, where
-    ``config._attn_implementation`` is looked up), and, ``hops`` modules deep, the same for the
-    modules those functions come from (a helper patched in ``masking_utils``)."""
+def _globals_id(module_name: str, seen: dict[Any, Any], hops: int = 1) -> str:
+    """The digest of the functions and classes a module's globals name (what its code calls by
+    name), the functions in registries it names (transformers' ``ALL_ATTENTION_FUNCTIONS``,
+    where ``config._attn_implementation`` is looked up), and, ``hops`` modules deep, the same for
+    the modules those functions come from (a helper patched in ``masking_utils``)."""
     key = ("globals", module_name)
     if key in seen:
         return seen[key]
@@ -215,8 +227,8 @@ def _globals_id(module_name: str, seen: dict[Any, Any], hops: int = 1) -> Any:
         package = module_name.split(".")[0]
         for name in sorted(n for n in reached if n and n != module_name and n.split(".")[0] == package):
             out.append([name, _globals_id(name, seen, hops - 1)])
-    seen[key] = out
-    return out
+    seen[key] = _digest(out)
+    return seen[key]
 
 
 def _is_registry(value: Any) -> bool:
