@@ -507,10 +507,14 @@ def encode_graph(gm: fx.GraphModule, guards: Optional[tuple[list[str], list[tupl
 
 def decode_graph(graph: Mapping[str, Any], constants: Mapping[str, torch.Tensor], comm: Communicator) -> fx.GraphModule:
     """The graph module :func:`encode_graph` described: fake parameters and buffers (loading
-    fills them), real constants, the collectives bound to ``comm``."""
-    root, mode = nn.Module(), FakeTensorMode()
+    fills them), real constants, the collectives bound to ``comm``.
+
+    Its code is not generated yet: :func:`autotp.loading.load_into` generates it once, after
+    the weights are in and the kernels are chosen (generating it here too cost 11 ms of a
+    cache hit's ~50 for Llama's 628 nodes)."""
+    gm, mode = fx.GraphModule(nn.Module(), fx.Graph()), FakeTensorMode()
     for spec in graph["tensors"]:
-        owner, attr = _owner(root, spec["name"], create=True)
+        owner, attr = _owner(gm, spec["name"], create=True)
         dtype = _torch_constant(spec["dtype"])
         if spec["fake"]:
             meta = torch.empty(spec["shape"], dtype=dtype, device="meta")
@@ -520,14 +524,14 @@ def decode_graph(graph: Mapping[str, Any], constants: Mapping[str, torch.Tensor]
         if spec["kind"] == "parameter":
             owner.register_parameter(attr, nn.Parameter(value, requires_grad=False))
         elif spec["kind"] == "buffer":
-            owner.register_buffer(attr, value)
-        else:
+            owner.register_buffer(attr, value, persistent=spec.get("persistent", True))
+        else:  # a constant export lifted: an attribute, as in a fresh capture
             setattr(owner, attr, value)
     for name, make in _OUR_MODULES.items():
-        root.add_module(name, make(comm))
+        gm.add_module(name, make(comm))
     if graph["guards"] is not None:
-        root.add_module(_GUARDS, _guards_module(graph["guards"]))
-    fx_graph, by_name = fx.Graph(), {}
+        gm.add_module(_GUARDS, _guards_module(graph["guards"]))
+    fx_graph, by_name = fx.Graph(owning_module=gm), {}
     for op, name, target, args, kwargs in graph["nodes"]:
         node = fx_graph.create_node(op, _decode_target(target), _decode(args, by_name), _decode(kwargs, by_name),
                                     name=name)
@@ -539,18 +543,11 @@ def decode_graph(graph: Mapping[str, Any], constants: Mapping[str, torch.Tensor]
         out_spec = pytree.treespec_loads(info["out_spec"]) if info["out_spec"] is not None else None
         fx_graph._codegen = fx.graph._PyTreeCodeGen(
             fx.graph._PyTreeInfo(info["orig_args"], pytree.treespec_loads(info["in_spec"]), out_spec))
-    gm = fx.GraphModule(root, fx_graph)
+    gm._graph = fx_graph  # the ``graph`` setter would generate the code (see above)
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             owner, attr = _owner(gm, str(node.target))
             node.meta["val"] = getattr(owner, attr)
-    for spec in graph["tensors"]:  # GraphModule copies every tensor it reads as a persistent buffer
-        owner, attr = _owner(gm, spec["name"])
-        if spec["kind"] == "attribute":  # a constant export lifted: an attribute, as in a fresh capture
-            value = owner._buffers.pop(attr)
-            setattr(owner, attr, value)
-        elif spec["kind"] == "buffer" and not spec.get("persistent", True):
-            owner._non_persistent_buffers_set.add(attr)
     return gm
 
 
@@ -558,7 +555,8 @@ def decode_graph(graph: Mapping[str, Any], constants: Mapping[str, torch.Tensor]
 
 @dataclass
 class CachedGraph:
-    """One rank's rewritten graph module (not yet loaded) and its plan."""
+    """One rank's rewritten graph module (not yet loaded, its code not yet generated: see
+    :func:`decode_graph`) and its plan."""
 
     graph_module: fx.GraphModule
     plan: Plan
