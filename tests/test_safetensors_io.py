@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from autotp.placement import Shard, local_chunk, rank_ranges
-from autotp.safetensors_io import SafetensorsFormatError, SafetensorsReader, SafetensorsWriter
+from autotp.safetensors_io import SafetensorsFormatError, SafetensorsReader, SafetensorsWriter, empty_huge
 
 TENSORS = {
     "w": torch.randn(6, 12),
@@ -70,6 +70,21 @@ def test_mapped_reads_are_views_of_the_file_only_when_contiguous(saved):
     reader.close()
     rows.add_(1)  # private mapping: the tensor stays valid after close, and writes never reach the file
     assert torch.equal(SafetensorsReader(saved).read("w"), TENSORS["w"])
+
+
+def test_a_copy_of_2_mib_or_more_is_its_own_exact_storage(tmp_path):
+    """Copied slices from 2 MiB up live in their own huge-page-advised map (empty_huge): the
+    values, the layout and the storage size are those of a plain tensor."""
+    full = torch.randn(1024, 1536)
+    save_file({"big": full}, str(tmp_path / "big.safetensors"))
+    reader = SafetensorsReader(tmp_path / "big.safetensors")
+    for rank in range(3):  # 2 MiB column slices, read with coalesced preadv into the map
+        columns = reader.read("big", 1, rank_ranges(Shard(1), 1536, rank, 3))
+        assert torch.equal(columns, local_chunk(full, Shard(1), rank, 3))
+        assert columns.is_contiguous() and columns.untyped_storage().nbytes() == 1024 * 512 * 4
+        columns.add_(1)  # writable, and private to this tensor
+    assert torch.equal(reader.read("big"), full)
+    assert empty_huge([3, 5], torch.bfloat16).shape == (3, 5)  # below 2 MiB: plain torch.empty
 
 
 def test_writer_output_loads_with_safetensors(tmp_path):
