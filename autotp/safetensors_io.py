@@ -183,10 +183,10 @@ def empty_huge(shape: list[int], dtype: torch.dtype) -> torch.Tensor:
     Why: filling fresh memory costs a page fault per 4 KiB page, ~1.4 us each here. Reading
     Llama 191M's 80 MiB of column slices per rank (tp 2) took 52 ms into plain memory and
     25-28 ms into huge pages; a 350 MiB copy, 130 vs 30 ms. When the kernel has to compact
-    memory to find huge pages, the first such read can take longer (225 ms once here, on a
-    machine whose free memory was fragmented). The map rounds the size up to 2 MiB, which
-    recent kernels align to 2 MiB; the tensor covers only its own bytes and keeps the map
-    alive."""
+    memory to find huge pages, such a read takes longer (225 and 256 ms, twice here, each the
+    first load after other runs had used much memory). The map rounds the size up to 2 MiB,
+    which recent kernels align to 2 MiB; the tensor covers only its own bytes and keeps the
+    map alive."""
     numel = math.prod(shape)
     nbytes = numel * _itemsize(dtype)
     if nbytes < _HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
