@@ -66,6 +66,11 @@ def params_on_meta() -> Iterator[None]:
     Parameters are moved to ``meta`` as they are registered, so their initialisation costs
     nothing; buffers computed in ``__init__`` (rotary frequencies) keep their values, which
     checkpoints do not hold.
+
+    Each parameter is also marked as transformers marks the ones it loaded
+    (``_is_hf_initialized``), so that its weight initialisation skips them: ``normal_`` on a
+    meta tensor runs PyTorch's Python reference implementation, 15 of the 20 ms Llama 191M's
+    ``from_config`` took. Buffers are still initialised.
     """
     register = nn.Module.register_parameter
 
@@ -73,6 +78,8 @@ def params_on_meta() -> Iterator[None]:
         register(module, name, param)
         if param is not None and param.device.type != "meta":
             module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        if module._parameters.get(name) is not None:
+            module._parameters[name]._is_hf_initialized = True  # type: ignore[union-attr]
 
     nn.Module.register_parameter = register_on_meta  # type: ignore[method-assign]
     try:
