@@ -126,14 +126,12 @@ _RETARGET: dict[object, tuple[int, Optional[int], bool, Callable, Callable[[tupl
 }
 
 
-def _value(gm: fx.GraphModule, node: object) -> Optional[torch.Tensor]:
-    """The tensor a ``get_attr`` node reads, or a node's traced value."""
-    if not isinstance(node, fx.Node):
+def _attr_tensor(gm: fx.GraphModule, node: object) -> Optional[torch.Tensor]:
+    """The tensor a ``get_attr`` node reads; None for any other argument (an activation, a
+    constant)."""
+    if not (isinstance(node, fx.Node) and node.op == "get_attr"):
         return None
-    if node.op == "get_attr":  # (the pass runs before loading flattens the reads)
-        value = _get_attr(gm, str(node.target))
-    else:
-        value = node.meta.get("val")
+    value = _get_attr(gm, str(node.target))
     return value if isinstance(value, torch.Tensor) else None
 
 
@@ -153,14 +151,13 @@ def _retargetable(gm: fx.GraphModule, node: fx.Node) -> bool:
     weight_at, bias_at, transposed = rule[:3]
     if node.target == _aten.addmm.default and len(node.args) > 3:
         return False  # beta / alpha
-    weight_node = node.args[weight_at]
-    weight = _value(gm, weight_node) if getattr(weight_node, "op", None) == "get_attr" else None
+    weight = _attr_tensor(gm, node.args[weight_at])
     if not _loaded_matrix(weight):
         return False
     bias_node = node.args[bias_at] if bias_at is not None and len(node.args) > bias_at else None
     if bias_node is None:
         return True
-    bias = _value(gm, bias_node) if getattr(bias_node, "op", None) == "get_attr" else None
+    bias = _attr_tensor(gm, bias_node)
     width = weight.shape[1] if transposed else weight.shape[0]
     return (bias is not None and bias.dtype == torch.float32 and bias.device.type == "cpu"
             and list(bias.shape) == [width] and bias.is_contiguous())
