@@ -35,6 +35,12 @@ def _fmt(value: Optional[float], pattern: str) -> str:
     return pattern.format(value) if value is not None else "-"
 
 
+_HEADER = ("| implementation | collectives | GEMM | ready (s) | first run (s) | peak RSS/rank at load / whole run (MiB) "
+           "| params/rank (MiB) | KV/rank (MiB) | prefill 1x128 (ms) | x HF | speed-up | prefill 4x128 (ms) | x HF "
+           "| speed-up | decode (tok/s) | x HF | speed-up | collectives/forward | MiB moved |")
+_COLUMNS = _HEADER.count("|") - 1
+
+
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [
         f"# {meta['model']} ({meta['params'] / 1e6:.0f}M parameters), tp={meta['tp']}",
@@ -52,14 +58,12 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "autotp picks when a probe measures it faster (`autotp.kernels`). `autotp_1_process` is autotp at "
         "tp 1: its speed-up is the kernels' alone.",
         "",
-        "| implementation | collectives | GEMM | ready (s) | first run (s) | peak RSS/rank at load / whole run (MiB) | params/rank (MiB) | KV/rank (MiB) "
-        "| prefill 1x128 (ms) | x HF | speed-up | prefill 4x128 (ms) | x HF | speed-up | decode (tok/s) | x HF | speed-up "
-        "| collectives/forward | MiB moved |",
-        "|---" * 19 + "|",
+        _HEADER,
+        "|---" * _COLUMNS + "|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['implementation']} | {r['error']} |" + " |" * 17)
+            lines.append(f"| {r['implementation']} | {r['error']} |" + " |" * (_COLUMNS - 2))
             continue
         lines.append(
             f"| {r['implementation']} | {r['collective_path']} | {r.get('kernels', 'aten')} | {r['ready_s']:.1f} | {_fmt(r.get('ready_first_run_s'), '{:.1f}')} "
