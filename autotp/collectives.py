@@ -13,8 +13,6 @@ At world size 1 they are the identity. They are for inference: no autograd throu
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import warnings
 from typing import Callable, Optional
@@ -25,6 +23,7 @@ import torch.nn as nn
 
 from autotp.errors import AutotpError
 from autotp.health import PeerFailure, Watchdog, describe_failure
+from autotp.shm_kernel import KernelUnavailable, load_kernel
 
 __all__ = ["Communicator", "AllReduce", "AllGather", "ALL_REDUCE", "ALL_GATHER", "count_collectives",
            "select_all_reduce"]
@@ -95,28 +94,41 @@ def select_all_reduce(group: Optional[dist.ProcessGroup], world_size: int,
         if choice == "deepspeed":
             raise AutotpError("AUTOTP_ALLREDUCE=deepspeed needs DeepSpeed: pip install 'autotp[fast]'") from None
         return None, backend
-    return fast, "deepspeed shared memory"
+    except KernelUnavailable as exc:
+        if choice == "deepspeed":
+            raise AutotpError(f"AUTOTP_ALLREDUCE=deepspeed: {exc}") from None
+        warnings.warn(f"{exc}: using the process group")
+        return None, backend
+    return (fast, "deepspeed shared memory") if fast is not None else (None, backend)
 
 
 def _deepspeed_all_reduce(world_size: int) -> Optional[FastAllReduce]:
-    # its kernel is used only when LOCAL_SIZE says every rank is local; its shared-memory
-    # segment is named after MASTER_ADDR/PORT, which torchrun sets. Naming the accelerator
-    # spares DeepSpeed's detection warning; it prints on stdout as it builds its kernel.
+    """DeepSpeed's kernel, initialised and checked, or ``None`` where it must not run."""
+    kernel = load_kernel()
+    # The kernel maps the ranks' segments only when LOCAL_SIZE says every rank is local (an
+    # all-reduce without them crashes the process); it names them after MASTER_ADDR/PORT,
+    # which torchrun sets.
     os.environ.setdefault("LOCAL_SIZE", str(world_size))
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    with contextlib.redirect_stdout(io.StringIO()):
-        import deepspeed.comm as ds_comm
-
-        ds_comm.init_distributed(dist_backend="gloo", verbose=False)
+    if os.environ["LOCAL_SIZE"] != str(world_size):
+        warnings.warn(f"LOCAL_SIZE={os.environ['LOCAL_SIZE']} but {world_size} ranks share this machine: "
+                      "using the process group, not DeepSpeed's shared-memory all-reduce")
+        return None
+    if kernel.vector_kernel_level() < 1:  # its fp32 sum needs AVX2; without it the kernel faults
+        warnings.warn("this CPU lacks the AVX2 DeepSpeed's shared-memory all-reduce needs: using the process group")
+        return None
+    kernel.initialize(world_size, dist.get_rank())  # waits until every rank's segment exists
+    all_reduce = torch.ops.deepspeed.inference_all_reduce_
     probe = torch.full((8,), float(dist.get_rank() + 1))
-    ds_comm.inference_all_reduce(probe)
+    all_reduce(probe)
     # Every rank has now mapped every rank's segment (its init waits for all of them).
     dist.barrier()
     _unlink_own_segment()
     if not torch.equal(probe, torch.full((8,), world_size * (world_size + 1) / 2)):
         warnings.warn("DeepSpeed's shared-memory all-reduce failed its self-check: using the process group")
         return None
-    return ds_comm.inference_all_reduce
+    if kernel.vector_kernel_level() < 2:  # its bf16/fp16 sums need AVX-512BW
+        return lambda x: all_reduce(x) if x.dtype == torch.float32 else dist.all_reduce(x)
+    return all_reduce
 
 
 def _unlink_own_segment() -> None:
@@ -184,13 +196,8 @@ def count_collectives(graph_module: torch.fx.GraphModule) -> dict[str, int]:
 def prebuild_fast_path() -> bool:
     """Compile DeepSpeed's shared-memory all-reduce now (it is otherwise built on first use,
     ~25 s here, inside the first ``parallelize``). Returns whether it is available."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
-
-            ShareMemCommBuilder().load()
-    except ImportError:
+        load_kernel()
+    except (ImportError, KernelUnavailable):
         return False
     return True
-

@@ -1,0 +1,78 @@
+"""DeepSpeed's shared-memory kernel is loaded through DeepSpeed's builder once, then straight
+from autotp's record of it, until the record no longer holds (``autotp.shm_kernel``).
+
+Each load runs in a fresh process: whether DeepSpeed got imported tells which way it went.
+That the kernel sums correctly is checked by every distributed test, which runs over it
+wherever DeepSpeed is installed (``AUTOTP_ALLREDUCE=auto``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                                reason="DeepSpeed (autotp[fast]) is not installed")
+
+_LOAD = """
+import json, sys, torch
+from autotp.shm_kernel import load_kernel
+kernel = load_kernel()
+print(json.dumps({"imported_deepspeed": "deepspeed" in sys.modules, "level": kernel.vector_kernel_level(),
+                  "op": hasattr(torch.ops.deepspeed, "inference_all_reduce_")}))
+"""
+
+
+def _load_in_a_fresh_process(cache: Path) -> dict:
+    done = subprocess.run([sys.executable, "-c", _LOAD], env={**os.environ, "AUTOTP_CACHE_DIR": str(cache)},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _record(cache: Path) -> Path:
+    records = list(cache.glob("deepspeed_shm_comm-*.json"))
+    assert len(records) == 1, records
+    return records[0]
+
+
+def test_the_builder_runs_once_then_the_record_loads_the_kernel(tmp_path):
+    first = _load_in_a_fresh_process(tmp_path)
+    assert first["imported_deepspeed"] and first["op"]
+    described = json.loads(_record(tmp_path).read_text())
+    assert Path(described["library"]).is_file() and any(p.endswith("shm.cpp") for p in described["files"])
+
+    second = _load_in_a_fresh_process(tmp_path)
+    assert second == {**first, "imported_deepspeed": False}
+
+
+@pytest.mark.parametrize("change", ["a source file", "the library", "torch"])
+def test_a_record_that_no_longer_holds_sends_loading_back_to_the_builder(tmp_path, change):
+    _load_in_a_fresh_process(tmp_path)
+    record = _record(tmp_path)
+    truth = json.loads(record.read_text())
+    described = json.loads(record.read_text())
+    if change == "a source file":
+        described["files"][next(iter(described["files"]))][1] += 1  # as if edited since the build
+    elif change == "the library":
+        described["library_stat"][1] += 1  # as if another environment rebuilt it
+    else:
+        described["torch"] = "0.0.0"
+    record.write_text(json.dumps(described))
+
+    assert _load_in_a_fresh_process(tmp_path)["imported_deepspeed"]
+    assert json.loads(record.read_text()) == truth  # the builder wrote the record again
+    assert not _load_in_a_fresh_process(tmp_path)["imported_deepspeed"]
+
+
+def test_without_a_cache_folder_there_is_no_record(monkeypatch):
+    from autotp.shm_kernel import record_path
+
+    monkeypatch.setenv("AUTOTP_CACHE_DIR", "off")
+    assert record_path() is None
