@@ -193,14 +193,37 @@ def summarise(name: str, ranks: list[dict]) -> dict:
     }
 
 
+def _ready_rounds(rows: list[dict], args: argparse.Namespace, checkpoint: Path, tmp: Path,
+                 envs: dict[str, dict[str, str]]) -> None:
+    """Launch each implementation ``--ready-launches - 1`` more times, only to time how long it
+    takes to be ready, and report the median with its measured run's. The launches go round
+    the implementations in turn: this machine's speed drifts by ~10% over minutes (the
+    transformers import every launch makes took 0.46-0.50 s, then 0.55 s, twenty minutes apart),
+    and launching each implementation's in a row put that drift into their ratios."""
+    start = time.perf_counter()
+    for row in rows:
+        row["ready_launches_s"] = [row["ready_s"]]
+    for i in range(args.ready_launches - 1):
+        for row in rows:
+            name = row["implementation"]
+            ready = _launch(name, args.tp, checkpoint, tmp / f"{name}-ready{i}", 1, ready_only=True, env=envs[name])
+            if "ready_s" in ready[0]:
+                row["ready_launches_s"].append(ready[0]["ready_s"])
+    for row in rows:
+        row["ready_s"] = statistics.median(row["ready_launches_s"])
+    print(f"time to ready, {args.ready_launches - 1} more rounds: ok ({time.perf_counter() - start:.0f} s)",
+          file=sys.stderr, flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tp", type=int, default=2)
     parser.add_argument("--model", default="llama-200m")
     parser.add_argument("--impls", nargs="+", default=list(IMPLEMENTATIONS), choices=list(IMPLEMENTATIONS))
     parser.add_argument("--repeats", type=int, default=10, help="timed forwards per prefill size (median)")
-    parser.add_argument("--ready-launches", type=int, default=3,
-                        help="launches whose time to a ready model is measured (median; default 3)")
+    parser.add_argument("--ready-launches", type=int, default=5,
+                        help="launches whose time to a ready model is measured (median; default 5), the "
+                             "extra ones in rounds over the implementations")
     parser.add_argument("--out", default=str(RESULTS), help="results folder (default benchmarks/results)")
     parser.add_argument("--worker", nargs=3, metavar=("IMPL", "CHECKPOINT", "REPORT"), help=argparse.SUPPRESS)
     parser.add_argument("--ready-only", action="store_true", help=argparse.SUPPRESS)
@@ -224,25 +247,22 @@ def main() -> None:
         params = sum(p.numel() for p in model.parameters())
         model.save_pretrained(checkpoint)
         del model
-        rows = []
+        rows, envs = [], {}
         for name in args.impls:
             start = time.perf_counter()
             first_run = None
-            env = {}
+            envs[name] = {}
             if name in CACHED:  # a first run on its own, with an empty cache; then the measured run
-                env = {"AUTOTP_CACHE_DIR": str(Path(tmp) / f"cache-{name}")}
-                first_run = _launch(name, args.tp, checkpoint, Path(tmp) / f"{name}-first", 1, ready_only=True, env=env)
-            ranks = _launch(name, args.tp, checkpoint, Path(tmp) / name, args.repeats, env=env)
+                envs[name] = {"AUTOTP_CACHE_DIR": str(Path(tmp) / f"cache-{name}")}
+                first_run = _launch(name, args.tp, checkpoint, Path(tmp) / f"{name}-first", 1, ready_only=True,
+                                    env=envs[name])
+            ranks = _launch(name, args.tp, checkpoint, Path(tmp) / name, args.repeats, env=envs[name])
             rows.append(summarise(name, ranks))
             if first_run and "error" not in rows[-1]:
                 rows[-1]["ready_first_run_s"] = first_run[0].get("ready_s")
-            if "error" not in rows[-1] and args.ready_launches > 1:  # time to ready moves by ~0.1 s a launch
-                again = [_launch(name, args.tp, checkpoint, Path(tmp) / f"{name}-ready{i}", 1, ready_only=True, env=env)
-                         for i in range(args.ready_launches - 1)]
-                rows[-1]["ready_launches_s"] = [rows[-1]["ready_s"]] + [r[0]["ready_s"] for r in again if "ready_s" in r[0]]
-                rows[-1]["ready_s"] = statistics.median(rows[-1]["ready_launches_s"])
             status = rows[-1].get("error", "ok")
             print(f"{name}: {status} ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+        _ready_rounds([row for row in rows if "error" not in row], args, checkpoint, Path(tmp), envs)
     meta = {"model": args.model, "params": params, "tp": args.tp, "date": time.strftime("%Y-%m-%d"),
             "machine": f"{os.cpu_count()} CPU cores, 1 thread per process", "torch": torch.__version__,
             "repeats": args.repeats, "ready_launches": args.ready_launches, "decode_repeats": DECODE_REPEATS}
