@@ -51,8 +51,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "(latency: lower is better; tokens/s: higher is better). *speed-up*: over the unsharded model "
         "(one process, one thread), same run.",
         "",
-        f"*ready*: seconds from nothing imported but transformers to a model ready to call (median of "
-        f"{meta.get('ready_launches', 1)} launches); *first run*: the same "
+        f"*ready*: seconds from nothing imported but transformers to a model ready to call, on its slowest "
+        f"rank (median of {meta.get('ready_launches', 1)} launches); *first run*: the same "
         "for autotp with an empty graph cache (a launch of its own). *GEMM*: what runs the linear layers: "
         "`aten` is PyTorch's default (MKL on CPU); `onednn` is oneDNN's GEMM on the same dense weights, which "
         "autotp picks when a probe measures it faster (`autotp.kernels`). `autotp_1_process` is autotp at "
