@@ -30,10 +30,16 @@ uncacheable: it is captured every time, as without the cache.
 Where: ``$AUTOTP_CACHE_DIR`` (``off`` turns the cache off), else ``$XDG_CACHE_HOME/autotp``,
 else ``~/.cache/autotp``. An entry is written under a temporary name and renamed, so a reader
 sees a whole entry or none; an entry that cannot be read is reported, ignored and rewritten.
+
+Size: every change of autotp, torch, transformers or the model's code makes new keys, so old
+entries would pile up. After each write, while the entries take more than
+``$AUTOTP_CACHE_MAX_MB`` (1024 MiB by default; an entry is 60-160 KB for an 8-layer Llama), the least
+recently used are deleted (see :func:`prune`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import hashlib
@@ -43,6 +49,7 @@ import marshal
 import os
 import sys
 import sysconfig
+import time
 import types
 import warnings
 from dataclasses import dataclass, field
@@ -59,7 +66,8 @@ from autotp.capture import structure_key
 from autotp.collectives import ALL_GATHER, ALL_REDUCE, AllGather, AllReduce, Communicator
 from autotp.plan import Plan
 
-__all__ = ["GraphCache", "CachedGraph", "CacheSlot", "Uncacheable", "cache_dir", "graph_key", "slot"]
+__all__ = ["GraphCache", "CachedGraph", "CacheSlot", "Uncacheable", "cache_dir", "graph_key", "slot", "prune",
+           "max_bytes"]
 
 FORMAT = 1  # bump when the entry layout changes
 _GUARDS = "_guards_fn"
@@ -591,10 +599,13 @@ class GraphCache:
                 return None
             meta = json.loads(entry["meta"])
             gm = decode_graph(meta["graph"], entry["constants"], comm)
-            return CachedGraph(gm, Plan.from_dict(meta["plan"]), meta["extra"])
+            found = CachedGraph(gm, Plan.from_dict(meta["plan"]), meta["extra"])
         except Exception as exc:  # a damaged or foreign entry is not fatal: capture again
             warnings.warn(f"autotp: ignoring graph cache entry {path}: {type(exc).__name__}: {exc}", stacklevel=2)
             return None
+        with contextlib.suppress(OSError):  # its time of use, for pruning (a read-only cache keeps the old one)
+            os.utime(path)
+        return found
 
     def put(self, key: str, gm: fx.GraphModule, plan: Plan, guards: Any, extra: Optional[dict[str, Any]] = None) -> None:
         """Write the entry.
@@ -602,6 +613,7 @@ class GraphCache:
         Raises:
             Uncacheable: the graph cannot be described (nothing is written).
         """
+        limit = max_bytes()
         graph, constants = encode_graph(gm, guards)
         meta = json.dumps({"graph": graph, "plan": plan.to_dict(), "extra": extra or {}})
         self.root.mkdir(parents=True, exist_ok=True)
@@ -612,6 +624,46 @@ class GraphCache:
             os.replace(temporary, path)
         finally:
             temporary.unlink(missing_ok=True)
+        prune(self.root, limit)
+
+
+def max_bytes() -> int:
+    """The cache's size bound: ``$AUTOTP_CACHE_MAX_MB`` MiB, 1024 by default."""
+    configured = os.environ.get("AUTOTP_CACHE_MAX_MB", "1024")
+    try:
+        megabytes = float(configured)
+    except ValueError:
+        megabytes = -1.0
+    if not megabytes >= 0:  # also NaN
+        raise ValueError(f"AUTOTP_CACHE_MAX_MB={configured!r}: expected a number of MiB, 0 or more")
+    return int(megabytes * 2**20)
+
+
+def prune(root: Path, limit: int, *, keep_recent_s: float = 600.0) -> list[Path]:
+    """Delete the least recently used entries of ``root`` while its entries take more than
+    ``limit`` bytes, down to three quarters of it (so that not every write prunes). An entry's
+    time of use is its modification time, which a hit refreshes. Entries used in the last
+    ``keep_recent_s`` seconds stay, however large the cache: a run on another rank or in
+    another process may be about to read them. Returns the deleted paths."""
+    entries = []
+    with contextlib.suppress(OSError):
+        for item in os.scandir(root):
+            if item.name.endswith(".pt") and not item.name.startswith("."):
+                with contextlib.suppress(OSError):
+                    stat = item.stat()
+                    entries.append((stat.st_mtime, stat.st_size, Path(item.path)))
+    total = sum(size for _, size, _ in entries)
+    if total <= limit:
+        return []
+    deleted, now = [], time.time()
+    for used, size, path in sorted(entries):
+        if total <= limit * 3 // 4 or now - used < keep_recent_s:
+            break
+        with contextlib.suppress(FileNotFoundError):  # another process pruned it first
+            path.unlink()
+            deleted.append(path)
+        total -= size
+    return deleted
 
 
 @dataclass

@@ -32,7 +32,8 @@ MODEL is a Hugging Face model directory (config.json, weights optional) or
 package.module:factory, a callable returning an nn.Module or (module, example_inputs).
 
 run and generate keep each rank's rewritten graphs in a cache, so the next start skips the
-capture: ~/.cache/autotp, or $AUTOTP_CACHE_DIR (AUTOTP_CACHE_DIR=off turns it off).
+capture: ~/.cache/autotp, or $AUTOTP_CACHE_DIR (AUTOTP_CACHE_DIR=off turns it off), kept under
+$AUTOTP_CACHE_MAX_MB (1024 by default) by dropping the least recently used entries.
 """
 
 

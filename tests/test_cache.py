@@ -251,3 +251,59 @@ def test_a_decoded_graph_keeps_what_is_state_and_what_is_not() -> None:
     graph, constants = graph_cache.encode_graph(gm, captured.guards)
     decoded = graph_cache.decode_graph(graph, constants, Communicator())
     assert sorted(decoded.state_dict()) == sorted(gm.state_dict()) == ["proj.bias", "proj.weight"]
+
+
+def _age(path: Path, seconds: float) -> None:
+    import time
+
+    then = time.time() - seconds
+    os.utime(path, (then, then))
+
+
+def test_prune_drops_the_least_recently_used_entries_down_to_three_quarters(tmp_path: Path) -> None:
+    for name, kib, age in [("a", 400, 5000), ("b", 300, 4000), ("c", 200, 3000), ("d", 100, 2000), ("e", 100, 60)]:
+        (tmp_path / f"{name}.pt").write_bytes(b"x" * kib * 1024)
+        _age(tmp_path / f"{name}.pt", age)
+    (tmp_path / ".f.pt.123.tmp").write_bytes(b"x" * 4096 * 1024)  # an entry being written is not counted
+    assert graph_cache.prune(tmp_path, 1100 * 1024) == []  # 1100 KiB of entries: within the bound
+    # over it: the least recently used go until 3/4 of the bound (750 KiB) is reached
+    assert [p.name for p in graph_cache.prune(tmp_path, 1000 * 1024)] == ["a.pt"]
+    assert [p.name for p in graph_cache.prune(tmp_path, 400 * 1024)] == ["b.pt", "c.pt"]
+    # entries used recently stay even when the cache is still over its bound
+    assert graph_cache.prune(tmp_path, 0, keep_recent_s=2500) == []
+    assert [p.name for p in graph_cache.prune(tmp_path, 0, keep_recent_s=1000)] == ["d.pt"]
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["e.pt"]
+
+
+def test_a_hit_marks_its_entry_used_and_a_write_prunes_what_was_not(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AUTOTP_CACHE_DIR", str(tmp_path))
+    ids, other = token_ids(2, 8), token_ids(3, 5, seed=2)
+    autotp.parallelize(hf_model("llama"))  # one process, tp 1: stores the call's graph
+    [entry] = list(tmp_path.glob("*.pt"))
+    _age(entry, 86400)
+    stale = tmp_path / ("0" * 64 + ".pt")  # an entry of an older autotp, unused for two days
+    stale.write_bytes(b"x" * 2**20)
+    _age(stale, 2 * 86400)
+    monkeypatch.setenv("AUTOTP_CACHE_MAX_MB", "0.5")
+
+    model = hf_model("llama")
+    with torch.no_grad():
+        ref, ref_other = model(ids).logits, model(other).logits
+    tp_model = autotp.parallelize(model)
+    assert tp_model.cache_status == "hit"
+    import time
+
+    assert time.time() - entry.stat().st_mtime < 600  # used now
+    with torch.no_grad():
+        assert_close_to(ref, tp_model(ids).logits)
+        assert_close_to(ref_other, tp_model(input_ids=other, attention_mask=torch.ones_like(other)).logits)
+    assert sorted(tp_model.graph_cache.values()) == ["stored"]  # that write pruned the stale entry
+    assert entry.exists() and not stale.exists() and len(list(tmp_path.glob("*.pt"))) == 2
+
+
+def test_a_bad_cache_size_bound_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    for bad in ("lots", "-1", "nan"):
+        monkeypatch.setenv("AUTOTP_CACHE_MAX_MB", bad)
+        with pytest.raises(ValueError, match="AUTOTP_CACHE_MAX_MB"):
+            graph_cache.max_bytes()
