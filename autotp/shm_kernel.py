@@ -13,7 +13,9 @@ processes load the library directly while the record still holds:
   environment rebuilding the library, breaks the record: the builder runs again, rebuilding
   if it must, and the record is rewritten.
 
-With no cache folder (``AUTOTP_CACHE_DIR=off``) the builder runs every time, as before.
+With no cache folder (``AUTOTP_CACHE_DIR=off``) the builder runs every time, as before. The
+record is trusted as torch's extensions folder is, where the library lives: both are the
+user's own, and whoever can write one can write the other.
 """
 
 from __future__ import annotations
