@@ -46,7 +46,9 @@ import hashlib
 import importlib
 import json
 import marshal
+import math
 import os
+import re
 import sys
 import sysconfig
 import time
@@ -64,12 +66,14 @@ from torch.utils import _pytree as pytree
 
 from autotp.capture import structure_key
 from autotp.collectives import ALL_GATHER, ALL_REDUCE, AllGather, AllReduce, Communicator
+from autotp.errors import AutotpError
 from autotp.plan import Plan
 
 __all__ = ["GraphCache", "CachedGraph", "CacheSlot", "Uncacheable", "cache_dir", "graph_key", "slot", "prune",
            "max_bytes"]
 
 FORMAT = 1  # bump when the entry layout changes
+_ENTRY_NAME = re.compile(r"[0-9a-f]{64}\.pt")
 _GUARDS = "_guards_fn"
 _OUR_MODULES = {ALL_REDUCE: AllReduce, ALL_GATHER: AllGather}
 _PLAIN = (bool, int, float, str, bytes, type(None), torch.dtype, torch.device, torch.memory_format, torch.layout)
@@ -628,14 +632,18 @@ class GraphCache:
 
 
 def max_bytes() -> int:
-    """The cache's size bound: ``$AUTOTP_CACHE_MAX_MB`` MiB, 1024 by default."""
+    """The cache's size bound: ``$AUTOTP_CACHE_MAX_MB`` MiB, 1024 by default.
+
+    Raises:
+        AutotpError: the setting is not a finite number of MiB, 0 or more.
+    """
     configured = os.environ.get("AUTOTP_CACHE_MAX_MB", "1024")
     try:
         megabytes = float(configured)
     except ValueError:
         megabytes = -1.0
-    if not megabytes >= 0:  # also NaN
-        raise ValueError(f"AUTOTP_CACHE_MAX_MB={configured!r}: expected a number of MiB, 0 or more")
+    if not (megabytes >= 0 and math.isfinite(megabytes)):  # NaN fails both
+        raise AutotpError(f"AUTOTP_CACHE_MAX_MB={configured!r}: expected a number of MiB, 0 or more")
     return int(megabytes * 2**20)
 
 
@@ -644,11 +652,12 @@ def prune(root: Path, limit: int, *, keep_recent_s: float = 600.0) -> list[Path]
     ``limit`` bytes, down to three quarters of it (so that not every write prunes). An entry's
     time of use is its modification time, which a hit refreshes. Entries used in the last
     ``keep_recent_s`` seconds stay, however large the cache: a run on another rank or in
-    another process may be about to read them. Returns the deleted paths."""
+    another process may be about to read them. Only files named as entries are counted or
+    deleted (``<sha256>.pt``). Returns the deleted paths."""
     entries = []
     with contextlib.suppress(OSError):
         for item in os.scandir(root):
-            if item.name.endswith(".pt") and not item.name.startswith("."):
+            if _ENTRY_NAME.fullmatch(item.name):  # only autotp's own: the folder may be a shared one
                 with contextlib.suppress(OSError):
                     stat = item.stat()
                     entries.append((stat.st_mtime, stat.st_size, Path(item.path)))
@@ -702,6 +711,7 @@ def slot(enabled: bool, model: nn.Module, inputs: Mapping[str, Any], **settings:
     store = GraphCache.from_env() if enabled else None
     if store is None:
         return CacheSlot(None, None, "off")
+    max_bytes()  # a bad size bound is named now, not met as a failed write later
     try:
         key = graph_key(model, inputs, **settings)
     except Uncacheable as exc:

@@ -14,8 +14,9 @@ At world size 1 they are the identity. They are for inference: no autograd throu
 from __future__ import annotations
 
 import os
+import platform
 import warnings
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -99,23 +100,30 @@ def select_all_reduce(group: Optional[dist.ProcessGroup], world_size: int,
             raise AutotpError(f"AUTOTP_ALLREDUCE=deepspeed: {exc}") from None
         warnings.warn(f"{exc}: using the process group")
         return None, backend
-    return (fast, "deepspeed shared memory") if fast is not None else (None, backend)
+    return fast, "deepspeed shared memory"
 
 
-def _deepspeed_all_reduce(world_size: int) -> Optional[FastAllReduce]:
-    """DeepSpeed's kernel, initialised and checked, or ``None`` where it must not run."""
-    kernel = load_kernel()
-    # The kernel maps the ranks' segments only when LOCAL_SIZE says every rank is local (an
-    # all-reduce without them crashes the process); it names them after MASTER_ADDR/PORT,
-    # which torchrun sets.
-    os.environ.setdefault("LOCAL_SIZE", str(world_size))
-    if os.environ["LOCAL_SIZE"] != str(world_size):
-        warnings.warn(f"LOCAL_SIZE={os.environ['LOCAL_SIZE']} but {world_size} ranks share this machine: "
-                      "using the process group, not DeepSpeed's shared-memory all-reduce")
-        return None
-    if kernel.vector_kernel_level() < 1:  # its fp32 sum needs AVX2; without it the kernel faults
-        warnings.warn("this CPU lacks the AVX2 DeepSpeed's shared-memory all-reduce needs: using the process group")
-        return None
+def _deepspeed_all_reduce(world_size: int) -> FastAllReduce:
+    """DeepSpeed's kernel, initialised and checked on every rank.
+
+    Every rank must take the same path: a rank inside the kernel's ``initialize`` waits, with
+    no timeout, for every other rank's segment. So the ranks agree (over the process group)
+    before it and again after the self-check, and if one cannot use the kernel, none does.
+
+    Raises:
+        ImportError: DeepSpeed is not installed (here; another rank's reason is named).
+        KernelUnavailable: this rank or another cannot use the kernel.
+    """
+    try:
+        kernel, reason = _usable_kernel(world_size), None
+    except (ImportError, KernelUnavailable) as exc:
+        kernel, reason = None, exc
+    except Exception as exc:  # a broken install: this rank must still answer the others
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        kernel, reason = None, KernelUnavailable(f"DeepSpeed's shared-memory kernel failed to load: "
+                                                 f"{type(exc).__name__}: {first}")
+    if not _every_rank(kernel is not None):
+        raise reason or KernelUnavailable("another rank cannot use DeepSpeed's shared-memory all-reduce")
     kernel.initialize(world_size, dist.get_rank())  # waits until every rank's segment exists
     all_reduce = torch.ops.deepspeed.inference_all_reduce_
     probe = torch.full((8,), float(dist.get_rank() + 1))
@@ -123,12 +131,51 @@ def _deepspeed_all_reduce(world_size: int) -> Optional[FastAllReduce]:
     # Every rank has now mapped every rank's segment (its init waits for all of them).
     dist.barrier()
     _unlink_own_segment()
-    if not torch.equal(probe, torch.full((8,), world_size * (world_size + 1) / 2)):
-        warnings.warn("DeepSpeed's shared-memory all-reduce failed its self-check: using the process group")
-        return None
-    if kernel.vector_kernel_level() < 2:  # its bf16/fp16 sums need AVX-512BW
+    if not _every_rank(torch.equal(probe, torch.full((8,), world_size * (world_size + 1) / 2))):
+        raise KernelUnavailable("DeepSpeed's shared-memory all-reduce failed its self-check")
+    if _vector_level(kernel) < 2:  # its bf16/fp16 sums need AVX-512BW: those go to the process group
         return lambda x: all_reduce(x) if x.dtype == torch.float32 else dist.all_reduce(x)
     return all_reduce
+
+
+def _usable_kernel(world_size: int) -> Any:
+    """This rank's kernel module, if this rank can run it."""
+    kernel = load_kernel()
+    if not (hasattr(kernel, "initialize") and hasattr(torch.ops.deepspeed, "inference_all_reduce_")):
+        raise KernelUnavailable("this DeepSpeed's shared-memory kernel lacks initialize() or "
+                                "torch.ops.deepspeed.inference_all_reduce_: upgrade DeepSpeed")
+    # The kernel maps the ranks' segments only when LOCAL_SIZE says every rank is local (an
+    # all-reduce without them crashes the process); it names them after MASTER_ADDR/PORT,
+    # which torchrun sets.
+    os.environ.setdefault("LOCAL_SIZE", str(world_size))
+    if os.environ["LOCAL_SIZE"] != str(world_size):
+        raise KernelUnavailable(f"LOCAL_SIZE={os.environ['LOCAL_SIZE']} but {world_size} ranks share this machine, "
+                                "so DeepSpeed's shared-memory all-reduce would not map them")
+    if _vector_level(kernel) < 1:  # its fp32 sum needs AVX2; without it the kernel faults
+        raise KernelUnavailable("this CPU lacks the AVX2 DeepSpeed's shared-memory all-reduce needs")
+    return kernel
+
+
+def _vector_level(kernel: Any) -> int:
+    """The vector instructions the kernel may use: 2 with AVX-512BW, 1 with AVX2, else 0. The
+    kernel says so itself since DeepSpeed added the check; before, the CPU's flags tell."""
+    if hasattr(kernel, "vector_kernel_level"):
+        return int(kernel.vector_kernel_level())
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return 2  # what DeepSpeed's own check answers off x86
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
+    except OSError:
+        return 0
+    return 2 if "avx512bw" in flags else 1 if "avx2" in flags else 0
+
+
+def _every_rank(ok: bool) -> bool:
+    """Whether ``ok`` holds on every rank of the world (a collective: all ranks must call it)."""
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def _unlink_own_segment() -> None:

@@ -80,18 +80,26 @@ def _load_recorded(record: Path) -> Optional[types.ModuleType]:
     """The library named by ``record``, if the record holds; else ``None``."""
     try:
         described = json.loads(record.read_text())
-        library, files = described["library"], described["files"]
+        library, name, files = described["library"], described["module"], described["files"]
         holds = (described["torch"] == torch.__version__ and _stat(library) == described["library_stat"]
                  and bool(files) and all(_stat(path) == stat for path, stat in files.items()))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None  # none yet, or unreadable: the builder writes a new one
-    return _import_library(library) if holds else None
+    if not holds:
+        return None
+    try:
+        return _import_library(library, name)
+    except (ImportError, OSError):  # the builder loads it its own way, or rebuilds it
+        return None
 
 
-def _import_library(library: str) -> types.ModuleType:
-    spec = importlib.util.spec_from_file_location(_NAME, library)
+def _import_library(library: str, name: str) -> types.ModuleType:
+    """Load the extension module ``name`` from the file ``library``. The name must be the one it
+    was built as (a JIT build's ``deepspeed_shm_comm``, an install-time build's
+    ``deepspeed.ops.comm.deepspeed_shm_comm_op``): its init function is named after it."""
+    spec = importlib.util.spec_from_file_location(name, library)
     if spec is None or spec.loader is None:
-        raise KernelUnavailable(f"cannot load DeepSpeed's shared-memory kernel from {library}")
+        raise ImportError(f"{library} is not a loadable extension module")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -105,7 +113,8 @@ def _load_with_builder(record: Optional[Path]) -> types.ModuleType:
 
         builder = ShareMemCommBuilder()
         if not builder.is_compatible():
-            raise KernelUnavailable(f"DeepSpeed's shared-memory kernel does not build here: {builder.error_log}")
+            why = builder.error_log or f"not supported on {sys.platform}"
+            raise KernelUnavailable(f"DeepSpeed's shared-memory kernel does not build here: {why}")
         try:
             module = builder.load()
         except (RuntimeError, OSError) as exc:  # no compiler, no ninja, a failed build
@@ -136,7 +145,8 @@ def _write_record(record: Path, builder: object, module: types.ModuleType) -> No
     files = {path: _stat(path) for path in _kernel_files(builder)}
     if not files or any(stat is None for stat in files.values()):
         return
-    described = {"torch": torch.__version__, "library": library, "library_stat": _stat(library), "files": files}
+    described = {"torch": torch.__version__, "library": library, "module": module.__name__,
+                 "library_stat": _stat(library), "files": files}
     temporary = record.with_name(f".{record.name}.{os.getpid()}.tmp")
     try:
         record.parent.mkdir(parents=True, exist_ok=True)

@@ -261,18 +261,24 @@ def _age(path: Path, seconds: float) -> None:
 
 
 def test_prune_drops_the_least_recently_used_entries_down_to_three_quarters(tmp_path: Path) -> None:
-    for name, kib, age in [("a", 400, 5000), ("b", 300, 4000), ("c", 200, 3000), ("d", 100, 2000), ("e", 100, 60)]:
-        (tmp_path / f"{name}.pt").write_bytes(b"x" * kib * 1024)
-        _age(tmp_path / f"{name}.pt", age)
-    (tmp_path / ".f.pt.123.tmp").write_bytes(b"x" * 4096 * 1024)  # an entry being written is not counted
+    def entry(c: str) -> str:
+        return c * 64 + ".pt"  # entries are named by their key, a sha256
+
+    for c, kib, age in [("a", 400, 5000), ("b", 300, 4000), ("c", 200, 3000), ("d", 100, 2000), ("e", 100, 60)]:
+        (tmp_path / entry(c)).write_bytes(b"x" * kib * 1024)
+        _age(tmp_path / entry(c), age)
+    # what is not an entry is neither counted nor deleted: an entry being written, a user's file
+    (tmp_path / f".{entry('f')}.123.tmp").write_bytes(b"x" * 4096 * 1024)
+    (tmp_path / "model.pt").write_bytes(b"x" * 4096 * 1024)
+    _age(tmp_path / "model.pt", 9000)
     assert graph_cache.prune(tmp_path, 1100 * 1024) == []  # 1100 KiB of entries: within the bound
     # over it: the least recently used go until 3/4 of the bound (750 KiB) is reached
-    assert [p.name for p in graph_cache.prune(tmp_path, 1000 * 1024)] == ["a.pt"]
-    assert [p.name for p in graph_cache.prune(tmp_path, 400 * 1024)] == ["b.pt", "c.pt"]
+    assert [p.name for p in graph_cache.prune(tmp_path, 1000 * 1024)] == [entry("a")]
+    assert [p.name for p in graph_cache.prune(tmp_path, 400 * 1024)] == [entry("b"), entry("c")]
     # entries used recently stay even when the cache is still over its bound
     assert graph_cache.prune(tmp_path, 0, keep_recent_s=2500) == []
-    assert [p.name for p in graph_cache.prune(tmp_path, 0, keep_recent_s=1000)] == ["d.pt"]
-    assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["e.pt"]
+    assert [p.name for p in graph_cache.prune(tmp_path, 0, keep_recent_s=1000)] == [entry("d")]
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == [entry("e"), "model.pt"]
 
 
 def test_a_hit_marks_its_entry_used_and_a_write_prunes_what_was_not(tmp_path: Path,
@@ -302,8 +308,15 @@ def test_a_hit_marks_its_entry_used_and_a_write_prunes_what_was_not(tmp_path: Pa
     assert entry.exists() and not stale.exists() and len(list(tmp_path.glob("*.pt"))) == 2
 
 
-def test_a_bad_cache_size_bound_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
-    for bad in ("lots", "-1", "nan"):
+def test_a_bad_cache_size_bound_is_named(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from autotp.errors import AutotpError
+
+    monkeypatch.setenv("AUTOTP_CACHE_DIR", str(tmp_path))
+    for bad in ("lots", "-1", "nan", "1e400"):
         monkeypatch.setenv("AUTOTP_CACHE_MAX_MB", bad)
-        with pytest.raises(ValueError, match="AUTOTP_CACHE_MAX_MB"):
+        with pytest.raises(AutotpError, match="AUTOTP_CACHE_MAX_MB"):
             graph_cache.max_bytes()
+        with pytest.raises(AutotpError, match="AUTOTP_CACHE_MAX_MB"):  # when a run looks its graph up
+            graph_cache.slot(True, hf_model("llama"), {"input_ids": token_ids(2, 8)}, tp_size=2, rank=0)
+    monkeypatch.setenv("AUTOTP_CACHE_MAX_MB", "0.5")
+    assert graph_cache.max_bytes() == 2**19

@@ -52,7 +52,7 @@ def test_the_builder_runs_once_then_the_record_loads_the_kernel(tmp_path):
     assert second == {**first, "imported_deepspeed": False}
 
 
-@pytest.mark.parametrize("change", ["a source file", "the library", "torch"])
+@pytest.mark.parametrize("change", ["a source file", "the library", "torch", "the module's name"])
 def test_a_record_that_no_longer_holds_sends_loading_back_to_the_builder(tmp_path, change):
     _load_in_a_fresh_process(tmp_path)
     record = _record(tmp_path)
@@ -62,8 +62,10 @@ def test_a_record_that_no_longer_holds_sends_loading_back_to_the_builder(tmp_pat
         described["files"][next(iter(described["files"]))][1] += 1  # as if edited since the build
     elif change == "the library":
         described["library_stat"][1] += 1  # as if another environment rebuilt it
-    else:
+    elif change == "torch":
         described["torch"] = "0.0.0"
+    else:  # the library then fails to import (its init function is named after its module)
+        described["module"] = "not_the_kernel"
     record.write_text(json.dumps(described))
 
     assert _load_in_a_fresh_process(tmp_path)["imported_deepspeed"]
@@ -76,3 +78,36 @@ def test_without_a_cache_folder_there_is_no_record(monkeypatch):
 
     monkeypatch.setenv("AUTOTP_CACHE_DIR", "off")
     assert record_path() is None
+
+
+def _one_rank_cannot_worker(rank: int, world: int) -> tuple[str, list[str], float]:
+    import warnings
+
+    import torch
+
+    import autotp
+    from models import assert_close_to, hf_model, token_ids
+
+    if rank == 1:
+        os.environ["LOCAL_SIZE"] = "3"  # the kernel would not map its peers: this rank must not use it
+    model, ids = hf_model("llama"), token_ids(2, 8)
+    with torch.no_grad():
+        reference = model(ids).logits
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tp_model = autotp.parallelize(model)
+    with torch.no_grad():
+        diff = assert_close_to(reference, tp_model(ids).logits)
+    return tp_model.collective_path, [str(w.message) for w in caught if "shared-memory" in str(w.message)], diff
+
+
+@pytest.mark.distributed
+def test_when_one_rank_cannot_use_the_kernel_no_rank_does():
+    """A rank inside the kernel's initialize waits for every other rank's segment, with no
+    timeout: the ranks agree first, and all take the process group."""
+    from distributed import run_ranks
+
+    (path0, warned0, _), (path1, warned1, _) = run_ranks(_one_rank_cannot_worker, 2)
+    assert path0 == path1 == "gloo", (path0, path1)
+    assert any("another rank cannot use" in w for w in warned0), warned0
+    assert any("LOCAL_SIZE=3" in w for w in warned1), warned1
