@@ -115,6 +115,24 @@ def assert_close_to(reference: torch.Tensor, actual: torch.Tensor) -> float:
     return diff
 
 
+def parallelize_and_compare(model: nn.Module, ids: torch.Tensor) -> tuple[nn.Module, list[str], float]:
+    """``autotp.parallelize(model)`` recording the warnings it gives; its logits for ``ids``
+    checked against the unsharded model's. Returns the tensor-parallel model, the warnings'
+    messages and the max abs diff."""
+    import warnings
+
+    import autotp
+
+    with torch.no_grad():
+        reference = model(ids).logits
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tp_model = autotp.parallelize(model)
+    with torch.no_grad():
+        diff = assert_close_to(reference, tp_model(ids).logits)
+    return tp_model, [str(w.message) for w in caught], diff
+
+
 def plain_block_with_inputs():
     """A factory for ``autotp plan models:plain_block_with_inputs`` (module, example inputs)."""
     return plain_block(), (torch.randn(2, 6, 64),)

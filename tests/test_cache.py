@@ -11,7 +11,6 @@ change the key does, what the key cannot describe is not cached.
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ import torch
 import autotp
 from autotp import cache as graph_cache
 from distributed import run_ranks
-from models import assert_close_to, hf_model, plain_block, token_ids
+from models import assert_close_to, hf_model, parallelize_and_compare, plain_block, token_ids
 
 
 def _run_twice_worker(rank: int, world: int, name: str, cache_dir: str) -> list[dict]:
@@ -75,15 +74,8 @@ def _damaged_entry_worker(rank: int, world: int, cache_dir: str) -> dict:
     entry = torch.load(entries[0], weights_only=True)
     for path in entries:
         path.write_bytes(b"not an entry")
-    model = hf_model("llama")
-    with torch.no_grad():
-        ref = model(ids).logits
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        tp_model = autotp.parallelize(model)
-    with torch.no_grad():
-        diff = assert_close_to(ref, tp_model(ids).logits)
-    return dict(status=tp_model.cache_status, diff=diff, warned=[str(w.message) for w in caught],
+    tp_model, warned, diff = parallelize_and_compare(hf_model("llama"), ids)
+    return dict(status=tp_model.cache_status, diff=diff, warned=warned,
                 constants=sorted(entry["constants"]), params=sorted(tp_model.plan.params),
                 rewritten=torch.load(entries[0], weights_only=True)["format"] == graph_cache.FORMAT)
 

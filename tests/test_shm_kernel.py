@@ -81,24 +81,12 @@ def test_without_a_cache_folder_there_is_no_record(monkeypatch):
 
 
 def _one_rank_cannot_worker(rank: int, world: int) -> tuple[str, list[str], float]:
-    import warnings
-
-    import torch
-
-    import autotp
-    from models import assert_close_to, hf_model, token_ids
+    from models import hf_model, parallelize_and_compare, token_ids
 
     if rank == 1:
         os.environ["LOCAL_SIZE"] = "3"  # the kernel would not map its peers: this rank must not use it
-    model, ids = hf_model("llama"), token_ids(2, 8)
-    with torch.no_grad():
-        reference = model(ids).logits
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        tp_model = autotp.parallelize(model)
-    with torch.no_grad():
-        diff = assert_close_to(reference, tp_model(ids).logits)
-    return tp_model.collective_path, [str(w.message) for w in caught if "shared-memory" in str(w.message)], diff
+    tp_model, warned, diff = parallelize_and_compare(hf_model("llama"), token_ids(2, 8))
+    return tp_model.collective_path, [w for w in warned if "shared-memory" in w], diff
 
 
 @pytest.mark.distributed
