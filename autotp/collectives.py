@@ -108,7 +108,9 @@ def _deepspeed_all_reduce(world_size: int) -> FastAllReduce:
 
     Every rank must take the same path: a rank inside the kernel's ``initialize`` waits, with
     no timeout, for every other rank's segment. So the ranks agree (over the process group)
-    before it and again after the self-check, and if one cannot use the kernel, none does.
+    before it, and if one cannot use the kernel, none does. (After it, a rank whose self-check
+    fails falls back alone; :func:`autotp.group.init_tp` then finds the ranks' paths differ
+    and puts every rank on the process group.)
 
     Raises:
         ImportError: DeepSpeed is not installed (here; another rank's reason is named).
@@ -131,7 +133,7 @@ def _deepspeed_all_reduce(world_size: int) -> FastAllReduce:
     # Every rank has now mapped every rank's segment (its init waits for all of them).
     dist.barrier()
     _unlink_own_segment()
-    if not _every_rank(torch.equal(probe, torch.full((8,), world_size * (world_size + 1) / 2))):
+    if not torch.equal(probe, torch.full((8,), world_size * (world_size + 1) / 2)):
         raise KernelUnavailable("DeepSpeed's shared-memory all-reduce failed its self-check")
     if _vector_level(kernel) < 2:  # its bf16/fp16 sums need AVX-512BW: those go to the process group
         return lambda x: all_reduce(x) if x.dtype == torch.float32 else dist.all_reduce(x)

@@ -66,11 +66,12 @@ def init_tp(tp_size: Optional[int] = None, device: Optional[torch.device] = None
         group, _ = dist.new_subgroups(group_size=tp)
         ctx = TPContext(dist.get_rank(group), tp, group, device)
     register()
-    fast, name = select_all_reduce(ctx.group, tp, device)
-    try:
-        kernels, error = choose_kernels(device), None
-    except AutotpError as exc:  # told to every rank below: the others would wait in the gather
-        kernels, error = "aten", str(exc)
+    fast, name, kernels, error = None, "process group", "aten", None
+    try:  # an error is told to every rank below: the others would wait in the gather
+        fast, name = select_all_reduce(ctx.group, tp, device)
+        kernels = choose_kernels(device)
+    except AutotpError as exc:
+        error = str(exc)
     names, choices, errors = zip(*_from_every_rank(ctx, (name, kernels, error)))
     _raise_failures(ctx, errors)
     if len(set(names)) != 1:  # one path for all, or they would wait on each other forever

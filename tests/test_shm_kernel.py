@@ -99,3 +99,27 @@ def test_when_one_rank_cannot_use_the_kernel_no_rank_does():
     assert path0 == path1 == "gloo", (path0, path1)
     assert any("another rank cannot use" in w for w in warned0), warned0
     assert any("LOCAL_SIZE=3" in w for w in warned1), warned1
+
+
+def _required_but_one_rank_cannot_worker(rank: int, world: int) -> str:
+    import autotp
+    from autotp.errors import AutotpError
+    from models import hf_model
+
+    os.environ["AUTOTP_ALLREDUCE"] = "deepspeed"
+    if rank == 1:
+        os.environ["LOCAL_SIZE"] = "3"
+    try:
+        autotp.parallelize(hf_model("llama"))
+    except AutotpError as exc:
+        return str(exc)
+    return "no error"
+
+
+@pytest.mark.distributed
+def test_when_the_kernel_is_required_and_one_rank_cannot_every_rank_says_which():
+    from distributed import run_ranks
+
+    for said in run_ranks(_required_but_one_rank_cannot_worker, 2):
+        assert "rank 1: AUTOTP_ALLREDUCE=deepspeed: LOCAL_SIZE=3" in said, said
+        assert "rank 0: AUTOTP_ALLREDUCE=deepspeed: another rank cannot use" in said, said
