@@ -575,14 +575,38 @@ class CachedGraph:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def max_bytes() -> int:
+    """The cache's size bound: ``$AUTOTP_CACHE_MAX_MB`` MiB, 1024 by default.
+
+    Raises:
+        AutotpError: the setting is not a finite number of MiB, 0 or more.
+    """
+    configured = os.environ.get("AUTOTP_CACHE_MAX_MB", "1024")
+    try:
+        megabytes = float(configured)
+    except ValueError:
+        megabytes = -1.0
+    if not (megabytes >= 0 and math.isfinite(megabytes)):  # NaN fails both
+        raise AutotpError(f"AUTOTP_CACHE_MAX_MB={configured!r}: expected a number of MiB, 0 or more")
+    return int(megabytes * 2**20)
+
+
 @dataclass
 class GraphCache:
-    """Entries under ``root``, one file per key (``<key>.pt``)."""
+    """Entries under ``root``, one file per key (``<key>.pt``), kept under ``limit`` bytes
+    (:func:`prune`; ``$AUTOTP_CACHE_MAX_MB``, read when the cache is made)."""
 
     root: Path
+    limit: int = field(default_factory=max_bytes)
 
     @classmethod
     def from_env(cls) -> Optional["GraphCache"]:
+        """The cache the environment configures, or None when it is off.
+
+        Raises:
+            AutotpError: ``$AUTOTP_CACHE_MAX_MB`` is not a size (named now, not met as a failed
+                write later).
+        """
         root = cache_dir()
         return cls(root) if root is not None else None
 
@@ -617,7 +641,6 @@ class GraphCache:
         Raises:
             Uncacheable: the graph cannot be described (nothing is written).
         """
-        limit = max_bytes()
         graph, constants = encode_graph(gm, guards)
         meta = json.dumps({"graph": graph, "plan": plan.to_dict(), "extra": extra or {}})
         self.root.mkdir(parents=True, exist_ok=True)
@@ -628,23 +651,7 @@ class GraphCache:
             os.replace(temporary, path)
         finally:
             temporary.unlink(missing_ok=True)
-        prune(self.root, limit)
-
-
-def max_bytes() -> int:
-    """The cache's size bound: ``$AUTOTP_CACHE_MAX_MB`` MiB, 1024 by default.
-
-    Raises:
-        AutotpError: the setting is not a finite number of MiB, 0 or more.
-    """
-    configured = os.environ.get("AUTOTP_CACHE_MAX_MB", "1024")
-    try:
-        megabytes = float(configured)
-    except ValueError:
-        megabytes = -1.0
-    if not (megabytes >= 0 and math.isfinite(megabytes)):  # NaN fails both
-        raise AutotpError(f"AUTOTP_CACHE_MAX_MB={configured!r}: expected a number of MiB, 0 or more")
-    return int(megabytes * 2**20)
+        prune(self.root, self.limit)
 
 
 def prune(root: Path, limit: int, *, keep_recent_s: float = 600.0) -> list[Path]:
@@ -711,7 +718,6 @@ def slot(enabled: bool, model: nn.Module, inputs: Mapping[str, Any], **settings:
     store = GraphCache.from_env() if enabled else None
     if store is None:
         return CacheSlot(None, None, "off")
-    max_bytes()  # a bad size bound is named now, not met as a failed write later
     try:
         key = graph_key(model, inputs, **settings)
     except Uncacheable as exc:
