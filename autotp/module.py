@@ -76,7 +76,7 @@ class TensorParallelModule(nn.Module):
     """
 
     def __init__(self, gm: fx.GraphModule, plan: Plan, ctx: TPContext, source: nn.Module, key: tuple,
-                 *, cache: bool = True) -> None:
+                 *, cache: bool = True, gather_outputs: bool = True) -> None:
         super().__init__()
         self.graph_module = gm
         self.plan = plan
@@ -92,7 +92,7 @@ class TensorParallelModule(nn.Module):
         # source's own tensors become this rank's pieces)
         self.__dict__.update(_ctx=ctx, _source=source, _twin=meta_twin(source), _graphs={key: gm},
                              _signature=signature, _cache_arg=cache_argument(signature), _cache_layout=None,
-                             _use_cache=cache)
+                             _use_cache=cache, _gather_outputs=gather_outputs)
         if hf.is_hf_model(source):
             self.__dict__["config"] = source.config
 
@@ -114,12 +114,13 @@ class TensorParallelModule(nn.Module):
 
     def _graph_for(self, key: tuple, inputs: dict[str, Any]) -> fx.GraphModule:
         """A call with other arguments than the capture's: capture and plan again (all ranks do)."""
-        slot = self._slot(key, self._twin, inputs, graph="other call")
+        slot = self._slot(key, self._twin, inputs, graph="other call", gather_outputs=self._gather_outputs)
         hit = slot.get(self._ctx.comm)
         if hit is not None:
             return self._install(key, hit.graph_module, hit.plan, slot=slot)
         captured = capture(self._twin, inputs, device=self._ctx.device, bump_unit_dims=True)
-        plan = plan_graph(captured.graph, self.tp_size, model=self.plan.model, inputs=captured.input_names)
+        plan = plan_graph(captured.graph, self.tp_size, model=self.plan.model, inputs=captured.input_names,
+                          gather_outputs=self._gather_outputs)
         return self._install(key, captured, plan, slot=slot)
 
     def _slot(self, key: tuple, model: nn.Module, inputs: dict[str, Any], **settings: Any) -> graph_cache.CacheSlot:
@@ -193,7 +194,8 @@ class TensorParallelModule(nn.Module):
             raise AutotpError("a cached call after a prefix needs the cache this model's prefill produced")
         shapes = [shape for shape, _ in self._cache_layout] if self._cache_layout else None
         wrapper, example = CacheIO(self._twin, self._cache_arg, keep), example_like(call, shapes)
-        slot = self._slot(key, wrapper, example, graph="cached call", phase=phase, keep=repr(keep))
+        slot = self._slot(key, wrapper, example, graph="cached call", phase=phase, keep=repr(keep),
+                          gather_outputs=self._gather_outputs)
         hit = slot.get(self._ctx.comm)
         if hit is not None:
             graph, plan = hit.graph_module, hit.plan
@@ -205,7 +207,8 @@ class TensorParallelModule(nn.Module):
             outputs = len(output.args[0])
             cache_inputs = [n.name for n in graph.graph.nodes if n.op == "placeholder" and n.name.startswith("past_")]
             plan = plan_graph(graph.graph, self.tp_size, model=self.plan.model, inputs=graph.input_names,
-                              local_inputs=cache_inputs, local_outputs=range(1, outputs))
+                              local_inputs=cache_inputs, local_outputs=range(1, outputs),
+                              gather_outputs=self._gather_outputs)
             layout = _cache_layout(plan, output, outputs)
             inputs_layout = _input_layout(plan, cache_inputs) if cache_inputs else None
         if self._cache_layout is None:
@@ -226,6 +229,8 @@ class TensorParallelModule(nn.Module):
         """
         if not callable(getattr(type(self._source), "generate", None)):
             raise AttributeError(f"{type(self._source).__name__} has no generate()")
+        if not self._gather_outputs:
+            raise AutotpError("generate() reads whole logits: parallelize with gather_outputs=True to generate")
         with _reported_failure():
             share_rng(self._ctx)
             return self._source.generate(*args, **kwargs)

@@ -114,13 +114,14 @@ def _module_of(param_name: str) -> str:
 
 
 def _common_module(names: Iterable[str]) -> str:
+    names = list(names)  # read twice below
     parts = [_module_of(n).split(".") for n in names]
     common = []
     for column in zip(*parts):
         if len(set(column)) != 1:
             break
         common.append(column[0])
-    return ".".join(common) or _module_of(next(iter(names)))
+    return ".".join(common) or _module_of(names[0])
 
 
 def _layer_of(region: str) -> Optional[str]:

@@ -116,27 +116,43 @@ def _apply_all_gathers(gm: fx.GraphModule, by_name: dict[str, fx.Node], plan: Pl
         node.args = _replace_at(node.args, coll.path, whole)
 
 
+def _take_bias(node: fx.Node, path: list[int]) -> tuple[Any, Any, Any]:
+    """Remove the bias from a row-parallel matmul node: ``(bias, beta, alpha)``, where the
+    node computed ``beta * bias + alpha * (x @ W)`` (``addmm``'s scalars; 1 for ``linear``)."""
+    bias = arg_at(node, tuple(path))
+    if node.target in _WITHOUT_BIAS:  # addmm(b, x, W, beta=, alpha=) -> mm(x, W)
+        beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
+        node.target = _WITHOUT_BIAS[node.target]
+        node.args, node.kwargs = node.args[1:3], {}
+        return bias, beta, alpha
+    node.args = _replace_at(node.args, path, None)  # linear(x, W, b): drop the trailing bias
+    return bias, 1, 1
+
+
+def _add_after(graph: fx.Graph, reduced: fx.Node, bias: Any, beta: Any, alpha: Any) -> fx.Node:
+    """``beta * bias + alpha * reduced`` after the all-reduce (``beta == 0`` ignores the bias,
+    NaNs included, as addmm does)."""
+    with graph.inserting_after(reduced):
+        last = reduced if alpha == 1 else graph.call_function(aten.mul.Tensor, (reduced, alpha))
+    if bias is None or beta == 0:
+        return last
+    with graph.inserting_after(last):
+        scaled = bias if beta == 1 else graph.call_function(aten.mul.Tensor, (bias, beta))
+    with graph.inserting_after(scaled if scaled is not bias else last):
+        return graph.call_function(aten.add.Tensor, (last, scaled))
+
+
 def _apply_all_reduces(gm: fx.GraphModule, by_name: dict[str, fx.Node], plan: Plan) -> None:
     graph = gm.graph
     for coll in plan.collectives:
         if coll.kind != "all_reduce":
             continue
         node = by_name[coll.node]
-        bias = None
-        if coll.bias_path:
-            bias = arg_at(node, tuple(coll.bias_path))
-            if node.target in _WITHOUT_BIAS:
-                node.target = _WITHOUT_BIAS[node.target]
-                node.args = node.args[1:3]
-            else:  # linear(x, W, b): drop the trailing bias
-                node.args = _replace_at(node.args, coll.bias_path, None)
+        bias, beta, alpha = _take_bias(node, coll.bias_path) if coll.bias_path else (None, 1, 1)
         users = list(node.users)
         with graph.inserting_after(node):
             reduced = graph.call_module(ALL_REDUCE, (node,))
-        last = reduced
-        if bias is not None:
-            with graph.inserting_after(reduced):
-                last = graph.call_function(aten.add.Tensor, (reduced, bias))
+        last = _add_after(graph, reduced, bias, beta, alpha)
         for user in users:
             user.replace_input_with(node, last)
 

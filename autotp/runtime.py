@@ -95,7 +95,8 @@ def _build(
         gm = hit.graph_module
     agree(ctx, lambda: load_into(gm, plan, ctx.rank, source, then=kernel_pass(ctx.kernels)))
     clock.lap("load")
-    tp_model = TensorParallelModule(gm, plan, ctx, model, structure_key(inputs), cache=cache)
+    tp_model = TensorParallelModule(gm, plan, ctx, model, structure_key(inputs), cache=cache,
+                                    gather_outputs=gather_outputs)
     tp_model.timings = clock.laps
     tp_model.cache_status = slot.status
     return tp_model

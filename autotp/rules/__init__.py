@@ -20,7 +20,7 @@ in ``pointwise.py``, ``view.py``, ``matmul.py``, ``attention.py``, ``reduction.p
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional, Union
 
 import torch
 import torch.fx as fx
@@ -35,6 +35,12 @@ __all__ = [
     "refinable",
     "RULES",
     "rule",
+    "rule_for",
+    "READS",
+    "METADATA_ARGS",
+    "FAMILIES",
+    "tensor_arguments",
+    "schema_tensor_args",
     "Cannot",
     "Out",
     "Redistribute",
@@ -112,24 +118,88 @@ class Inputs:
 
 Rule = Callable[[fx.Node, Inputs], Result]
 RULES: dict[Any, Rule] = {}
+# The tensor arguments (schema names) each rule reads. Every other tensor argument of the op
+# must be one it reads for its metadata only (METADATA_ARGS), or the rule refuses the node:
+# a rule that never looks at an argument cannot know how that argument's layout must change.
+READS: dict[Any, frozenset[str]] = {}
+# Tensor arguments an op reads only for their dtype, device or shape: their layout is free.
+METADATA_ARGS: dict[Any, frozenset[str]] = {}
+# Families found from the op itself (its schema and tags) rather than from a list: each is a
+# function from an op to its rule and the arguments it reads, or None (see pointwise.py).
+FAMILIES: list[Callable[[Any], Optional[tuple[Rule, frozenset[str]]]]] = []
 
 
-def rule(*ops: Any) -> Callable[[Rule], Rule]:
-    """Register ``fn`` as the propagation rule of every op in ``ops``."""
+def rule(*ops: Any, reads: Iterable[str], metadata: Iterable[str] = ()) -> Callable[[Rule], Rule]:
+    """Register ``fn`` as the propagation rule of every op in ``ops``. ``reads``: the names of
+    the tensor arguments the rule looks at; ``metadata``: those the op reads only the dtype,
+    device or shape of. ``tests/test_conformance.py`` checks that, between them, they name
+    every tensor argument of every registered op's schema."""
 
     def register(fn: Rule) -> Rule:
         for op in ops:
             RULES[op] = fn
+            READS[op] = frozenset(reads)
+            if metadata:
+                METADATA_ARGS[op] = frozenset(metadata)
         return fn
 
     return register
 
 
+_DERIVED: dict[Any, Optional[tuple[Rule, frozenset[str]]]] = {}
+
+
+def rule_for(target: Any) -> Optional[tuple[Rule, frozenset[str]]]:
+    """The rule of an op and the tensor arguments it reads: registered by op (or by name, for
+    custom ops that exist only once their library is loaded), else derived from the op."""
+    for key in (target, str(target)):
+        if key in RULES:
+            return RULES[key], READS[key]
+    if target not in _DERIVED:
+        _DERIVED[target] = next((found for family in FAMILIES if (found := family(target)) is not None), None)
+    return _DERIVED[target]
+
+
+def tensor_arguments(node: fx.Node) -> list[tuple[str, Any]]:
+    """``(schema name, value)`` of every argument of ``node`` that its op's schema types as a
+    tensor (``Tensor``, ``Tensor?``, ``Tensor[]``), given positionally or by keyword."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return []
+    found = []
+    for i, arg in enumerate(schema.arguments):
+        if "Tensor" not in str(arg.type):
+            continue
+        if i < len(node.args) and not arg.kwarg_only:
+            found.append((arg.name, node.args[i]))
+        elif arg.name in node.kwargs:
+            found.append((arg.name, node.kwargs[arg.name]))
+    return found
+
+
+def schema_tensor_args(op: Any) -> list[str]:
+    """The names of the arguments ``op``'s schema types as tensors (or lists of them)."""
+    return [a.name for a in op._schema.arguments if "Tensor" in str(a.type)]
+
+
+def _unread_argument(node: fx.Node, reads: frozenset[str]) -> Optional[str]:
+    """The first tensor argument given to ``node`` that its rule neither reads nor may ignore."""
+    ignored = METADATA_ARGS.get(node.target, frozenset())
+    for name, value in tensor_arguments(node):
+        if name not in reads and name not in ignored and value is not None and value != []:
+            return name
+    return None
+
+
 def apply_rule(node: fx.Node, inputs: Inputs) -> Out | Cannot:
     """Run the node's rule and normalise the answer to ``Out`` or ``Cannot``."""
-    fn = RULES.get(node.target) or RULES.get(str(node.target))  # custom ops register by name
-    if fn is None:
+    found = rule_for(node.target)
+    if found is None:
         return Cannot(f"no propagation rule for {_op_name(node)}")
+    fn, reads = found
+    unread = _unread_argument(node, reads)
+    if unread is not None:
+        return Cannot(f"the rule for {_op_name(node)} does not read its argument {unread!r}")
     try:
         result = fn(node, inputs)
     except (IndexError, KeyError, TypeError, ValueError) as exc:  # malformed args: shard less
@@ -149,11 +219,15 @@ def finest(shards: list[Shard]) -> Union[Shard, Cannot]:
 
 
 def refinable(held: Any, to: Shard, size: Any, world_size: int) -> bool:
-    """Whether a local slice turns ``held`` (Replicate or a shard) into ``to``."""
+    """Whether a local slice turns ``held`` (Replicate or a shard) into ``to``: the dim must
+    split into ``to``'s pieces (a shard of 2 kv heads held by pairs of 4 ranks cannot be split
+    further), and a held shard must be ``to``'s dim and blocks with a multiple of its replicas."""
     from autotp.placement import divides
 
+    if not isinstance(size, int) or not divides(to, size, world_size):
+        return False
     if isinstance(held, Replicate):
-        return divides(to, size, world_size)
+        return True
     return (isinstance(held, Shard) and (held.dim, held.blocks) == (to.dim, to.blocks)
             and held.replicas % to.replicas == 0)
 

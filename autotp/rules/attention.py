@@ -18,7 +18,7 @@ from autotp.rules import Cannot, Inputs, Out, Redistribute, Result, finest, ndim
 aten = torch.ops.aten
 
 
-@rule(aten.scaled_dot_product_attention.default)
+@rule(aten.scaled_dot_product_attention.default, reads=("query", "key", "value", "attn_mask"))
 def sdpa_rule(node: fx.Node, inputs: Inputs) -> Result:
     qkv = node.args[:3]
     mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")

@@ -20,7 +20,7 @@ import torch
 import torch.fx as fx
 
 from autotp.placement import Partial, Replicate, Shard
-from autotp.rules import Cannot, Inputs, Out, Redistribute, Result, ndim, refinable, rule, sizes
+from autotp.rules import Cannot, Inputs, Out, Redistribute, Result, ndim, refinable, rule, schema_tensor_args, sizes
 
 aten = torch.ops.aten
 
@@ -47,7 +47,11 @@ def _matmul_specs(node: fx.Node) -> tuple[list[Spec], Spec]:
 
 def _grouped_specs(node: fx.Node) -> tuple[list[Spec], Spec]:
     """Mixture-of-experts grouped matmul: row t of x meets the weight of the expert it is
-    routed to (``e`` selects, it does not sum), ``(t, k) x (e, k, n) -> (t, n)``."""
+    routed to (``e`` selects, it does not sum), ``(t, k) x (e, k, n) -> (t, n)``. A per-expert
+    bias would be added by routing, which a row-parallel rewrite cannot move: not handled."""
+    bias = node.args[3] if len(node.args) > 3 else node.kwargs.get("bias")
+    if bias is not None:
+        raise ValueError("grouped matmul with a bias")
     return [["t", "k"], ["e", "k", "n"]], ["t", "n"]
 
 
@@ -98,11 +102,13 @@ def _bias_moves(node: fx.Node, bias_at: Optional[int], out: Shard, inputs: Input
     return (Redistribute((bias_at,), out.with_dim(dim)),)
 
 
-@rule(*MATMUL_SPECS)
 def matmul_rule(node: fx.Node, inputs: Inputs) -> Result:
     positions, build, bias_at = matmul_spec(node.target)
     specs, out_spec = build(node)
     operands = [node.args[i] for i in positions]
+    others = [v for v in _routing_inputs(node, positions, bias_at) if not isinstance(inputs[v], Replicate)]
+    if others:  # grouped matmuls' routing offsets: which rows meet which expert, on every rank
+        return Cannot(f"matmul argument {others[0].name} is {inputs[others[0]]}")
     if bias_at is not None and len(node.args) > bias_at and isinstance(inputs[node.args[bias_at]], Shard):
         if all(isinstance(inputs[a], Replicate) for a in operands):
             return Cannot("sharded bias on a replicated matmul")
@@ -130,3 +136,21 @@ def matmul_rule(node: fx.Node, inputs: Inputs) -> Result:
         return Out(out, tuple(moves) + _bias_moves(node, bias_at, out, inputs))
     has_bias = bias_at is not None and len(node.args) > bias_at and isinstance(node.args[bias_at], fx.Node)
     return Out(Partial(), tuple(moves), bias_path=(bias_at,) if has_bias else None)
+
+
+def _routing_inputs(node: fx.Node, positions: tuple[int, ...], bias_at: Optional[int]) -> list[fx.Node]:
+    """The tensor arguments of a matmul node other than its operands and bias."""
+    skip = set(positions) | {bias_at}
+    found = []
+    for i, arg in enumerate(node.target._schema.arguments):
+        if i in skip or "Tensor" not in str(arg.type):
+            continue
+        value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+        if isinstance(value, fx.Node):
+            found.append(value)
+    return found
+
+
+# Every tensor argument of these ops is an operand, the bias or a routing input checked above.
+for _op in MATMUL_SPECS:
+    rule(_op, reads=("input", "weight", "offs") if isinstance(_op, str) else schema_tensor_args(_op))(matmul_rule)

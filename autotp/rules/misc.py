@@ -11,7 +11,7 @@ from autotp.rules import Cannot, Inputs, Out, Result, ndim, norm_dim, rule
 aten = torch.ops.aten
 
 
-@rule(aten.sym_size.int)
+@rule(aten.sym_size.int, reads=("self",))
 def sym_size_rule(node: fx.Node, inputs: Inputs) -> Result:
     """A size of an unsharded dim is the same on every rank; of the sharded dim it is not."""
     src = inputs[node.args[0]]
@@ -21,24 +21,25 @@ def sym_size_rule(node: fx.Node, inputs: Inputs) -> Result:
     return Replicate()
 
 
-@rule(aten.sym_numel.default, aten.sym_stride.int, aten.sym_storage_offset.default)
+@rule(aten.sym_numel.default, aten.sym_stride.int, aten.sym_storage_offset.default, reads=("self",))
 def sym_numel_rule(node: fx.Node, inputs: Inputs) -> Result:
     return Cannot(f"{node.target} of a sharded value")
 
 
-@rule(aten._assert_tensor_metadata.default)
+@rule(aten._assert_tensor_metadata.default, reads=(), metadata=("a",))
 def metadata_rule(node: fx.Node, inputs: Inputs) -> Result:
     """Checks dtype/device/layout only, which sharding does not change."""
     return Replicate()
 
 
-@rule(aten.new_ones.default, aten.new_zeros.default, aten.new_empty.default, aten.new_full.default)
+@rule(aten.new_ones.default, aten.new_zeros.default, aten.new_empty.default, aten.new_full.default, reads=(),
+      metadata=("self",))
 def new_tensor_rule(node: fx.Node, inputs: Inputs) -> Result:
     """``x.new_*(size)`` reads only x's dtype and device; its size is given explicitly."""
     return Replicate()
 
 
-@rule(aten.embedding.default)
+@rule(aten.embedding.default, reads=("weight", "indices"))
 def embedding_rule(node: fx.Node, inputs: Inputs) -> Result:
     """Row lookup. A table sharded on the hidden dim gives a hidden-sharded output. A table
     sharded on the vocabulary (rows) is vocabulary-parallel: each rank looks up the ids it

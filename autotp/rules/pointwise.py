@@ -1,70 +1,81 @@
-"""Elementwise ops: unary ops keep their input's placement; n-ary ops broadcast.
+"""Elementwise ops: the output is the broadcast of the tensor arguments, value by value.
+
+Which ops are elementwise comes from the op itself (:func:`elementwise_family`): an aten op
+tagged ``torch.Tag.pointwise`` whose schema is functional, returns one tensor and takes
+tensors only as single ``Tensor`` / ``Tensor?`` arguments, and that draws no random numbers.
+A short table adds the elementwise ops that carry no tag (casts, copies, composite ops such
+as ``rsub.Tensor``). Either way *every* tensor argument the schema names is an operand, so
+no argument can be overlooked: an op filed as one-tensor that takes two would read one and
+compute wrong. The conformance test checks the family against PyTorch's OpInfo samples.
 
 Broadcasting maths: operands align from the right. If the output is sharded on dim ``d``, each
 operand's aligned dim must be absent or of size 1 (it broadcasts: every rank uses the same
 values), or sharded the same way. A replicated operand of full size at ``d`` is sliced locally
-(Replicate -> Shard needs no communication).
+(Replicate -> Shard needs no communication). A ``Partial`` operand is refused: most
+elementwise ops do not distribute over a sum.
 """
 
 from __future__ import annotations
+
+from typing import Any, Optional
 
 import torch
 import torch.fx as fx
 
 from autotp.placement import Replicate, Shard
-from autotp.rules import Cannot, Inputs, Out, Redistribute, Result, finest, ndim, refinable, rule, sizes
+from autotp.rules import (
+    FAMILIES,
+    METADATA_ARGS,
+    Cannot,
+    Inputs,
+    Out,
+    Redistribute,
+    Result,
+    Rule,
+    finest,
+    ndim,
+    refinable,
+    rule,
+    schema_tensor_args,
+    sizes,
+)
 
 aten = torch.ops.aten
 
-UNARY = [
-    aten.neg.default, aten.silu.default, aten.gelu.default, aten.relu.default, aten.tanh.default,
-    aten.sigmoid.default, aten.exp.default, aten.log.default, aten.sqrt.default,
-    aten.rsqrt.default, aten.abs.default, aten.sin.default, aten.cos.default, aten.erf.default,
-    aten.reciprocal.default, aten.square.default, aten.softplus.default, aten.hardtanh.default,
-    aten.leaky_relu.default, aten.elu.default, aten.mish.default, aten.hardswish.default,
-    aten.hardsigmoid.default, aten.log1p.default, aten.expm1.default, aten.sign.default,
-    aten.logical_not.default, aten.bitwise_not.default, aten.isnan.default, aten.isinf.default,
-    aten.pow.Tensor_Scalar, aten.clamp.default, aten.clamp_min.default, aten.clamp_max.default,
-    aten.add.Scalar, aten.sub.Scalar, aten.mul.Scalar, aten.div.Scalar, aten.rsub.Scalar,
-    aten.eq.Scalar, aten.ne.Scalar, aten.lt.Scalar, aten.le.Scalar, aten.gt.Scalar,
-    aten.ge.Scalar, aten.nan_to_num.default,
+# Elementwise ops without the pointwise tag. The schema still names their operands.
+UNTAGGED = [
+    aten.hardswish.default, aten.rsub.Tensor, aten.masked_fill.Tensor, aten.__and__.Tensor,
+    aten.__or__.Tensor, aten.floor_divide.default,
     aten.to.dtype, aten.to.device, aten.to.dtype_layout, aten._to_copy.default,
-    aten.clone.default, aten.contiguous.default, aten.alias.default, aten.detach.default,
-    aten.lift_fresh_copy.default, aten.dropout.default, aten.type_as.default,
-    aten.zeros_like.default, aten.ones_like.default, aten.empty_like.default,
-    aten.full_like.default, aten.native_dropout.default, aten.feature_dropout.default,
-    aten.div.Tensor_mode, aten.round.default, aten.floor.default, aten.ceil.default,
-    aten.trunc.default,
+    aten.contiguous.default, aten.alias.default, aten.detach.default, aten.lift_fresh_copy.default,
+    aten.zeros_like.default, aten.ones_like.default, aten.empty_like.default, aten.full_like.default,
 ]
+# Dropout draws random numbers: elementwise (and the identity) only when not training.
+DROPOUT = [aten.dropout.default, aten.feature_dropout.default, aten.native_dropout.default]
+_TENSOR_TYPES = ("Tensor", "Optional[Tensor]")
 
 
-@rule(*UNARY)
-def pointwise_rule(node: fx.Node, inputs: Inputs) -> Result:
-    """Elementwise on one tensor: the output keeps the input's placement (``type_as`` reads
-    only its reference's dtype, so the reference's placement does not matter)."""
-    src = inputs[node.args[0]]
-    if node.target is aten.native_dropout.default:
-        return (src, src)
-    return src
+def _operands(node: fx.Node, inputs: Inputs) -> list[tuple[Optional[int], fx.Node]]:
+    """``(position in node.args, or None for a keyword, value)`` of every tensor operand."""
+    schema = node.target._schema
+    ignored = METADATA_ARGS.get(node.target, frozenset())
+    found = []
+    for i, arg in enumerate(schema.arguments):
+        if str(arg.type) not in _TENSOR_TYPES or arg.name in ignored:
+            continue
+        positional = i < len(node.args) and not arg.kwarg_only
+        value = node.args[i] if positional else node.kwargs.get(arg.name)
+        if isinstance(value, fx.Node) and isinstance(value.meta.get("val"), torch.Tensor):
+            found.append((i if positional else None, value))
+    return found
 
 
-BROADCAST = [
-    aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.rsub.Tensor,
-    aten.pow.Tensor_Tensor, aten.maximum.default, aten.minimum.default, aten.where.self,
-    aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.eq.Tensor, aten.ne.Tensor,
-    aten.lt.Tensor, aten.le.Tensor, aten.gt.Tensor, aten.ge.Tensor, aten.__and__.Tensor,
-    aten.__or__.Tensor, aten.logical_and.default, aten.logical_or.default,
-    aten.bitwise_and.Tensor, aten.bitwise_or.Tensor, aten.atan2.default, aten.lerp.Scalar,
-    aten.lerp.Tensor, aten.addcmul.default, aten.addcdiv.default, aten.copysign.Tensor,
-    aten.fmod.Tensor, aten.remainder.Tensor, aten.floor_divide.default,
-]
-
-
-@rule(*BROADCAST)
-def broadcast_rule(node: fx.Node, inputs: Inputs) -> Result:
+def elementwise_rule(node: fx.Node, inputs: Inputs) -> Result:
     """n-ary elementwise with broadcasting (see the module docstring for the maths)."""
+    if node.target in DROPOUT and _training(node):
+        return Cannot(f"{node.target} in training mode draws a random mask")
     out_rank = ndim(node)
-    operands = [(i, a) for i, a in enumerate(node.args) if isinstance(a, fx.Node) and _is_tensor(a)]
+    operands = _operands(node, inputs)
     aligned = []
     for _, arg in operands:
         p = inputs[arg]
@@ -82,11 +93,35 @@ def broadcast_rule(node: fx.Node, inputs: Inputs) -> Result:
         dim = wanted.dim - (out_rank - ndim(arg))
         if dim < 0 or sizes(arg)[dim] == 1 or inputs[arg] == wanted.with_dim(dim):
             continue  # broadcast along the sharded dim (identical on every rank), or already right
-        if not refinable(inputs[arg], wanted.with_dim(dim), sizes(arg)[dim], inputs.world_size):
-            return Cannot(f"operand {i} of size {sizes(arg)[dim]} does not split as {wanted}")
+        if i is None or not refinable(inputs[arg], wanted.with_dim(dim), sizes(arg)[dim], inputs.world_size):
+            return Cannot(f"operand {arg.name} of size {sizes(arg)[dim]} does not split as {wanted}")
         moves.append(Redistribute((i,), wanted.with_dim(dim)))
+    if node.target is aten.native_dropout.default:
+        return Out((wanted, wanted), tuple(moves))  # (output, mask), both shaped like the input
     return Out(wanted, tuple(moves))
 
 
-def _is_tensor(node: fx.Node) -> bool:
-    return isinstance(node.meta.get("val"), torch.Tensor)
+def _training(node: fx.Node) -> bool:
+    train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train")
+    return train is not False
+
+
+def elementwise_family(op: Any) -> Optional[tuple[Rule, frozenset[str]]]:
+    """The elementwise rule for an aten op the tags and schema say is elementwise, else None."""
+    if not isinstance(op, torch._ops.OpOverload) or torch.Tag.pointwise not in op.tags:
+        return None
+    schema = op._schema
+    if torch.Tag.nondeterministic_seeded in op.tags or schema.is_mutable:
+        return None
+    if len(schema.returns) != 1 or str(schema.returns[0].type) != "Tensor":
+        return None
+    if any(str(a.type) not in _TENSOR_TYPES for a in schema.arguments if "Tensor" in str(a.type)):
+        return None
+    return elementwise_rule, frozenset(schema_tensor_args(op))
+
+
+FAMILIES.append(elementwise_family)
+for _op in UNTAGGED + DROPOUT:
+    rule(_op, reads=schema_tensor_args(_op))(elementwise_rule)
+# ``type_as`` casts ``self`` to ``other``'s dtype: ``other``'s values and layout do not matter.
+rule(aten.type_as.default, reads=("self",), metadata=("other",))(elementwise_rule)

@@ -36,43 +36,45 @@ def _arg(node: fx.Node, index: int, name: str, default):
 
 
 @rule(aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default,
-      aten.any.dim, aten.all.dim, aten.prod.dim_int, aten.logsumexp.default, aten.norm.ScalarOpt_dim)
+      aten.any.dim, aten.all.dim, aten.prod.dim_int, aten.logsumexp.default, aten.norm.ScalarOpt_dim,
+      reads=("self",))
 def reduce_rule(node: fx.Node, inputs: Inputs) -> Result:
     dims_at = 2 if node.target is aten.norm.ScalarOpt_dim else 1
     keep_at = dims_at + 1
     return _reduced(node, inputs, _arg(node, dims_at, "dim", None), bool(_arg(node, keep_at, "keepdim", False)))
 
 
-@rule(aten.var.correction, aten.std.correction, aten.var_mean.correction)
+@rule(aten.var.correction, aten.std.correction, aten.var_mean.correction, reads=("self",))
 def variance_rule(node: fx.Node, inputs: Inputs) -> Result:
     outputs = 2 if node.target is aten.var_mean.correction else 1
     return _reduced(node, inputs, _arg(node, 1, "dim", None), bool(node.kwargs.get("keepdim", False)), outputs)
 
 
-@rule(aten.max.dim, aten.min.dim)
+@rule(aten.max.dim, aten.min.dim, reads=("self",))
 def max_dim_rule(node: fx.Node, inputs: Inputs) -> Result:
     return _reduced(node, inputs, node.args[1], bool(_arg(node, 2, "keepdim", False)), outputs=2)
 
 
-@rule(aten.argmax.default, aten.argmin.default)
+@rule(aten.argmax.default, aten.argmin.default, reads=("self",))
 def argmax_rule(node: fx.Node, inputs: Inputs) -> Result:
     return _reduced(node, inputs, _arg(node, 1, "dim", None), bool(_arg(node, 2, "keepdim", False)))
 
 
 @rule(aten.softmax.int, aten._softmax.default, aten.log_softmax.int, aten._log_softmax.default,
-      aten.cumsum.default)
+      aten.cumsum.default, reads=("self",))
 def along_dim_rule(node: fx.Node, inputs: Inputs) -> Result:
     """Shape-preserving ops along one dim (softmax, cumsum)."""
     return _reduced(node, inputs, node.args[1], keepdim=True)
 
 
-@rule(aten.sort.default, aten.topk.default)
+@rule(aten.sort.default, aten.topk.default, reads=("self",))
 def sort_rule(node: fx.Node, inputs: Inputs) -> Result:
     dim_at = 2 if node.target is aten.topk.default else 1
     return _reduced(node, inputs, _arg(node, dim_at, "dim", -1), keepdim=True, outputs=2)
 
 
-@rule(aten.layer_norm.default, aten.rms_norm.default, aten.native_layer_norm.default)
+@rule(aten.layer_norm.default, aten.native_layer_norm.default, reads=("input", "weight", "bias"))
+@rule(aten.rms_norm.default, reads=("input", "weight"))
 def norm_rule(node: fx.Node, inputs: Inputs) -> Result:
     """Normalises over the trailing ``normalized_shape`` dims; weight and bias cover only those."""
     x = node.args[0]

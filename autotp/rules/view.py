@@ -124,26 +124,28 @@ def _reshape(node: fx.Node, inputs: Inputs, shape_path: Optional[tuple[int, ...]
     if isinstance(placed, Cannot) or shape_path is None:
         return placed
     literals = node.args[shape_path[0]]
+    if not first <= j < first + len(literals):
+        return placed  # the sharded dim is not among the sizes the node spells out (unflatten of another dim)
     edits = _size_edit(shape_path + (j - first,), literals[j - first], src.chunks(inputs.world_size))
     return edits if isinstance(edits, Cannot) else Out(placed, edits=edits)
 
 
-@rule(aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+@rule(aten.view.default, aten.reshape.default, aten._unsafe_view.default, reads=("self",))
 def view_rule(node: fx.Node, inputs: Inputs) -> Result:
     return _reshape(node, inputs, (1,), 0)
 
 
-@rule(aten.flatten.using_ints)
+@rule(aten.flatten.using_ints, reads=("self",))
 def flatten_rule(node: fx.Node, inputs: Inputs) -> Result:
     return _reshape(node, inputs, None, 0)
 
 
-@rule(aten.unflatten.int)
+@rule(aten.unflatten.int, reads=("self",))
 def unflatten_rule(node: fx.Node, inputs: Inputs) -> Result:
     return _reshape(node, inputs, (2,), norm_dim(node.args[1], ndim(node.args[0])))
 
 
-@rule(aten.expand.default)
+@rule(aten.expand.default, reads=("self",))
 def expand_rule(node: fx.Node, inputs: Inputs) -> Result:
     """New dims are prepended; the sharded dim keeps its size, so its literal is localised."""
     src = _shard_src(node, inputs)
@@ -154,7 +156,7 @@ def expand_rule(node: fx.Node, inputs: Inputs) -> Result:
     return edits if isinstance(edits, Cannot) else Out(src.with_dim(j), edits=edits)
 
 
-@rule(aten.transpose.int)
+@rule(aten.transpose.int, reads=("self",))
 def transpose_rule(node: fx.Node, inputs: Inputs) -> Result:
     src = _shard_src(node, inputs)
     if isinstance(src, Cannot):
@@ -165,7 +167,7 @@ def transpose_rule(node: fx.Node, inputs: Inputs) -> Result:
     return src.with_dim(swap.get(src.dim, src.dim))
 
 
-@rule(aten.permute.default)
+@rule(aten.permute.default, reads=("self",))
 def permute_rule(node: fx.Node, inputs: Inputs) -> Result:
     src = _shard_src(node, inputs)
     if isinstance(src, Cannot):
@@ -174,7 +176,7 @@ def permute_rule(node: fx.Node, inputs: Inputs) -> Result:
     return src.with_dim(dims.index(src.dim))
 
 
-@rule(aten.t.default, aten.numpy_T.default)
+@rule(aten.t.default, aten.numpy_T.default, reads=("self",))
 def reverse_dims_rule(node: fx.Node, inputs: Inputs) -> Result:
     src = _shard_src(node, inputs)
     if isinstance(src, Cannot):
@@ -182,7 +184,7 @@ def reverse_dims_rule(node: fx.Node, inputs: Inputs) -> Result:
     return src.with_dim(ndim(node) - 1 - src.dim)
 
 
-@rule(aten.unsqueeze.default)
+@rule(aten.unsqueeze.default, reads=("self",))
 def unsqueeze_rule(node: fx.Node, inputs: Inputs) -> Result:
     src = _shard_src(node, inputs)
     if isinstance(src, Cannot):
@@ -191,7 +193,7 @@ def unsqueeze_rule(node: fx.Node, inputs: Inputs) -> Result:
     return src.with_dim(src.dim + 1 if new <= src.dim else src.dim)
 
 
-@rule(aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default)
+@rule(aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, reads=("self",))
 def squeeze_rule(node: fx.Node, inputs: Inputs) -> Result:
     src = _shard_src(node, inputs)
     if isinstance(src, Cannot):
@@ -234,7 +236,7 @@ def _local_bound(bound: int, world: int) -> int:
     return -((-bound) // world) if bound < 0 else bound // world
 
 
-@rule(aten.slice.Tensor)
+@rule(aten.slice.Tensor, reads=("self",))
 def slice_rule(node: fx.Node, inputs: Inputs) -> Result:
     """Slices of other dims pass; on the sharded dim only whole fused blocks (phi3's q|k|v)."""
     src = _shard_src(node, inputs)
@@ -266,7 +268,7 @@ def slice_rule(node: fx.Node, inputs: Inputs) -> Result:
     return Out(_sub_shard(src, dim, span[2]), edits=tuple(edits))
 
 
-@rule(aten.narrow.default)
+@rule(aten.narrow.default, reads=("self",))
 def narrow_rule(node: fx.Node, inputs: Inputs) -> Result:
     src = _shard_src(node, inputs)
     if isinstance(src, Cannot):
@@ -286,7 +288,7 @@ def narrow_rule(node: fx.Node, inputs: Inputs) -> Result:
     return Out(_sub_shard(src, dim, span[2]), edits=edits)
 
 
-@rule(aten.select.int)
+@rule(aten.select.int, reads=("self",))
 def select_rule(node: fx.Node, inputs: Inputs) -> Result:
     src = _shard_src(node, inputs)
     if isinstance(src, Cannot):
@@ -312,7 +314,7 @@ def _split_outputs(node: fx.Node, src: Shard, dim: int) -> Union[list[Shard], Ca
     return out
 
 
-@rule(aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default)
+@rule(aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, reads=("self",))
 def split_rule(node: fx.Node, inputs: Inputs) -> Result:
     src = _shard_src(node, inputs)
     if isinstance(src, Cannot):
@@ -334,7 +336,7 @@ def split_rule(node: fx.Node, inputs: Inputs) -> Result:
     return Out(tuple(pieces), edits=edits)
 
 
-@rule(aten.unbind.int)
+@rule(aten.unbind.int, reads=("self",))
 def unbind_rule(node: fx.Node, inputs: Inputs) -> Result:
     src = _shard_src(node, inputs)
     if isinstance(src, Cannot):
@@ -346,7 +348,7 @@ def unbind_rule(node: fx.Node, inputs: Inputs) -> Result:
     return tuple([shifted] * len(node.meta["val"]))
 
 
-@rule(operator.getitem)
+@rule(operator.getitem, reads=())
 def getitem_rule(node: fx.Node, inputs: Inputs) -> Result:
     src = inputs[node.args[0]]
     if isinstance(src, tuple):
@@ -354,7 +356,7 @@ def getitem_rule(node: fx.Node, inputs: Inputs) -> Result:
     return Cannot("getitem on a sharded value")
 
 
-@rule(aten.cat.default)
+@rule(aten.cat.default, reads=("tensors",))
 def cat_rule(node: fx.Node, inputs: Inputs) -> Result:
     """Concatenating along the sharded dim makes a fused dim: the pieces become its blocks."""
     # torch.cat skips 1-D empty tensors (a lazily initialised cache starts as one)
@@ -397,7 +399,7 @@ def cat_rule(node: fx.Node, inputs: Inputs) -> Result:
     return Out(Shard(dim, blocks, replicas), tuple(moves))
 
 
-@rule(aten.repeat_interleave.self_int)
+@rule(aten.repeat_interleave.self_int, reads=("self",))
 def repeat_interleave_rule(node: fx.Node, inputs: Inputs) -> Result:
     """GQA's kv-head repeat: repeating each head in place keeps rank r's heads contiguous."""
     src = _shard_src(node, inputs)
@@ -413,7 +415,8 @@ def repeat_interleave_rule(node: fx.Node, inputs: Inputs) -> Result:
     return src
 
 
-@rule(aten.index_select.default, aten.flip.default, aten.roll.default)
+@rule(aten.flip.default, aten.roll.default, reads=("self",))
+@rule(aten.index_select.default, reads=("self", "index"))
 def other_dim_rule(node: fx.Node, inputs: Inputs) -> Result:
     """Ops that act along the dims in ``args[1]`` (roll: ``args[2]``) only, keeping the shape."""
     src = _shard_src(node, inputs)
@@ -428,7 +431,7 @@ def other_dim_rule(node: fx.Node, inputs: Inputs) -> Result:
     return src
 
 
-@rule(aten.stack.default)
+@rule(aten.stack.default, reads=("tensors",))
 def stack_rule(node: fx.Node, inputs: Inputs) -> Result:
     """Stacking inserts a new dim; inputs sharded alike stay sharded (shifted past it)."""
     tensors = node.args[0]
