@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, Optional, Union
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Optional, Union
 
 import torch
 import torch.fx as fx
@@ -43,7 +43,7 @@ from autotp.rules.matmul import matmul_spec
 if TYPE_CHECKING:  # imported where it is used: a run whose graphs all come from the cache never plans
     import networkx as nx
 
-__all__ = ["plan_graph", "find_candidates", "Candidate"]
+__all__ = ["plan_graph", "find_candidates", "Candidate", "add_rewrites"]
 
 aten = torch.ops.aten
 
@@ -390,6 +390,20 @@ def _build_plan(graph, world, accepted, rejected, seeds, final: Propagation, mod
             spec = _param_spec(node, seeds, entries, final, region_of, rejected)
             spec.module_type = types.get(_module_of(spec.name), "")
             plan.params[spec.name] = spec
+    add_rewrites(plan, graph, final, region_of, gather)
+    for name, grown in accepted:
+        exits = sorted({str(planner_param) for planner_param in _exit_params(grown.prop)})
+        plan.regions.append(Region(name, True, [str(e.param.target) for e in grown.entries], exits, "", _layer_of(name)))
+    for cand, reason in rejected.items():
+        plan.regions.append(Region(cand.module, False, [str(cand.param.target)], [], reason, _layer_of(cand.module)))
+    return plan
+
+
+def add_rewrites(plan: Plan, graph: fx.Graph, final: Propagation, region_of: Mapping[fx.Node, str],
+                 gather: Callable[[int], bool]) -> None:
+    """Record in ``plan`` what the rewrite must do to carry out ``final``: an all-reduce after
+    each Partial node, an all-gather (or a sharded output) per sharded model output, the
+    literal edits, the rank-aware ops and the local slices."""
     for node in final.partials:
         bias = final.answers[node].bias_path
         plan.collectives.append(Collective("all_reduce", node.name, region_of.get(node), list(bias) if bias else None))
@@ -408,16 +422,10 @@ def _build_plan(graph, world, accepted, rejected, seeds, final: Propagation, mod
         for move in answer.redistribute:
             src = arg_at(node, move.path)
             held = final.placements.get(src)
-            held_replicas = held.replicas if isinstance(held, Shard) else world
+            held_replicas = held.replicas if isinstance(held, Shard) else plan.tp_size
             what = f"{src.name} is {held or Replicate()}"
             plan.slices.append(LocalSlice(node.name, list(move.path), move.to, f"{what}, {node.name} needs it {move.to}",
                                           held_replicas))
-    for name, grown in accepted:
-        exits = sorted({str(planner_param) for planner_param in _exit_params(grown.prop)})
-        plan.regions.append(Region(name, True, [str(e.param.target) for e in grown.entries], exits, "", _layer_of(name)))
-    for cand, reason in rejected.items():
-        plan.regions.append(Region(cand.module, False, [str(cand.param.target)], [], reason, _layer_of(cand.module)))
-    return plan
 
 
 def _output_node(graph: fx.Graph) -> fx.Node:

@@ -90,19 +90,14 @@ def communicators(world_size: int, timeout: float = 120.0) -> list[SimulatedComm
 
 
 def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy of ``gm`` with its own graph (nodes, arguments) that shares its tensors: what
-    :func:`autotp.rewrite.rewrite` may edit for one rank while the original serves the next."""
-    tensors = dict(gm.named_parameters(remove_duplicate=False)) | dict(gm.named_buffers(remove_duplicate=False))
-    memo: dict[int, Any] = {id(t): t for t in tensors.values()}
-    for node in gm.graph.nodes:
-        if node.op == "get_attr":
-            value: Any = gm
-            for part in str(node.target).split("."):
-                value = getattr(value, part)
-            memo[id(value)] = value
+    """A copy of ``gm`` with its own graph (nodes, arguments) that shares its tensors and
+    submodules: what :func:`autotp.rewrite.rewrite` may edit for one rank while the original
+    serves the next. (A plain GraphModule: its code, generated from the graph, unflattens inputs
+    and outputs as the original's does.)"""
     with warnings.catch_warnings():  # deepcopying export's pytree specs warns of a deprecated class check
         warnings.simplefilter("ignore", FutureWarning)
-        return copy.deepcopy(gm, memo)
+        graph = copy.deepcopy(gm.graph)  # new nodes; their meta dicts are shallow copies
+    return fx.GraphModule(gm, graph)
 
 
 def rank_graphs(captured: Captured, plan: Plan, model: nn.Module,

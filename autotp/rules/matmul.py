@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from autotp.placement import Partial, Replicate, Shard
+from autotp.placement import Partial, Placement, Replicate, Shard
 from autotp.rules import Cannot, Inputs, Out, Redistribute, Result, ndim, refinable, rule, schema_tensor_args, sizes
 
 aten = torch.ops.aten
@@ -89,17 +89,22 @@ def _sharded_label(node: fx.Node, operands, specs, inputs: Inputs):
     return label, blocks, replicas
 
 
-def _bias_moves(node: fx.Node, bias_at: Optional[int], out: Shard, inputs: Inputs):
-    """A bias broadcasts into the output: it must be sliced like the output's sharded dim."""
+def _bias_moves(node: fx.Node, bias_at: Optional[int], out: Placement, inputs: Inputs):
+    """A bias broadcasts into the output: it must be laid out like the output's sharded dim.
+    Under a Partial output it is added once, whole, after the all-reduce."""
     if bias_at is None or len(node.args) <= bias_at or not isinstance(node.args[bias_at], fx.Node):
         return ()
     bias = node.args[bias_at]
-    if isinstance(inputs[bias], Shard):
-        return ()
-    dim = out.dim - (ndim(node) - ndim(bias))
+    held = inputs[bias]
+    dim = out.dim - (ndim(node) - ndim(bias)) if isinstance(out, Shard) else -1
     if dim < 0 or sizes(bias)[dim] == 1:
+        return () if isinstance(held, Replicate) else Cannot(f"bias is {held} but the matmul output is {out} there")
+    want = out.with_dim(dim)
+    if held == want:
         return ()
-    return (Redistribute((bias_at,), out.with_dim(dim)),)
+    if not refinable(held, want, sizes(bias)[dim], inputs.world_size):
+        return Cannot(f"bias is {held}, the output needs it {want}")
+    return (Redistribute((bias_at,), want),)
 
 
 def matmul_rule(node: fx.Node, inputs: Inputs) -> Result:
@@ -109,9 +114,11 @@ def matmul_rule(node: fx.Node, inputs: Inputs) -> Result:
     others = [v for v in _routing_inputs(node, positions, bias_at) if not isinstance(inputs[v], Replicate)]
     if others:  # grouped matmuls' routing offsets: which rows meet which expert, on every rank
         return Cannot(f"matmul argument {others[0].name} is {inputs[others[0]]}")
-    if bias_at is not None and len(node.args) > bias_at and isinstance(inputs[node.args[bias_at]], Shard):
-        if all(isinstance(inputs[a], Replicate) for a in operands):
-            return Cannot("sharded bias on a replicated matmul")
+    bias = inputs[node.args[bias_at]] if bias_at is not None and len(node.args) > bias_at else Replicate()
+    if not isinstance(bias, (Shard, Replicate)):
+        return Cannot(f"matmul bias placement {bias} not supported")
+    if isinstance(bias, Shard) and all(isinstance(inputs[a], Replicate) for a in operands):
+        return Cannot("sharded bias on a replicated matmul")
     found = _sharded_label(node, operands, specs, inputs)
     if isinstance(found, Cannot):
         return found
@@ -120,6 +127,10 @@ def matmul_rule(node: fx.Node, inputs: Inputs) -> Result:
         return Cannot(f"matmul dim {label!r} selects rather than sums (an expert index): not sharded")
     if label not in out_spec:
         replicas = 1  # partial sums of a chunk held twice would be counted twice: split it fully
+    if build is _grouped_specs and label is not None:
+        refused = _grouped_refusal(node, label, operands, specs, Shard(0, blocks, replicas), inputs.world_size)
+        if refused:
+            return refused
     moves = []
     for pos, arg, spec in zip(positions, operands, specs):
         if label not in spec:
@@ -133,9 +144,32 @@ def matmul_rule(node: fx.Node, inputs: Inputs) -> Result:
         moves.append(Redistribute((pos,), want))
     if label in out_spec:
         out = Shard(out_spec.index(label), blocks, replicas)
-        return Out(out, tuple(moves) + _bias_moves(node, bias_at, out, inputs))
+    else:
+        out = Partial()
+    bias_moves = _bias_moves(node, bias_at, out, inputs)
+    if isinstance(bias_moves, Cannot):
+        return bias_moves
+    if isinstance(out, Shard):
+        return Out(out, tuple(moves) + bias_moves)
     has_bias = bias_at is not None and len(node.args) > bias_at and isinstance(node.args[bias_at], fx.Node)
-    return Out(Partial(), tuple(moves), bias_path=(bias_at,) if has_bias else None)
+    return Out(out, tuple(moves), bias_path=(bias_at,) if has_bias else None)
+
+
+def _grouped_refusal(node: fx.Node, label: str, operands: list[fx.Node], specs: list[Spec], layout: Shard,
+                     world: int) -> Optional[Cannot]:
+    """A grouped matmul's rows are routed to experts by the offsets (row t meets the expert whose
+    range holds t), so they cannot be split; and aten's kernel needs each operand's rows to
+    start on 16-byte boundaries, which a split of the last dim may break."""
+    if label == "t":
+        return Cannot("the rows of a grouped matmul are routed to experts by offsets: not sharded")
+    if node.target is not aten._grouped_mm.default:
+        return None
+    for arg, spec in zip(operands, specs):
+        if spec[-1] == label:
+            local = sizes(arg)[-1] // layout.chunks(world)
+            if local * arg.meta["val"].element_size() % 16:
+                return Cannot(f"grouped matmul rows of {local} elements would not be 16-byte aligned")
+    return None
 
 
 def _routing_inputs(node: fx.Node, positions: tuple[int, ...], bias_at: Optional[int]) -> list[fx.Node]:

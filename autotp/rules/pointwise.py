@@ -74,7 +74,8 @@ def elementwise_rule(node: fx.Node, inputs: Inputs) -> Result:
     """n-ary elementwise with broadcasting (see the module docstring for the maths)."""
     if node.target in DROPOUT and _training(node):
         return Cannot(f"{node.target} in training mode draws a random mask")
-    out_rank = ndim(node)
+    val = node.meta["val"]
+    out_rank = (val[0] if isinstance(val, (tuple, list)) else val).dim()  # native_dropout: (output, mask)
     operands = _operands(node, inputs)
     aligned = []
     for _, arg in operands:
