@@ -146,7 +146,7 @@ def _code_id(obj: Any) -> list[Any]:
             raise Uncacheable(f"{obj.__module__}.{obj.__qualname__} is defined outside an installed package "
                               f"({code.co_filename})")
         wrapped = getattr(obj, "__wrapped__", None)
-        return [where, digest, _code_id(wrapped) if callable(wrapped) and wrapped is not obj else None]
+        return [where, digest, _name_id(wrapped) if callable(wrapped) and wrapped is not obj else None]
     module = sys.modules.get(getattr(obj, "__module__", "") or "")
     name = f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', '?')}"
     if module is not None and module.__name__.split(".")[0] == "autotp":
@@ -235,12 +235,67 @@ def _globals_id(module_name: str, seen: dict[Any, Any], hops: int = 1) -> str:
             functions = sorted((str(name), f) for name, f in v.items() if isinstance(f, types.FunctionType))
             out.append([k, [[name, _code_id(f)] for name, f in functions]])
             reached.update(f.__module__ for _, f in functions)
+        elif isinstance(v, types.ModuleType) and _is_package_module(v):  # ``F.silu(x)``: what its names hold now
+            out.append([k, _namespace_digest(v, seen)])
     if hops > 0:
         package = module_name.split(".")[0]
         for name in sorted(n for n in reached if n and n != module_name and n.split(".")[0] == package):
             out.append([name, _globals_id(name, seen, hops - 1)])
     seen[key] = _digest(out)
     return seen[key]
+
+
+# module name -> (what its names held when it was last described, by identity; the digest)
+_NAMESPACES: dict[str, tuple[tuple, str]] = {}
+
+
+def _namespace_digest(module: types.ModuleType, seen: dict[Any, Any]) -> str:
+    """The digest of the functions and classes a module's names hold now (``torch.nn.functional``
+    as a model's code reaches it through ``F``): replacing ``F.silu`` changes it, and so does
+    putting it back. A module described before is described again only if one of its names
+    holds another object (or function code) than then: ``torch`` alone names ~2000."""
+    key = ("namespace", module.__name__)
+    if key not in seen:
+        with warnings.catch_warnings():  # some modules warn when a deprecated name is touched
+            warnings.simplefilter("ignore")
+            named = [(k, v) for k, v in vars(module).items()
+                     if not k.startswith("__") and isinstance(v, (types.FunctionType, types.BuiltinFunctionType, type))]
+        held = tuple((k, id(v), id(getattr(v, "__code__", None))) for k, v in named)
+        known = _NAMESPACES.get(module.__name__)
+        if known is None or known[0] != held:
+            out = [[k, _name_id(v)] for k, v in sorted(named, key=lambda item: item[0])]
+            known = _NAMESPACES[module.__name__] = (held, _digest(out))
+        seen[key] = known[1]
+    return seen[key]
+
+
+@functools.lru_cache(maxsize=None)
+def _package_roots() -> tuple[str, ...]:
+    paths = sysconfig.get_paths()
+    return tuple({os.path.realpath(paths[k]) for k in ("purelib", "platlib") if k in paths})
+
+
+def _is_package_module(module: types.ModuleType) -> bool:
+    """A module of an installed package (torch, transformers, ...), not of the standard library:
+    the standard library's namespaces change with run-time settings (``warnings.showwarning``
+    under ``catch_warnings``) that shape no graph."""
+    path = getattr(module, "__file__", None)
+    return bool(path) and os.path.realpath(path).startswith(_package_roots())
+
+
+def _name_id(value: Any) -> list[Any]:
+    """What one name of a followed module (or a wrapper's ``__wrapped__``) holds. Python
+    functions as :func:`_code_id` names them (one written outside an installed package makes
+    the model uncacheable: it may be the patch the model calls). Classes and builtins compiled
+    into extensions (``_regex.Match``, a builtin object's method bound to a name) have no
+    source to digest: their names say what they are, and replacing one changes its name."""
+    try:
+        return _code_id(value)
+    except Uncacheable:
+        if isinstance(value, types.FunctionType):
+            raise
+        owner = getattr(value, "__self__", None)
+        return ["compiled", getattr(value, "__module__", None) or type(owner).__name__, value.__qualname__]
 
 
 def _is_registry(value: Any) -> bool:

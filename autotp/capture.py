@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Optional
@@ -39,7 +40,7 @@ from autotp.errors import AutotpError
 from autotp import hf
 
 __all__ = ["capture", "Captured", "bind_inputs", "forward_signature", "structure_key", "fake_skeleton", "meta_twin",
-           "model_device", "CaptureError"]
+           "model_device", "graph_inputs", "CaptureError"]
 
 
 class CaptureError(AutotpError):
@@ -162,18 +163,29 @@ def _as_fake(value: Any, mode: FakeTensorMode, device: torch.device, bump: bool)
     return pytree.tree_map(convert, value)
 
 
+def _dims(value: Any) -> Any:
+    """Export's dynamic-shape spec of one argument: ``Dim.AUTO`` per tensor dim, in the shape of
+    the argument (a registered pytree class, such as a model output, as its list of children)."""
+    if isinstance(value, torch.Tensor):
+        return {d: Dim.AUTO for d in range(value.dim())}
+    if type(value) is dict:
+        return {k: _dims(v) for k, v in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(_dims(v) for v in value)
+    if type(value) in pytree.SUPPORTED_NODES:
+        return [_dims(child) for child in pytree.SUPPORTED_NODES[type(value)].flatten_fn(value)[0]]
+    return None
+
+
 def _dynamic_shapes(model: nn.Module, inputs: Mapping[str, Any]) -> dict[str, Any]:
     """``Dim.AUTO`` on every tensor dim, keyed as export wants: by ``forward``'s parameter
     names, with arguments that land in ``**kwargs`` nested under that parameter's name."""
-
-    def dims(t: Any) -> Any:
-        return {d: Dim.AUTO for d in range(t.dim())} if isinstance(t, torch.Tensor) else None
 
     params = inspect.signature(model.forward).parameters
     var_keyword = next((n for n, p in params.items() if p.kind is inspect.Parameter.VAR_KEYWORD), None)
     shapes: dict[str, Any] = {}
     for name, value in inputs.items():
-        spec = pytree.tree_map(dims, value)
+        spec = _dims(value)
         if name in params or var_keyword is None:
             shapes[name] = spec
         else:
@@ -210,7 +222,11 @@ def capture(
     inputs = normalise_example_inputs(model, example_inputs)
     device = device or model_device(model)
     skeleton, mode = fake_skeleton(model, device)
-    fake_inputs = {k: _as_fake(v, mode, device, bump_unit_dims) for k, v in inputs.items()}
+    passed = graph_inputs(skeleton, inputs)
+    if len(passed) < len(inputs):  # bake the flags **kwargs would take (see graph_inputs)
+        skeleton.__dict__["forward"] = functools.partial(skeleton.forward, **{k: v for k, v in inputs.items()
+                                                                             if k not in passed})
+    fake_inputs = {k: _as_fake(v, mode, device, bump_unit_dims) for k, v in passed.items()}
     name = type(model).__name__
     try:
         with hf.capture_settings(skeleton), _no_stack_traces(), torch.no_grad():
@@ -224,6 +240,18 @@ def capture(
         gm = _drop_unused_tensors(exported.module())
     tensors = [str(n.target) for n in gm.graph.nodes if n.op == "get_attr"]
     return Captured(gm, list(inputs), structure_key(inputs), name, tensors, guards[-1] if guards else None)
+
+
+def graph_inputs(model: nn.Module, inputs: Mapping[str, Any]) -> dict[str, Any]:
+    """The arguments a captured graph of ``model`` takes: ``inputs`` less the values without a
+    tensor that ``forward`` would take in ``**kwargs`` (``return_dict``, ``output_attentions``).
+    Capture bakes those in (they are part of the graph's structure key), because export cannot
+    take them there: it lists each such argument twice when it checks the dynamic shapes."""
+    params = forward_signature(model).parameters
+    named = {n for n, p in params.items() if p.kind is not inspect.Parameter.VAR_KEYWORD}
+    if len(named) == len(params):
+        return dict(inputs)
+    return {k: v for k, v in inputs.items() if k in named or any(isinstance(t, torch.Tensor) for t in pytree.tree_leaves(v))}
 
 
 @contextlib.contextmanager

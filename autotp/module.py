@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.fx as fx
@@ -21,16 +21,16 @@ import torch.nn as nn
 
 from autotp import cache as graph_cache
 from autotp import hf
-from autotp.capture import bind_inputs, capture, forward_signature, meta_twin, structure_key
+from autotp.capture import bind_inputs, capture, forward_signature, graph_inputs, meta_twin, structure_key
 from autotp.errors import AutotpError
 from autotp.generation import CacheIO, cache_argument, cached_inputs, example_like, is_cache, phase_of, read_cache, write_cache
 from autotp.group import TPContext, check_same_plan, share_rng
 from autotp.health import PeerFailure, mark_failed
 from autotp.kernels import kernel_pass
-from autotp.loading import load_into
+from autotp.loading import LoadError, load_into, named_tensors
 from autotp.placement import Placement, Replicate, parse_placement
 from autotp.plan import Plan
-from autotp.planner import plan_graph
+from autotp.planner import plan_graph, plan_with_placements
 from autotp.rewrite import rewrite
 
 __all__ = ["TensorParallelModule"]
@@ -45,17 +45,18 @@ def placements(plan: Plan, prefix: str = "") -> dict[str, Placement]:
 
 
 class _LocalSource:
-    """Tensors already local to this rank, from another graph of the same model."""
+    """Tensors already local to this rank (``rename``: a graph's name -> the model's)."""
 
-    def __init__(self, gm: fx.GraphModule, prefix: str = "") -> None:
-        self.prefix = prefix
-        self.tensors = dict(gm.named_parameters(remove_duplicate=False)) | dict(gm.named_buffers(remove_duplicate=False))
+    def __init__(self, tensors: dict[str, torch.Tensor], rename: Callable[[str], str]) -> None:
+        self.tensors, self.rename = tensors, rename
 
     def has(self, name: str) -> bool:
-        return name.removeprefix(self.prefix) in self.tensors
+        return self.rename(name) in self.tensors
 
     def read(self, name: str, placement: Placement, rank: int, world_size: int) -> torch.Tensor:
-        return self.tensors[name.removeprefix(self.prefix)]
+        if self.rename(name) not in self.tensors:
+            raise LoadError(f"this rank holds no data for {self.rename(name)!r}")
+        return self.tensors[self.rename(name)]
 
 
 class TensorParallelModule(nn.Module):
@@ -105,33 +106,66 @@ class TensorParallelModule(nn.Module):
         inputs = bind_inputs(self._source, args, kwargs, self._signature)
         if self._cache_arg and is_cache(inputs.get(self._cache_arg)):
             return self._cached_call(inputs)
+        return self._plain_call("", inputs)
+
+    def call_submodule(self, path: str, *args: Any, **kwargs: Any) -> Any:
+        """Call the submodule at ``path`` of the handed-over model on this rank's pieces of its
+        tensors: its own graph is captured and planned on first use, with the parameters laid
+        out as this rank holds them (an encoder-decoder's ``generate()`` calls the encoder)."""
+        with _reported_failure():
+            return self._plain_call(path, bind_inputs(self._source.get_submodule(path), args, kwargs))
+
+    def _plain_call(self, path: str, inputs: dict[str, Any]) -> Any:
+        """A call without a cache of the model (``path`` empty) or of one of its submodules."""
         inputs.pop("use_cache", None)  # plain calls return no cache (see generate() for cached decoding)
-        key = structure_key(inputs)
+        as_tuple = inputs.pop("return_dict", None) is False  # the output type is applied here, not captured
+        key = ("submodule", path, structure_key(inputs)) if path else structure_key(inputs)
         gm = self._graphs.get(key)
         if gm is None:
-            gm = self._graph_for(key, inputs)
-        return gm(**inputs)
+            gm = self._graph_for(path, key, inputs)
+        out = gm(**graph_inputs(self._source.get_submodule(path), inputs))
+        return out.to_tuple() if as_tuple and hasattr(out, "to_tuple") else out
 
-    def _graph_for(self, key: tuple, inputs: dict[str, Any]) -> fx.GraphModule:
-        """A call with other arguments than the capture's: capture and plan again (all ranks do)."""
-        slot = self._slot(key, self._twin, inputs, graph="other call", gather_outputs=self._gather_outputs)
+    def _graph_for(self, path: str, key: tuple, inputs: dict[str, Any]) -> fx.GraphModule:
+        """A call with other arguments than the capture's, or of a submodule: capture and plan
+        again (all ranks do). A submodule keeps the placements this rank holds its tensors in."""
+        twin = self._twin.get_submodule(path) if path else self._twin
+        held = self._held_placements(path) if path else None
+        settings = dict(graph=f"submodule {path}" if path else "other call", gather_outputs=self._gather_outputs)
+        if held is not None:
+            settings["placements"] = sorted((name, str(p)) for name, p in held.items())
+        slot = self._slot(key, twin, inputs, **settings)
+        rename = (lambda name: f"{path}.{name}") if path else (lambda name: name)
         hit = slot.get(self._ctx.comm)
         if hit is not None:
-            return self._install(key, hit.graph_module, hit.plan, slot=slot)
-        captured = capture(self._twin, inputs, device=self._ctx.device, bump_unit_dims=True)
-        plan = plan_graph(captured.graph, self.tp_size, model=self.plan.model, inputs=captured.input_names,
-                          gather_outputs=self._gather_outputs)
-        return self._install(key, captured, plan, slot=slot)
+            return self._install(key, hit.graph_module, hit.plan, rename, slot=slot)
+        captured = capture(twin, inputs, device=self._ctx.device, bump_unit_dims=True)
+        label = f"{self.plan.model}.{path}" if path else self.plan.model
+        if held is not None:
+            plan = plan_with_placements(captured.graph, self.tp_size, held, model=label, inputs=captured.input_names,
+                                        gather_outputs=True)
+        else:
+            plan = plan_graph(captured.graph, self.tp_size, model=label, inputs=captured.input_names,
+                              gather_outputs=self._gather_outputs)
+        return self._install(key, captured, plan, rename, slot=slot)
+
+    def _held_placements(self, path: str) -> dict[str, Placement]:
+        """How this rank holds each tensor of the submodule at ``path``, by its name there (a
+        tied tensor is known to the plan under another name: it is found by identity)."""
+        by_id = {id(t): self.plan.params[name].placement for name, t in named_tensors(self._source).items()
+                 if name in self.plan.params}
+        return {name: by_id.get(id(t), Replicate()) for name, t in named_tensors(self._source.get_submodule(path)).items()}
 
     def _slot(self, key: tuple, model: nn.Module, inputs: dict[str, Any], **settings: Any) -> graph_cache.CacheSlot:
         return graph_cache.slot(self._use_cache, model, inputs, tp_size=self.tp_size, rank=self.rank,
                                 device=str(self._ctx.device), **settings)
 
-    def _install(self, key: tuple, captured: Any, plan: Plan, prefix: str = "",
+    def _install(self, key: tuple, captured: Any, plan: Plan, rename: Callable[[str], str] = lambda name: name,
                  slot: Optional[graph_cache.CacheSlot] = None, extra: Optional[dict[str, Any]] = None) -> fx.GraphModule:
-        """Check ``plan`` against the first graph's, rewrite ``captured`` (a Captured), or take
-        it as rewritten (a graph module from the cache), and load it from the first graph."""
-        mine, theirs = placements(plan, prefix), placements(self.plan)
+        """Check ``plan`` against the first graph's (``rename``: a name in ``plan`` -> the model's),
+        rewrite ``captured`` (a Captured), or take it as rewritten (a graph module from the
+        cache), and load it with the tensors this rank already holds."""
+        mine, theirs = {rename(n): p for n, p in placements(plan).items()}, placements(self.plan)
         differ = sorted(n for n in mine.keys() & theirs.keys() if mine[n] != theirs[n])  # constants differ by graph
         if differ:
             raise AutotpError(
@@ -148,9 +182,16 @@ class TensorParallelModule(nn.Module):
                 slot.put(gm, plan, captured.guards, extra)
         if slot is not None:
             self.graph_cache[key] = slot.status
-        load_into(gm, plan, self.rank, _LocalSource(self.graph_module, prefix), then=kernel_pass(self._ctx.kernels))
+        load_into(gm, plan, self.rank, _LocalSource(self._held_tensors(), rename), then=kernel_pass(self._ctx.kernels))
         self._graphs[key] = gm
         return gm
+
+    def _held_tensors(self) -> dict[str, torch.Tensor]:
+        """This rank's tensors by every name: the first graph's, and the handed-over model's
+        (which are the same objects, under tied names too)."""
+        held = {n: t for n, t in named_tensors(self._source).items() if t.device.type != "meta"}
+        return held | dict(self.graph_module.named_parameters(remove_duplicate=False)) | dict(
+            self.graph_module.named_buffers(remove_duplicate=False))
 
     # ---- cached calls -----------------------------------------------------------------------
     def _cached_call(self, inputs: dict[str, Any]) -> Any:
@@ -218,7 +259,7 @@ class TensorParallelModule(nn.Module):
             raise AutotpError(f"the {phase} graph shards the cache differently from the first prefill graph")
         extra = {"layout": [(shape, str(p)) for shape, p in layout],
                  "input_layout": [str(p) for p in inputs_layout] if inputs_layout else []}
-        return self._install(key, graph, plan, prefix="model.", slot=slot, extra=extra)
+        return self._install(key, graph, plan, lambda name: name.removeprefix("model."), slot=slot, extra=extra)
 
     # ---- generation -------------------------------------------------------------------------
     def generate(self, *args: Any, **kwargs: Any) -> Any:
@@ -231,6 +272,10 @@ class TensorParallelModule(nn.Module):
             raise AttributeError(f"{type(self._source).__name__} has no generate()")
         if not self._gather_outputs:
             raise AutotpError("generate() reads whole logits: parallelize with gather_outputs=True to generate")
+        if getattr(getattr(self._source, "config", None), "is_encoder_decoder", False):
+            # the cached graphs carry a decoder-only cache; an encoder-decoder decodes without one
+            # (each step runs the decoder over every token so far: exact, quadratic)
+            kwargs.setdefault("use_cache", False)
         with _reported_failure():
             share_rng(self._ctx)
             return self._source.generate(*args, **kwargs)

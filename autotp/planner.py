@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Optional, Union
 import torch
 import torch.fx as fx
 
+from autotp.errors import AutotpError
 from autotp.placement import Partial, Placement, Replicate, Shard, divides
 from autotp.plan import ArgEdit, Collective, LocalOp, LocalSlice, ParamSpec, Plan, Region, ShardedInput, ShardedOutput
 from autotp.propagate import Propagation, arg_at, propagate
@@ -43,7 +44,7 @@ from autotp.rules.matmul import matmul_spec
 if TYPE_CHECKING:  # imported where it is used: a run whose graphs all come from the cache never plans
     import networkx as nx
 
-__all__ = ["plan_graph", "find_candidates", "Candidate", "add_rewrites"]
+__all__ = ["plan_graph", "plan_with_placements", "find_candidates", "Candidate", "add_rewrites"]
 
 aten = torch.ops.aten
 
@@ -375,6 +376,26 @@ def plan_graph(
                        lambda i: gather_outputs and i not in keep)
     plan.sharded_inputs = [ShardedInput(n.name, p) for n, p in seeds.items() if n.op == "placeholder"]
     return plan
+
+
+def plan_with_placements(graph: fx.Graph, world_size: int, fixed: Mapping[str, Placement], *, model: str = "",
+                         inputs: Optional[list[str]] = None, gather_outputs: bool = True) -> Plan:
+    """A plan for a graph whose parameters are already laid out: those in ``fixed`` as given,
+    every other one replicated. It is how a submodule of a planned model runs on the pieces
+    this rank holds: propagation from the given placements decides the rest (local slices,
+    all-reduces, gathered outputs), and no parameter is laid out anew.
+
+    Raises:
+        AutotpError: the graph cannot compute with these placements (an op with no rule meets
+            a sharded value, or a sharded output cannot be gathered).
+    """
+    seeds = {n: fixed[str(n.target)] for n in graph.nodes
+             if n.op == "get_attr" and isinstance(fixed.get(str(n.target)), (Shard, Partial))}
+    final = propagate(graph, seeds, world_size)
+    if not final.ok:
+        raise AutotpError(f"{model or 'the module'} cannot compute with this rank's pieces of its parameters: "
+                          f"{final.failure}")
+    return _build_plan(graph, world_size, [], {}, seeds, final, model, inputs or [], lambda _: gather_outputs)
 
 
 def _build_plan(graph, world, accepted, rejected, seeds, final: Propagation, model, inputs, gather) -> Plan:

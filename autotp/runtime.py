@@ -9,6 +9,7 @@ only this rank's file. Both return a :class:`~autotp.module.TensorParallelModule
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from typing import Any, Optional
@@ -105,17 +106,36 @@ def _build(
 def _hand_over(model: nn.Module, tp_model: TensorParallelModule, names: list[str]) -> None:
     """The model object keeps no full copy of what this rank holds a piece of: its tensors
     become this rank's (so ``model.device`` and ``model.generate`` still work), and its calls
-    route to ``tp_model``, so using the original object computes correctly too."""
+    route to ``tp_model``, so using the original object computes correctly too. So do the calls
+    of every submodule that holds a piece (``model.get_input_embeddings()(ids)``, the encoder an
+    encoder-decoder's ``generate()`` calls): a piece is never used as if it were whole."""
     local = dict(tp_model.graph_module.named_parameters(remove_duplicate=False))
     local |= dict(tp_model.graph_module.named_buffers(remove_duplicate=False))
     ModuleSource(model).release(names, local)
+    _route(model, lambda *args, **kwargs: tp_model(*args, **kwargs))
+    for path in _holding_pieces(model, tp_model.plan):
+        _route(model.get_submodule(path), functools.partial(tp_model.call_submodule, path))
 
+
+def _route(module: nn.Module, call: Any) -> None:
     def routed(*args: Any, **kwargs: Any) -> Any:
-        return tp_model(*args, **kwargs)
+        return call(*args, **kwargs)
 
-    # generate() inspects forward's parameters (to pass position_ids, ...): show the model's own
-    routed.__signature__ = forward_signature(model)  # type: ignore[attr-defined]
-    model.__dict__["forward"] = routed
+    # generate() inspects forward's parameters (to pass position_ids, ...): show the module's own
+    routed.__signature__ = forward_signature(module)  # type: ignore[attr-defined]
+    module.__dict__["forward"] = routed
+
+
+def _holding_pieces(model: nn.Module, plan: Plan) -> list[str]:
+    """Paths of the submodules (with a forward of their own) that hold a sharded tensor."""
+    tensors = named_tensors(model)
+    sharded = {id(tensors[s.name]) for s in plan.sharded_params() if s.name in tensors}
+    paths = set()
+    for name, t in tensors.items():
+        if id(t) in sharded:
+            parts = name.split(".")[:-1]
+            paths.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    return sorted(p for p in paths if type(model.get_submodule(p)).forward is not nn.Module.forward)
 
 
 def parallelize(

@@ -32,7 +32,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from autotp.capture import Captured, capture, normalise_example_inputs
+from autotp.capture import Captured, capture, graph_inputs, normalise_example_inputs
 from autotp.collectives import Communicator
 from autotp.loading import ModuleSource, load_into
 from autotp.plan import Plan
@@ -111,16 +111,18 @@ def rank_graphs(captured: Captured, plan: Plan, model: nn.Module,
     return graphs
 
 
-def run_ranks_in_threads(fn: Callable[[int], Any], world_size: int) -> list[Any]:
+def run_ranks_in_threads(fn: Callable[[int], Any], world_size: int,
+                         comms: Sequence[SimulatedCommunicator] = ()) -> list[Any]:
     """``fn(rank)`` for every rank at once, one thread each; every rank's result in rank order.
+    ``comms``: the communicators the ranks meet through.
 
     Raises:
-        the first exception a rank raised (the others, left waiting at a barrier, are released
-        by breaking it, and their ``BrokenBarrierError`` is not reported).
+        the first exception a rank raised (the others, left waiting at the barrier of
+        ``comms``, are released by breaking it, and their ``BrokenBarrierError`` is not
+        reported).
     """
     results: list[Any] = [None] * world_size
     errors: list[tuple[int, BaseException]] = []
-    barriers: list[threading.Barrier] = []
 
     def run(rank: int) -> None:
         try:
@@ -128,8 +130,8 @@ def run_ranks_in_threads(fn: Callable[[int], Any], world_size: int) -> list[Any]
                 results[rank] = fn(rank)
         except BaseException as exc:  # noqa: BLE001 - reported to the caller below
             errors.append((rank, exc))
-            for barrier in barriers:
-                barrier.abort()
+            for comm in comms:
+                comm.meeting.barrier.abort()
 
     threads = [threading.Thread(target=run, args=(rank,), name=f"autotp-rank-{rank}") for rank in range(world_size)]
     if world_size == 1:
@@ -177,6 +179,8 @@ def simulate(model: nn.Module, inputs: Any, tp_size: int, *, example_inputs: Any
     captured = capture(model, call if example_inputs is None else example_inputs)
     plan = plan_graph(captured.graph, tp_size, model=type(model).__name__, inputs=captured.input_names,
                       gather_outputs=gather_outputs)
-    graphs = rank_graphs(captured, plan, model, communicators(tp_size, timeout))
-    outputs = run_ranks_in_threads(lambda rank: graphs[rank](**call), tp_size)
+    comms = communicators(tp_size, timeout)
+    graphs = rank_graphs(captured, plan, model, comms)
+    taken = graph_inputs(model, call)
+    outputs = run_ranks_in_threads(lambda rank: graphs[rank](**taken), tp_size, comms)
     return Simulation(outputs, plan, graphs)

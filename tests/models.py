@@ -45,6 +45,24 @@ def hf_model(name: str, seed: int = 0, device: str | None = None) -> nn.Module:
     return AutoModelForCausalLM.from_config(config).eval()
 
 
+SEQ2SEQ_CONFIGS = {
+    "t5": dict(d_model=64, d_ff=128, num_layers=2, num_heads=4, d_kv=16, vocab_size=128, decoder_start_token_id=0,
+               pad_token_id=0),
+    "bart": dict(d_model=64, encoder_ffn_dim=128, decoder_ffn_dim=128, encoder_layers=2, decoder_layers=2,
+                 encoder_attention_heads=4, decoder_attention_heads=4, vocab_size=128, max_position_embeddings=64),
+}
+
+
+def seq2seq_model(name: str, seed: int = 0) -> nn.Module:
+    """A tiny seeded encoder-decoder (T5, BART) from its config class."""
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    torch.manual_seed(seed)
+    return AutoModelForSeq2SeqLM.from_config(AutoConfig.for_model(name, **SEQ2SEQ_CONFIGS[name])).eval()
+
+
 def num_layers(name: str) -> int:
     cfg = HF_CONFIGS[name]
     return cfg.get("num_hidden_layers", cfg.get("n_layer"))

@@ -132,6 +132,24 @@ def test_methods_and_functions_patched_after_import_change_the_key(monkeypatch: 
         _key(hf_model("llama"))
 
 
+def test_a_torch_function_patched_through_its_module_changes_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``F.silu = F.gelu`` (issue 13: a cache hit computed with the function the capture saw):
+    the key follows the modules a model's code names (``F``, ``nn``, ``torch``) to what their
+    names hold now, both ways: patching changes the key, and so does undoing it."""
+    import torch.nn.functional as F
+
+    base = _key(hf_model("llama"))
+    monkeypatch.setattr(F, "silu", F.gelu)
+    patched = _key(hf_model("llama"))
+    monkeypatch.setattr(torch, "matmul", torch.mm)
+    assert len({base, patched, _key(hf_model("llama"))}) == 3
+    monkeypatch.undo()
+    assert _key(hf_model("llama")) == base
+    monkeypatch.setattr(F, "silu", lambda x, inplace=False: x)  # written in a script: never cached
+    with pytest.raises(graph_cache.Uncacheable, match="outside an installed package"):
+        _key(hf_model("llama"))
+
+
 def test_ties_shared_modules_registries_and_environment_are_in_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
     import functools
 

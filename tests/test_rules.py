@@ -130,8 +130,16 @@ def test_colwise_bias_is_sliced_with_the_output():
     ([Shard(1), Shard(1)], Partial()),        # row-parallel experts: the intermediate dim
     ([Replicate(), Shard(2)], Shard(1)),      # column-parallel experts
     ([Replicate(), Shard(0)], Cannot),        # the expert dim selects rows: never sharded
-], ids=["rowwise", "colwise", "expert-dim"])
+    ([Shard(0), Replicate()], Cannot),        # the rows are routed to experts by the offsets
+], ids=["rowwise", "colwise", "expert-dim", "rows"])
 def test_grouped_mm_of_experts(placements, expected):
-    got = answer(lambda x, w: torch._grouped_mm(x, w, OFFSETS), [(8, 16), (2, 16, 8)], aten._grouped_mm.default,
+    got = answer(lambda x, w: torch._grouped_mm(x, w, OFFSETS), [(8, 32), (2, 32, 16)], aten._grouped_mm.default,
                  placements, 2, torch.bfloat16)  # the CPU kernel is bf16-only
     assert isinstance(got, Cannot) if expected is Cannot else got.placement == expected
+
+
+def test_grouped_mm_keeps_rows_16_byte_aligned():
+    # (2, 16, 8) split in 2 on its last dim gives rows of 4 bf16 = 8 bytes: aten's kernel raises
+    got = answer(lambda x, w: torch._grouped_mm(x, w, OFFSETS), [(8, 16), (2, 16, 8)], aten._grouped_mm.default,
+                 [Replicate(), Shard(2)], 2, torch.bfloat16)
+    assert isinstance(got, Cannot) and "16-byte" in got.reason

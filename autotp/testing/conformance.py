@@ -363,7 +363,7 @@ def check_graph(gm: fx.GraphModule, tensors: Sequence[torch.Tensor], seeds: dict
     try:
         graphs = [rewrite(copy_graph_module(gm), plan, rank, comm=comms[rank]) for rank in range(world)]
         local = _local_inputs(tensors, placeholders, seeds, world)
-        outputs = run_ranks_in_threads(lambda rank: graphs[rank](*local[rank]), world)
+        outputs = run_ranks_in_threads(lambda rank: graphs[rank](*local[rank]), world, comms)
     except Exception as exc:  # an accepted placement the rewritten graph cannot run
         return prop, accepted, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     expected = gm(*tensors)

@@ -117,8 +117,9 @@ def _check_tp(spec: dict[str, Any], model: torch.nn.Module, captured: Any, calls
               references: list[torch.Tensor], tp: int) -> Outcome:
     try:
         plan = plan_graph(captured.graph, tp, model="fuzz", inputs=captured.input_names)
-        graphs = rank_graphs(captured, plan, model, communicators(tp, timeout=60))
-        per_call = [run_ranks_in_threads(lambda rank, x=x: graphs[rank](x), tp) for x in calls]
+        comms = communicators(tp, timeout=60)
+        graphs = rank_graphs(captured, plan, model, comms)
+        per_call = [run_ranks_in_threads(lambda rank, x=x: graphs[rank](x), tp, comms) for x in calls]
     except AutotpError as exc:
         return Outcome(tp, "refused", str(exc).splitlines()[0])
     except Exception as exc:  # noqa: BLE001 - classified

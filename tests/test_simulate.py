@@ -1,0 +1,72 @@
+"""The in-process simulator (autotp.simulate): every rank's graph in one process.
+
+- At tp 2 it is bit for bit what real ranks compute over gloo (one addition per all-reduced
+  element commutes), with the same GEMM (``AUTOTP_KERNELS=aten``) and one thread.
+- At tp 4 gloo's ring adds the ranks' partial sums in another association than rank order:
+  the results agree to rounding, which the contract's bound covers.
+- A rank that raises stops the others: the simulation raises that error, it never hangs.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+
+import autotp
+from autotp.simulate import communicators, run_ranks_in_threads, simulate
+from distributed import run_ranks
+from models import assert_close_to, hf_model, token_ids
+
+
+def gloo_worker(rank: int, world: int) -> torch.Tensor:
+    os.environ.update(AUTOTP_KERNELS="aten", AUTOTP_ALLREDUCE="gloo")
+    with torch.no_grad():
+        return autotp.parallelize(hf_model("llama"), cache=False)(token_ids(2, 8)).logits
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("world", [2, 4])
+def test_simulated_ranks_compute_what_gloo_ranks_compute(world: int) -> None:
+    real = run_ranks(gloo_worker, world)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each real rank runs
+    try:
+        sim = simulate(hf_model("llama"), token_ids(2, 8), world)
+    finally:
+        torch.set_num_threads(threads)
+    for rank, (ours, theirs) in enumerate(zip(sim.outputs, real)):
+        if world == 2:
+            assert torch.equal(ours.logits, theirs), f"rank {rank}: not bit-identical to gloo"
+        else:
+            assert_close_to(theirs, ours.logits)
+
+
+def test_replicated_results_are_identical_on_every_rank() -> None:
+    sim = simulate(hf_model("qwen2"), token_ids(2, 8), 4)
+    assert all(torch.equal(out.logits, sim.outputs[0].logits) for out in sim.outputs[1:])
+
+
+def test_a_rank_that_raises_stops_the_others() -> None:
+    comms = communicators(3, timeout=60)
+
+    def step(rank: int) -> torch.Tensor:
+        if rank == 1:
+            raise ValueError("rank 1 broke")
+        return comms[rank].all_reduce_(torch.ones(4))  # ranks 0 and 2 wait for rank 1 here
+
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="rank 1 broke"):
+        run_ranks_in_threads(step, 3, comms)
+    assert time.perf_counter() - start < 10
+
+
+def test_collectives_sum_in_rank_order_and_gather_chunks() -> None:
+    comms = communicators(4)
+    pieces = [torch.full((2,), float(r + 1)) for r in range(4)]
+    summed = run_ranks_in_threads(lambda r: comms[r].all_reduce_(pieces[r].clone()), 4, comms)
+    assert all(torch.equal(s, torch.full((2,), 10.0)) for s in summed)
+    gathered = run_ranks_in_threads(lambda r: comms[r].all_gather(pieces[r], 0, replicas=2), 4, comms)
+    assert all(torch.equal(g, torch.tensor([1.0, 1.0, 3.0, 3.0])) for g in gathered)  # one piece per pair
