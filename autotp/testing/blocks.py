@@ -363,8 +363,8 @@ def _sample_direct(rng: random.Random, dim: int) -> Config:
 
 
 class MoE(nn.Module):
-    """Top-k routing over stacked experts run densely with ``bmm``, combined by the routing
-    weights scattered into a dense (tokens, experts) matrix."""
+    """Top-k routing over stacked experts: run densely with ``bmm`` and combined by the routing
+    weights scattered into a (tokens, experts) matrix, or token-expert pairs sorted by expert."""
 
     def __init__(self, c: Config, dim: int) -> None:
         super().__init__()
@@ -377,15 +377,30 @@ class MoE(nn.Module):
         flat = x.reshape(-1, D)
         probs = self.router(flat).softmax(-1)
         top, index = probs.topk(self.c["top_k"], dim=-1)
+        if self.c["dispatch"] == "sorted":
+            return self._sorted(flat, top, index).view(B, T, D)
         weights = torch.zeros_like(probs).scatter(1, index, top / top.sum(-1, keepdim=True))
         h = torch.bmm(flat.unsqueeze(0).expand(self.c["experts"], -1, -1), self.w_up)
         out = torch.bmm(F.silu(h), self.w_down)  # (experts, tokens, dim)
         return (out * weights.t().unsqueeze(-1)).sum(0).view(B, T, D)
 
+    def _sorted(self, flat: torch.Tensor, top: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Each (token, expert) pair as a row, rows sorted by expert: gather the tokens and the
+        experts' weights with ``index_select``, add the results back with ``index_add``."""
+        expert = index.reshape(-1)
+        order = expert.argsort(stable=True)
+        token = torch.arange(flat.shape[0]).repeat_interleave(self.c["top_k"]).index_select(0, order)
+        chosen = expert.index_select(0, order)
+        h = torch.bmm(flat.index_select(0, token).unsqueeze(1), self.w_up.index_select(0, chosen))
+        out = torch.bmm(F.silu(h), self.w_down.index_select(0, chosen)).squeeze(1)  # (pairs, dim)
+        scale = top.reshape(-1).index_select(0, order).unsqueeze(-1)
+        return torch.zeros_like(flat).index_add(0, token, out * scale)
+
 
 def _sample_moe(rng: random.Random, dim: int) -> Config:
     experts = rng.choice([2, 3, 4])
-    return dict(experts=experts, top_k=rng.choice(range(1, experts + 1)), width=rng.choice(WIDTHS))
+    return dict(experts=experts, top_k=rng.choice(range(1, experts + 1)), width=rng.choice(WIDTHS),
+                dispatch=rng.choice(["dense", "sorted"]))
 
 
 # Layout ops on a projection ``h`` of shape (B, T, W): name -> (op, output width, valid widths).
