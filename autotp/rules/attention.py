@@ -14,7 +14,7 @@ groups of ranks (``replicas``) are how 2 kv heads serve 4 ranks.
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Iterator, Union
 
 import torch
 import torch.fx as fx
