@@ -4,6 +4,10 @@
     python scripts/conformance.py --dtypes float32 float64 --tp 2 3 --shared-tp 4
     python scripts/conformance.py --only div add        # some OpInfos, every failure printed
 
+It runs in a process of its own in the tests: importing PyTorch's OpInfo database also
+imports torch's internal test utilities, which change global torch state (they forbid
+setting torch.backends flags outside a context manager).
+
 Prints the ops reached, samples, placements checked and refused, and every failure (the sample,
 tp, input placements, and which rank's output differs). Exits 1 on any failure.
 See autotp/testing/conformance.py for what is checked.
@@ -13,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import logging
 import sys
+from pathlib import Path
 
 import torch
 
@@ -28,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-op", type=int, default=None, help="at most this many samples per OpInfo and dtype")
     parser.add_argument("--no-hand", action="store_true", help="skip the hand-written samples")
     parser.add_argument("--pytorch-sizes", action="store_true", help="OpInfo's own sizes (5, 10, 20: few placements split)")
+    parser.add_argument("--json", help="also write the report (counts per op, failures) to this file")
     args = parser.parse_args(argv)
     logging.disable(logging.CRITICAL)  # fake-tensor tracing logs every sample it cannot run
 
@@ -44,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
         dtypes = tuple(getattr(torch, d) for d in args.dtypes)
         report = conformance.run(itertools.chain(hand, conformance.opinfo_samples(dtypes, args.per_op, args.only, sizes)),
                                  args.tp, args.shared_tp)
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(
+            summary=report.summary(), samples=report.samples, placements=report.placements, failures=report.failures,
+            checked=dict(report.checked), refused=dict(report.refused), seconds=report.seconds)))
     for failure in report.failures:
         print("FAIL", failure)
     print(report.summary())

@@ -21,12 +21,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def _check(arch: str, rank: int, world: int) -> dict:
+def _model_and_inputs(arch: str) -> tuple:
+    """The seeded model of ``arch``, its inputs, and its unsharded output."""
     import torch
 
-    import autotp
-    from autotp.collectives import count_collectives
-    from autotp.planner import collapse_layers
     from arch_configs import build
 
     model = build(arch)
@@ -36,16 +34,19 @@ def _check(arch: str, rank: int, world: int) -> dict:
     if getattr(config, "is_encoder_decoder", False):
         inputs["decoder_input_ids"] = ids[:, :7].clone()
     with torch.no_grad():
-        out = model(**inputs)
-        reference = out.logits if hasattr(out, "logits") else out[0]
-        total = sum(p.numel() * p.element_size() for p in model.parameters())
-        start = time.perf_counter()
-        tp_model = autotp.parallelize(model, inputs)
-        seconds = time.perf_counter() - start
-        got = tp_model(**inputs)
-        got = got.logits if hasattr(got, "logits") else got[0]
-    plan = tp_model.plan
-    diff = (got - reference).abs().max().item()
+        return model, inputs, _logits(model(**inputs))
+
+
+def _logits(out):
+    return out.logits if hasattr(out, "logits") else out[0]
+
+
+def _summary(arch: str, world: int, model, plan, graph, reference, outputs: list, seconds: float) -> dict:
+    """What the matrix reports of one architecture at one tp, from the outputs of its ranks."""
+    from autotp.collectives import count_collectives
+    from autotp.planner import collapse_layers
+
+    diff = max((got - reference).abs().max().item() for got in outputs)
     scale = reference.abs().max().item()
     per_layer = [v for k, v in plan.all_reduces_per_layer().items() if k != "(outside layers)"]
     reasons = Counter(collapse_layers(f"{r.name}: {r.reason.split(' (at ')[0]}") for r in plan.regions if not r.sharded)
@@ -54,9 +55,35 @@ def _check(arch: str, rank: int, world: int) -> dict:
         arch=arch, exact=diff <= 1e-4 * scale, diff=diff, scale=scale,
         sharded_fraction=sharded / max(1, plan.bytes_unsharded()),
         per_rank_ratio=plan.bytes_per_rank() / (plan.bytes_unsharded() / world),
-        all_reduces=sorted(set(per_layer)), collectives=count_collectives(tp_model.graph_module).get("all_reduce", 0),
-        reasons=sorted(reasons), seconds=seconds, params=total,
+        all_reduces=sorted(set(per_layer)), collectives=count_collectives(graph).get("all_reduce", 0),
+        reasons=sorted(reasons), seconds=seconds, params=sum(p.numel() * p.element_size() for p in model.parameters()),
     )
+
+
+def _check(arch: str, rank: int, world: int) -> dict:
+    """One rank's view of ``arch`` parallelized over real ranks."""
+    import torch
+
+    import autotp
+
+    model, inputs, reference = _model_and_inputs(arch)
+    start = time.perf_counter()
+    with torch.no_grad():
+        tp_model = autotp.parallelize(model, inputs)
+        seconds = time.perf_counter() - start
+        got = _logits(tp_model(**inputs))
+    return _summary(arch, world, model, tp_model.plan, tp_model.graph_module, reference, [got], seconds)
+
+
+def check_simulated(arch: str, world: int) -> dict:
+    """``arch`` with every rank simulated in this process (autotp.simulate): what the tests run."""
+    from autotp.simulate import simulate
+
+    model, inputs, reference = _model_and_inputs(arch)
+    start = time.perf_counter()
+    sim = simulate(model, inputs, world)
+    return _summary(arch, world, model, sim.plan, sim.graphs[0], reference, [_logits(o) for o in sim.outputs],
+                    time.perf_counter() - start)
 
 
 def worker(rank: int, world: int, archs: list[str]) -> list[dict]:
