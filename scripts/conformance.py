@@ -1,6 +1,6 @@
 """Rule conformance on PyTorch's OpInfo samples, from the command line.
 
-    python scripts/conformance.py                       # what CI runs (fp32 at tp 2, 3; fp64 at tp 2)
+    python scripts/conformance.py                       # what CI runs (fp32 at tp 2, 3; fp64 at tp 2, no in-place)
     python scripts/conformance.py --dtypes float32 float64 --tp 2 3 --shared-tp 4
     python scripts/conformance.py --only div add        # some OpInfos, every failure printed
 
@@ -45,8 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.dtypes is None:  # the CI configuration
         report = conformance.run(itertools.chain(hand, conformance.opinfo_samples(
             (torch.float32,), args.per_op, args.only, sizes)), args.tp, args.shared_tp)
-        report += conformance.run(conformance.opinfo_samples((torch.float64,), args.per_op, args.only, sizes),
-                                  args.tp[:1], ())
+        report += conformance.run(conformance.opinfo_samples((torch.float64,), args.per_op, args.only, sizes,
+                                                             with_inplace=False), args.tp[:1], ())
     else:
         dtypes = tuple(getattr(torch, d) for d in args.dtypes)
         report = conformance.run(itertools.chain(hand, conformance.opinfo_samples(dtypes, args.per_op, args.only, sizes)),

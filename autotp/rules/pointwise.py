@@ -6,7 +6,9 @@ tensors only as single ``Tensor`` / ``Tensor?`` arguments, and that draws no ran
 A short table adds the elementwise ops that carry no tag (casts, copies, composite ops such
 as ``rsub.Tensor``). Either way *every* tensor argument the schema names is an operand, so
 no argument can be overlooked: an op filed as one-tensor that takes two would read one and
-compute wrong. The conformance test checks the family against PyTorch's OpInfo samples.
+compute wrong. In-place forms (``add_``, ``mul_``, ``copy_``) are found the same way: an op
+that writes into ``self`` alone and whose functional form is elementwise. The conformance
+test checks both against PyTorch's OpInfo samples.
 
 Broadcasting maths: operands align from the right. If the output is sharded on dim ``d``, each
 operand's aligned dim must be absent or of size 1 (it broadcasts: every rank uses the same
@@ -36,6 +38,7 @@ from autotp.rules import (
     ndim,
     refinable,
     rule,
+    rule_for,
     schema_tensor_args,
     sizes,
 )
@@ -49,6 +52,7 @@ UNTAGGED = [
     aten.to.dtype, aten.to.device, aten.to.dtype_layout, aten._to_copy.default,
     aten.contiguous.default, aten.alias.default, aten.detach.default, aten.lift_fresh_copy.default,
     aten.zeros_like.default, aten.ones_like.default, aten.empty_like.default, aten.full_like.default,
+    aten.copy.default,  # ``src`` broadcast into ``self``'s shape
 ]
 # Dropout draws random numbers: elementwise (and the identity) only when not training.
 DROPOUT = [aten.dropout.default, aten.feature_dropout.default, aten.native_dropout.default]
@@ -72,8 +76,8 @@ def _operands(node: fx.Node, inputs: Inputs) -> list[tuple[Optional[int], fx.Nod
 
 def elementwise_rule(node: fx.Node, inputs: Inputs) -> Result:
     """n-ary elementwise with broadcasting (see the module docstring for the maths)."""
-    if node.target in DROPOUT and _training(node):
-        return Cannot(f"{node.target} in training mode draws a random mask")
+    if torch.Tag.nondeterministic_seeded in node.target.tags and _training(node):
+        return Cannot(f"{node.target} draws random numbers (dropout in training mode)")
     val = node.meta["val"]
     out_rank = (val[0] if isinstance(val, (tuple, list)) else val).dim()  # native_dropout: (output, mask)
     operands = _operands(node, inputs)
@@ -103,6 +107,7 @@ def elementwise_rule(node: fx.Node, inputs: Inputs) -> Result:
 
 
 def _training(node: fx.Node) -> bool:
+    """Whether a random op draws: dropout only with ``train`` true; an op without it always."""
     train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train")
     return train is not False
 
@@ -121,7 +126,39 @@ def elementwise_family(op: Any) -> Optional[tuple[Rule, frozenset[str]]]:
     return elementwise_rule, frozenset(schema_tensor_args(op))
 
 
+def inplace_rule(node: fx.Node, inputs: Inputs) -> Result:
+    """An elementwise op that writes into ``self`` (``add_``, ``mul_``, ``copy_``): as its
+    functional form, but ``self`` must already be laid out as the result. Slicing it locally
+    would write into a view of the whole value, which later readers of ``self`` would see."""
+    answer = elementwise_rule(node, inputs)
+    if isinstance(answer, Cannot):
+        return answer
+    answer = answer if isinstance(answer, Out) else Out(answer)
+    held = inputs[node.args[0]]
+    if answer.placement != held or any(move.path == (0,) for move in answer.redistribute):
+        return Cannot(f"{node.target} writes into a {held} value the result would need {answer.placement}")
+    return answer
+
+
+def inplace_family(op: Any) -> Optional[tuple[Rule, frozenset[str]]]:
+    """The in-place rule for an aten op that writes into ``self`` alone and whose functional
+    form (the name without its trailing ``_``, the same overload) is elementwise."""
+    if not isinstance(op, torch._ops.OpOverload):
+        return None
+    schema = op._schema
+    writes = [a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+    name = schema.name.split("::")[-1]
+    if writes != ["self"] or schema.arguments[0].name != "self" or len(schema.returns) != 1 or not name.endswith("_"):
+        return None
+    functional = getattr(getattr(aten, name[:-1], None), op._overloadname, None)
+    found = rule_for(functional) if functional is not None else None
+    if found is None or found[0] is not elementwise_rule:
+        return None
+    return inplace_rule, frozenset(schema_tensor_args(op))
+
+
 FAMILIES.append(elementwise_family)
+FAMILIES.append(inplace_family)
 for _op in UNTAGGED + DROPOUT:
     rule(_op, reads=schema_tensor_args(_op))(elementwise_rule)
 # ``type_as`` casts ``self`` to ``other``'s dtype: ``other``'s values and layout do not matter.

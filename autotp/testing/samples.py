@@ -91,10 +91,11 @@ def sample_sizes(sizes: Optional[dict[str, int]]) -> Iterator[None]:
 
 def opinfo_samples(dtypes: Sequence[torch.dtype] = (torch.float32, torch.float64),
                    per_op: Optional[int] = None, only: Optional[Iterable[str]] = None,
-                   sizes: Optional[dict[str, int]] = EVEN_SIZES) -> Iterator[Sample]:
+                   sizes: Optional[dict[str, int]] = EVEN_SIZES, with_inplace: bool = True) -> Iterator[Sample]:
     """Samples of every OpInfo named like an op that has a rule (``per_op``: at most that many
     per OpInfo and dtype; ``only``: OpInfo names to keep; ``sizes``: the size constants, see
-    :data:`EVEN_SIZES`, ``None`` for PyTorch's own)."""
+    :data:`EVEN_SIZES`, ``None`` for PyTorch's own; ``with_inplace``: each sample also through
+    the op's in-place variant, on a copy of its input)."""
     from torch.testing._internal.common_methods_invocations import op_db
 
     wanted, keep = _packet_names(), set(only) if only else None
@@ -110,9 +111,23 @@ def opinfo_samples(dtypes: Sequence[torch.dtype] = (torch.float32, torch.float64
                     samples = list(opinfo.sample_inputs("cpu", dtype, requires_grad=False))
             except Exception:  # an OpInfo whose samples need something this machine lacks
                 continue
+            inplace = opinfo.inplace_variant
             for i, sample in enumerate(samples[:per_op]):
                 fn, tensors = _flat_call(opinfo.op, (sample.input, *sample.args), dict(sample.kwargs))
                 yield Sample(f"{label}[{str(dtype).split('.')[-1]} #{i}]", fn, tensors)
+                if inplace is not None and with_inplace and isinstance(sample.input, torch.Tensor):
+                    fn, tensors = _flat_call(lambda x, *a, op=inplace, **k: op(x.clone(), *a, **k),
+                                             (sample.input, *sample.args), dict(sample.kwargs))
+                    if _runs(fn, tensors):  # an input that broadcasts cannot be written into
+                        yield Sample(f"{label}_[{str(dtype).split('.')[-1]} #{i}]", fn, tensors)
+
+
+def _runs(fn: Callable[..., list[torch.Tensor]], tensors: list[torch.Tensor]) -> bool:
+    try:
+        fn(*tensors)
+    except Exception:
+        return False
+    return True
 
 
 def hand_samples() -> list[Sample]:
@@ -155,6 +170,8 @@ def hand_samples() -> list[Sample]:
         ("repeat_interleave", lambda a: a.repeat_interleave(2, dim=1), (x,), False),
         ("embedding", lambda w, i: torch.nn.functional.embedding(i, w), (randn(12, 8), torch.tensor([[0, 5, 11]])), False),
         ("contiguous", lambda a: a.transpose(0, 1).contiguous(), (x,), False),
+        ("copy", lambda a, b: aten.copy(a, b), (x, randn(6, 8)), False),
+        ("copy_", lambda a, b: a.clone().copy_(b), (x, randn(8)), False),
         ("to-dtype-layout", lambda a: aten.to.dtype_layout(a, dtype=torch.float64) + 1, (x,), False),
         ("norm-dim", lambda a: aten.norm.ScalarOpt_dim(a, 2, [1]), (x,), False),
         ("to-export", lambda a: a.to(torch.float64) * 2, (x,), True),
