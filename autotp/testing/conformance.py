@@ -79,8 +79,8 @@ class Report:
     def summary(self) -> str:
         return (f"{len(self.ops())} ops reached ({len(self.checked)} with accepted placements checked), "
                 f"{self.samples} samples ({self.untraceable} untraceable), {self.placements} placements: "
-                f"{sum(self.checked.values())} accepted and matched, {sum(self.refused.values())} refused, "
-                f"{len(self.failures)} failed, in {self.seconds:.1f} s")
+                f"{sum(self.refused.values())} refused, {sum(self.checked.values())} accepted op results "
+                f"matched, {len(self.failures)} failed, in {self.seconds:.1f} s")
 
 
 # ---- one graph -------------------------------------------------------------------------------
