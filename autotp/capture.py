@@ -242,12 +242,14 @@ def capture(
     return Captured(gm, list(inputs), structure_key(inputs), name, tensors, guards[-1] if guards else None)
 
 
-def graph_inputs(model: nn.Module, inputs: Mapping[str, Any]) -> dict[str, Any]:
+def graph_inputs(model: nn.Module, inputs: Mapping[str, Any],
+                 signature: Optional[inspect.Signature] = None) -> dict[str, Any]:
     """The arguments a captured graph of ``model`` takes: ``inputs`` less the values without a
     tensor that ``forward`` would take in ``**kwargs`` (``return_dict``, ``output_attentions``).
     Capture bakes those in (they are part of the graph's structure key), because export cannot
-    take them there: it lists each such argument twice when it checks the dynamic shapes."""
-    params = forward_signature(model).parameters
+    take them there: it lists each such argument twice when it checks the dynamic shapes.
+    ``signature``: ``model``'s forward signature, if the caller keeps it."""
+    params = (signature or forward_signature(model)).parameters
     named = {n for n, p in params.items() if p.kind is not inspect.Parameter.VAR_KEYWORD}
     if len(named) == len(params):
         return dict(inputs)

@@ -123,7 +123,8 @@ class TensorParallelModule(nn.Module):
         gm = self._graphs.get(key)
         if gm is None:
             gm = self._graph_for(path, key, inputs)
-        out = gm(**graph_inputs(self._source.get_submodule(path), inputs))
+        signature = None if path else self._signature  # the model's is kept: this runs on every call
+        out = gm(**graph_inputs(self._source.get_submodule(path), inputs, signature))
         return out.to_tuple() if as_tuple and hasattr(out, "to_tuple") else out
 
     def _graph_for(self, path: str, key: tuple, inputs: dict[str, Any]) -> fx.GraphModule:
@@ -190,8 +191,7 @@ class TensorParallelModule(nn.Module):
         """This rank's tensors by every name: the first graph's, and the handed-over model's
         (which are the same objects, under tied names too)."""
         held = {n: t for n, t in named_tensors(self._source).items() if t.device.type != "meta"}
-        return held | dict(self.graph_module.named_parameters(remove_duplicate=False)) | dict(
-            self.graph_module.named_buffers(remove_duplicate=False))
+        return held | named_tensors(self.graph_module)
 
     # ---- cached calls -----------------------------------------------------------------------
     def _cached_call(self, inputs: dict[str, Any]) -> Any:

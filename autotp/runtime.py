@@ -109,9 +109,7 @@ def _hand_over(model: nn.Module, tp_model: TensorParallelModule, names: list[str
     route to ``tp_model``, so using the original object computes correctly too. So do the calls
     of every submodule that holds a piece (``model.get_input_embeddings()(ids)``, the encoder an
     encoder-decoder's ``generate()`` calls): a piece is never used as if it were whole."""
-    local = dict(tp_model.graph_module.named_parameters(remove_duplicate=False))
-    local |= dict(tp_model.graph_module.named_buffers(remove_duplicate=False))
-    ModuleSource(model).release(names, local)
+    ModuleSource(model).release(names, named_tensors(tp_model.graph_module))
     _route(model, lambda *args, **kwargs: tp_model(*args, **kwargs))
     for path in _holding_pieces(model, tp_model.plan):
         _route(model.get_submodule(path), functools.partial(tp_model.call_submodule, path))
