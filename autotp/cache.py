@@ -70,7 +70,7 @@ from autotp.errors import AutotpError
 from autotp.plan import Plan
 
 __all__ = ["GraphCache", "CachedGraph", "CacheSlot", "Uncacheable", "cache_dir", "graph_key", "slot", "prune",
-           "max_bytes"]
+           "max_bytes", "encode_guards", "decode_guards"]
 
 FORMAT = 1  # bump when the entry layout changes
 _ENTRY_NAME = re.compile(r"[0-9a-f]{64}\.pt")
@@ -552,12 +552,21 @@ def _from_key_path(path: list[list[Any]]) -> tuple:
     return tuple(kinds[kind](value) for kind, value in path)
 
 
+def encode_guards(guards: Optional[tuple[list[str], list[tuple]]]) -> Optional[list[Any]]:
+    """Recorded input guards (code, input paths) as JSON."""
+    return None if guards is None else [list(guards[0]), [_key_path(p) for p in guards[1]]]
+
+
+def decode_guards(guards: Optional[list[Any]]) -> Optional[tuple[list[str], list[tuple]]]:
+    return None if guards is None else (list(guards[0]), [_from_key_path(p) for p in guards[1]])
+
+
 def _guards_module(guards: list[Any]) -> nn.Module:
     """The module export makes to check a call's input sizes, rebuilt from its guard code."""
     from torch.export._unlift import _convert_guards_code_to_fn
 
-    codes, paths = guards
-    return _convert_guards_code_to_fn(list(codes), [_from_key_path(p) for p in paths])
+    codes, paths = decode_guards(guards)
+    return _convert_guards_code_to_fn(codes, paths)
 
 
 def encode_graph(gm: fx.GraphModule, guards: Optional[tuple[list[str], list[tuple]]]) -> tuple[dict, dict]:
@@ -568,7 +577,7 @@ def encode_graph(gm: fx.GraphModule, guards: Optional[tuple[list[str], list[tupl
         raise Uncacheable("the graph checks its inputs with guards that were not recorded")
     tensors, constants = _tensor_entries(gm)
     graph = {"nodes": nodes, "tensors": tensors, "pytree": _pytree_info(gm),
-             "guards": [guards[0], [_key_path(p) for p in guards[1]]] if calls_guards and guards else None}
+             "guards": encode_guards(guards) if calls_guards else None}
     return graph, constants
 
 

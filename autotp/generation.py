@@ -17,14 +17,15 @@ recomputed and each step attends over the cache.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
 
 from autotp.errors import AutotpError
 
-__all__ = ["CacheIO", "cache_argument", "is_cache", "phase_of", "read_cache", "write_cache", "cached_inputs"]
+__all__ = ["CacheIO", "LayerSpec", "cache_argument", "cache_layers", "is_cache", "phase_of", "read_cache", "write_cache",
+           "cached_inputs", "example_like"]
 
 CACHE_ARGUMENTS = ("cache", "past_key_values")  # the name differs across transformers versions
 
@@ -42,22 +43,75 @@ def is_cache(value: Any) -> bool:
     return isinstance(value, Cache)
 
 
+# Cache layer classes whose whole state a graph can take and give back, by class name, with
+# the counts each keeps beside its keys and values. A sliding-window layer keeps only its last
+# ``sliding_window - 1`` tokens, so how many tokens it has seen (which places its mask and the
+# positions) is not the length of its tensors. Anything else (static, quantized, offloaded,
+# linear-attention state) is refused by name.
+LAYER_COUNTS: dict[str, tuple[str, ...]] = {"DynamicLayer": (), "DynamicSlidingWindowLayer": ("cumulative_length",)}
+
+
+class LayerSpec(NamedTuple):
+    """How to rebuild one cache layer inside the graph: its class and the settings its
+    constructor takes (read back from the caller's layer by parameter name). A tuple, so that
+    the graph cache's key can describe it."""
+
+    cls: type
+    settings: tuple[tuple[str, Any], ...] = ()
+
+    @classmethod
+    def of(cls, layer: Any) -> "LayerSpec":
+        params = inspect.signature(type(layer).__init__).parameters
+        named = [p for p in params.values() if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        return cls(type(layer), tuple((p.name, getattr(layer, p.name)) for p in named))
+
+    def build(self) -> Any:
+        return self.cls(**dict(self.settings))
+
+
+def cache_layers(cache: Any) -> tuple[LayerSpec, ...]:
+    """The layers of the caller's cache as the graph rebuilds them (empty: a cache that makes
+    plain dynamic layers as it goes). Raises for a cache whose state a graph cannot carry."""
+    if getattr(cache, "offloading", False):
+        raise AutotpError("offloaded caches are not supported by autotp; use the default dynamic cache")
+    kinds = sorted({type(layer).__name__ for layer in cache.layers} - set(LAYER_COUNTS))
+    if kinds:
+        raise AutotpError(f"cache layers of type {kinds} are not supported by autotp (supported: "
+                          f"{sorted(LAYER_COUNTS)}); use the model's default cache")
+    if any(getattr(layer, "record_past", False) for layer in cache.layers):
+        raise AutotpError("sliding-window cache layers that record their past (assisted decoding) are not supported")
+    return tuple(LayerSpec.of(layer) for layer in cache.layers)
+
+
+def _new_cache(layers: tuple[LayerSpec, ...]) -> Any:
+    from transformers import DynamicCache
+
+    cache = DynamicCache()  # a cache that makes dynamic layers as it goes
+    if layers:
+        cache.layers, cache.layer_class_to_replicate = [spec.build() for spec in layers], None
+    return cache
+
+
 class CacheIO(nn.Module):
     """``model`` called with a cache rebuilt from per-layer tensors; returns the logits and
-    the updated per-layer keys and values. This is the module captured for cached calls."""
+    the updated per-layer keys and values. This is the module captured for cached calls.
 
-    def __init__(self, model: nn.Module, cache_arg: str, logits_to_keep: Any) -> None:
+    ``past_length`` is the number of tokens the cache has seen, carried as the length of an
+    empty ``[n, 0]`` tensor: export keeps a tensor's size symbolic, where it would bake a
+    plain int into the graph."""
+
+    def __init__(self, model: nn.Module, cache_arg: str, logits_to_keep: Any, layers: tuple[LayerSpec, ...]) -> None:
         super().__init__()
         self.model = model
         self.cache_arg = cache_arg
         self.logits_to_keep = logits_to_keep
+        self.layers = layers
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, past_keys=None, past_values=None):
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=self.model.config)
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_keys=None, past_values=None,
+                past_length=None):
+        cache = _new_cache(self.layers)
         if past_keys is not None:
-            _fill(cache, past_keys, past_values)  # filled directly: no concatenation with an empty tensor
+            _fill(cache, past_keys, past_values, past_length.shape[0])
         kwargs = {self.cache_arg: cache, "use_cache": True}
         if "logits_to_keep" in inspect.signature(self.model.forward).parameters:
             kwargs["logits_to_keep"] = self.logits_to_keep
@@ -68,34 +122,32 @@ class CacheIO(nn.Module):
         return out.logits, *_contents(cache)
 
 
-def _check_layers(cache: Any) -> None:
-    kinds = {type(layer).__name__ for layer in cache.layers}
-    if kinds - {"DynamicLayer"}:
-        raise AutotpError(f"cache layers of type {sorted(kinds - {'DynamicLayer'})} are not supported by autotp "
-                          "(sliding-window or static caches); use the default dynamic cache")
+def read_cache(cache: Any) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """This rank's per-layer keys and values held by a Hugging Face cache, and the number of
+    tokens it has seen (as :class:`CacheIO` takes it)."""
+    keys, values = _contents(cache)
+    return keys, values, torch.empty(cache.get_seq_length(), 0)
 
 
-def read_cache(cache: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """This rank's per-layer keys and values held by a Hugging Face cache."""
-    _check_layers(cache)
-    return _contents(cache)
-
-
-def write_cache(cache: Any, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
-    """Store this rank's updated keys and values in the caller's cache object (no copy)."""
-    _check_layers(cache)
-    _fill(cache, keys, values)
+def write_cache(cache: Any, keys: list[torch.Tensor], values: list[torch.Tensor], seen: int) -> None:
+    """Store this rank's updated keys and values in the caller's cache object (no copy), with
+    ``seen`` tokens counted, as the layers inside the graph counted them."""
+    while len(cache.layers) < len(keys):  # a cache that makes its layers as it goes
+        cache.layers.append(cache.layer_class_to_replicate())
+    _fill(cache, keys, values, seen)
 
 
 def _contents(cache: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     return [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
 
 
-def _fill(cache: Any, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+def _fill(cache: Any, keys: list[torch.Tensor], values: list[torch.Tensor], seen: Any) -> None:
     for layer, k, v in zip(cache.layers, keys, values):
         if not layer.is_initialized:
             layer.lazy_initialization(k, v)
         layer.keys, layer.values = k, v
+        for count in LAYER_COUNTS[type(layer).__name__]:
+            setattr(layer, count, seen)
 
 
 def phase_of(past: int, new_tokens: int) -> str:
@@ -111,23 +163,26 @@ def cached_inputs(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor
     return {k: v for k, v in given.items() if v is not None}
 
 
-def example_like(inputs: dict[str, Any], global_shapes: Optional[list[list[int]]]) -> dict[str, Any]:
-    """Example inputs to capture a cached graph: the call's, with batch and past lengths of at
-    least 2 (export would specialise 1) and the cache at its global (unsharded) shapes."""
-    ids = inputs["input_ids"]
+def example_like(call: dict[str, Any]) -> dict[str, Any]:
+    """Example inputs to capture a cached graph for ``call`` (taken at its global, unsharded
+    shapes): the same sizes, except that a batch, a past or a prompt of 1 becomes 2 (export
+    would make a graph for 1 alone; a single new token stays 1: decoding is its own graph).
+    Cache tensors as long as the past grow with it; those a window keeps shorter stay."""
+    ids = call["input_ids"]
     batch, new = max(2, ids.shape[0]), ids.shape[1] if ids.shape[1] == 1 else max(2, ids.shape[1])
-    past = 0
-    example: dict[str, Any] = {}
-    if "past_keys" in inputs:
-        past = max(2, inputs["past_keys"][0].shape[-2])
-        shapes = global_shapes or [list(t.shape) for t in inputs["past_keys"] + inputs["past_values"]]
-        tensors = [torch.zeros([batch, s[1], past, s[3]], dtype=t.dtype, device=t.device)
-                   for s, t in zip(shapes, inputs["past_keys"] + inputs["past_values"])]
-        half = len(tensors) // 2
-        example["past_keys"], example["past_values"] = tensors[:half], tensors[half:]
-    tokens = {"input_ids": torch.zeros(batch, new, dtype=ids.dtype, device=ids.device)}
-    if "attention_mask" in inputs:
-        tokens["attention_mask"] = torch.ones(batch, past + new, dtype=inputs["attention_mask"].dtype, device=ids.device)
-    if "position_ids" in inputs:
-        tokens["position_ids"] = torch.zeros(batch, new, dtype=inputs["position_ids"].dtype, device=ids.device)
-    return {**tokens, **example}
+    seen = call["past_length"].shape[0] if "past_length" in call else 0
+    past = max(2, seen) if seen else 0
+    grown = (past - seen) + (new - ids.shape[1])  # how much longer the mask gets
+    example: dict[str, Any] = {"input_ids": torch.zeros(batch, new, dtype=ids.dtype, device=ids.device)}
+    if "attention_mask" in call:
+        mask = call["attention_mask"]
+        example["attention_mask"] = torch.ones(batch, mask.shape[1] + grown, dtype=mask.dtype, device=mask.device)
+    if "position_ids" in call:
+        example["position_ids"] = torch.zeros(batch, new, dtype=call["position_ids"].dtype, device=ids.device)
+    for name in ("past_keys", "past_values"):
+        if name in call:
+            example[name] = [torch.zeros([batch, t.shape[1], past if t.shape[2] == seen else t.shape[2], *t.shape[3:]],
+                                         dtype=t.dtype, device=ids.device) for t in call[name]]
+    if seen:
+        example["past_length"] = torch.empty(past, 0)
+    return example

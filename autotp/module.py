@@ -23,12 +23,14 @@ from autotp import cache as graph_cache
 from autotp import hf
 from autotp.capture import bind_inputs, capture, forward_signature, graph_inputs, meta_twin, structure_key
 from autotp.errors import AutotpError
-from autotp.generation import CacheIO, cache_argument, cached_inputs, example_like, is_cache, phase_of, read_cache, write_cache
+from autotp.generation import (CacheIO, cache_argument, cache_layers, cached_inputs, example_like, is_cache, phase_of,
+                               read_cache, write_cache)
+from autotp.guards import Guards
 from autotp.group import TPContext, check_same_plan, share_rng
 from autotp.health import PeerFailure, mark_failed
 from autotp.kernels import kernel_pass
 from autotp.loading import LoadError, load_into, named_tensors
-from autotp.placement import Placement, Replicate, parse_placement
+from autotp.placement import Placement, Replicate, Shard, parse_placement
 from autotp.plan import Plan
 from autotp.planner import plan_graph, plan_with_placements
 from autotp.rewrite import rewrite
@@ -92,7 +94,7 @@ class TensorParallelModule(nn.Module):
         # _twin: the model's structure at global shapes, on meta, for later captures (the
         # source's own tensors become this rank's pieces)
         self.__dict__.update(_ctx=ctx, _source=source, _twin=meta_twin(source), _graphs={key: gm},
-                             _signature=signature, _cache_arg=cache_argument(signature), _cache_layout=None,
+                             _signature=signature, _cache_arg=cache_argument(signature), _cache_layout=None, _variants={},
                              _use_cache=cache, _gather_outputs=gather_outputs)
         if hf.is_hf_model(source):
             self.__dict__["config"] = source.config
@@ -196,6 +198,7 @@ class TensorParallelModule(nn.Module):
     # ---- cached calls -----------------------------------------------------------------------
     def _cached_call(self, inputs: dict[str, Any]) -> Any:
         cache = inputs.pop(self._cache_arg)
+        layers = cache_layers(cache)
         ids = inputs.pop("input_ids", None)
         if ids is None:
             raise AutotpError("a call with a cache needs input_ids (inputs_embeds is not supported)")
@@ -208,14 +211,14 @@ class TensorParallelModule(nn.Module):
         past = cache.get_seq_length()
         call = cached_inputs(ids, mask, positions)
         if past:
-            call["past_keys"], call["past_values"] = read_cache(cache)
+            call["past_keys"], call["past_values"], call["past_length"] = read_cache(cache)
         phase = phase_of(past, ids.shape[1])
-        gm = self._cache_graph(phase, keep, call)
+        gm = self._cache_graph(phase, keep, layers, call)
         logits, keys, values = gm(**call)
         counts = self.cached_calls.setdefault(phase, {"calls": 0, "tokens": 0})
         counts["calls"] += 1
         counts["tokens"] += ids.shape[1]
-        write_cache(cache, keys, values)
+        write_cache(cache, keys, values, past + ids.shape[1])
         return self._output_type()(logits=logits, **{self._cache_arg: cache})
 
     def _output_type(self) -> Any:
@@ -227,14 +230,19 @@ class TensorParallelModule(nn.Module):
 
         return CausalLMOutputWithPast
 
-    def _cache_graph(self, phase: str, keep: Any, call: dict[str, Any]) -> fx.GraphModule:
-        key = ("cache", phase, keep if isinstance(keep, int) else repr(keep), tuple(sorted(call)))
-        if key in self._graphs:
-            return self._graphs[key]
+    def _cache_graph(self, phase: str, keep: Any, layers: tuple, call: dict[str, Any]) -> fx.GraphModule:
+        """The graph for a cached call: the first variant captured for this kind of call whose
+        input guards hold for the call's global shapes, else one captured for it now (a
+        sliding window fills: the graph that grew the cache no longer serves)."""
+        key = ("cache", phase, keep if isinstance(keep, int) else repr(keep), tuple(sorted(call)), layers)
+        view = self._global_view(call)
+        variants = self._variants.setdefault(key, [])
+        for gm, guards in variants:
+            if guards.hold(view):
+                return gm
         if phase != "prefill" and self._cache_layout is None:
             raise AutotpError("a cached call after a prefix needs the cache this model's prefill produced")
-        shapes = [shape for shape, _ in self._cache_layout] if self._cache_layout else None
-        wrapper, example = CacheIO(self._twin, self._cache_arg, keep), example_like(call, shapes)
+        wrapper, example = CacheIO(self._twin, self._cache_arg, keep, layers), example_like(view)
         slot = self._slot(key, wrapper, example, graph="cached call", phase=phase, keep=repr(keep),
                           gather_outputs=self._gather_outputs)
         hit = slot.get(self._ctx.comm)
@@ -242,11 +250,14 @@ class TensorParallelModule(nn.Module):
             graph, plan = hit.graph_module, hit.plan
             layout = [(shape, parse_placement(p)) for shape, p in hit.extra["layout"]]
             inputs_layout = [parse_placement(p) for p in hit.extra["input_layout"]]
+            guards = Guards(graph_cache.decode_guards(hit.extra["guards"]))
         else:
             graph = capture(wrapper, example, device=self._ctx.device)
+            guards = Guards.of_captured(graph)
             output = next(n for n in reversed(graph.graph.nodes) if n.op == "output")
             outputs = len(output.args[0])
-            cache_inputs = [n.name for n in graph.graph.nodes if n.op == "placeholder" and n.name.startswith("past_")]
+            cache_inputs = [n.name for n in graph.graph.nodes if n.op == "placeholder" and n.name.startswith("past_")
+                            and n.name != "past_length"]
             plan = plan_graph(graph.graph, self.tp_size, model=self.plan.model, inputs=graph.input_names,
                               local_inputs=cache_inputs, local_outputs=range(1, outputs),
                               gather_outputs=self._gather_outputs)
@@ -257,9 +268,33 @@ class TensorParallelModule(nn.Module):
         expected = [p for _, p in self._cache_layout]
         if [p for _, p in layout] != expected or (inputs_layout and inputs_layout != expected):
             raise AutotpError(f"the {phase} graph shards the cache differently from the first prefill graph")
+        if not guards.hold(view):
+            raise AutotpError(f"the {phase} graph captured for a call does not serve it (its input guards fail for "
+                              f"{_sizes(view)})")
         extra = {"layout": [(shape, str(p)) for shape, p in layout],
-                 "input_layout": [str(p) for p in inputs_layout] if inputs_layout else []}
-        return self._install(key, graph, plan, lambda name: name.removeprefix("model."), slot=slot, extra=extra)
+                 "input_layout": [str(p) for p in inputs_layout] if inputs_layout else [],
+                 "guards": graph_cache.encode_guards(guards.recorded)}
+        gm = self._install((*key, len(variants)), graph, plan, lambda name: name.removeprefix("model."), slot=slot,
+                           extra=extra)
+        variants.append((gm, guards))
+        return gm
+
+    def _global_view(self, call: dict[str, Any]) -> dict[str, Any]:
+        """``call`` as the unsharded graph would see it: this rank's pieces of the cache become
+        data-less tensors of their whole shape (the sharded dim at its global size)."""
+        if "past_keys" not in call:
+            return call
+        pieces = call["past_keys"] + call["past_values"]
+        if self._cache_layout is None or len(pieces) != len(self._cache_layout):
+            raise AutotpError("this cache does not hold the layers this model's prefill produced")
+        whole = []
+        for piece, (shape, placement) in zip(pieces, self._cache_layout):
+            size = list(piece.shape)
+            if isinstance(placement, Shard):
+                size[placement.dim] = shape[placement.dim]
+            whole.append(torch.empty(size, dtype=piece.dtype, device="meta"))
+        half = len(whole) // 2
+        return {**call, "past_keys": whole[:half], "past_values": whole[half:]}
 
     # ---- generation -------------------------------------------------------------------------
     def generate(self, *args: Any, **kwargs: Any) -> Any:
@@ -326,6 +361,12 @@ def _cache_layout(plan: Plan, output: fx.Node, count: int) -> list[tuple[list[Op
     sharded = {tuple(o.path): o.placement for o in plan.sharded_outputs}
     return [([d if isinstance(d, int) else None for d in output.args[0][i].meta["val"].shape],
              sharded.get((0, i), Replicate())) for i in range(1, count)]
+
+
+def _sizes(inputs: dict[str, Any]) -> str:
+    shapes = {name: [list(t.shape) for t in value] if isinstance(value, list) else list(value.shape)
+              for name, value in inputs.items()}
+    return ", ".join(f"{name} {shape}" for name, shape in shapes.items())
 
 
 def _input_layout(plan: Plan, names: list[str]) -> list[Placement]:

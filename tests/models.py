@@ -28,8 +28,19 @@ HF_CONFIGS = {
     # 5 heads at tp 4: no common divisor -> attention replicated, MLP still sharded
     "llama_5heads": dict(hidden_size=80, intermediate_size=128, num_hidden_layers=2, num_attention_heads=5,
                          num_key_value_heads=5, vocab_size=128, max_position_embeddings=128),
+    # sliding-window attention with a window of 6, so that a short generation fills it: every
+    # layer (mistral), alternating with full attention (gemma2), one full layer in three (cohere2)
+    "mistral": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=4, vocab_size=128, max_position_embeddings=128, sliding_window=6),
+    "gemma2": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=4, head_dim=16, vocab_size=128, max_position_embeddings=128, sliding_window=6),
+    "cohere2": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                    num_key_value_heads=4, vocab_size=128, max_position_embeddings=128, sliding_window=6,
+                    layer_types=["sliding_attention", "sliding_attention", "full_attention"]),
 }
-MODEL_TYPE = {"llama": "llama", "llama_gqa": "llama", "qwen2": "qwen2", "qwen2_kv2": "qwen2", "gpt2": "gpt2", "llama_6heads": "llama", "llama_5heads": "llama"}
+MODEL_TYPE = {"llama": "llama", "llama_gqa": "llama", "qwen2": "qwen2", "qwen2_kv2": "qwen2", "gpt2": "gpt2",
+              "llama_6heads": "llama", "llama_5heads": "llama", "mistral": "mistral", "gemma2": "gemma2",
+              "cohere2": "cohere2"}
 
 
 def hf_model(name: str, seed: int = 0, device: str | None = None) -> nn.Module:

@@ -106,3 +106,64 @@ def test_torchrun_generate_prints_the_unsharded_models_text(tmp_path):
     assert done.stdout.strip() == expected
     assert "8 new tokens in" in done.stderr and "tokens/s at tp=2" in done.stderr
     assert " linears" in done.stderr  # and what ran them: the collective path and the kernels
+
+
+def sliding_worker(rank: int, world: int, names: list[str]) -> dict:
+    """Sliding-window and hybrid caches: a prompt shorter than the window (the window fills
+    while decoding) and one longer (full from the start), batch 2 with left padding. The
+    unsharded references come first: parallelize hands the model object over to the ranks."""
+    out = {}
+    for name in names:
+        model = hf_model(name)
+        window = model.config.sliding_window
+        prompts = {}
+        for length in (window - 2, window + 3):
+            ids = torch.randint(3, 128, (2, length), generator=torch.Generator().manual_seed(length))
+            mask = torch.ones_like(ids)
+            mask[0, :2] = 0
+            prompts[length] = (ids, mask)
+        references = {}
+        with torch.no_grad():
+            for length, (ids, mask) in prompts.items():
+                cache = DynamicCache(config=model.config)
+                tokens = model.generate(ids, attention_mask=mask, cache=cache, **GREEDY)
+                no_cache = model.generate(ids, attention_mask=mask, use_cache=False, **{**GREEDY, "max_new_tokens": 6,
+                                                                                      "min_new_tokens": 6})
+                references[length] = (tokens, no_cache, cache)
+            tp_model = autotp.parallelize(model)
+            results = {}
+            for length, (ids, mask) in prompts.items():
+                reference, no_cache, ref_cache = references[length]
+                cache = DynamicCache(config=model.config)
+                got = tp_model.generate(ids, attention_mask=mask, cache=cache, **GREEDY)
+                got_no_cache = tp_model.generate(ids, attention_mask=mask, use_cache=False,
+                                                 **{**GREEDY, "max_new_tokens": 6, "min_new_tokens": 6})
+                results[length] = dict(
+                    same=torch.equal(reference, got), same_no_cache=torch.equal(no_cache, got_no_cache),
+                    lengths=[layer.keys.shape[-2] for layer in cache.layers],
+                    ref_lengths=[layer.keys.shape[-2] for layer in ref_cache.layers],
+                    sliding=[layer.is_sliding for layer in cache.layers],
+                    bytes=_cache_bytes(cache), ref_bytes=_cache_bytes(ref_cache),
+                )
+        out[name] = dict(results=results, window=window, decode=tp_model.cached_calls["decode"])
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 4], ids=["tp2", "tp4"])
+def test_sliding_window_and_hybrid_caches_generate_the_unsharded_tokens(world):
+    names = ["mistral", "gemma2", "cohere2"]
+    per_rank = run_ranks(sliding_worker, world, names)
+    for name in names:
+        for r in per_rank:
+            window = r[name]["window"]
+            for prompt_length, res in r[name]["results"].items():
+                assert res["same"], f"{name}, prompt {prompt_length}: greedy tokens differ from the unsharded model's"
+                assert res["same_no_cache"], f"{name}, prompt {prompt_length}: use_cache=False tokens differ"
+                # the cache keeps HF's own lengths: a sliding layer its last window - 1 tokens only
+                assert res["lengths"] == res["ref_lengths"], name
+                total = prompt_length + NEW - 1
+                assert res["lengths"] == [window - 1 if s else total for s in res["sliding"]], name
+                assert any(res["sliding"]), f"{name}: no sliding layer in the cache"
+                assert res["bytes"] * world == res["ref_bytes"], f"{name}: the cache is not sharded by heads"
+            # every decode step fed one token: the prefix was never run again
+            assert r[name]["decode"]["calls"] == r[name]["decode"]["tokens"] == 2 * (NEW - 1)
