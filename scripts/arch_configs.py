@@ -1,7 +1,8 @@
 """Small seeded configs for every architecture the coverage run checks.
 
 Only sizes are set here (hidden 64, 2 layers, 4 heads, 2 kv heads where the config has them,
-head_dim 16, intermediate 128, vocab 128, 4 experts top-2): no per-model behaviour. This file
+head_dim 16, intermediate 128, vocab 128, 4 experts top-2, a sliding window of 8 tokens where
+the config has one): no per-model behaviour. This file
 is test data; autotp itself names no architecture.
 """
 
@@ -18,6 +19,7 @@ COMMON = dict(
     decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, num_decoder_layers=2,
     rotary_dim=8, partial_rotary_factor=0.5, pad_token_id=0, bos_token_id=1, eos_token_id=2,
     decoder_start_token_id=0, tie_word_embeddings=False,
+    sliding_window=8,  # where the config has one: generation in the coverage run fills it
 )
 
 # per architecture: the model type and the few fields its config needs besides COMMON
@@ -47,6 +49,7 @@ ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
     "olmo2": ("olmo2", {}),
     "stablelm": ("stablelm", {}),
     "cohere": ("cohere", {}),
+    "cohere2": ("cohere2", {"layer_types": ["sliding_attention", "full_attention"]}),
     "granite": ("granite", {}),
     "bert": ("bert", {}),
     "roberta": ("roberta", {}),

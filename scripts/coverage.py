@@ -6,7 +6,9 @@ One group of local ranks per tp checks every architecture in turn: each rank bui
 seeded model, computes the unsharded output, parallelizes, and compares. Columns: exact
 (max abs diff <= 1e-4 x max |reference|), the max diff, the fraction of parameter bytes
 sharded, per-rank bytes / (total / tp), all-reduces per decoder layer, and why anything
-is replicated.
+is replicated; and *generate*: Hugging Face's greedy ``generate()`` (batch 2, left padding, 24 new
+tokens, the model's default cache) on the parallelized model against the unsharded model's
+tokens: identical, **not identical**, or refused with autotp's reason.
 """
 
 from __future__ import annotations
@@ -35,6 +37,48 @@ def _model_and_inputs(arch: str) -> tuple:
         inputs["decoder_input_ids"] = ids[:, :7].clone()
     with torch.no_grad():
         return model, inputs, _logits(model(**inputs))
+
+
+GENERATE = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0)
+
+
+def _prompt(config) -> dict:
+    """generate()'s inputs: a left-padded batch of 2 (an encoder-decoder's decoder starts at
+    token 0 where its config names no start token)."""
+    import torch
+
+    ids = torch.randint(3, config.get_text_config().vocab_size, (2, 7), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # left padding
+    prompt = {"input_ids": ids, "attention_mask": mask}
+    if getattr(config, "is_encoder_decoder", False) and getattr(config, "decoder_start_token_id", None) is None:
+        prompt["decoder_start_token_id"] = 0
+    return prompt
+
+
+def _generated(model, prompt: dict):
+    """Greedy tokens of ``model`` (None: it cannot generate)."""
+    import torch
+
+    if not model.can_generate():
+        return None
+    with torch.no_grad():
+        return model.generate(**prompt, **GENERATE)
+
+
+def _compare_generation(tp_model, prompt: dict, reference) -> str:
+    import torch
+
+    from autotp.errors import AutotpError
+
+    if reference is None:
+        return "n/a"
+    try:
+        with torch.no_grad():
+            got = tp_model.generate(**prompt, **GENERATE)
+    except AutotpError as exc:
+        return f"refused: {str(exc).splitlines()[0][:120]}"
+    return "identical" if torch.equal(got, reference) else "**not identical**"
 
 
 def _logits(out):
@@ -67,12 +111,24 @@ def _check(arch: str, rank: int, world: int) -> dict:
     import autotp
 
     model, inputs, reference = _model_and_inputs(arch)
+    prompt = _prompt(model.config)
+    try:  # before parallelize, which hands the model object over to the ranks
+        generated = _generated(model, prompt)
+    except Exception as exc:  # Hugging Face's own generate() fails for this model: nothing to compare
+        generated, hf_failure = None, f"n/a (Hugging Face's generate fails: {type(exc).__name__})"
+    else:
+        hf_failure = None
     start = time.perf_counter()
     with torch.no_grad():
         tp_model = autotp.parallelize(model, inputs)
         seconds = time.perf_counter() - start
         got = _logits(tp_model(**inputs))
-    return _summary(arch, world, model, tp_model.plan, tp_model.graph_module, reference, [got], seconds)
+    summary = _summary(arch, world, model, tp_model.plan, tp_model.graph_module, reference, [got], seconds)
+    try:
+        summary["generate"] = hf_failure or _compare_generation(tp_model, prompt, generated)
+    except Exception as exc:  # reported in the table, not hidden
+        summary["generate"] = f"**error**: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]}"
+    return summary
 
 
 def check_simulated(arch: str, world: int) -> dict:
@@ -102,13 +158,14 @@ def worker(rank: int, world: int, archs: list[str]) -> list[dict]:
 def _row(tp: int, results: list[dict]) -> str:
     r = results[0]
     if "error" in r:
-        return f"| {r['arch']} | {tp} | error | | | | | {r['error']} |"
+        return f"| {r['arch']} | {tp} | error | | | | | | {r['error']} |"
     diff = max(x.get("diff", float("inf")) for x in results)
     exact = all(x.get("exact") for x in results)
     ar = ", ".join(map(str, r["all_reduces"])) or "0"
     why = "; ".join(r["reasons"]) or ""
-    return (f"| {r['arch']} | {tp} | {'yes' if exact else '**no**'} | {diff:.1e} | {r['sharded_fraction']:.2f} | "
-            f"{r['per_rank_ratio']:.2f} | {ar} | {why} |")
+    generate = r.get("generate", "") if len({x.get("generate") for x in results}) == 1 else "**ranks differ**"
+    return (f"| {r['arch']} | {tp} | {'yes' if exact else '**no**'} | {generate} | {diff:.1e} | "
+            f"{r['sharded_fraction']:.2f} | {r['per_rank_ratio']:.2f} | {ar} | {why} |")
 
 
 def main() -> None:
@@ -134,6 +191,8 @@ def main() -> None:
             ok = "error" not in results[0] and all(x["exact"] for x in results)
             totals[(tp, "exact" if ok else "failed")] += 1
             totals[(tp, "ratio")] += results[0].get("per_rank_ratio", 0) if ok else 0
+            outcome = results[0].get("generate", "error").split(":")[0].split(" (")[0].strip("*")
+            totals[(tp, "generate", outcome)] += 1
             if args.traces and "trace" in results[0]:
                 print(results[0]["trace"], file=sys.stderr)
     header = [
@@ -143,7 +202,9 @@ def main() -> None:
         "(`scripts/arch_configs.py`): hidden 64, 2 layers, 4 heads, 2 kv heads where the config has them, "
         "vocab 128. *exact*: every rank's output within 1e-4 x max |reference| of the unsharded model's. "
         "*sharded*: fraction of parameter bytes that are sharded. *per rank*: a rank's bytes / (total / tp); "
-        "1.00 is ideal. *all-reduces*: per decoder layer.", "",
+        "1.00 is ideal. *all-reduces*: per decoder layer. *generate*: greedy `generate()`, batch 2 with left "
+        "padding, 24 new tokens, the model's default cache (a sliding window of 8 where the config has one), "
+        "tokens compared with the unsharded model's.", "",
     ]
     summary = []
     for tp in args.tp:
@@ -151,8 +212,10 @@ def main() -> None:
         mean = totals[(tp, "ratio")] / n_ok if n_ok else float("nan")
         summary.append(f"- tp={tp}: {n_ok}/{n_ok + totals[(tp, 'failed')]} exact; mean per-rank bytes / (total/tp) "
                        f"over the exact ones: {mean:.2f}")
-    table = ["| architecture | tp | exact | max diff | sharded | per rank | all-reduces | replicated, and why |",
-             "|---|---|---|---|---|---|---|---|", *rows]
+        outcomes = sorted((key[2], n) for key, n in totals.items() if key[0] == tp and key[1] == "generate")
+        summary.append(f"- tp={tp} generate: " + ", ".join(f"{n} {outcome}" for outcome, n in outcomes))
+    table = ["| architecture | tp | exact | generate | max diff | sharded | per rank | all-reduces | replicated, and why |",
+             "|---|---|---|---|---|---|---|---|---|", *rows]
     text = "\n".join(header + summary + [""] + table) + "\n"
     print(text)
     if args.out:
