@@ -299,8 +299,11 @@ def _recorded_guards() -> Iterator[list[tuple[list[str], list[tuple]]]]:
 
 
 def _drop_unused_tensors(gm: fx.GraphModule) -> fx.GraphModule:
-    """Remove tensors the graph never reads (a tied weight's second name): loading them
-    would hold a full copy of what is sharded under the other name."""
+    """Remove what the graph computes and never uses (export keeps a buffer a cache layer made
+    and then replaced; its size reads would pin the planner), and tensors the graph never
+    reads (a tied weight's second name): loading them would hold a full copy of what is
+    sharded under the other name. Ops that mutate or assert stay (fx counts them impure)."""
+    changed = gm.graph.eliminate_dead_code()
     unused = [node for node in gm.graph.nodes if node.op == "get_attr" and not node.users]
     for node in unused:
         owner_name, _, attr = str(node.target).rpartition(".")
@@ -308,7 +311,7 @@ def _drop_unused_tensors(gm: fx.GraphModule) -> fx.GraphModule:
         for store in (owner._parameters, owner._buffers):
             store.pop(attr, None)
         gm.graph.erase_node(node)
-    if unused:  # export's module is compiled already; compiling ~700 nodes again costs ~10 ms
+    if unused or changed:  # export's module is compiled already; compiling ~700 nodes again costs ~10 ms
         gm.recompile()
     return gm
 

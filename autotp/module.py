@@ -23,8 +23,8 @@ from autotp import cache as graph_cache
 from autotp import hf
 from autotp.capture import bind_inputs, capture, forward_signature, graph_inputs, meta_twin, structure_key
 from autotp.errors import AutotpError
-from autotp.generation import (CacheIO, cache_argument, cache_layers, cached_inputs, example_like, is_cache, phase_of,
-                               read_cache, write_cache)
+from autotp.generation import (CacheIO, CacheSpec, cache_argument, cache_spec, call_tokens, example_like, is_cache,
+                               phase_of, read_cache, write_cache)
 from autotp.guards import Guards
 from autotp.group import TPContext, check_same_plan, share_rng
 from autotp.health import PeerFailure, mark_failed
@@ -198,27 +198,27 @@ class TensorParallelModule(nn.Module):
     # ---- cached calls -----------------------------------------------------------------------
     def _cached_call(self, inputs: dict[str, Any]) -> Any:
         cache = inputs.pop(self._cache_arg)
-        layers = cache_layers(cache)
-        ids = inputs.pop("input_ids", None)
-        if ids is None:
-            raise AutotpError("a call with a cache needs input_ids (inputs_embeds is not supported)")
-        mask, positions = inputs.pop("attention_mask", None), inputs.pop("position_ids", None)
+        spec = cache_spec(cache)
+        encoder_decoder = getattr(getattr(self._source, "config", None), "is_encoder_decoder", False)
+        new_tokens = "decoder_input_ids" if encoder_decoder else "input_ids"
+        tokens = call_tokens(inputs, new_tokens)
         keep = inputs.pop("logits_to_keep", 0)
         for name in _IGNORED_WITH_CACHE:
             inputs.pop(name, None)
-        if inputs:
-            raise AutotpError(f"arguments {sorted(inputs)} are not supported in a call with a cache")
-        past = cache.get_seq_length()
-        call = cached_inputs(ids, mask, positions)
+        given = sorted(name for name, value in inputs.items() if value is not None)  # None: the default
+        if given:
+            raise AutotpError(f"arguments {given} are not supported in a call with a cache")
+        past, new = cache.get_seq_length(), tokens[new_tokens].shape[1]
+        call: dict[str, Any] = {"tokens": tokens}
         if past:
             call["past_keys"], call["past_values"], call["past_length"] = read_cache(cache)
-        phase = phase_of(past, ids.shape[1])
-        gm = self._cache_graph(phase, keep, layers, call)
+        phase = phase_of(past, new)
+        gm = self._cache_graph(phase, keep, spec, call, new_tokens)
         logits, keys, values = gm(**call)
         counts = self.cached_calls.setdefault(phase, {"calls": 0, "tokens": 0})
         counts["calls"] += 1
-        counts["tokens"] += ids.shape[1]
-        write_cache(cache, keys, values, past + ids.shape[1])
+        counts["tokens"] += new
+        write_cache(cache, keys, values, past + new)
         return self._output_type()(logits=logits, **{self._cache_arg: cache})
 
     def _output_type(self) -> Any:
@@ -230,11 +230,12 @@ class TensorParallelModule(nn.Module):
 
         return CausalLMOutputWithPast
 
-    def _cache_graph(self, phase: str, keep: Any, layers: tuple, call: dict[str, Any]) -> fx.GraphModule:
+    def _cache_graph(self, phase: str, keep: Any, spec: CacheSpec, call: dict[str, Any],
+                     new_tokens: str) -> fx.GraphModule:
         """The graph for a cached call: the first variant captured for this kind of call whose
         input guards hold for the call's global shapes, else one captured for it now (a
         sliding window fills: the graph that grew the cache no longer serves)."""
-        key = ("cache", phase, keep if isinstance(keep, int) else repr(keep), tuple(sorted(call)), layers)
+        key = ("cache", phase, keep if isinstance(keep, int) else repr(keep), structure_key(call), spec)
         view = self._global_view(call)
         variants = self._variants.setdefault(key, [])
         for gm, guards in variants:
@@ -242,7 +243,7 @@ class TensorParallelModule(nn.Module):
                 return gm
         if phase != "prefill" and self._cache_layout is None:
             raise AutotpError("a cached call after a prefix needs the cache this model's prefill produced")
-        wrapper, example = CacheIO(self._twin, self._cache_arg, keep, layers), example_like(view)
+        wrapper, example = CacheIO(self._twin, self._cache_arg, keep, spec), example_like(view, new_tokens)
         slot = self._slot(key, wrapper, example, graph="cached call", phase=phase, keep=repr(keep),
                           gather_outputs=self._gather_outputs)
         hit = slot.get(self._ctx.comm)
@@ -307,10 +308,6 @@ class TensorParallelModule(nn.Module):
             raise AttributeError(f"{type(self._source).__name__} has no generate()")
         if not self._gather_outputs:
             raise AutotpError("generate() reads whole logits: parallelize with gather_outputs=True to generate")
-        if getattr(getattr(self._source, "config", None), "is_encoder_decoder", False):
-            # the cached graphs carry a decoder-only cache; an encoder-decoder decodes without one
-            # (each step runs the decoder over every token so far: exact, quadratic)
-            kwargs.setdefault("use_cache", False)
         with _reported_failure():
             share_rng(self._ctx)
             return self._source.generate(*args, **kwargs)

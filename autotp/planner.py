@@ -238,14 +238,18 @@ class _Planner:
                     if before is None:
                         break
                     user, src, to = src, src.args[0], before
-                promotable = src.op == "get_attr" or (src.op == "placeholder" and src.name in self.local_inputs)
+                promotable = (src.op == "get_attr" or (src.op == "placeholder" and src.name in self.local_inputs)
+                              or factory_edit(src, to, self.world) is not None)
                 if promotable and src not in seeds:
                     wanted.setdefault(src, set()).add((user, to))
             promote = {}
             for p, asks in wanted.items():
                 placements = {to for _, to in asks}
                 askers = {u for u, _ in asks}
-                if len(placements) == 1 and all(u in askers or _reads_only_metadata(u, p, *placements) for u in p.users):
+                # returning the value as it is also agrees: a cache input handed back unchanged
+                # (cross-attention keys) stays as sharded as it came, or is gathered
+                if len(placements) == 1 and all(u in askers or u.op == "output" or _reads_only_metadata(u, p, *placements)
+                                                for u in p.users):
                     promote[p] = placements.pop()
             if not promote:
                 return seeds, prop
@@ -320,6 +324,27 @@ def _replicated_slices(prop: Propagation) -> int:
     """Local slices of values every rank computed whole: redundant work a bigger region avoids.
     (Refining a piece a few ranks share, such as a kv head, is not counted.)"""
     return sum(1 for node, move in prop.redistributions() if arg_at(node, move.path) not in prop.placements)
+
+
+# Ops that make a tensor of a literal size, filled without reading any tensor: a piece of the
+# result is the same op at the piece's size. (The size is their first argument.)
+_FACTORIES = (torch.ops.aten.zeros.default, torch.ops.aten.ones.default, torch.ops.aten.empty.memory_format,
+              torch.ops.aten.full.default)
+
+
+def factory_edit(node: fx.Node, placement: Placement, world: int) -> Optional[ArgEdit]:
+    """The edit that makes a factory (``zeros([batch, 4, 15, 16])``: a static KV cache made
+    inside the graph) give this rank's piece of ``placement``: its literal size at the sharded
+    dim, divided. None when ``node`` is no factory or that size is no literal that divides."""
+    if node.target not in _FACTORIES or not isinstance(placement, Shard) or not node.args:
+        return None
+    shape = node.args[0]
+    if not isinstance(shape, (list, tuple)) or not 0 <= placement.dim < len(shape):
+        return None
+    size, chunks = shape[placement.dim], placement.chunks(world)
+    if not isinstance(size, int) or isinstance(size, bool) or not divides(placement, size, world):
+        return None
+    return ArgEdit(node.name, [0, placement.dim], size, size // chunks)
 
 
 def plan_graph(
@@ -436,6 +461,10 @@ def add_rewrites(plan: Plan, graph: fx.Graph, final: Propagation, region_of: Map
                                                placement.replicas))
         else:
             plan.sharded_outputs.append(ShardedOutput(list(path), placement))
+    for node, placement in final.seeds.items():  # a buffer made inside the graph, made at its piece's size
+        edit = factory_edit(node, placement, plan.tp_size) if node.op == "call_function" else None
+        if edit is not None:
+            plan.edits.append(edit)
     for node, answer in final.answers.items():
         plan.edits.extend(ArgEdit(node.name, list(e.path), e.old, e.new) for e in answer.edits)
         if answer.local_op:

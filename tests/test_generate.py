@@ -15,7 +15,7 @@ from transformers import DynamicCache
 
 import autotp
 from distributed import run_ranks
-from models import hf_model
+from models import hf_model, seq2seq_model
 
 pytestmark = pytest.mark.distributed
 
@@ -167,3 +167,82 @@ def test_sliding_window_and_hybrid_caches_generate_the_unsharded_tokens(world):
                 assert res["bytes"] * world == res["ref_bytes"], f"{name}: the cache is not sharded by heads"
             # every decode step fed one token: the prefix was never run again
             assert r[name]["decode"]["calls"] == r[name]["decode"]["tokens"] == 2 * (NEW - 1)
+
+
+def _all_layers_bytes(cache) -> int:
+    parts = [cache.self_attention_cache, cache.cross_attention_cache]
+    return sum(t.numel() * t.element_size() for part in parts for layer in part.layers for t in (layer.keys, layer.values))
+
+
+def encoder_decoder_worker(rank: int, world: int, names: list[str]) -> dict:
+    """T5 and BART: the decoder's self-attention cache grows, its cross-attention cache is
+    computed once from the encoder's states; both are sharded by heads."""
+    from transformers import EncoderDecoderCache
+
+    ids = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(13))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    options = dict(GREEDY, decoder_start_token_id=0)
+    out = {}
+    for name in names:
+        model = seq2seq_model(name)
+        with torch.no_grad():
+            ref_cache = EncoderDecoderCache(DynamicCache(config=model.config), DynamicCache(config=model.config))
+            reference = model.generate(ids, attention_mask=mask, cache=ref_cache, **options)
+            uncached = model.generate(ids, attention_mask=mask, use_cache=False, **options)
+            tp_model = autotp.parallelize(model, {"input_ids": ids, "decoder_input_ids": ids[:, :3]})
+            cache = EncoderDecoderCache(DynamicCache(config=model.config), DynamicCache(config=model.config))
+            got = tp_model.generate(ids, attention_mask=mask, cache=cache, **options)
+            got_uncached = tp_model.generate(ids, attention_mask=mask, use_cache=False, **options)
+        out[name] = dict(same=torch.equal(reference, got), same_uncached=torch.equal(uncached, got_uncached),
+                         bytes=_all_layers_bytes(cache), ref_bytes=_all_layers_bytes(ref_cache),
+                         cached_calls=tp_model.cached_calls)
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 4], ids=["tp2", "tp4"])
+def test_encoder_decoder_generate_with_a_sharded_cache(world):
+    names = ["t5", "bart"]
+    for r in run_ranks(encoder_decoder_worker, world, names):
+        for name in names:
+            res = r[name]
+            assert res["same"], f"{name}: cached greedy tokens differ from the unsharded model's"
+            assert res["same_uncached"], f"{name}: use_cache=False tokens differ from the unsharded model's"
+            assert res["bytes"] * world == res["ref_bytes"], f"{name}: the self/cross cache is not sharded by heads"
+            # the decoder starts from one token, then feeds one per step: nothing is recomputed
+            assert res["cached_calls"]["prefill"] == {"calls": 1, "tokens": 1}
+            assert res["cached_calls"]["decode"] == {"calls": NEW - 1, "tokens": NEW - 1}
+
+
+def static_worker(rank: int, world: int, names: list[str]) -> dict:
+    """``cache_implementation="static"``: the cache is preallocated to its full length and
+    written in place; inside the graph the buffer is made at this rank's heads."""
+    ids = torch.randint(3, 128, (2, 6), generator=torch.Generator().manual_seed(14))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    options = dict(GREEDY, cache_implementation="static")
+    out = {}
+    for name in names:
+        model = hf_model(name)
+        with torch.no_grad():
+            reference = model.generate(ids, attention_mask=mask, return_dict_in_generate=True, **options)
+            tp_model = autotp.parallelize(model)
+            got = tp_model.generate(ids, attention_mask=mask, return_dict_in_generate=True, **options)
+        out[name] = dict(same=torch.equal(reference.sequences, got.sequences),
+                         kinds={type(layer).__name__ for layer in got.cache.layers},
+                         bytes=_cache_bytes(got.cache), ref_bytes=_cache_bytes(reference.cache),
+                         decode=tp_model.cached_calls["decode"])
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 4], ids=["tp2", "tp4"])
+def test_static_cache_generates_the_unsharded_tokens(world):
+    names = ["llama", "qwen2_kv2"]  # qwen2_kv2 at tp 4: two ranks share each kv head
+    for r in run_ranks(static_worker, world, names):
+        for name in names:
+            res = r[name]
+            assert res["same"], f"{name}: greedy tokens with a static cache differ from the unsharded model's"
+            assert res["kinds"] == {"StaticLayer"}, res["kinds"]
+            shared = 2 if name == "qwen2_kv2" and world == 4 else 1
+            assert res["bytes"] * world == res["ref_bytes"] * shared, f"{name}: the static cache is not sharded by heads"
+            assert res["decode"] == {"calls": NEW - 1, "tokens": NEW - 1}

@@ -126,23 +126,43 @@ def elementwise_family(op: Any) -> Optional[tuple[Rule, frozenset[str]]]:
     return elementwise_rule, frozenset(schema_tensor_args(op))
 
 
-def inplace_rule(node: fx.Node, inputs: Inputs) -> Result:
-    """An elementwise op that writes into ``self`` (``add_``, ``mul_``, ``copy_``): as its
-    functional form, but ``self`` must already be laid out as the result. Slicing it locally
-    would write into a view of the whole value, which later readers of ``self`` would see."""
-    answer = elementwise_rule(node, inputs)
-    if isinstance(answer, Cannot):
+def inplace_rule(functional: Rule) -> Rule:
+    """The rule of an op that writes into ``self`` (``add_``, ``copy_``, ``index_copy_``): its
+    functional form's, but ``self`` must already be laid out as the result. Slicing it locally
+    would write into a view of the whole value, which later readers of ``self`` would see;
+    unless this op is its only reader (a buffer made to be filled, as a static KV cache is):
+    then nothing else sees the write, and the planner makes the buffer at its piece's size. A
+    rank-aware replacement (a local op) is functional, so it is refused."""
+
+    def in_place(node: fx.Node, inputs: Inputs) -> Result:
+        answer = functional(node, inputs)
+        if isinstance(answer, Cannot):
+            return answer
+        answer = answer if isinstance(answer, Out) else Out(answer)
+        target = node.args[0]
+        held = inputs[target]
+        sliced = any(move.path == (0,) for move in answer.redistribute)
+        private = isinstance(target, fx.Node) and all(u is node or _reads_metadata(u) for u in target.users)
+        if answer.local_op or (answer.placement != held and not (sliced and private)) or (sliced and not private):
+            return Cannot(f"{node.target} writes into a {held} value the result would need {answer.placement}")
         return answer
-    answer = answer if isinstance(answer, Out) else Out(answer)
-    held = inputs[node.args[0]]
-    if answer.placement != held or any(move.path == (0,) for move in answer.redistribute):
-        return Cannot(f"{node.target} writes into a {held} value the result would need {answer.placement}")
-    return answer
+
+    in_place.__name__ = in_place.__qualname__ = f"inplace_{functional.__name__}"
+    return in_place
+
+
+def _reads_metadata(user: fx.Node) -> bool:
+    """A user that reads a value's shape or dtype only (export's input guards, size reads):
+    it does not see what an in-place op writes."""
+    if user.op == "call_module":
+        return user.target == "_guards_fn"
+    return user.target in (aten.sym_size.int, aten.sym_stride.int, aten.sym_numel.default,
+                           aten._assert_tensor_metadata.default)
 
 
 def inplace_family(op: Any) -> Optional[tuple[Rule, frozenset[str]]]:
     """The in-place rule for an aten op that writes into ``self`` alone and whose functional
-    form (the name without its trailing ``_``, the same overload) is elementwise."""
+    form (the name without its trailing ``_``, the same overload) has a rule."""
     if not isinstance(op, torch._ops.OpOverload):
         return None
     schema = op._schema
@@ -152,9 +172,9 @@ def inplace_family(op: Any) -> Optional[tuple[Rule, frozenset[str]]]:
         return None
     functional = getattr(getattr(aten, name[:-1], None), op._overloadname, None)
     found = rule_for(functional) if functional is not None else None
-    if found is None or found[0] is not elementwise_rule:
+    if found is None:
         return None
-    return inplace_rule, frozenset(schema_tensor_args(op))
+    return inplace_rule(found[0]), frozenset(schema_tensor_args(op))
 
 
 FAMILIES.append(elementwise_family)

@@ -431,6 +431,34 @@ def other_dim_rule(node: fx.Node, inputs: Inputs) -> Result:
     return src
 
 
+@rule(aten.index_copy.default, reads=("self", "index", "source"))
+def index_copy_rule(node: fx.Node, inputs: Inputs) -> Result:
+    """``self`` with the slices ``index`` picks along ``dim`` replaced by ``source`` (a static
+    KV cache written in place): every other dim is elementwise, so ``self`` and ``source``
+    sharded alike on another dim stay sharded; a replicated one of the two is sliced locally."""
+    target, dim, index, source = node.args[:4]
+    if not isinstance(inputs[index], Replicate):
+        return Cannot("index_copy with a sharded index")
+    placed = [inputs[target], inputs[source]]
+    if any(not isinstance(p, (Shard, Replicate)) for p in placed):
+        return Cannot(f"index_copy of {placed[0]} and {placed[1]}")
+    shards = {p for p in placed if isinstance(p, Shard)}
+    if not shards:
+        return Replicate()
+    if len(shards) != 1 or ndim(source) != ndim(target):
+        return Cannot("index_copy of values sharded differently")
+    shard = shards.pop()
+    if shard.dim == norm_dim(dim, ndim(node)):
+        return Cannot("index_copy along the sharded dim")
+    moves = []
+    for path, value, placement in (((0,), target, placed[0]), ((3,), source, placed[1])):
+        if isinstance(placement, Replicate):
+            if not divides(shard, sizes(value)[shard.dim], inputs.world_size):
+                return Cannot("replicated index_copy input does not split over the ranks")
+            moves.append(Redistribute(path, shard))
+    return Out(shard, tuple(moves))
+
+
 @rule(aten.stack.default, reads=("tensors",))
 def stack_rule(node: fx.Node, inputs: Inputs) -> Result:
     """Stacking inserts a new dim; inputs sharded alike stay sharded (shifted past it)."""
