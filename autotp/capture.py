@@ -303,15 +303,15 @@ def _drop_unused_tensors(gm: fx.GraphModule) -> fx.GraphModule:
     and then replaced; its size reads would pin the planner), and tensors the graph never
     reads (a tied weight's second name): loading them would hold a full copy of what is
     sharded under the other name. Ops that mutate or assert stay (fx counts them impure)."""
-    changed = gm.graph.eliminate_dead_code()
-    unused = [node for node in gm.graph.nodes if node.op == "get_attr" and not node.users]
-    for node in unused:
-        owner_name, _, attr = str(node.target).rpartition(".")
+    held = {str(node.target) for node in gm.graph.nodes if node.op == "get_attr"}
+    changed = gm.graph.eliminate_dead_code()  # unread get_attr nodes go too
+    unused = held - {str(node.target) for node in gm.graph.nodes if node.op == "get_attr"}
+    for target in unused:
+        owner_name, _, attr = target.rpartition(".")
         owner = gm.get_submodule(owner_name) if owner_name else gm
         for store in (owner._parameters, owner._buffers):
             store.pop(attr, None)
-        gm.graph.erase_node(node)
-    if unused or changed:  # export's module is compiled already; compiling ~700 nodes again costs ~10 ms
+    if changed:  # export's module is compiled already; compiling ~700 nodes again costs ~10 ms
         gm.recompile()
     return gm
 

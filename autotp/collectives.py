@@ -5,6 +5,9 @@ optional fast all-reduce: DeepSpeed's shared-memory kernel (``pip install 'autot
 ~90x faster than gloo for a decode step's 4 KiB vectors here. ``AUTOTP_ALLREDUCE`` chooses:
 ``auto`` (the default: the fast kernel when it is installed, all ranks are on this machine
 and a self-check passes), ``deepspeed`` (required), or ``gloo`` (the process group).
+``AUTOTP_REDUCE_DTYPE=float32`` sums bf16 and fp16 partial results in fp32 (each rank's
+partial is widened, summed and rounded once), at twice the bytes moved; by default a value is
+summed in its own dtype, as Hugging Face's ``tp_plan`` and DeepSpeed do.
 
 The inserted ops are ``call_module`` nodes (``autotp_all_reduce``, ``autotp_all_gather``) so the
 graph can be counted and printed and the communicator lives on the module, not in a global.
@@ -27,7 +30,7 @@ from autotp.health import PeerFailure, Watchdog, describe_failure
 from autotp.shm_kernel import KernelUnavailable, load_kernel
 
 __all__ = ["Communicator", "AllReduce", "AllGather", "ALL_REDUCE", "ALL_GATHER", "count_collectives",
-           "select_all_reduce"]
+           "select_all_reduce", "reduce_dtype_from_env"]
 
 ALL_REDUCE = "autotp_all_reduce"
 ALL_GATHER = "autotp_all_gather"
@@ -40,13 +43,18 @@ class Communicator:
     """How this rank sums and gathers over its tensor-parallel group."""
 
     def __init__(self, group: Optional[dist.ProcessGroup] = None, world_size: int = 1,
-                 fast: Optional[FastAllReduce] = None, name: str = "process group") -> None:
+                 fast: Optional[FastAllReduce] = None, name: str = "process group",
+                 reduce_dtype: Optional[torch.dtype] = None) -> None:
         self.group, self.world_size, self.fast, self.name = group, world_size, fast, name
+        self.reduce_dtype = reduce_dtype  # sum narrower floating values in this dtype
         # the fast path cannot time out: a watchdog ends this rank if a peer stops meanwhile
         self.watchdog = Watchdog(group) if fast is not None else None
 
     def all_reduce_(self, x: torch.Tensor) -> torch.Tensor:
         """Sum ``x`` over the group, in place."""
+        wide = self.reduce_dtype
+        if self.world_size > 1 and wide is not None and x.is_floating_point() and x.element_size() < wide.itemsize:
+            return x.copy_(self.all_reduce_(x.to(wide)))
         if self.world_size > 1:
             if self.fast is not None and x.dtype in _FAST_DTYPES and x.is_contiguous():
                 with self.watchdog.waiting():
@@ -74,6 +82,17 @@ class Communicator:
         pieces = [torch.empty_like(x) for _ in range(self.world_size)]
         _run(lambda: dist.all_gather(pieces, x, group=self.group), self.group)
         return torch.cat(pieces[::replicas], dim)  # ranks sharing a chunk hold the same piece
+
+
+def reduce_dtype_from_env() -> Optional[torch.dtype]:
+    """``AUTOTP_REDUCE_DTYPE``: ``float32`` to sum narrower partial results in fp32; unset or
+    ``auto``: each value in its own dtype."""
+    chosen = os.environ.get("AUTOTP_REDUCE_DTYPE", "auto").strip().lower()
+    if chosen in ("", "auto"):
+        return None
+    if chosen in ("float32", "fp32"):
+        return torch.float32
+    raise AutotpError(f"AUTOTP_REDUCE_DTYPE={chosen!r}: expected auto or float32")
 
 
 def select_all_reduce(group: Optional[dist.ProcessGroup], world_size: int,

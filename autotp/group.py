@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from autotp.collectives import Communicator, select_all_reduce
+from autotp.collectives import Communicator, reduce_dtype_from_env, select_all_reduce
 from autotp.errors import AutotpError
 from autotp.health import register
 from autotp.kernels import choose_kernels
@@ -66,17 +66,20 @@ def init_tp(tp_size: Optional[int] = None, device: Optional[torch.device] = None
         group, _ = dist.new_subgroups(group_size=tp)
         ctx = TPContext(dist.get_rank(group), tp, group, device)
     register()
-    fast, name, kernels, error = None, "process group", "aten", None
+    fast, name, kernels, error, wide = None, "process group", "aten", None, None
     try:  # an error is told to every rank below: the others would wait in the gather
         fast, name = select_all_reduce(ctx.group, tp, device)
         kernels = choose_kernels(device)
+        wide = reduce_dtype_from_env()
     except AutotpError as exc:
         error = str(exc)
-    names, choices, errors = zip(*_from_every_rank(ctx, (name, kernels, error)))
+    names, choices, errors, widths = zip(*_from_every_rank(ctx, (name, kernels, error, str(wide))))
     _raise_failures(ctx, errors)
     if len(set(names)) != 1:  # one path for all, or they would wait on each other forever
         fast, name = None, "process group"
-    ctx.comm = Communicator(ctx.group, tp, fast, name)
+    if len(set(widths)) != 1:
+        raise AutotpError(f"AUTOTP_REDUCE_DTYPE differs across ranks: {list(widths)}")
+    ctx.comm = Communicator(ctx.group, tp, fast, name, wide)
     ctx.kernels = kernels if len(set(choices)) == 1 else "aten"  # replicated layers must agree bit for bit
     return ctx
 
