@@ -13,15 +13,36 @@ pieces' shapes with each sharded dim at its whole size.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Mapping, Optional
 
+import torch
 from torch.utils import _pytree as pytree
 
 from autotp.errors import AutotpError
 
-__all__ = ["Guards", "value_at"]
+__all__ = ["Guards", "Sized", "value_at"]
 
 Recorded = tuple[list[str], list[tuple]]  # (guard code, the input path of each flat argument)
+
+
+class Sized:
+    """A tensor seen by its shape only: what the guards read of a cache piece's global view
+    (a data-less tensor costs ~5 us to make; a decode step checks one per cached layer)."""
+
+    __slots__ = ("shape", "dtype")
+
+    def __init__(self, shape: Any, dtype: torch.dtype) -> None:
+        self.shape, self.dtype = torch.Size(shape), dtype
+
+    def size(self, dim: Optional[int] = None) -> Any:
+        return self.shape if dim is None else self.shape[dim]
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def as_tensor(self) -> torch.Tensor:
+        return torch.empty(self.shape, dtype=self.dtype, device="meta")
 
 
 class Guards:
@@ -31,6 +52,9 @@ class Guards:
     def __init__(self, recorded: Optional[Recorded]) -> None:
         self.recorded = recorded
         self._check = None
+        # guards that read more than sizes (strides, ...) get data-less tensors instead of Sized
+        methods = {m for code in (recorded[0] if recorded else []) for m in re.findall(r"\]\.(\w+)\(", code)}
+        self._reads_tensors = bool(methods - {"size", "dim"})
         if recorded is not None and recorded[0]:
             from torch.export._unlift import _convert_guards_code_to_fn
 
@@ -48,8 +72,11 @@ class Guards:
         """Whether every guard holds for ``inputs`` (keyword arguments at their global shapes)."""
         if self._check is None:
             return True
+        args = [value_at(inputs, path) for path in self.recorded[1]]
+        if self._reads_tensors:
+            args = [a.as_tensor() if isinstance(a, Sized) else a for a in args]
         try:
-            self._check(*(value_at(inputs, path) for path in self.recorded[1]))
+            self._check(*args)
         except AssertionError:
             return False
         return True

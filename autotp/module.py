@@ -25,7 +25,7 @@ from autotp.capture import bind_inputs, capture, forward_signature, graph_inputs
 from autotp.errors import AutotpError
 from autotp.generation import (CacheIO, CacheSpec, cache_argument, cache_spec, call_tokens, example_like, is_cache,
                                phase_of, read_cache, write_cache)
-from autotp.guards import Guards
+from autotp.guards import Guards, Sized
 from autotp.group import TPContext, check_same_plan, share_rng
 from autotp.health import PeerFailure, mark_failed
 from autotp.kernels import kernel_pass
@@ -282,7 +282,7 @@ class TensorParallelModule(nn.Module):
 
     def _global_view(self, call: dict[str, Any]) -> dict[str, Any]:
         """``call`` as the unsharded graph would see it: this rank's pieces of the cache become
-        data-less tensors of their whole shape (the sharded dim at its global size)."""
+        their whole shapes (the sharded dim at its global size)."""
         if "past_keys" not in call:
             return call
         pieces = call["past_keys"] + call["past_values"]
@@ -292,8 +292,11 @@ class TensorParallelModule(nn.Module):
         for piece, (shape, placement) in zip(pieces, self._cache_layout):
             size = list(piece.shape)
             if isinstance(placement, Shard):
+                if shape[placement.dim] is None:
+                    raise AutotpError(f"a cache tensor is sharded along dim {placement.dim}, whose size the graph "
+                                      "does not fix")
                 size[placement.dim] = shape[placement.dim]
-            whole.append(torch.empty(size, dtype=piece.dtype, device="meta"))
+            whole.append(Sized(size, piece.dtype))
         half = len(whole) // 2
         return {**call, "past_keys": whole[:half], "past_values": whole[half:]}
 
