@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 from typing import Any, Callable, Iterator, Optional
 
 import torch
@@ -122,12 +123,34 @@ class TensorParallelModule(nn.Module):
         inputs.pop("use_cache", None)  # plain calls return no cache (see generate() for cached decoding)
         as_tuple = inputs.pop("return_dict", None) is False  # the output type is applied here, not captured
         key = ("submodule", path, structure_key(inputs)) if path else structure_key(inputs)
-        gm = self._graphs.get(key)
-        if gm is None:
-            gm = self._graph_for(path, key, inputs)
         signature = None if path else self._signature  # the model's is kept: this runs on every call
-        out = gm(**graph_inputs(self._source.get_submodule(path), inputs, signature))
+        arguments = graph_inputs(self._source.get_submodule(path), inputs, signature)
+        out = self._run_variant(key, arguments, lambda variant: self._graph_for(path, variant, inputs))
         return out.to_tuple() if as_tuple and hasattr(out, "to_tuple") else out
+
+    def _run_variant(self, key: tuple, arguments: dict[str, Any], capture_for: Callable[[tuple], fx.GraphModule]) -> Any:
+        """Run the first graph captured for this kind of call whose input guards hold, else a
+        graph captured for this call. A plain graph checks its own guards first thing, before
+        any collective, so every rank (same inputs) tries the next variant together. A model
+        that specialises a size (a sequence length export made a constant) gets one graph per
+        value instead of an assertion."""
+        for variant in itertools.count():
+            variant_key = key if variant == 0 else (key, "variant", variant)
+            gm = self._graphs.get(variant_key)
+            if gm is None:
+                gm = capture_for(variant_key)
+                try:
+                    return gm(**arguments)
+                except AssertionError as exc:
+                    if str(exc).startswith("Guard failed"):
+                        raise AutotpError(f"the graph captured for this call does not serve it: {exc}") from None
+                    raise
+            try:
+                return gm(**arguments)
+            except AssertionError as exc:
+                if not str(exc).startswith("Guard failed"):
+                    raise
+        raise AssertionError("itertools.count() ended")  # for type checkers: the loop returns
 
     def _graph_for(self, path: str, key: tuple, inputs: dict[str, Any]) -> fx.GraphModule:
         """A call with other arguments than the capture's, or of a submodule: capture and plan

@@ -45,3 +45,51 @@ def test_a_graph_whose_guards_were_not_recorded_is_refused():
     captured.guards = None
     with pytest.raises(AutotpError, match="input guards"):
         Guards.of_captured(captured)
+
+
+class Specialising(nn.Module):
+    """A projection pair whose forward branches on the sequence length: export bakes in the
+    branch the example took and guards the length."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(16, 64), nn.Linear(64, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.up(x))
+        if x.shape[1] == 8:
+            h = h * 2
+        return self.down(h)
+
+
+def specialised_worker(rank: int, world: int) -> dict:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import autotp
+
+    torch.manual_seed(0)
+    block = Specialising().eval()
+    mamba = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "mamba", hidden_size=64, num_hidden_layers=2, vocab_size=128, state_size=8, expand=2)).eval()
+    xs = [torch.randn(2, n, 16, generator=torch.Generator().manual_seed(n)) for n in (8, 5, 12, 8)]
+    ids = [torch.randint(3, 128, (2, n), generator=torch.Generator().manual_seed(n)) for n in (8, 5, 12, 8)]
+    with torch.no_grad():
+        block_refs, mamba_refs = [block(x) for x in xs], [mamba(i).logits for i in ids]
+        tp_block = autotp.parallelize(block, (xs[0],))
+        tp_mamba = autotp.parallelize(mamba, {"input_ids": ids[0]})
+        block_diffs = [float((tp_block(x) - r).abs().max()) for x, r in zip(xs, block_refs)]
+        mamba_diffs = [float((tp_mamba(input_ids=i).logits - r).abs().max()) for i, r in zip(ids, mamba_refs)]
+    return dict(block=block_diffs, mamba=mamba_diffs, graphs=(len(tp_block._graphs), len(tp_mamba._graphs)),
+                sharded=tp_block.plan.bytes_per_rank() < tp_block.plan.bytes_unsharded())
+
+
+@pytest.mark.distributed
+def test_a_call_another_graph_is_guarded_against_is_captured_again():
+    """A model export specialised to one sequence length (mamba's capture guards it) serves
+    other lengths with graphs of their own, and the first again."""
+    from distributed import run_ranks
+
+    for r in run_ranks(specialised_worker, 2):
+        assert max(r["block"]) < 1e-5 and max(r["mamba"]) < 1e-4, r
+        assert r["graphs"][0] == 2 and r["graphs"][1] == 3, r["graphs"]  # length 8 reuses its graph
+        assert r["sharded"]
