@@ -108,7 +108,7 @@ def cache_spec(cache: Any) -> CacheSpec:
         kinds = sorted({type(layer).__name__ for layer in part.layers} - set(LAYER_COUNTS))
         if kinds:
             raise AutotpError(f"cache layers of type {kinds} are not supported by autotp (supported: "
-                              f"{sorted(LAYER_COUNTS)}); use the model's default cache")
+                              f"{sorted(LAYER_COUNTS)}); generate with use_cache=False, or with a dynamic cache")
         if any(getattr(layer, "record_past", False) for layer in part.layers):
             raise AutotpError("sliding-window cache layers that record their past (assisted decoding) are not "
                               "supported")

@@ -125,26 +125,30 @@ class TensorParallelModule(nn.Module):
         key = ("submodule", path, structure_key(inputs)) if path else structure_key(inputs)
         signature = None if path else self._signature  # the model's is kept: this runs on every call
         arguments = graph_inputs(self._source.get_submodule(path), inputs, signature)
-        out = self._run_variant(key, arguments, lambda variant: self._graph_for(path, variant, inputs))
+        out = self._run_variant(key, arguments, lambda variant, bump: self._graph_for(path, variant, inputs, bump))
         return out.to_tuple() if as_tuple and hasattr(out, "to_tuple") else out
 
-    def _run_variant(self, key: tuple, arguments: dict[str, Any], capture_for: Callable[[tuple], fx.GraphModule]) -> Any:
+    def _run_variant(self, key: tuple, arguments: dict[str, Any],
+                     capture_for: Callable[[tuple, bool], fx.GraphModule]) -> Any:
         """Run the first graph captured for this kind of call whose input guards hold, else a
         graph captured for this call. A plain graph checks its own guards first thing, before
         any collective, so every rank (same inputs) tries the next variant together. A model
         that specialises a size (a sequence length export made a constant) gets one graph per
-        value instead of an assertion."""
+        value instead of an assertion. A capture is made with sizes of 1 taken as 2 (so that
+        they stay dynamic); if that graph does not serve the call, with the call's own sizes."""
         for variant in itertools.count():
             variant_key = key if variant == 0 else (key, "variant", variant)
             gm = self._graphs.get(variant_key)
             if gm is None:
-                gm = capture_for(variant_key)
-                try:
-                    return gm(**arguments)
-                except AssertionError as exc:
-                    if str(exc).startswith("Guard failed"):
-                        raise AutotpError(f"the graph captured for this call does not serve it: {exc}") from None
-                    raise
+                for bump in (True, False):
+                    gm = capture_for(variant_key, bump)
+                    try:
+                        return gm(**arguments)
+                    except AssertionError as exc:
+                        if not str(exc).startswith("Guard failed"):
+                            raise
+                        if not bump:
+                            raise AutotpError(f"the graph captured for this call does not serve it: {exc}") from None
             try:
                 return gm(**arguments)
             except AssertionError as exc:
@@ -152,7 +156,7 @@ class TensorParallelModule(nn.Module):
                     raise
         raise AssertionError("itertools.count() ended")  # for type checkers: the loop returns
 
-    def _graph_for(self, path: str, key: tuple, inputs: dict[str, Any]) -> fx.GraphModule:
+    def _graph_for(self, path: str, key: tuple, inputs: dict[str, Any], bump_unit_dims: bool = True) -> fx.GraphModule:
         """A call with other arguments than the capture's, or of a submodule: capture and plan
         again (all ranks do). A submodule keeps the placements this rank holds its tensors in."""
         twin = self._twin.get_submodule(path) if path else self._twin
@@ -160,12 +164,14 @@ class TensorParallelModule(nn.Module):
         settings = dict(graph=f"submodule {path}" if path else "other call", gather_outputs=self._gather_outputs)
         if held is not None:
             settings["placements"] = sorted((name, str(p)) for name, p in held.items())
+        if not bump_unit_dims:
+            settings["sizes"] = "as called"  # another graph than the one captured with 1s taken as 2
         slot = self._slot(key, twin, inputs, **settings)
         rename = (lambda name: f"{path}.{name}") if path else (lambda name: name)
         hit = slot.get(self._ctx.comm)
         if hit is not None:
             return self._install(key, hit.graph_module, hit.plan, rename, slot=slot)
-        captured = capture(twin, inputs, device=self._ctx.device, bump_unit_dims=True)
+        captured = capture(twin, inputs, device=self._ctx.device, bump_unit_dims=bump_unit_dims)
         label = f"{self.plan.model}.{path}" if path else self.plan.model
         if held is not None:
             plan = plan_with_placements(captured.graph, self.tp_size, held, model=label, inputs=captured.input_names,
@@ -334,6 +340,11 @@ class TensorParallelModule(nn.Module):
             raise AttributeError(f"{type(self._source).__name__} has no generate()")
         if not self._gather_outputs:
             raise AutotpError("generate() reads whole logits: parallelize with gather_outputs=True to generate")
+        if self._cache_arg is None:
+            # a model that carries its own recurrent state (RWKV's ``state``) instead of a Hugging
+            # Face cache: plain graphs return no state, so each step runs over the whole sequence
+            # (exact, quadratic), as Hugging Face's own generate(use_cache=False) does
+            kwargs.setdefault("use_cache", False)
         with _reported_failure():
             share_rng(self._ctx)
             return self._source.generate(*args, **kwargs)

@@ -228,6 +228,10 @@ class _Planner:
         (a parameter reached through transposes counts: the placement is mapped back)."""
         while True:
             prop = propagate(self.graph, seeds, self.world)
+            wants = prop.failure.wants if prop.failure is not None else None
+            if wants is not None and wants[0] not in seeds and self._promotable(wants[0]):
+                seeds = {**seeds, wants[0]: wants[1]}  # written in place: laid out as the write needs
+                continue
             if not prop.ok:
                 return seeds, prop
             wanted: dict[fx.Node, set] = {}
@@ -238,8 +242,7 @@ class _Planner:
                     if before is None:
                         break
                     user, src, to = src, src.args[0], before
-                promotable = (src.op == "get_attr" or (src.op == "placeholder" and src.name in self.local_inputs)
-                              or factory_edit(src, to, self.world) is not None)
+                promotable = self._promotable(src) or factory_edit(src, to, self.world) is not None
                 if promotable and src not in seeds:
                     wanted.setdefault(src, set()).add((user, to))
             promote = {}
@@ -254,6 +257,10 @@ class _Planner:
             if not promote:
                 return seeds, prop
             seeds = {**seeds, **promote}
+
+    def _promotable(self, node: fx.Node) -> bool:
+        """A parameter, or an input the caller passes as laid out (a KV cache), may be seeded."""
+        return node.op == "get_attr" or (node.op == "placeholder" and node.name in self.local_inputs)
 
     def upstream_candidates(self, value: fx.Node, taken: set) -> list[Candidate]:
         import networkx as nx

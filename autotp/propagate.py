@@ -39,6 +39,8 @@ class Failure:
     reason: str
     blocks: Optional[tuple[int, ...]] = None  # layout hints from the rule, see rules.Cannot
     replicas: Optional[int] = None
+    # an input or parameter an in-place op would slice, and the layout that would serve it
+    wants: Optional[tuple[fx.Node, Placement]] = None
 
     def __str__(self) -> str:
         stack = self.node.meta.get("nn_module_stack") or {}
@@ -98,6 +100,20 @@ def _is_replicated(placement: Any) -> bool:
     return isinstance(placement, Replicate)
 
 
+def _sliced_write(node: fx.Node, answer: Out) -> Optional[fx.Node]:
+    """The graph input or parameter ``node`` writes into in place, if its answer slices it
+    locally: the caller or the next call reads that value, so the write must reach all of it."""
+    schema = getattr(node.target, "_schema", None)
+    target = node.args[0] if node.args else None
+    if schema is None or not schema.arguments or not isinstance(target, fx.Node):
+        return None
+    first = schema.arguments[0].alias_info
+    writes = first is not None and first.is_write
+    if writes and target.op in ("placeholder", "get_attr") and any(m.path == (0,) for m in answer.redistribute):
+        return target
+    return None
+
+
 def propagate(
     graph: fx.Graph,
     seeds: Mapping[fx.Node, Placement],
@@ -139,6 +155,12 @@ def propagate(
         answer = apply_rule(node, inputs)
         if isinstance(answer, Cannot):
             result.failure = Failure(node, answer.reason, answer.blocks, answer.replicas)
+            return result
+        written = _sliced_write(node, answer)
+        if written is not None:
+            result.failure = Failure(node, f"{node.target} writes into {written.name}, which lives on after the call "
+                                           f"(a {written.op}); a slice of it would not be written",
+                                     wants=(written, next(m.to for m in answer.redistribute if m.path == (0,))))
             return result
         result.answers[node] = answer
         if isinstance(answer.placement, Partial):

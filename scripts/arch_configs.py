@@ -53,6 +53,11 @@ ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
     "granite": ("granite", {}),
     "bert": ("bert", {}),
     "roberta": ("roberta", {}),
+    # recurrent and state-space families: export specialises their captures to one length
+    "mamba": ("mamba", {}),
+    "falcon_mamba": ("falcon_mamba", {}),
+    "rwkv": ("rwkv", {}),
+    "cpmant": ("cpmant", {}),
     "t5": ("t5", {}),
     "bart": ("bart", {}),
 }
