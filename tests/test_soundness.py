@@ -147,3 +147,41 @@ def test_attention_dropout_is_not_sharded() -> None:
     sim = simulate(AttentionDropout(), torch.randn(2, 4, 32), 2)
     assert not any(s.name.startswith("qkv") for s in sim.plan.sharded_params())  # o alone may be column-parallel
     assert "dropout" in " ".join(r.reason for r in sim.plan.regions if not r.sharded)
+
+
+class WritesIntoItsInput(nn.Module):
+    """Writes a projection into a buffer the caller passes, and into one it keeps: both are
+    read after the call, so each must be written whole."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(16, 64), nn.Linear(64, 16)
+        self.register_buffer("last", torch.zeros(2, 3, 64))
+
+    def forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        h = self.up(x)
+        out.copy_(h)
+        self.last.copy_(h)
+        return self.down(torch.relu(h))
+
+
+def test_an_in_place_write_into_an_input_or_a_buffer_is_never_sliced() -> None:
+    """A rank's slice of a replicated value is a copy: writing into it would leave the caller's
+    tensor (or the module's buffer, read by the next call) partly unwritten."""
+    torch.manual_seed(0)
+    module = WritesIntoItsInput().eval()
+    x = torch.randn(2, 3, 16)
+    reference_out = torch.zeros(2, 3, 64)
+    with torch.no_grad():
+        reference = module(x, reference_out)
+        expected_last = module.last.clone()
+        module.last.zero_()
+    for tp in (2, 4):
+        out = torch.zeros(2, 3, 64)
+        sim = simulate(module, (x, out), tp)
+        for rank, got in enumerate(sim.outputs):
+            assert_close_to(reference, got)
+        # every rank wrote the whole input (the ranks share it here) and its whole buffer
+        assert_close_to(reference_out, out)
+        for rank, graph in enumerate(sim.graphs):
+            assert_close_to(expected_last, graph.get_buffer("last"))
