@@ -185,3 +185,23 @@ def test_an_in_place_write_into_an_input_or_a_buffer_is_never_sliced() -> None:
         assert_close_to(reference_out, out)
         for rank, graph in enumerate(sim.graphs):
             assert_close_to(expected_last, graph.get_buffer("last"))
+
+
+class WritesIntoAView(nn.Module):
+    """Writes a column-parallel projection into a view of a tensor it reads afterwards."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(16, 64), nn.Linear(64, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(x)
+        scratch = torch.zeros(2, 2, 3, 64)
+        scratch.select(1, 0).copy_(h)  # the write must land in scratch, which sum reads
+        return self.down(torch.relu(h)) + self.down(scratch.sum(1))
+
+
+def test_an_in_place_write_into_a_view_is_never_sliced() -> None:
+    torch.manual_seed(0)
+    for tp in (2, 4):
+        assert _sharded_and_exact(WritesIntoAView(), torch.randn(2, 3, 16), tp) >= 2  # up and down stay sharded

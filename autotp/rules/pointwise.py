@@ -130,9 +130,12 @@ def inplace_rule(functional: Rule) -> Rule:
     """The rule of an op that writes into ``self`` (``add_``, ``copy_``, ``index_copy_``): its
     functional form's, but ``self`` must already be laid out as the result. Slicing it locally
     would write into a view of the whole value, which later readers of ``self`` would see;
-    unless this op is its only reader (a buffer made to be filled, as a static KV cache is):
-    then nothing else sees the write, and the planner makes the buffer at its piece's size. A
-    rank-aware replacement (a local op) is functional, so it is refused."""
+    unless this op is its only reader and ``self`` is a fresh tensor (a buffer made to be
+    filled, as a static KV cache is; not a view of another value): then nothing else sees the
+    write, and the planner makes the buffer at its piece's size. A graph input or parameter is
+    answered too, and propagation turns that into a request to lay it out as the write needs
+    (it lives on after the call). A rank-aware replacement (a local op) is functional, so it is
+    refused."""
 
     def in_place(node: fx.Node, inputs: Inputs) -> Result:
         answer = functional(node, inputs)
@@ -142,13 +145,20 @@ def inplace_rule(functional: Rule) -> Rule:
         target = node.args[0]
         held = inputs[target]
         sliced = any(move.path == (0,) for move in answer.redistribute)
-        private = isinstance(target, fx.Node) and all(u is node or _reads_metadata(u) for u in target.users)
+        private = (isinstance(target, fx.Node) and all(u is node or _reads_metadata(u) for u in target.users)
+                   and (target.op in ("placeholder", "get_attr") or _fresh(target)))
         if answer.local_op or (answer.placement != held and not (sliced and private)) or (sliced and not private):
             return Cannot(f"{node.target} writes into a {held} value the result would need {answer.placement}")
         return answer
 
     in_place.__name__ = in_place.__qualname__ = f"inplace_{functional.__name__}"
     return in_place
+
+
+def _fresh(node: fx.Node) -> bool:
+    """Whether ``node`` makes a new tensor (not a view or an in-place result of another)."""
+    schema = getattr(node.target, "_schema", None)
+    return node.op == "call_function" and schema is not None and all(r.alias_info is None for r in schema.returns)
 
 
 def _reads_metadata(user: fx.Node) -> bool:
