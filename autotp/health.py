@@ -20,7 +20,13 @@ import torch.distributed as dist
 
 from autotp.errors import AutotpError
 
-__all__ = ["PeerFailure", "register", "mark_failed", "describe_failure", "Watchdog"]
+__all__ = ["PeerFailure", "register", "mark_failed", "clear_failed", "describe_failure", "Watchdog"]
+
+# How long a rank waits in a shared-memory collective before it ends itself: for a peer whose
+# process is gone, and for a peer that raised but still runs (its caller may have caught the
+# error and be on its way to the next call, which clears the mark).
+DEAD_PEER_GRACE_S = 2.0
+RAISED_PEER_GRACE_S = 30.0
 
 
 class PeerFailure(AutotpError):
@@ -41,14 +47,31 @@ def register() -> None:
         store.set(f"autotp/where/{dist.get_rank()}", f"{socket.gethostname()}:{os.getpid()}")
 
 
+# whether this process recorded a failure in the store (so that a clean call costs no round trip)
+_recorded = threading.Event()
+
+
 def mark_failed(reason: str) -> None:
     """Record that this rank is about to stop with an error (read by the peers it leaves)."""
     store = _store()
     if store is not None and dist.is_initialized():
         try:
             store.set(f"autotp/failed/{dist.get_rank()}", reason[:300])
+            _recorded.set()
         except Exception:  # the store may be gone too; the peers still see the connection drop
             pass
+
+
+def clear_failed() -> None:
+    """Take back this rank's failure record: it is making another call, so the error it raised
+    before was handled (a refusal every rank raised and the caller caught)."""
+    if not _recorded.is_set():
+        return
+    store = _store()
+    if store is not None and dist.is_initialized():
+        with contextlib.suppress(Exception):
+            store.delete_key(f"autotp/failed/{dist.get_rank()}")
+            _recorded.clear()
 
 
 def describe_failure(group: Optional[dist.ProcessGroup], error: BaseException) -> str:
@@ -72,13 +95,16 @@ def _peers(group: Optional[dist.ProcessGroup], me: int) -> list[int]:
     return [r for r in ranks if r != me]
 
 
-def _stopped_peers(store: Any, ranks: list[int]) -> list[str]:
+def _stopped_peers(store: Any, ranks: list[int], *, waited: float = float("inf")) -> list[str]:
+    """Peers that raised or died, described. A peer that raised but still runs counts only once
+    this rank has ``waited`` :data:`RAISED_PEER_GRACE_S` (it may have caught its error)."""
     found = []
     for rank in ranks:
         try:
-            if store.check([f"autotp/failed/{rank}"]):
+            alive = not store.check([f"autotp/where/{rank}"]) or _alive(store.get(f"autotp/where/{rank}").decode())
+            if store.check([f"autotp/failed/{rank}"]) and (not alive or waited >= RAISED_PEER_GRACE_S):
                 found.append(f"rank {rank} raised {store.get(f'autotp/failed/{rank}').decode()}")
-            elif store.check([f"autotp/where/{rank}"]) and not _alive(store.get(f"autotp/where/{rank}").decode()):
+            elif not alive:
                 found.append(f"rank {rank} died (its process is gone)")
         except Exception:  # the store went away with its host
             break
@@ -104,7 +130,7 @@ class Watchdog(threading.Thread):
     all-reduce spins on flags): if it has waited ``grace`` seconds and a peer has raised or
     died, print the error naming it and end the process, instead of waiting forever."""
 
-    def __init__(self, group: Optional[dist.ProcessGroup] = None, grace: float = 2.0) -> None:
+    def __init__(self, group: Optional[dist.ProcessGroup] = None, grace: float = DEAD_PEER_GRACE_S) -> None:
         super().__init__(name="autotp-watchdog", daemon=True)
         self.group, self.grace = group, grace
         self._since: Optional[float] = None
@@ -125,7 +151,8 @@ class Watchdog(threading.Thread):
             if since is None or time.monotonic() - since < self.grace:
                 continue
             store, me = _store(), dist.get_rank()
-            found = _stopped_peers(store, _peers(self.group, me)) if store is not None else []
+            waited = time.monotonic() - since
+            found = _stopped_peers(store, _peers(self.group, me), waited=waited) if store is not None else []
             if found and self._since is not None:
                 sys.stderr.write(f"[rank {me}] autotp: error: PeerFailure: rank {me}: a collective failed: "
                                  f"{'; '.join(found)} (waited {time.monotonic() - since:.0f} s in shared memory)\n")

@@ -28,7 +28,7 @@ from autotp.generation import (CacheIO, CacheSpec, cache_argument, cache_spec, c
                                phase_of, read_cache, write_cache)
 from autotp.guards import Guards, Sized
 from autotp.group import TPContext, check_same_plan, share_rng
-from autotp.health import PeerFailure, mark_failed
+from autotp.health import PeerFailure, clear_failed, mark_failed
 from autotp.kernels import kernel_pass
 from autotp.loading import LoadError, load_into, named_tensors
 from autotp.placement import Placement, Replicate, Shard, parse_placement
@@ -379,7 +379,9 @@ class TensorParallelModule(nn.Module):
 @contextlib.contextmanager
 def _reported_failure() -> Iterator[None]:
     """An error on this rank is recorded before it propagates, so that the peers it leaves
-    waiting in a collective can name this rank (see autotp.group.describe_failure)."""
+    waiting in a collective can name this rank (see autotp.group.describe_failure). A new call
+    takes back the record of an error this rank raised before and its caller handled."""
+    clear_failed()
     try:
         yield
     except PeerFailure:

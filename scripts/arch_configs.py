@@ -63,15 +63,23 @@ ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+def causal_lm_types() -> list[str]:
+    """Every model type transformers maps to a causal LM (``--all`` in scripts/coverage.py)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+
 def build(arch: str, seed: int = 0, **overrides: Any):
-    """The seeded model of ``arch``: causal LM for decoders, masked LM / seq2seq otherwise."""
+    """The seeded model of ``arch`` (a key of ARCHS, or any model type): causal LM for
+    decoders, masked LM / seq2seq otherwise."""
     import torch
     import transformers
     from transformers import AutoConfig
     from transformers.utils import logging
 
     logging.set_verbosity_error()
-    model_type, extra = ARCHS[arch]
+    model_type, extra = ARCHS.get(arch, (arch, {}))  # any other model type: COMMON alone
     probe = AutoConfig.for_model(model_type)
     fields = {k: v for k, v in {**COMMON, **extra, **overrides}.items()
               if (hasattr(probe, k) or k in extra or k in overrides) and v is not None}

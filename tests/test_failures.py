@@ -77,3 +77,29 @@ def test_the_shared_memory_path_leaves_nothing_in_dev_shm():
     paths = run_local(quiet_worker, 2)
     assert paths == ["deepspeed shared memory"] * 2
     assert set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) - before == set()
+
+
+def refusal_worker(rank: int, world: int, path: str) -> bool:
+    """Every rank is refused (a cache autotp cannot carry) and goes on; rank 0 comes back 5 s
+    later than rank 1, which waits for it in the next collective."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import StaticSlidingWindowLayer
+
+    os.environ["AUTOTP_ALLREDUCE"] = path
+    model = hf_model("llama")
+    ids = torch.randint(3, 128, (1, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = model(ids).logits
+        tp_model = autotp.parallelize(model)
+        cache = DynamicCache(config=model.config)
+        cache.layers[0] = StaticSlidingWindowLayer(max_cache_len=8, sliding_window=4)
+        with pytest.raises(autotp.AutotpError, match="StaticSlidingWindowLayer"):
+            tp_model(ids, cache=cache)
+        if rank == 0:
+            time.sleep(5)
+        return bool((tp_model(ids).logits - reference).abs().max() < 1e-5)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_a_refusal_every_rank_caught_does_not_stop_a_later_call(path):
+    assert run_local(refusal_worker, 2, path, timeout=120) == [True, True]
