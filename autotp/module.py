@@ -1,12 +1,16 @@
 """TensorParallelModule: this rank's part of a tensor-parallel model, called like the original.
 
-It holds one rewritten graph per input structure, all sharing this rank's tensors:
+It holds rewritten graphs per input structure, all sharing this rank's tensors:
 
 - the graph :func:`autotp.parallelize` captured (a plain call such as ``model(input_ids)``);
 - graphs for other argument sets, captured and planned on first use (every rank does);
-- for causal LMs, the cached graphs of :mod:`autotp.generation` (prefill, decode, extend),
+- for generation, the cached graphs of :mod:`autotp.generation` (prefill, decode, extend),
   used when a call carries a Hugging Face cache; ``generate()`` runs Hugging Face's own
   generation loop over them, on the original model object, whose ``forward`` now routes here.
+
+Each kind of call may have several graphs (variants): export guards the sizes a graph was
+made for (a length it specialised, a sliding window full or not), and a call none of them
+serves is captured again (:mod:`autotp.guards`).
 """
 
 from __future__ import annotations

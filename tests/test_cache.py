@@ -203,7 +203,8 @@ def test_a_key_that_cannot_be_computed_or_a_folder_that_cannot_be_read_runs_unca
 
 def test_every_family_of_the_coverage_matrix_is_cacheable() -> None:
     """Each transformers family autotp covers gets a key (a run of the coverage matrix twice
-    over one cache: all 30 families pass from cached graphs at tp2 and tp4)."""
+    over one cache: all 30 families pass from cached graphs at tp2 and tp4), except those
+    whose modules register hooks, which the key cannot describe: they are captured every time."""
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
@@ -211,9 +212,15 @@ def test_every_family_of_the_coverage_matrix_is_cacheable() -> None:
 
     from autotp.capture import normalise_example_inputs
 
+    hooked = set()
     for arch in ARCHS:
         model = build(arch)
-        assert graph_cache.graph_key(model, normalise_example_inputs(model, None), tp_size=2, rank=0), arch
+        try:
+            assert graph_cache.graph_key(model, normalise_example_inputs(model, None), tp_size=2, rank=0), arch
+        except graph_cache.Uncacheable as exc:
+            assert "has hooks" in str(exc), (arch, str(exc))
+            hooked.add(arch)
+    assert hooked == {"mamba"}  # MambaModel registers a hook on its backbone
 
 
 def test_what_the_key_cannot_describe_is_not_cached() -> None:

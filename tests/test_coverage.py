@@ -21,6 +21,9 @@ from arch_configs import ARCHS  # noqa: E402
 from coverage import check_simulated  # noqa: E402
 
 TP4 = ["llama", "mixtral", "qwen3_moe", "phi3", "gpt2", "gpt_neox", "falcon", "bert", "t5"]
+# Exact but under half sharded, for a cause issue 14 still has open (the cause must stay in the
+# plan's reasons: once it is gone, the family must meet the bar and leaves this table).
+UNDER_SHARDED = {"mamba": "no propagation rule for conv1d", "falcon_mamba": "no propagation rule for conv1d"}
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +43,9 @@ def test_architecture_matches_unsharded(results, key):
     r = results[key]
     assert "error" not in r, r.get("trace", r.get("error"))
     assert r["exact"], f"max abs diff {r['diff']:.2e} > 1e-4 x {r['scale']:.2e}"
+    if key[0] in UNDER_SHARDED:
+        assert any(UNDER_SHARDED[key[0]] in reason for reason in r["reasons"]), r["reasons"]
+        return
     assert r["sharded_fraction"] > 0.5, f"only {r['sharded_fraction']:.2f} of the parameter bytes sharded"
 
 
