@@ -24,6 +24,7 @@ never recomputed and each step attends over the cache.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any, NamedTuple, Optional
 
@@ -71,12 +72,18 @@ class LayerSpec(NamedTuple):
 
     @classmethod
     def of(cls, layer: Any) -> "LayerSpec":
-        params = inspect.signature(type(layer).__init__).parameters
-        named = [p for p in params.values() if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-        return cls(type(layer), tuple((p.name, getattr(layer, p.name)) for p in named))
+        return cls(type(layer), tuple((name, getattr(layer, name)) for name in _settings_of(type(layer))))
 
     def build(self) -> Any:
         return self.cls(**dict(self.settings))
+
+
+@functools.lru_cache(maxsize=None)
+def _settings_of(layer_class: type) -> tuple[str, ...]:
+    """The named parameters of a layer class's constructor (read once per class: every cached
+    call describes every layer of its cache)."""
+    params = inspect.signature(layer_class.__init__).parameters.values()
+    return tuple(p.name for p in params if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
 
 
 class CacheSpec(NamedTuple):
@@ -209,7 +216,7 @@ def _set_count(layer: Any, name: str, seen: Any) -> None:
 def _fill(cache: Any, keys: list[torch.Tensor], values: list[torch.Tensor], seen: Any) -> None:
     parts = _parts(cache)
     layers = [layer for part in parts for layer in part.layers]
-    for i, (layer, k, v) in enumerate(zip(layers, keys, values)):
+    for layer, k, v in zip(layers, keys, values):
         if not layer.is_initialized:
             layer.lazy_initialization(k, v)
         layer.keys, layer.values = k, v
@@ -235,9 +242,8 @@ def call_tokens(inputs: dict[str, Any], new_tokens: str) -> dict[str, torch.Tens
     """The graph's ``tokens`` input, taken out of a call's ``inputs``: the new tokens (named
     ``new_tokens``), masks and positions the caller gave, and an encoder-decoder's encoder
     states (``encoder_outputs``, computed once by ``generate``) as ``encoder_hidden_states``."""
-    tokens = {name: inputs.pop(name) for name in TOKEN_INPUTS if inputs.get(name) is not None}
-    for name in TOKEN_INPUTS:
-        inputs.pop(name, None)
+    taken = {name: inputs.pop(name, None) for name in TOKEN_INPUTS}
+    tokens = {name: value for name, value in taken.items() if value is not None}
     if new_tokens not in tokens:
         raise AutotpError(f"a call with a cache needs {new_tokens} (inputs_embeds is not supported)")
     encoder = inputs.pop("encoder_outputs", None)

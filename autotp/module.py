@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from torch.utils import _pytree as pytree
 
 from autotp import cache as graph_cache
 from autotp import hf
@@ -142,22 +143,16 @@ class TensorParallelModule(nn.Module):
         they stay dynamic); if that graph does not serve the call, with the call's own sizes."""
         for variant in itertools.count():
             variant_key = key if variant == 0 else (key, "variant", variant)
-            gm = self._graphs.get(variant_key)
-            if gm is None:
-                for bump in (True, False):
-                    gm = capture_for(variant_key, bump)
-                    try:
-                        return gm(**arguments)
-                    except AssertionError as exc:
-                        if not str(exc).startswith("Guard failed"):
-                            raise
-                        if not bump:
-                            raise AutotpError(f"the graph captured for this call does not serve it: {exc}") from None
-            try:
-                return gm(**arguments)
-            except AssertionError as exc:
-                if not str(exc).startswith("Guard failed"):
-                    raise
+            if variant_key in self._graphs:
+                served, out = _guarded_call(self._graphs[variant_key], arguments)
+                if served:
+                    return out
+                continue
+            for bump in (True, False):
+                served, out = _guarded_call(capture_for(variant_key, bump), arguments)
+                if served:
+                    return out
+            raise AutotpError(f"the graph captured for this call does not serve it: {out}")
         raise AssertionError("itertools.count() ended")  # for type checkers: the loop returns
 
     def _graph_for(self, path: str, key: tuple, inputs: dict[str, Any], bump_unit_dims: bool = True) -> fx.GraphModule:
@@ -403,10 +398,21 @@ def _cache_layout(plan: Plan, output: fx.Node, count: int) -> list[tuple[list[Op
              sharded.get((0, i), Replicate())) for i in range(1, count)]
 
 
+def _guarded_call(gm: fx.GraphModule, arguments: dict[str, Any]) -> tuple[bool, Any]:
+    """``(True, output)`` of ``gm``, or ``(False, the failed guard)`` when export's input checks
+    (the graph's first node, before any collective) reject ``arguments``."""
+    try:
+        return True, gm(**arguments)
+    except AssertionError as exc:
+        if not str(exc).startswith("Guard failed"):
+            raise
+        return False, exc
+
+
 def _sizes(inputs: dict[str, Any]) -> str:
-    shapes = {name: [list(t.shape) for t in value] if isinstance(value, list) else list(value.shape)
-              for name, value in inputs.items()}
-    return ", ".join(f"{name} {shape}" for name, shape in shapes.items())
+    """Every tensor's shape in ``inputs`` (nested: the tokens dict, the cache lists), by path."""
+    leaves = pytree.tree_flatten_with_path(inputs, is_leaf=lambda v: isinstance(v, Sized))[0]
+    return ", ".join(f"{pytree.keystr(path)} {list(v.shape)}" for path, v in leaves if hasattr(v, "shape"))
 
 
 def _input_layout(plan: Plan, names: list[str]) -> list[Placement]:

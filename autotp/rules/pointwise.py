@@ -147,7 +147,8 @@ def inplace_rule(functional: Rule) -> Rule:
         sliced = any(move.path == (0,) for move in answer.redistribute)
         private = (isinstance(target, fx.Node) and all(u is node or _reads_metadata(u) for u in target.users)
                    and (target.op in ("placeholder", "get_attr") or _fresh(target)))
-        if answer.local_op or (answer.placement != held and not (sliced and private)) or (sliced and not private):
+        allowed = private if sliced else answer.placement == held
+        if answer.local_op or not allowed:
             return Cannot(f"{node.target} writes into a {held} value the result would need {answer.placement}")
         return answer
 
