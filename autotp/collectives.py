@@ -71,17 +71,52 @@ class Communicator:
             return x
         x = x.contiguous()
         rank = dist.get_rank(self.group)
+        dim = dim % x.dim()
         if self.fast is not None and x.dtype in _FAST_DTYPES:
-            chunks, dim = self.world_size // replicas, dim % x.dim()
-            shape = list(x.shape)
-            shape[dim] *= chunks
-            whole = torch.zeros(shape, dtype=x.dtype, device=x.device)  # the output, written once
+            whole = x.new_zeros(self._gathered_shape(x, dim, replicas))  # the output, written once
             if rank % replicas == 0:
                 whole.narrow(dim, (rank // replicas) * x.shape[dim], x.shape[dim]).copy_(x)
             return self.all_reduce_(whole)
+        if dist.get_backend(self.group) == "gloo":
+            return self._exchange(x, dim, replicas, rank)
         pieces = [torch.empty_like(x) for _ in range(self.world_size)]
         _run(lambda: dist.all_gather(pieces, x, group=self.group), self.group)
         return torch.cat(pieces[::replicas], dim)  # ranks sharing a chunk hold the same piece
+
+    def _exchange(self, x: torch.Tensor, dim: int, replicas: int, rank: int) -> torch.Tensor:
+        """The gather over gloo as direct sends: each chunk's first holder sends it to every
+        other rank, which receives it into a buffer of its own and copies it into place.
+        gloo's ``all_gather`` writes into a flat buffer it allocates, then copies out each
+        piece, and the pieces are concatenated again: three passes over the whole output (the
+        logits: 62.5 MiB for 4 x 128 tokens of a 32000 vocabulary), where this makes one and a
+        half."""
+        whole = x.new_empty(self._gathered_shape(x, dim, replicas))
+        owners = range(0, self.world_size, replicas)  # ranks within the group
+
+        def exchange() -> None:
+            received: Optional[torch.Tensor] = None
+            sends = ([dist.isend(x, group=self.group, group_dst=peer) for peer in range(self.world_size)
+                      if peer != rank] if rank in owners else [])
+            for chunk, owner in enumerate(owners):
+                place = whole.narrow(dim, chunk * x.shape[dim], x.shape[dim])
+                if owner == rank:
+                    place.copy_(x)
+                elif place.is_contiguous():  # a chunk along the leading dims: received in place
+                    dist.recv(place, group=self.group, group_src=owner)
+                else:  # gloo receives into contiguous memory only
+                    received = torch.empty_like(x) if received is None else received
+                    dist.recv(received, group=self.group, group_src=owner)
+                    place.copy_(received)
+            for send in sends:
+                send.wait()
+
+        _run(exchange, self.group)
+        return whole
+
+    def _gathered_shape(self, x: torch.Tensor, dim: int, replicas: int) -> list[int]:
+        shape = list(x.shape)
+        shape[dim] *= self.world_size // replicas
+        return shape
 
 
 def reduce_dtype_from_env() -> Optional[torch.dtype]:
