@@ -7,9 +7,10 @@ a single process): it reads the same Hugging Face checkpoint and returns a model
 
 from __future__ import annotations
 
+import functools
 import os
 import resource
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -121,38 +122,52 @@ def dtensor_megatron(checkpoint: str) -> Any:
     return parallelize_module(model, mesh, plan)
 
 
-def _autotp(checkpoint: str, path: str) -> Any:
+def _autotp(checkpoint: str, path: str, kernels: str) -> Any:
     import autotp
     from transformers import AutoConfig, AutoModelForCausalLM
 
     os.environ["AUTOTP_ALLREDUCE"] = path
+    os.environ["AUTOTP_KERNELS"] = kernels
     with autotp.init_empty_weights():
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(checkpoint)).eval()
     return autotp.parallelize(model, checkpoint=checkpoint)
 
 
-def autotp_shm(checkpoint: str) -> Any:
-    return _autotp(checkpoint, "deepspeed")
+class Implementation(NamedTuple):
+    """How to build one implementation and how its figures are read."""
+
+    build: Callable[[str], Any]
+    distributed: bool  # launched on --tp ranks (else one process)
+    collective_path: str
+    # the implementation that is this one at tp 1 on the same kernels: its time over this
+    # one's is the speed-up tensor parallelism itself gives (TP scaling). At tp 1 Hugging
+    # Face's tp_plan, DeepSpeed AutoTP and a DTensor plan are the unsharded model.
+    tp1: str
 
 
-def autotp_gloo(checkpoint: str) -> Any:
-    return _autotp(checkpoint, "gloo")
+def _autotp_impl(path: str, kernels: str, distributed: bool, tp1: str) -> Implementation:
+    return Implementation(functools.partial(_autotp, path=path, kernels=kernels), distributed,
+                          {"deepspeed": "shared memory"}.get(path, path) if distributed else "-", tp1)
 
 
-IMPLEMENTATIONS: dict[str, tuple[Callable[[str], Any], bool, str]] = {
-    # name: (builder, distributed, collective path)
-    "unsharded": (unsharded, False, "-"),
-    "hf_tp_plan": (hf_tp_plan, True, "gloo"),
-    "deepspeed_shm": (deepspeed_shm, True, "shared memory"),
-    "deepspeed_gloo": (deepspeed_gloo, True, "gloo"),
-    "dtensor_megatron": (dtensor_megatron, True, "gloo"),
-    "autotp_shm": (autotp_shm, True, "shared memory"),
-    "autotp_gloo": (autotp_gloo, True, "gloo"),
+IMPLEMENTATIONS: dict[str, Implementation] = {
+    "unsharded": Implementation(unsharded, False, "-", "unsharded"),
+    "hf_tp_plan": Implementation(hf_tp_plan, True, "gloo", "unsharded"),
+    "deepspeed_shm": Implementation(deepspeed_shm, True, "shared memory", "unsharded"),
+    "deepspeed_gloo": Implementation(deepspeed_gloo, True, "gloo", "unsharded"),
+    "dtensor_megatron": Implementation(dtensor_megatron, True, "gloo", "unsharded"),
+    # autotp with its kernel choice (oneDNN where a probe measures it faster, autotp.kernels)
+    "autotp_shm": _autotp_impl("deepspeed", "auto", True, "autotp_1_process"),
+    "autotp_gloo": _autotp_impl("gloo", "auto", True, "autotp_1_process"),
     # autotp at tp 1, in one process: the unsharded model with autotp's graph and GEMM choice,
     # so that its speed-up over unsharded is the kernels' and autotp tp N / it is tensor parallelism's
-    "autotp_1_process": (autotp_gloo, False, "-"),
+    "autotp_1_process": _autotp_impl("gloo", "auto", False, "autotp_1_process"),
+    # the same three on PyTorch's own GEMM, the kernels every peer runs on
+    "autotp_shm_aten": _autotp_impl("deepspeed", "aten", True, "autotp_1_process_aten"),
+    "autotp_gloo_aten": _autotp_impl("gloo", "aten", True, "autotp_1_process_aten"),
+    "autotp_1_process_aten": _autotp_impl("gloo", "aten", False, "autotp_1_process_aten"),
 }
 
 # implementations that keep something between runs (autotp's graph cache): the runner measures
 # their time to a ready model on a first run too
-CACHED = {"autotp_shm", "autotp_gloo", "autotp_1_process"}
+CACHED = {name for name in IMPLEMENTATIONS if name.startswith("autotp")}

@@ -4,9 +4,9 @@
 
 For each implementation (``benchmarks/peers.py``: unsharded, Hugging Face ``tp_plan="auto"``,
 DeepSpeed AutoTP over its shared-memory all-reduce and over gloo, a hand-written DTensor
-Megatron plan, autotp over both paths, and autotp at tp 1 in one process, to separate its
-kernels' speed-up from tensor parallelism's) this launches ``--tp`` ranks with torchrun (the
-unsharded model in one process), one thread per process, all reading the same saved
+Megatron plan, and autotp over both paths and at tp 1 in one process, each with its own kernel
+choice and again on PyTorch's GEMM as the peers run) this launches ``--tp`` ranks with
+torchrun (the tp 1 ones in one process), one thread per process, all reading the same saved
 checkpoint, and measures on every rank:
 
 - time to a ready model (load + plan + rewrite) on the slowest rank (the median of
@@ -21,8 +21,10 @@ checkpoint, and measures on every rank:
   median of 3);
 - collectives per forward and the bytes they move (counted with the profiler).
 
-Results go to ``benchmarks/results/<model>-tp<N>.{json,md,png}`` with ratios to HF's figures
-and speed-ups over the unsharded model from the same run.
+Results go to ``benchmarks/results/<model>-tp<N>.{json,md,png}`` (the table is printed too)
+with ratios to HF's figures, speed-ups over the unsharded model, and TP scaling: speed-up over
+the same implementation at tp 1 on the same kernels (the unsharded model for the peers), all
+from the same run. The kernel effect (autotp's GEMM choice at tp 1) is a line of its own.
 """
 
 from __future__ import annotations
@@ -120,7 +122,7 @@ def worker(name: str, checkpoint: str, report: str, repeats: int, ready_only: bo
     torch.set_num_threads(1)
     import transformers  # noqa: F401  (imported before the baseline, as a user would have)
 
-    build = IMPLEMENTATIONS[name][0]
+    build = IMPLEMENTATIONS[name].build
     result: dict = {"rss_before_mib": rss_mib()}
     rank = int(os.environ.get("RANK", "0"))
     try:
@@ -159,7 +161,7 @@ class _Done(Exception):
 
 def _launch(name: str, tp: int, checkpoint: Path, report: Path, repeats: int, *, ready_only: bool = False,
             env: Optional[dict[str, str]] = None) -> list[dict]:
-    distributed = IMPLEMENTATIONS[name][1]
+    distributed = IMPLEMENTATIONS[name].distributed
     args = ["-m", "benchmarks.run", "--worker", name, str(checkpoint), str(report), "--repeats", str(repeats)]
     args += ["--ready-only"] if ready_only else []
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", **(env or {})}
@@ -192,7 +194,8 @@ def summarise(name: str, ranks: list[dict]) -> dict:
     if "error" in first:
         return {"implementation": name, "error": first["error"]}
     return {
-        "implementation": name, "collective_path": IMPLEMENTATIONS[name][2], **{k: v for k, v in first.items()},
+        "implementation": name, "collective_path": IMPLEMENTATIONS[name].collective_path,
+        "tp1": IMPLEMENTATIONS[name].tp1, **{k: v for k, v in first.items()},
         "ready_s": _ready_s(ranks),
         "param_bytes": max(r["param_bytes"] for r in ranks), "peak_rss_mib": max(r["peak_rss_mib"] for r in ranks),
         "peak_rss_run_mib": max(r.get("peak_rss_run_mib", 0) for r in ranks),
@@ -222,6 +225,26 @@ def _ready_rounds(rows: list[dict], args: argparse.Namespace, checkpoint: Path, 
           file=sys.stderr, flush=True)
 
 
+def _measure_round(args: argparse.Namespace, checkpoint: Path, tmp: Path, envs: dict[str, dict[str, str]],
+                   first: bool) -> list[dict]:
+    """One launch of every implementation, measured; in the first round, autotp's first run
+    (empty graph cache) is launched on its own before its measured run."""
+    tmp.mkdir()
+    rows = []
+    for name in args.impls:
+        start = time.perf_counter()
+        first_run = None
+        if first and name in CACHED:
+            first_run = _launch(name, args.tp, checkpoint, tmp / f"{name}-first", 1, ready_only=True, env=envs[name])
+        ranks = _launch(name, args.tp, checkpoint, tmp / name, args.repeats, env=envs[name])
+        rows.append(summarise(name, ranks))
+        if first_run and "error" not in rows[-1]:
+            rows[-1]["ready_first_run_s"] = _ready_s(first_run) if all("ready_s" in r for r in first_run) else None
+        status = rows[-1].get("error", "ok")
+        print(f"{name}: {status} ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tp", type=int, default=2)
@@ -231,6 +254,9 @@ def main() -> None:
     parser.add_argument("--ready-launches", type=int, default=5,
                         help="launches whose time to a ready model is measured (median; default 5), the "
                              "extra ones in rounds over the implementations")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure every implementation this many times, in turn (figures: medians, with "
+                             "the range over rounds; ratios are taken within a round)")
     parser.add_argument("--out", default=str(RESULTS), help="results folder (default benchmarks/results)")
     parser.add_argument("--worker", nargs=3, metavar=("IMPL", "CHECKPOINT", "REPORT"), help=argparse.SUPPRESS)
     parser.add_argument("--ready-only", action="store_true", help=argparse.SUPPRESS)
@@ -254,26 +280,19 @@ def main() -> None:
         params = sum(p.numel() for p in model.parameters())
         model.save_pretrained(checkpoint)
         del model
-        rows, envs = [], {}
-        for name in args.impls:
-            start = time.perf_counter()
-            first_run = None
-            envs[name] = {}
-            if name in CACHED:  # a first run on its own, with an empty cache; then the measured run
-                envs[name] = {"AUTOTP_CACHE_DIR": str(Path(tmp) / f"cache-{name}")}
-                first_run = _launch(name, args.tp, checkpoint, Path(tmp) / f"{name}-first", 1, ready_only=True,
-                                    env=envs[name])
-            ranks = _launch(name, args.tp, checkpoint, Path(tmp) / name, args.repeats, env=envs[name])
-            rows.append(summarise(name, ranks))
-            if first_run and "error" not in rows[-1]:
-                rows[-1]["ready_first_run_s"] = _ready_s(first_run) if all("ready_s" in r for r in first_run) else None
-            status = rows[-1].get("error", "ok")
-            print(f"{name}: {status} ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
-        _ready_rounds([row for row in rows if "error" not in row], args, checkpoint, Path(tmp), envs)
+        envs = {name: {} for name in args.impls}
+        for name in set(args.impls) & CACHED:  # the graph cache a first run fills, one per implementation
+            envs[name] = {"AUTOTP_CACHE_DIR": str(Path(tmp) / f"cache-{name}")}
+        rounds = [_measure_round(args, checkpoint, Path(tmp) / f"round{i}", envs, first=i == 0)
+                  for i in range(args.rounds)]
+        _ready_rounds([row for row in rounds[0] if "error" not in row], args, checkpoint, Path(tmp), envs)
     meta = {"model": args.model, "params": params, "tp": args.tp, "date": time.strftime("%Y-%m-%d"),
             "machine": f"{os.cpu_count()} CPU cores, 1 thread per process", "torch": torch.__version__,
-            "repeats": args.repeats, "ready_launches": args.ready_launches, "decode_repeats": DECODE_REPEATS}
-    for path in write_reports(rows, meta, Path(args.out)):
+            "repeats": args.repeats, "ready_launches": args.ready_launches, "decode_repeats": DECODE_REPEATS,
+            "rounds": args.rounds}
+    paths = write_reports(rounds, meta, Path(args.out))
+    print(paths[1].read_text())
+    for path in paths:
         print(path)
 
 

@@ -33,4 +33,8 @@ def test_benchmark_entry_point_writes_its_reports(tmp_path):
     assert results[1]["ready_first_run_s"] > 0, "autotp's first run (empty graph cache) is measured on its own"
     assert all(len(row["ready_launches_s"]) == 2 for row in results)  # ready: the median of launches
     assert results[2]["collectives"] == 0 and results[2]["kernels"] == results[1]["kernels"]
+    # TP scaling: over the same implementation at tp 1 on the same kernels, from this run's figures
+    assert results[1]["tp1"] == "autotp_1_process"
+    assert results[1]["prefill_b1_tp_scaling"] == results[2]["prefill_b1_s"] / results[1]["prefill_b1_s"]
+    assert results[0]["decode_tp_scaling"] == 1.0
     assert f"| autotp_gloo | gloo | {results[1]['kernels']} |" in (tmp_path / "llama-tiny-tp2.md").read_text()
