@@ -177,6 +177,12 @@ def hand_samples() -> list[Sample]:
         ("to-export", lambda a: a.to(torch.float64) * 2, (x,), True),
         ("numel", lambda a: a * a.numel(), (x,), True),
         ("stride", lambda a: a * a.stride(0), (x,), True),
+        # the causal depthwise conv of Mamba blocks (every channel its own group), and a grouped
+        # conv whose groups map 4 input channels to 2 output channels
+        ("conv1d-depthwise", lambda a, w, b: torch.nn.functional.conv1d(a, w, b, padding=3, groups=24)[..., :8],
+         (randn(2, 24, 8), randn(24, 1, 4), randn(24)), False),
+        ("conv1d-grouped", lambda a, w: torch.nn.functional.conv1d(a, w, groups=6), (randn(2, 24, 8), randn(12, 4, 3)),
+         False),
     ]
     grouped = _transformers_grouped_mm()
     if grouped is not None:
