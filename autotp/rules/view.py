@@ -135,9 +135,15 @@ def view_rule(node: fx.Node, inputs: Inputs) -> Result:
     return _reshape(node, inputs, (1,), 0)
 
 
+def reshape_placement(node: fx.Node, inputs: Inputs) -> Result:
+    """Where viewing the node's first argument in the node's own shape puts its shard (no
+    literal sizes to localise): flatten, and view_as (rules/reinterpret.py)."""
+    return _reshape(node, inputs, None, 0)
+
+
 @rule(aten.flatten.using_ints, reads=("self",))
 def flatten_rule(node: fx.Node, inputs: Inputs) -> Result:
-    return _reshape(node, inputs, None, 0)
+    return reshape_placement(node, inputs)
 
 
 @rule(aten.unflatten.int, reads=("self",))

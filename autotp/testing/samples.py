@@ -181,6 +181,12 @@ def hand_samples() -> list[Sample]:
         # conv whose groups map 4 input channels to 2 output channels
         ("conv1d-depthwise", lambda a, w, b: torch.nn.functional.conv1d(a, w, b, padding=3, groups=24)[..., :8],
          (randn(2, 24, 8), randn(24, 1, 4), randn(24)), False),
+        # complex rotary embeddings: pairs of the last dim as complex numbers, rotated, back to pairs
+        ("complex-rotary", lambda a, f: torch.view_as_real(torch.view_as_complex(a.reshape(4, 6, 4, 2))
+                                                            * torch.view_as_complex(f.reshape(6, 4, 2))).flatten(-2),
+         (x, randn(6, 8)), False),
+        ("view_as", lambda a, b: a.view_as(b) * b, (x, randn(4, 6, 2, 4)), False),
+        ("pad-sequence", lambda a: torch.nn.functional.pad(a, (3, 0)), (x,), False),
         ("conv1d-grouped", lambda a, w: torch.nn.functional.conv1d(a, w, groups=6), (randn(2, 24, 8), randn(12, 4, 3)),
          False),
     ]
