@@ -188,3 +188,59 @@ def _routing_inputs(node: fx.Node, positions: tuple[int, ...], bias_at: Optional
 # Every tensor argument of these ops is an operand, the bias or a routing input checked above.
 for _op in MATMUL_SPECS:
     rule(_op, reads=("input", "weight", "offs") if isinstance(_op, str) else schema_tensor_args(_op))(matmul_rule)
+
+
+def einsum_specs(node: fx.Node) -> tuple[list[Spec], Spec]:
+    """The labels of ``einsum``'s operands and output, ``...`` spelled out as batch labels aligned
+    from the right. Implicit outputs (no ``->``) and a label repeated within one operand (a
+    diagonal) are not handled."""
+    equation = node.args[0].replace(" ", "")
+    if "->" not in equation:
+        raise ValueError("einsum without an explicit output")
+    ins, out = equation.split("->")
+    operands = node.args[1]
+    terms = ins.split(",")
+    if len(terms) != len(operands):
+        raise ValueError("einsum equation and operands differ in number")
+    broadcast = max((ndim(t) - len(term.replace("...", "")) for t, term in zip(operands, terms) if "..." in term),
+                    default=0)
+
+    def spell(term: str, rank: int) -> Spec:
+        if "..." not in term:
+            return list(term)
+        before, after = term.split("...")
+        return list(before) + _batch(broadcast)[broadcast - (rank - len(before) - len(after)):] + list(after)
+
+    specs = [spell(term, ndim(t)) for term, t in zip(terms, operands)]
+    if any(len(set(spec)) != len(spec) or len(spec) != ndim(t) for spec, t in zip(specs, operands)):
+        raise ValueError("einsum with a diagonal or a rank that does not match its term")
+    return specs, spell(out, len(out.replace("...", "")) + broadcast)
+
+
+@rule(aten.einsum.default, reads=("tensors",))
+def einsum_rule(node: fx.Node, inputs: Inputs) -> Result:
+    """Labels work as in a matmul: a sharded label kept in the output shards it there; one summed
+    away makes every rank's result a partial sum (all-reduced after the node)."""
+    specs, out_spec = einsum_specs(node)
+    operands = list(node.args[1])
+    found = _sharded_label(node, operands, specs, inputs)
+    if isinstance(found, Cannot):
+        return found
+    label, blocks, replicas = found
+    if label is None:
+        return Replicate()
+    if label not in out_spec:
+        replicas = 1  # partial sums of a chunk held twice would be counted twice
+    moves = []
+    for i, (arg, spec) in enumerate(zip(operands, specs)):
+        if label not in spec:
+            continue
+        dim = spec.index(label)
+        want, size = Shard(dim, blocks, replicas), sizes(arg)[dim]
+        if inputs[arg] == want or (isinstance(size, int) and size == 1):
+            continue
+        if not refinable(inputs[arg], want, size, inputs.world_size):
+            return Cannot(f"einsum operand dim of {size} does not split as {want} over {inputs.world_size} ranks")
+        moves.append(Redistribute((1, i), want))
+    out = Shard(out_spec.index(label), blocks, replicas) if label in out_spec else Partial()
+    return Out(out, tuple(moves))
