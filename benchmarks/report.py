@@ -52,6 +52,10 @@ def kernel_effect(rows: list[dict]) -> Optional[str]:
     if not chosen or not stock:
         return None
     figures = " / ".join(f"{_speedup(stock[k], chosen[k], k):.2f}x" for k in _SPEEDS.values())
+    if chosen.get("kernels") == "aten":
+        return (f"**Kernel effect**: none; autotp chose PyTorch's GEMM on this machine, so its two tp 1 rows "
+                f"run the same kernels and differ by launch-to-launch spread alone ({figures}, prefill 1x128 / "
+                f"4x128 / decode).")
     return (f"**Kernel effect** (autotp at tp 1, {chosen.get('kernels')} over aten; prefill 1x128 / 4x128 / "
             f"decode): {figures}. It is not tensor parallelism: the *TP scaling* column leaves it out.")
 
