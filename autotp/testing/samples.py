@@ -189,6 +189,11 @@ def hand_samples() -> list[Sample]:
         ("pad-sequence", lambda a: torch.nn.functional.pad(a, (3, 0)), (x,), False),
         ("conv1d-grouped", lambda a, w: torch.nn.functional.conv1d(a, w, groups=6), (randn(2, 24, 8), randn(12, 4, 3)),
          False),
+        # aten.convolution itself (what a traced nn.Conv reaches on some paths), and transposed
+        ("convolution-grouped", lambda a, w: torch.convolution(a, w, None, [1], [1], [1], False, [0], 6),
+         (randn(2, 24, 8), randn(12, 4, 3)), False),
+        ("convolution-transposed", lambda a, w: torch.convolution(a, w, None, [1], [0], [1], True, [0], 6),
+         (randn(2, 24, 8), randn(24, 2, 3)), False),
     ]
     grouped = _transformers_grouped_mm()
     if grouped is not None:
