@@ -14,7 +14,7 @@ Each op is described by the labels of its operands' dims and of its output, e.g.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.fx as fx
@@ -107,6 +107,24 @@ def _bias_moves(node: fx.Node, bias_at: Optional[int], out: Placement, inputs: I
     return (Redistribute((bias_at,), want),)
 
 
+def _operand_moves(paths: list[tuple[int, ...]], operands: list[fx.Node], specs: list[Spec], label: str,
+                   layout: Shard, inputs: Inputs, what: str) -> Union[list[Redistribute], Cannot]:
+    """The local slices that lay every operand holding ``label`` out as ``layout`` on that dim
+    (``paths``: where each operand sits in the node's arguments); a broadcast dim of 1 stays."""
+    moves = []
+    for path, arg, spec in zip(paths, operands, specs):
+        if label not in spec:
+            continue
+        want = layout.with_dim(spec.index(label))
+        size = sizes(arg)[want.dim]
+        if inputs[arg] == want or (isinstance(size, int) and size == 1):
+            continue  # already right, or a broadcast batch dim
+        if not refinable(inputs[arg], want, size, inputs.world_size):
+            return Cannot(f"{what} operand dim of {size} does not split as {want} over {inputs.world_size} ranks")
+        moves.append(Redistribute(path, want))
+    return moves
+
+
 def matmul_rule(node: fx.Node, inputs: Inputs) -> Result:
     positions, build, bias_at = matmul_spec(node.target)
     specs, out_spec = build(node)
@@ -131,17 +149,10 @@ def matmul_rule(node: fx.Node, inputs: Inputs) -> Result:
         refused = _grouped_refusal(node, label, operands, specs, Shard(0, blocks, replicas), inputs.world_size)
         if refused:
             return refused
-    moves = []
-    for pos, arg, spec in zip(positions, operands, specs):
-        if label not in spec:
-            continue
-        dim = spec.index(label)
-        want, size = Shard(dim, blocks, replicas), sizes(arg)[dim]
-        if inputs[arg] == want or (isinstance(size, int) and size == 1):
-            continue  # already right, or a broadcast batch dim
-        if not refinable(inputs[arg], want, size, inputs.world_size):
-            return Cannot(f"matmul operand dim of {size} does not split as {want} over {inputs.world_size} ranks")
-        moves.append(Redistribute((pos,), want))
+    moves = _operand_moves([(pos,) for pos in positions], operands, specs, label, Shard(0, blocks, replicas), inputs,
+                           "matmul")
+    if isinstance(moves, Cannot):
+        return moves
     if label in out_spec:
         out = Shard(out_spec.index(label), blocks, replicas)
     else:
@@ -231,16 +242,9 @@ def einsum_rule(node: fx.Node, inputs: Inputs) -> Result:
         return Replicate()
     if label not in out_spec:
         replicas = 1  # partial sums of a chunk held twice would be counted twice
-    moves = []
-    for i, (arg, spec) in enumerate(zip(operands, specs)):
-        if label not in spec:
-            continue
-        dim = spec.index(label)
-        want, size = Shard(dim, blocks, replicas), sizes(arg)[dim]
-        if inputs[arg] == want or (isinstance(size, int) and size == 1):
-            continue
-        if not refinable(inputs[arg], want, size, inputs.world_size):
-            return Cannot(f"einsum operand dim of {size} does not split as {want} over {inputs.world_size} ranks")
-        moves.append(Redistribute((1, i), want))
+    moves = _operand_moves([(1, i) for i in range(len(operands))], operands, specs, label,
+                           Shard(0, blocks, replicas), inputs, "einsum")
+    if isinstance(moves, Cannot):
+        return moves
     out = Shard(out_spec.index(label), blocks, replicas) if label in out_spec else Partial()
     return Out(out, tuple(moves))
