@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from autotp.errors import AutotpError
 from autotp.loading import _get_attr
 
-__all__ = ["KERNELS", "choose_kernels", "use_onednn", "kernel_pass", "onednn_speedup"]
+__all__ = ["KERNELS", "choose_kernels", "probe_kernels", "use_onednn", "kernel_pass", "onednn_speedup"]
 
 KERNELS = ("auto", "onednn", "aten")
 _MIN_SPEEDUP = 1.2  # below it, keep the stock kernel: a win within noise is not worth a change
@@ -107,12 +107,20 @@ def choose_kernels(device: torch.device) -> str:
             raise AutotpError(f"AUTOTP_KERNELS=onednn needs a CPU device and torch built with oneDNN, "
                               f"enabled (got {device})")
         return "aten"
-    if choice == "onednn":
-        return "onednn"
+    return "onednn" if choice == "onednn" else probe_kernels(device)[0]
+
+
+def probe_kernels(device: torch.device, probes: int = 1) -> tuple[str, float]:
+    """What ``auto`` chooses here, and the probe's speed-up (the median of ``probes`` probes)
+    it rests on: ``onednn`` from ``_MIN_SPEEDUP`` up, else ``aten`` (also where oneDNN is not
+    available or cannot run the probe, with a speed-up of 0)."""
+    if not _onednn_available(device):
+        return "aten", 0.0
     try:
-        return "onednn" if onednn_speedup() >= _MIN_SPEEDUP else "aten"
+        speedup = sorted(onednn_speedup() for _ in range(probes))[probes // 2]
     except RuntimeError:  # oneDNN could not run the probe here: keep PyTorch's kernel
-        return "aten"
+        return "aten", 0.0
+    return ("onednn" if speedup >= _MIN_SPEEDUP else "aten"), speedup
 
 
 # ---- the graph rewrite ---------------------------------------------------------------------

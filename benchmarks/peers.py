@@ -127,7 +127,8 @@ def _autotp(checkpoint: str, path: str, kernels: str) -> Any:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     os.environ["AUTOTP_ALLREDUCE"] = path
-    os.environ["AUTOTP_KERNELS"] = kernels
+    if kernels != "auto":  # "auto": the runner's one choice for the whole run, in AUTOTP_KERNELS
+        os.environ["AUTOTP_KERNELS"] = kernels
     with autotp.init_empty_weights():
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(checkpoint)).eval()
     return autotp.parallelize(model, checkpoint=checkpoint)

@@ -130,7 +130,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"rank (median of {meta.get('ready_launches', 1)} launches); *first run*: the same "
         "for autotp with an empty graph cache (a launch of its own). *GEMM*: what runs the linear layers: "
         "`aten` is PyTorch's default (MKL on CPU); `onednn` is oneDNN's GEMM on the same dense weights, which "
-        "autotp picks when a probe measures it faster (`autotp.kernels`); the `_aten` rows are autotp on "
+        "autotp picks when a probe measures it at least 1.2x faster (`autotp.kernels`; made once for the run: "
+        f"probe {meta.get('kernel_probe', 0):.2f}x, so `{meta.get('auto_kernels', 'aten')}`); the `_aten` rows are autotp on "
         "PyTorch's GEMM, as every peer runs. `autotp_1_process` is autotp at tp 1. *TP scaling*: speed-up "
         "over the same implementation at tp 1 on the same kernels (`tp1` in the JSON): the unsharded model "
         "for the peers, autotp at tp 1 for autotp.",

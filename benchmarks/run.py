@@ -183,6 +183,21 @@ def _launch(name: str, tp: int, checkpoint: Path, report: Path, repeats: int, *,
     return results
 
 
+def resolve_auto_kernels() -> tuple[str, float]:
+    """autotp's ``auto`` kernel choice, made once for the whole run (one thread, as the workers
+    run), and the probe's speed-up it rests on. Each launch probing for itself made the choice
+    per launch: the probe sits near its 1.2x bar on some machines, so autotp at tp 2 could run
+    oneDNN and autotp at tp 1 MKL, and their ratio would not be TP scaling on the same kernels."""
+    from autotp.kernels import probe_kernels
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return probe_kernels(torch.device("cpu"), probes=5)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _ready_s(ranks: list[dict]) -> float:
     """When the slowest rank is ready: a tensor-parallel model's first call waits for every rank
     (rank 0's own figure flattered the implementations whose ranks never meet while loading)."""
@@ -281,16 +296,17 @@ def main() -> None:
         params = sum(p.numel() for p in model.parameters())
         model.save_pretrained(checkpoint)
         del model
-        envs = {name: {} for name in args.impls}
+        kernels, probe = resolve_auto_kernels()
+        envs = {name: {"AUTOTP_KERNELS": kernels} for name in args.impls}
         for name in set(args.impls) & CACHED:  # the graph cache a first run fills, one per implementation
-            envs[name] = {"AUTOTP_CACHE_DIR": str(Path(tmp) / f"cache-{name}")}
+            envs[name]["AUTOTP_CACHE_DIR"] = str(Path(tmp) / f"cache-{name}")
         rounds = [_measure_round(args, checkpoint, Path(tmp) / f"round{i}", envs, first=i == 0)
                   for i in range(args.rounds)]
         _ready_rounds([row for row in rounds[0] if "error" not in row], args, checkpoint, Path(tmp), envs)
     meta = {"model": args.model, "params": params, "tp": args.tp, "date": time.strftime("%Y-%m-%d"),
             "machine": f"{os.cpu_count()} CPU cores, 1 thread per process", "torch": torch.__version__,
             "repeats": args.repeats, "ready_launches": args.ready_launches, "decode_repeats": DECODE_REPEATS,
-            "rounds": args.rounds}
+            "rounds": args.rounds, "auto_kernels": kernels, "kernel_probe": round(probe, 3)}
     paths = write_reports(rounds, meta, Path(args.out))
     print(paths[1].read_text())
     for path in paths:

@@ -32,7 +32,10 @@ def test_benchmark_entry_point_writes_its_reports(tmp_path):
     assert results[1]["collective_bytes"] > 0, "bytes moved over gloo come from gloo's own events"
     assert results[1]["ready_first_run_s"] > 0, "autotp's first run (empty graph cache) is measured on its own"
     assert all(len(row["ready_launches_s"]) == 2 for row in results)  # ready: the median of launches
+    # autotp's "auto" kernel choice is made once for the run, so tp 2 and tp 1 run the same GEMM
+    report = json.loads((tmp_path / "llama-tiny-tp2.json").read_text())
     assert results[2]["collectives"] == 0 and results[2]["kernels"] == results[1]["kernels"]
+    assert results[1]["kernels"] == report["meta"]["auto_kernels"]
     # TP scaling: over the same implementation at tp 1 on the same kernels, from this run's figures
     assert results[1]["tp1"] == "autotp_1_process"
     assert results[1]["prefill_b1_tp_scaling"] == results[2]["prefill_b1_s"] / results[1]["prefill_b1_s"]
