@@ -7,11 +7,12 @@ rule's placement describes it (here: a summand of the full result, ``Partial``).
 
 from __future__ import annotations
 
-from typing import Callable
+import math
+from typing import Callable, Optional
 
 import torch
 
-__all__ = ["LOCAL_OPS", "vocab_parallel_embedding"]
+__all__ = ["LOCAL_OPS", "vocab_parallel_embedding", "partial_mean"]
 
 
 def vocab_parallel_embedding(
@@ -31,6 +32,18 @@ def vocab_parallel_embedding(
     return out.masked_fill_(outside.unsqueeze(-1), 0)
 
 
+def partial_mean(x: torch.Tensor, dim: Optional[list[int]] = None, keepdim: bool = False, *,
+                 dtype: Optional[torch.dtype] = None, rank: int, world_size: int) -> torch.Tensor:
+    """This rank's summand of a mean over dims that include the sharded one: its chunk's sum
+    over (its chunk's count x ``world_size``), so that summing over ranks (the all-reduce after
+    this node) gives the mean. That divisor is the whole count when each chunk is one rank's,
+    and the whole count x r when r ranks share each chunk (and add it r times)."""
+    reduced = range(x.dim()) if not dim else dim
+    count = math.prod(x.shape[d] for d in reduced) * world_size
+    return torch.sum(x, dim, keepdim, dtype=dtype) / count
+
+
 LOCAL_OPS: dict[str, Callable[..., torch.Tensor]] = {
     "vocab_parallel_embedding": vocab_parallel_embedding,
+    "partial_mean": partial_mean,
 }

@@ -18,7 +18,10 @@ The algorithm, in the order to read it:
    the same way becomes a sharded parameter (row-parallel weights, column-parallel biases).
 4. **Acceptance**: a region is kept if propagation hit no ``Cannot`` and no sharded value reaches
    the output; otherwise it stays replicated and the plan records why. Regions that touch each
-   other are re-checked together.
+   other are re-checked together. Candidates are taken in two passes: first without, then with
+   all-reduced statistics (a sum over the sharded dim, ``Out.statistic``), the latter only for
+   regions within one decoder layer, so that a statistic crosses a norm inside a pair but never
+   keeps the residual stream sharded.
 5. **Plan**: per parameter its placement, style and reason; the all-reduces; the literal sizes
    to localise; the local slices.
 
@@ -28,7 +31,7 @@ The planner takes ``world_size`` as an int and needs no process group; it never 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Optional, Union
 
 import torch
@@ -192,6 +195,9 @@ class _Planner:
         self.by_matmul = {c.matmul: c for c in self.candidates}
         self._colwise: dict[fx.Node, Optional[int]] = {}
         self.cut = self._dataflow_cut()
+        # whether a region may all-reduce a statistic (a sum over the sharded dim, Out.statistic):
+        # off in the first pass over the candidates, on in the second (see plan_graph)
+        self.statistics = True
 
     def _dataflow_cut(self) -> "nx.DiGraph":
         """Dataflow graph with the edges *into* every candidate matmul removed, so that the
@@ -227,7 +233,7 @@ class _Planner:
         """Propagate, promoting parameters that all their users want sliced to sharded seeds
         (a parameter reached through transposes counts: the placement is mapped back)."""
         while True:
-            prop = propagate(self.graph, seeds, self.world)
+            prop = propagate(self.graph, seeds, self.world, statistics=self.statistics)
             wants = prop.failure.wants if prop.failure is not None else None
             if wants is not None and wants[0] not in seeds and self._promotable(wants[0]):
                 seeds = {**seeds, wants[0]: wants[1]}  # written in place: laid out as the write needs
@@ -354,6 +360,42 @@ def factory_edit(node: fx.Node, placement: Placement, world: int) -> Optional[Ar
     return ArgEdit(node.name, [0, placement.dim], size, size // chunks)
 
 
+@dataclass
+class _Accepted:
+    """The regions accepted so far, and why the other candidates were not."""
+
+    accepted: list[tuple[str, _Grown]] = field(default_factory=list)
+    rejected: dict[Candidate, str] = field(default_factory=dict)
+    assigned: set = field(default_factory=set)  # seeds of accepted regions
+    touched: set = field(default_factory=set)  # nodes they reach
+
+
+def _consider(planner: _Planner, cand: Candidate, state: _Accepted, within_one_layer: bool) -> None:
+    """Grow ``cand``'s region and accept it unless it fails, alone or with the regions it
+    touches, or spans layers where ``within_one_layer`` asks it not to."""
+    grown = planner.grow(cand, state.assigned)
+    if isinstance(grown, str):
+        state.rejected[cand] = grown
+        return
+    layers = {_layer_of(str(s.target)) for s in grown.seeds if s.op == "get_attr"}
+    if within_one_layer and len(layers) > 1:
+        first = state.rejected.get(cand)
+        state.rejected[cand] = (f"with an all-reduced statistic its region would span {len(layers)} layers "
+                                f"(a value kept sharded between them)" + (f"; without: {first}" if first else ""))
+        return
+    mine = set(grown.prop.answers) | set(grown.seeds)
+    if mine & state.touched:
+        joint = {s: p for _, g in state.accepted for s, p in g.seeds.items()} | grown.seeds
+        _, prop = planner.settle(joint)
+        if not prop.ok:
+            state.rejected[cand] = f"conflicts with an accepted region: {prop.failure}"
+            return
+    state.rejected.pop(cand, None)
+    state.accepted.append((_common_module(str(e.param.target) for e in grown.entries), grown))
+    state.assigned |= set(grown.seeds)
+    state.touched |= mine
+
+
 def plan_graph(
     graph: fx.Graph, world_size: int, *, model: str = "", inputs: Optional[list[str]] = None,
     gather_outputs: bool = True, local_inputs: Iterable[str] = (), local_outputs: Iterable[int] = (),
@@ -377,28 +419,22 @@ def plan_graph(
     if world_size < 1:
         raise ValueError(f"tp_size must be >= 1, got {world_size}")
     planner = _Planner(graph, world_size, local_inputs)
-    accepted: list[tuple[str, _Grown]] = []
-    rejected: dict[Candidate, str] = {}
-    assigned: set = set()
-    touched: set = set()
-    for cand in planner.candidates if world_size > 1 else []:
-        if cand.param in assigned:
-            continue
-        grown = planner.grow(cand, assigned)
-        if isinstance(grown, str):
-            rejected[cand] = grown
-            continue
-        region = _common_module(str(e.param.target) for e in grown.entries)
-        mine = set(grown.prop.answers) | set(grown.seeds)
-        if mine & touched:
-            joint = {s: p for _, g in accepted for s, p in g.seeds.items()} | grown.seeds
-            _, prop = planner.settle(joint)
-            if not prop.ok:
-                rejected[cand] = f"conflicts with an accepted region: {prop.failure}"
-                continue
-        accepted.append((region, grown))
-        assigned |= set(grown.seeds)
-        touched |= mine
+    state = _Accepted()
+    # Two passes. The first takes the regions that need no all-reduced statistic: Megatron's
+    # pairs. The second retries what is left, now letting a sum over the sharded dim be Partial
+    # (a q/k norm over all heads, a sub-norm between the pair), but only for a region within one
+    # layer: grown from a lone projection whose pair failed, a region with statistics kept the
+    # residual stream's hidden dim sharded through every later layer (diffllama at tp 2: 13
+    # all-reduces instead of 3, row-parallel MLP entries and LM head), exact but far costlier.
+    for statistics in (False, True) if world_size > 1 else ():
+        planner.statistics = statistics
+        for cand in planner.candidates:
+            if cand.param not in state.assigned:
+                _consider(planner, cand, state, within_one_layer=statistics)
+    planner.statistics = True
+    accepted = state.accepted
+    # a candidate refused as a seed may have been sharded since, inside another's region
+    rejected = {c: why for c, why in state.rejected.items() if c.param not in state.assigned}
     seeds = {s: p for _, g in accepted for s, p in g.seeds.items()}
     seeds, final = planner.settle(seeds)
     if not final.ok:  # regions were checked pairwise when they touched; this is a bug guard

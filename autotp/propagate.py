@@ -121,8 +121,11 @@ def propagate(
     *,
     until: Optional[fx.Node] = None,
     allow_sharded_outputs: bool = True,
+    statistics: bool = True,
 ) -> Propagation:
-    """Propagate ``seeds`` forward; stop after ``until`` if given (used to test one matmul)."""
+    """Propagate ``seeds`` forward; stop after ``until`` if given (used to test one matmul).
+    ``statistics=False`` makes a reduction's ``Partial`` (a sum over the sharded dim, see
+    ``Out.statistic``) a failure: the planner's first pass."""
     order = _order(graph)
     result = Propagation(seeds=dict(seeds), placements=dict(seeds))
     limit = order[until] if until is not None else len(order)
@@ -155,6 +158,10 @@ def propagate(
         answer = apply_rule(node, inputs)
         if isinstance(answer, Cannot):
             result.failure = Failure(node, answer.reason, answer.blocks, answer.replicas)
+            return result
+        if answer.statistic and not statistics:
+            result.failure = Failure(node, f"{node.target} sums over the sharded dim: a statistic to all-reduce, "
+                                           "taken only after the regions that need none")
             return result
         written = _sliced_write(node, answer)
         if written is not None:

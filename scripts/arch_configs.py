@@ -47,6 +47,8 @@ ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
     "starcoder2": ("starcoder2", {}),
     "olmo": ("olmo", {}),
     "olmo2": ("olmo2", {}),
+    "bitnet": ("bitnet", {}),
+    "diffllama": ("diffllama", {}),
     "stablelm": ("stablelm", {}),
     "cohere": ("cohere", {}),
     "cohere2": ("cohere2", {"layer_types": ["sliding_attention", "full_attention"]}),

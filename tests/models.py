@@ -37,10 +37,16 @@ HF_CONFIGS = {
     "cohere2": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
                     num_key_value_heads=4, vocab_size=128, max_position_embeddings=128, sliding_window=6,
                     layer_types=["sliding_attention", "sliding_attention", "full_attention"]),
+    # norms the planner can only cross by all-reducing a statistic: a sub-norm inside each
+    # column/row pair (bitnet), and a norm that splits differential attention's region (diffllama)
+    "bitnet": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=4, vocab_size=128, max_position_embeddings=128),
+    "diffllama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=4, vocab_size=128, max_position_embeddings=128),
 }
 MODEL_TYPE = {"llama": "llama", "llama_gqa": "llama", "qwen2": "qwen2", "qwen2_kv2": "qwen2", "gpt2": "gpt2",
               "llama_6heads": "llama", "llama_5heads": "llama", "mistral": "mistral", "gemma2": "gemma2",
-              "cohere2": "cohere2"}
+              "cohere2": "cohere2", "bitnet": "bitnet", "diffllama": "diffllama"}
 
 
 def hf_model(name: str, seed: int = 0, device: str | None = None) -> nn.Module:

@@ -50,7 +50,7 @@ def test_architecture_matches_unsharded(results, key):
 
 
 def test_llama_family_per_rank_bytes_near_ideal(results):
-    for arch in ("llama", "mistral", "qwen2", "qwen3", "gemma", "olmo", "granite", "cohere"):
+    for arch in ("llama", "mistral", "qwen2", "qwen3", "gemma", "olmo", "granite", "cohere", "olmo2", "bitnet"):
         assert results[(arch, 2)]["per_rank_ratio"] <= 1.05, arch
 
 

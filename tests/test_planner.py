@@ -102,6 +102,31 @@ def test_heads_sharing_a_divisor_with_tp_are_shared_by_rank_pairs() -> None:
     assert styles["model.layers.0.mlp.down_proj.weight"] == ("rowwise", Shard(1))
 
 
+def test_sub_norms_are_crossed_by_all_reducing_their_statistic() -> None:
+    # bitnet normalises q|k|v's attention output and gate*up over the sharded dim, between each
+    # column/row pair: the pairs stay sharded, each norm all-reducing its [batch, seq, 1] mean
+    plan = autotp.plan(hf_model("bitnet", device="meta"), tp_size=2)
+    for layer in range(2):
+        styles = {p.rsplit(".", 2)[-2]: s.style for p, s in plan.params.items()
+                  if p.startswith(f"model.layers.{layer}.") and p.endswith("proj.weight")}
+        assert styles == {"q_proj": "colwise", "k_proj": "colwise", "v_proj": "colwise", "o_proj": "rowwise",
+                          "gate_proj": "colwise", "up_proj": "colwise", "down_proj": "rowwise"}
+    assert [o.op for o in plan.local_ops].count("partial_mean") == 4
+    assert plan.all_reduces_per_layer()["model.layers.0"] == 4  # 2 statistics, 2 row-parallel exits
+
+
+def test_a_statistic_never_keeps_the_residual_stream_sharded() -> None:
+    # diffllama's attention fails on its own (a head count the view does not split); o_proj
+    # alone, column-parallel, would shard the hidden dim, every later norm all-reducing its
+    # statistic and every later projection row-parallel. It stays replicated instead.
+    plan = autotp.plan(hf_model("diffllama", device="meta"), tp_size=2)
+    assert plan.params["model.layers.0.self_attn.o_proj.weight"].placement == Replicate()
+    assert "span" in next(r.reason for r in plan.regions if r.name == "model.layers.0.self_attn.o_proj")
+    assert plan.params["model.layers.1.mlp.gate_proj.weight"].style == "colwise"
+    assert plan.params["lm_head.weight"].placement == Shard(0)
+    assert max(plan.all_reduces_per_layer().values()) <= 2
+
+
 def test_tp1_shards_nothing() -> None:
     plan = autotp.plan(hf_model("llama", device="meta"), tp_size=1)
     assert not plan.sharded_params() and not plan.collectives and not plan.edits

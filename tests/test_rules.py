@@ -71,7 +71,11 @@ CASES = [
     ("sdpa-heads", lambda q, k, v: F.scaled_dot_product_attention(q, k, v), [(2, 4, 8, 16)] * 3, aten.scaled_dot_product_attention.default, [Shard(1)] * 3, 2, Shard(1)),
     ("sdpa-head-dim", lambda q, k, v: F.scaled_dot_product_attention(q, k, v), [(2, 4, 8, 16)] * 3, aten.scaled_dot_product_attention.default, [Shard(3)] * 3, 2, Cannot),
     ("mean-other-dim", lambda x: x.mean(-1, keepdim=True), [(2, 4, 8)], aten.mean.dim, [Shard(1)], 2, Shard(1)),
-    ("mean-sharded-dim", lambda x: x.mean(-1), [(2, 8)], aten.mean.dim, [Shard(1)], 2, Cannot),
+    ("mean-sharded-dim", lambda x: x.mean(-1), [(2, 8)], aten.mean.dim, [Shard(1)], 2, Partial()),
+    ("sum-sharded-dim", lambda x: x.sum((0, 1)), [(2, 8)], aten.sum.dim_IntList, [Shard(1)], 2, Partial()),
+    ("mean-shared-chunks", lambda x: x.mean(-1), [(2, 8)], aten.mean.dim, [Shard(1, replicas=2)], 4, Partial()),
+    ("sum-shared-chunks", lambda x: x.sum(-1), [(2, 8)], aten.sum.dim_IntList, [Shard(1, replicas=2)], 4, Cannot),
+    ("amax-sharded-dim", lambda x: x.amax(-1), [(2, 8)], aten.amax.default, [Shard(1)], 2, Cannot),
     ("softmax-other-dim", lambda x: x.softmax(-1), [(2, 4, 8)], aten.softmax.int, [Shard(1)], 2, Shard(1)),
     ("layer-norm-sharded", lambda x: F.layer_norm(x, (8,)), [(2, 8)], aten.layer_norm.default, [Shard(1)], 2, Cannot),
     ("no-rule", lambda x: torch.tril(x), [(4, 4)], aten.tril.default, [Shard(0)], 2, Cannot),
@@ -87,6 +91,16 @@ def test_rule(fn, shapes, op, placements, world, expected):
     else:
         assert isinstance(got, Out), f"expected {expected}, got {got}"
         assert got.placement == expected
+
+
+def test_statistic_over_the_sharded_dim_is_marked_for_the_planner():
+    # a mean divides each rank's chunk sum by the whole count (rank-aware op); a matmul's Partial is no statistic
+    mean = answer(lambda x: x.mean(-1), [(2, 8)], aten.mean.dim, [Shard(1)], 2)
+    assert mean.statistic and mean.local_op == "partial_mean"
+    total = answer(lambda x: x.sum(-1), [(2, 8)], aten.sum.dim_IntList, [Shard(1)], 2)
+    assert total.statistic and total.local_op is None
+    rowwise = answer(lambda x, w: F.linear(x, w), [(2, 8, 16), (32, 16)], aten.linear.default, [Shard(2), Replicate()], 2)
+    assert not rowwise.statistic
 
 
 def test_view_localises_the_literal_head_count():

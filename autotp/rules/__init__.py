@@ -97,6 +97,10 @@ class Out:
     # The op needs a rank-aware implementation (a name in autotp.local_ops.LOCAL_OPS), e.g. a
     # lookup in a vocabulary-sharded table that masks the ids other ranks own.
     local_op: str | None = None
+    # The Partial is a reduction's (a sum or mean over the sharded dim: a statistic), not a
+    # matmul's contraction. Exact either way; the planner takes regions that need one only after
+    # those that need none (autotp.planner), as they can keep a residual stream sharded.
+    statistic: bool = False
 
 
 Result = Union[Placement, tuple[Placement, ...], Out, Cannot]

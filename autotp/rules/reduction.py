@@ -1,7 +1,12 @@
-"""Reductions and normalisations: fine over unsharded dims, ``Cannot`` over the sharded one.
+"""Reductions and normalisations: fine over unsharded dims; over the sharded one, only sums.
 
-Reducing over the sharded dim would need a collective inside the op (a norm over a sharded
-hidden dim); we do not split ops, we shard less.
+A ``sum`` or ``mean`` over the sharded dim is each rank's sum of its chunk: a ``Partial`` value,
+all-reduced right after the node. For an RMS norm over a sharded projection (a q/k norm over
+all heads, a sub-norm after a projection) that is the statistic, ``[batch, seq, 1]``: far less
+than gathering the projection. A mean divides by the whole dim's count, not the chunk's (a
+rank-aware op, ``autotp.local_ops.partial_mean``). Any other reduction over the sharded dim
+(max, var, softmax, a fused layer norm, ...) would need a collective inside the op: ``Cannot``,
+and the planner shards less.
 """
 
 from __future__ import annotations
@@ -9,8 +14,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from autotp.placement import Replicate, Shard
-from autotp.rules import Cannot, Inputs, Result, ndim, norm_dim, rule
+from autotp.placement import Partial, Replicate, Shard
+from autotp.rules import Cannot, Inputs, Out, Result, ndim, norm_dim, rule
 
 aten = torch.ops.aten
 
@@ -35,7 +40,28 @@ def _arg(node: fx.Node, index: int, name: str, default):
     return node.kwargs.get(name, default)
 
 
-@rule(aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default,
+def _reduced_dims(node: fx.Node, dims_at: int) -> list[int]:
+    dims = _arg(node, dims_at, "dim", None)
+    rank = ndim(node.args[0])
+    if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
+        return list(range(rank))
+    return [norm_dim(d, rank) for d in (dims if isinstance(dims, (list, tuple)) else [dims])]
+
+
+@rule(aten.sum.dim_IntList, aten.mean.dim, reads=("self",))
+def sum_rule(node: fx.Node, inputs: Inputs) -> Result:
+    src = inputs[node.args[0]]
+    if not (isinstance(src, Shard) and src.dim in _reduced_dims(node, 1)):
+        return reduce_rule(node, inputs)
+    # Chunks that r ranks share reach the all-reduce r times. A mean still comes out right: each
+    # rank divides by its chunk's count x world size, which is the whole count x r. A sum would not.
+    if src.replicas > 1 and node.target is not aten.mean.dim:
+        return Cannot(f"{node.target} over a dim whose chunks {src.replicas} ranks share would count each "
+                      f"{src.replicas} times")
+    return Out(Partial(), local_op="partial_mean" if node.target is aten.mean.dim else None, statistic=True)
+
+
+@rule(aten.amax.default, aten.amin.default,
       aten.any.dim, aten.all.dim, aten.prod.dim_int, aten.logsumexp.default, aten.norm.ScalarOpt_dim,
       reads=("self",))
 def reduce_rule(node: fx.Node, inputs: Inputs) -> Result:
