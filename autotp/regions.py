@@ -1,0 +1,343 @@
+"""Regions: the planner's first three steps, on one captured graph and a world size.
+
+1. **Candidates** (:func:`find_candidates`): every matmul with a parameter operand (through
+   transposes or casts), and every embedding table.
+2. **Column-parallel dim** (:meth:`RegionGrower.colwise_dim`): the parameter dim whose sharding
+   shards the matmul's output columns, found by propagation, not by weight-layout knowledge.
+3. **Growth** (:meth:`RegionGrower.grow`): seed one candidate column-parallel, propagate, retry
+   with a layout a rule hints at (fused blocks, ranks sharing a head), and add the matmuls
+   upstream of values a rule had to slice locally, when that removes slices.
+
+Which regions are kept, and the plan made of them, is :mod:`autotp.planner`'s. Nothing here
+edits the graph or knows a rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterable, Optional, Union
+
+import torch
+import torch.fx as fx
+
+from autotp.placement import Partial, Placement, Shard, divides
+from autotp.plan import ArgEdit
+from autotp.propagate import Propagation, arg_at, propagate
+from autotp.rules import ndim, sizes
+from autotp.rules.matmul import matmul_spec
+
+if TYPE_CHECKING:  # imported where it is used: a run whose graphs all come from the cache never plans
+    import networkx as nx
+
+__all__ = ["Candidate", "find_candidates", "RegionGrower", "Grown", "factory_edit", "param_source", "module_of",
+           "common_module", "layer_of"]
+
+aten = torch.ops.aten
+
+# Ops between a parameter and the matmul that uses it (GPT-2 uses W as stored, Falcon
+# ``matmul(x, W.T)``, quantised or mixed-precision models cast it first).
+_WEIGHT_CHAIN = {
+    aten.t.default, aten.transpose.int, aten.permute.default, aten.numpy_T.default,
+    aten.to.dtype, aten.to.device, aten.to.dtype_layout, aten._to_copy.default,
+    aten.alias.default, aten.contiguous.default, aten.clone.default, aten.detach.default,
+}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A parameter worth sharding and the node that consumes it: a matmul (seeded so that its
+    output columns are sharded) or an embedding lookup (seeded on the vocabulary)."""
+
+    matmul: fx.Node
+    param: fx.Node
+
+    @property
+    def module(self) -> str:
+        return module_of(str(self.param.target))
+
+
+def param_source(arg: object) -> Optional[fx.Node]:
+    while isinstance(arg, fx.Node) and arg.op == "call_function" and arg.target in _WEIGHT_CHAIN:
+        arg = arg.args[0]
+    return arg if isinstance(arg, fx.Node) and arg.op == "get_attr" else None
+
+
+def find_candidates(graph: fx.Graph) -> list[Candidate]:
+    """Matmuls with a parameter operand of rank >= 2, and embedding tables, in graph order."""
+    found, seen = [], set()
+    for node in graph.nodes:
+        operands = _candidate_operands(node)
+        if not operands:
+            continue
+        for pos in operands:
+            param = param_source(node.args[pos])
+            if param is not None and param not in seen and ndim(param) >= 2:
+                found.append(Candidate(node, param))
+                seen.add(param)
+                break
+    return found
+
+
+def _candidate_operands(node: fx.Node) -> tuple[int, ...]:
+    """Positions of the operands of ``node`` that may be a parameter worth sharding."""
+    if node.op != "call_function":
+        return ()
+    if node.target is aten.embedding.default:
+        return (0,)
+    spec = matmul_spec(node.target)
+    return spec[0] if spec else ()
+
+
+def _wants(c: Candidate, got: object) -> bool:
+    """Whether a seed gave the consumer the layout we shard for: column-parallel output
+    columns for a matmul, a vocabulary-parallel (Partial) lookup for an embedding."""
+    if c.matmul.target is aten.embedding.default:
+        return isinstance(got, Partial)
+    return isinstance(got, Shard) and got.dim == ndim(c.matmul) - 1
+
+
+def module_of(param_name: str) -> str:
+    return param_name.rsplit(".", 1)[0] if "." in param_name else param_name
+
+
+def common_module(names: Iterable[str]) -> str:
+    names = list(names)  # read twice below
+    parts = [module_of(n).split(".") for n in names]
+    common = []
+    for column in zip(*parts):
+        if len(set(column)) != 1:
+            break
+        common.append(column[0])
+    return ".".join(common) or module_of(names[0])
+
+
+def layer_of(region: str) -> Optional[str]:
+    """The decoder layer a region sits in: its path up to the first index (``model.layers.3``,
+    ``encoder.block.0``); a region outside any indexed container has none."""
+    parts = region.split(".")
+    digits = [i for i, p in enumerate(parts) if p.isdigit()]
+    return ".".join(parts[: digits[0] + 1]) if digits else None
+
+
+# The layout ops a parameter may pass through on its way to a matmul, and how each maps an
+# output dim back to an input dim (None: not a pure relabelling of dims).
+def _placement_before(node: fx.Node, after: Placement) -> Optional[Shard]:
+    """The placement of ``node``'s input that gives ``after`` on its output."""
+    if not isinstance(after, Shard) or node.target not in _WEIGHT_CHAIN:
+        return None
+    rank = ndim(node)
+    if node.target is aten.transpose.int:
+        d0, d1 = (a % rank for a in node.args[1:3])
+        return after.with_dim({d0: d1, d1: d0}.get(after.dim, after.dim))
+    if node.target is aten.permute.default:
+        return after.with_dim([d % rank for d in node.args[1]][after.dim])
+    if node.target in (aten.t.default, aten.numpy_T.default):
+        return after.with_dim(rank - 1 - after.dim)
+    return after  # casts, copies, aliases keep the layout
+
+
+def _reads_only_metadata(user: fx.Node, value: fx.Node, shard: Shard) -> bool:
+    """A user that reads ``value``'s dtype or the size of a dim ``shard`` leaves whole: it does
+    not care whether ``value`` is sharded. (Export's input guards are dropped by the rewrite for
+    graphs that take sharded inputs.)"""
+    if user.target is aten._assert_tensor_metadata.default or (user.op == "call_module" and user.target == "_guards_fn"):
+        return True
+    return user.target is aten.sym_size.int and user.args[1] % ndim(value) != shard.dim
+
+
+_MAX_LAYOUT_RETRIES = 4  # phi3's q|k|v slices refine the layout once per slice
+
+
+def _blocks_for(hint: Optional[tuple[int, ...]], size: int) -> Union[int, tuple[int, ...], None]:
+    """A rule's block hint (part sizes at the failing node) rescaled to a seed dim of ``size``."""
+    if not hint:
+        return None
+    total = sum(hint)
+    if size % total == 0:
+        parts = [h * (size // total) for h in hint]
+    elif total % size == 0 and all(h % (total // size) == 0 for h in hint):
+        parts = [h // (total // size) for h in hint]
+    else:
+        return None
+    return len(parts) if len(set(parts)) == 1 else tuple(parts)
+
+
+@dataclass
+class Grown:
+    seeds: dict[fx.Node, Placement]
+    prop: Propagation
+    entries: list[Candidate]
+
+
+class RegionGrower:
+    def __init__(self, graph: fx.Graph, world_size: int, local_inputs: Iterable[str] = ()) -> None:
+        self.graph = graph
+        self.world = world_size
+        self.local_inputs = set(local_inputs)
+        self.candidates = find_candidates(graph)
+        self.by_matmul = {c.matmul: c for c in self.candidates}
+        self._colwise: dict[fx.Node, Optional[int]] = {}
+        self.cut = self._dataflow_cut()
+        # whether a region may all-reduce a statistic (a sum over the sharded dim, Out.statistic):
+        # off in the first pass over the candidates, on in the second (see plan_graph)
+        self.statistics = True
+
+    def _dataflow_cut(self) -> "nx.DiGraph":
+        """Dataflow graph with the edges *into* every candidate matmul removed, so that the
+        ancestors of a value stop at the nearest matmuls that produce it."""
+        import networkx as nx
+
+        flow = nx.DiGraph()
+        for node in self.graph.nodes:
+            flow.add_node(node)
+            if node not in self.by_matmul:
+                flow.add_edges_from((src, node) for src in node.all_input_nodes)
+        return flow
+
+    def colwise_dim(self, c: Candidate) -> Union[int, str]:
+        """The parameter dim that shards the matmul's output columns, or why there is none."""
+        if c.param not in self._colwise:
+            shape = sizes(c.param)
+            answer: Union[int, str] = f"no dim of {c.param.target} {list(shape)} divides by tp={self.world}"
+            for d in range(len(shape)):
+                if not divides(Shard(d), shape[d], self.world):
+                    continue
+                prop = propagate(self.graph, {c.param: Shard(d)}, self.world, until=c.matmul)
+                answer_at = prop.answers.get(c.matmul)
+                if answer_at is not None and _wants(c, answer_at.placement):
+                    answer = d
+                    break
+                if prop.failure is not None:
+                    answer = str(prop.failure)
+            self._colwise[c.param] = answer
+        return self._colwise[c.param]
+
+    def settle(self, seeds: dict[fx.Node, Placement]) -> tuple[dict[fx.Node, Placement], Propagation]:
+        """Propagate, promoting parameters that all their users want sliced to sharded seeds
+        (a parameter reached through transposes counts: the placement is mapped back)."""
+        while True:
+            prop = propagate(self.graph, seeds, self.world, statistics=self.statistics)
+            wants = prop.failure.wants if prop.failure is not None else None
+            if wants is not None and wants[0] not in seeds and self._promotable(wants[0]):
+                seeds = {**seeds, wants[0]: wants[1]}  # written in place: laid out as the write needs
+                continue
+            if not prop.ok:
+                return seeds, prop
+            wanted: dict[fx.Node, set] = {}
+            for node, move in prop.redistributions():
+                user, src, to = node, arg_at(node, move.path), move.to
+                while src.op == "call_function" and len(src.users) == 1:
+                    before = _placement_before(src, to)
+                    if before is None:
+                        break
+                    user, src, to = src, src.args[0], before
+                promotable = self._promotable(src) or factory_edit(src, to, self.world) is not None
+                if promotable and src not in seeds:
+                    wanted.setdefault(src, set()).add((user, to))
+            promote = {}
+            for p, asks in wanted.items():
+                placements = {to for _, to in asks}
+                askers = {u for u, _ in asks}
+                # returning the value as it is also agrees: a cache input handed back unchanged
+                # (cross-attention keys) stays as sharded as it came, or is gathered
+                if len(placements) == 1 and all(u in askers or u.op == "output" or _reads_only_metadata(u, p, *placements)
+                                                for u in p.users):
+                    promote[p] = placements.pop()
+            if not promote:
+                return seeds, prop
+            seeds = {**seeds, **promote}
+
+    def _promotable(self, node: fx.Node) -> bool:
+        """A parameter, or an input the caller passes as laid out (a KV cache), may be seeded."""
+        return node.op == "get_attr" or (node.op == "placeholder" and node.name in self.local_inputs)
+
+    def upstream_candidates(self, value: fx.Node, taken: set) -> list[Candidate]:
+        import networkx as nx
+
+        nodes = nx.ancestors(self.cut, value) | {value}
+        return [self.by_matmul[n] for n in self.graph.nodes if n in nodes and n in self.by_matmul
+                and self.by_matmul[n].param not in taken]
+
+    def grow(self, c: Candidate, assigned: set) -> Union[Grown, str]:
+        """The region seeded by ``c`` (colwise), grown by the matmuls it needs, or why not."""
+        dim = self.colwise_dim(c)
+        if isinstance(dim, str):
+            return dim
+        found = self._seed_layout({}, c.param, dim)
+        if isinstance(found, str):
+            return found
+        grown = Grown(*found, entries=[c])
+        while True:
+            better = self._grow_once(grown, assigned)
+            if better is None:
+                return grown
+            grown = better
+
+    def _seed_layout(self, base: dict[fx.Node, Placement], param: fx.Node, dim: int):
+        """Settle ``base`` plus ``param`` sharded on ``dim``. When a rule hints at a layout, retry
+        with it: fused blocks (a split of q|k|v), or ranks sharing a head (2 kv heads, 4 ranks)."""
+        size = sizes(param)[dim]
+        shard = Shard(dim)
+        for _ in range(_MAX_LAYOUT_RETRIES):
+            seeds, prop = self.settle({**base, param: shard})
+            if prop.ok:
+                return seeds, prop
+            failure = prop.failure
+            blocks = _blocks_for(failure.blocks, size) if failure.blocks else shard.blocks
+            hinted = Shard(dim, blocks or shard.blocks, failure.replicas or shard.replicas)
+            if hinted == shard or not divides(hinted, size, self.world):
+                return str(failure)
+            shard = hinted
+        return str(prop.failure)
+
+    def _grow_once(self, grown: Grown, assigned: set) -> Optional[Grown]:
+        """Add the matmuls upstream of locally sliced values, if that removes slices."""
+        sliced = [arg_at(node, move.path) for node, move in grown.prop.redistributions()]
+        if not sliced:
+            return None
+        taken = assigned | set(grown.seeds)
+        extra: list[Candidate] = []
+        for value in sliced:
+            for cand in self.upstream_candidates(value, taken):
+                if cand not in extra and isinstance(self.colwise_dim(cand), int):
+                    extra.append(cand)
+        trials = [extra] + ([[e] for e in extra] if len(extra) > 1 else []) if extra else []
+        current = _replicated_slices(grown.prop)
+        for group in trials:
+            if len(group) == 1:  # one new seed: it may take a hinted layout
+                found = self._seed_layout(grown.seeds, group[0].param, int(self.colwise_dim(group[0])))
+                if isinstance(found, str):
+                    continue
+                seeds, prop = found
+            else:
+                seeds, prop = self.settle({**grown.seeds, **{e.param: Shard(int(self.colwise_dim(e))) for e in group}})
+            if prop.ok and _replicated_slices(prop) < current:
+                return Grown(seeds, prop, grown.entries + list(group))
+        return None
+
+
+def _replicated_slices(prop: Propagation) -> int:
+    """Local slices of values every rank computed whole: redundant work a bigger region avoids.
+    (Refining a piece a few ranks share, such as a kv head, is not counted.)"""
+    return sum(1 for node, move in prop.redistributions() if arg_at(node, move.path) not in prop.placements)
+
+
+# Ops that make a tensor of a literal size, filled without reading any tensor: a piece of the
+# result is the same op at the piece's size. (The size is their first argument.)
+_FACTORIES = (torch.ops.aten.zeros.default, torch.ops.aten.ones.default, torch.ops.aten.empty.memory_format,
+              torch.ops.aten.full.default)
+
+
+def factory_edit(node: fx.Node, placement: Placement, world: int) -> Optional[ArgEdit]:
+    """The edit that makes a factory (``zeros([batch, 4, 15, 16])``: a static KV cache made
+    inside the graph) give this rank's piece of ``placement``: its literal size at the sharded
+    dim, divided. None when ``node`` is no factory or that size is no literal that divides."""
+    if node.target not in _FACTORIES or not isinstance(placement, Shard) or not node.args:
+        return None
+    shape = node.args[0]
+    if not isinstance(shape, (list, tuple)) or not 0 <= placement.dim < len(shape):
+        return None
+    size, chunks = shape[placement.dim], placement.chunks(world)
+    if not isinstance(size, int) or isinstance(size, bool) or not divides(placement, size, world):
+        return None
+    return ArgEdit(node.name, [0, placement.dim], size, size // chunks)
