@@ -18,31 +18,29 @@ def _ratio(value: Optional[float], base: Optional[float]) -> Optional[float]:
     return value / base if value and base else None
 
 
-def enrich(rows: list[dict]) -> list[dict]:
-    """Add ratios to HF and speed-ups over unsharded to every row."""
-    by = {r["implementation"]: r for r in rows}
-    hf, ref = by.get("hf_tp_plan", {}), by.get("unsharded", {})
-    for row in rows:
-        if "error" in row:
-            continue
-        for key in ("prefill_b1_s", "prefill_b4_s"):
-            row[key.replace("_s", "_vs_hf")] = _ratio(row.get(key), hf.get(key))
-            row[key.replace("_s", "_speedup")] = _ratio(ref.get(key), row.get(key))
-        row["decode_vs_hf"] = _ratio(row.get("decode_tok_s"), hf.get("decode_tok_s"))
-        row["decode_speedup"] = _ratio(row.get("decode_tok_s"), ref.get("decode_tok_s"))
-        row["ready_vs_hf"] = _ratio(row.get("ready_s"), hf.get("ready_s"))
-        tp1 = by.get(row.get("tp1", ""), {})
-        for key, speed in _SPEEDS.items():
-            row[key + "_tp_scaling"] = _speedup(tp1.get(speed), row.get(speed), speed)
-    return rows
-
-
 # the figures a speed-up is read from: latencies (lower is better) and a rate
 _SPEEDS = {"prefill_b1": "prefill_b1_s", "prefill_b4": "prefill_b4_s", "decode": "decode_tok_s"}
 
 
 def _speedup(before: Optional[float], after: Optional[float], key: str) -> Optional[float]:
     return _ratio(after, before) if key.endswith("tok_s") else _ratio(before, after)
+
+
+def enrich(rows: list[dict]) -> list[dict]:
+    """Add to every row its figures over HF's (raw ratios), its speed-ups over the unsharded
+    model, and its TP scaling (speed-up over its own tp 1 on the same kernels)."""
+    by = {r["implementation"]: r for r in rows}
+    hf, ref = by.get("hf_tp_plan", {}), by.get("unsharded", {})
+    for row in rows:
+        if "error" in row:
+            continue
+        tp1 = by.get(row.get("tp1", ""), {})
+        for key, speed in _SPEEDS.items():
+            row[key + "_vs_hf"] = _ratio(row.get(speed), hf.get(speed))
+            row[key + "_speedup"] = _speedup(ref.get(speed), row.get(speed), speed)
+            row[key + "_tp_scaling"] = _speedup(tp1.get(speed), row.get(speed), speed)
+        row["ready_vs_hf"] = _ratio(row.get("ready_s"), hf.get("ready_s"))
+    return rows
 
 
 def kernel_effect(rows: list[dict]) -> Optional[str]:
