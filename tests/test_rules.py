@@ -78,7 +78,13 @@ CASES = [
     ("amax-sharded-dim", lambda x: x.amax(-1), [(2, 8)], aten.amax.default, [Shard(1)], 2, Cannot),
     ("softmax-other-dim", lambda x: x.softmax(-1), [(2, 4, 8)], aten.softmax.int, [Shard(1)], 2, Shard(1)),
     ("layer-norm-sharded", lambda x: F.layer_norm(x, (8,)), [(2, 8)], aten.layer_norm.default, [Shard(1)], 2, Cannot),
-    ("no-rule", lambda x: torch.tril(x), [(4, 4)], aten.tril.default, [Shard(0)], 2, Cannot),
+    ("tril-masked-dim", lambda x: torch.tril(x), [(4, 4)], aten.tril.default, [Shard(0)], 2, Cannot),
+    ("tril-heads", lambda x: torch.tril(x), [(2, 4, 6, 6)], aten.tril.default, [Shard(1)], 2, Shard(1)),
+    # x[:, i] with i of shape [2, 3]: dim 1 becomes two dims, the sharded dim 2 moves to 3
+    ("index-other-dim", lambda x, i: x[:, i.long()], [(4, 6, 8), (2, 3)], aten.index.Tensor, [Shard(2), Replicate()], 2, Shard(3)),
+    ("index-apart-dims", lambda x, i: x[i.long(), :, i.long()], [(4, 6, 8), (3,)], aten.index.Tensor, [Shard(1), Replicate()], 2, Shard(1)),
+    ("index-sharded-dim", lambda x, i: x[i.long()], [(4, 6, 8), (3,)], aten.index.Tensor, [Shard(0), Replicate()], 2, Cannot),
+    ("no-rule", lambda x: torch.cummax(x, 0)[0], [(4, 4)], aten.cummax.default, [Shard(0)], 2, Cannot),
 ]
 
 

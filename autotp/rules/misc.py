@@ -1,4 +1,5 @@
-"""Ops that read only a tensor's shape or metadata, and embedding lookups."""
+"""Ops that read only a tensor's shape or metadata, embedding lookups, indexing by index
+tensors, and triangular masks."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import torch
 import torch.fx as fx
 
 from autotp.placement import Partial, Replicate, Shard
-from autotp.rules import Cannot, Inputs, Out, Result, ndim, norm_dim, rule
+from autotp.rules import Cannot, Inputs, Out, Result, ndim, norm_dim, rule, sizes
 
 aten = torch.ops.aten
 
@@ -56,3 +57,38 @@ def embedding_rule(node: fx.Node, inputs: Inputs) -> Result:
     if isinstance(ids, Shard):
         return ids
     return Cannot(f"embedding inputs {table}, {ids}")
+
+
+@rule(aten.tril.default, aten.triu.default, reads=("self",))
+def triangle_rule(node: fx.Node, inputs: Inputs) -> Result:
+    """Keeps or zeroes each element by its index in the last two dims (a causal mask over
+    ``[batch, heads, chunk, chunk]``): any other dim may stay sharded."""
+    src = inputs[node.args[0]]
+    if isinstance(src, Shard) and src.dim < ndim(node.args[0]) - 2:
+        return src
+    return Cannot(f"{node.target} masks by position in the last two dims, one of them the sharded dim")
+
+
+@rule(aten.index.Tensor, reads=("self", "indices"))
+def index_rule(node: fx.Node, inputs: Inputs) -> Result:
+    """``x[..., idx, ...]`` with replicated integer index tensors on dims other than the sharded
+    one. Advanced indexing replaces the indexed dims by the indices' broadcast dims, in place
+    when the indexed dims are adjacent, else in front; the sharded dim moves accordingly (and
+    must keep its size, checked on the output's shape)."""
+    src, indices = inputs[node.args[0]], list(node.args[1])
+    given = [i for i in indices if i is not None]
+    if not isinstance(src, Shard) or any(not isinstance(inputs[i], Replicate) for i in given):
+        return Cannot(f"index of a {src} tensor by {', '.join(str(inputs[i]) for i in given)} indices")
+    if any(i.meta["val"].dtype in (torch.bool, torch.uint8) for i in given):
+        return Cannot("index by a mask: which dims it selects depends on the mask's rank")
+    indexed = [d for d, i in enumerate(indices) if i is not None]
+    if src.dim in indexed:
+        return Cannot(f"index.Tensor selects along the sharded dim {src.dim}")
+    width = max(ndim(i) for i in given)
+    if indexed == list(range(indexed[0], indexed[-1] + 1)):
+        out = src.dim if src.dim < indexed[0] else src.dim - len(indexed) + width
+    else:
+        out = width + sum(1 for d in range(src.dim) if d not in indexed)
+    if sizes(node)[out] != sizes(node.args[0])[src.dim]:
+        return Cannot(f"index.Tensor: the sharded dim {src.dim} is not output dim {out}")
+    return src.with_dim(out)

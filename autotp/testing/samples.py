@@ -163,6 +163,12 @@ def hand_samples() -> list[Sample]:
          (randn(8, 16, dtype=torch.bfloat16), randn(2, 16, 16, dtype=torch.bfloat16),
           torch.tensor([4, 8], dtype=torch.int32)), False),
         ("index_select", lambda a, i: a.index_select(1, i), (x, torch.tensor([0, 2, 5])), False),
+        # advanced indexing (aten.index.Tensor, which no OpInfo reaches): adjacent indexed dims
+        # stay in place, dims indexed apart go in front, an index of rank 2 adds a dim
+        ("index-2d", lambda a, i: a[:, i], (x, torch.tensor([[0, 2, 5], [1, 1, 3]])), False),
+        ("index-apart", lambda a, i, j: a[i, :, j], (x, torch.tensor([0, 3]), torch.tensor([1, 7])), False),
+        ("index-adjacent", lambda a, i, j: a[:, i, j], (x, torch.tensor([0, 5]), torch.tensor([2, 7])), False),
+        ("index-broadcast", lambda a, i, j: a[i, j], (x, torch.tensor([[0], [3]]), torch.tensor([1, 2, 5])), False),
         ("sdpa-gqa", lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True),
          (randn(2, 4, 6, 8), randn(2, 2, 6, 8), randn(2, 2, 6, 8)), False),
         ("sdpa-mask", lambda q, k, v, m: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m),
