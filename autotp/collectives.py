@@ -271,8 +271,10 @@ class AllGather(nn.Module):
         super().__init__()
         self.comm = comm or Communicator()
 
-    def forward(self, x: torch.Tensor, dim: int, replicas: int = 1) -> torch.Tensor:
-        return self.comm.all_gather(x, dim, replicas)
+    def forward(self, x: torch.Tensor, dim: int, replicas: int = 1, size: Optional[int] = None) -> torch.Tensor:
+        """``size``: the real size of a padded shard's dim; the padding after it is cut."""
+        whole = self.comm.all_gather(x, dim, replicas)
+        return whole if size is None else whole.narrow(dim, 0, size)
 
     def extra_repr(self) -> str:
         return f"world_size={self.comm.world_size}, path={self.comm.name}"

@@ -29,7 +29,7 @@ import torch.nn as nn
 from torch._subclasses.fake_tensor import FakeTensor
 
 from autotp.errors import AutotpError
-from autotp.placement import Placement, Replicate, Shard, local_chunk, rank_ranges
+from autotp.placement import Placement, Replicate, Shard, local_chunk, padded_length, rank_ranges, zero_padded
 from autotp.safetensors_io import SafetensorsReader
 from autotp.plan import Plan
 
@@ -150,7 +150,10 @@ class SafetensorsCheckpoint:
             return reader.read(name, mapped=self.mapped)
         shape = reader.shape(name)
         ranges = rank_ranges(placement, shape[placement.dim], rank, world_size)
-        return reader.read(name, placement.dim, ranges, mapped=self.mapped)
+        piece = reader.read(name, placement.dim, ranges, mapped=self.mapped)
+        if placement.padded:  # the real rows read, zeros after the end
+            return zero_padded(piece, placement.dim, padded_length(shape[placement.dim], world_size))
+        return piece
 
     def close(self) -> None:
         for reader in self._readers.values():

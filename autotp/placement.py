@@ -16,6 +16,13 @@ is how 2 kv heads serve 4 ranks (each pair of ranks computes the kv head its que
 read, as vLLM does). ``replicas == world_size`` is ``Replicate()``; going from more replicas
 to fewer is a local slice (:func:`refine`), never communication.
 
+``Shard(dim, padded=True)`` is for a dim that does not split evenly (a vocabulary of 50257
+over 2 ranks): every rank holds ``ceil(size / world_size)`` elements, its chunk of the dim and
+zeros after the end. Megatron pads its vocabulary the same way. The padding is garbage once
+an op has run on it, so only the rules that keep it apart accept such a shard (a matmul whose
+output keeps the dim, an elementwise op, the embedding lookup); the gather at the model output
+drops it. Anything else refuses it (``autotp.rules.apply_rule``).
+
 Placements are frozen dataclasses: hashable, comparable, and printable as ``Shard(2, blocks=3)``,
 which is also their JSON form (:func:`parse_placement` reads it back).
 """
@@ -26,7 +33,8 @@ import re
 from dataclasses import dataclass
 from typing import Union
 
-__all__ = ["Placement", "Replicate", "Shard", "Partial", "parse_placement", "block_sizes"]
+__all__ = ["Placement", "Replicate", "Shard", "Partial", "parse_placement", "block_sizes", "padded_length",
+           "valid_length", "zero_padded"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +54,7 @@ class Shard:
     dim: int
     blocks: Union[int, tuple[int, ...]] = 1
     replicas: int = 1
+    padded: bool = False  # an uneven dim, every chunk padded to ceil(size / chunks): see above
 
     def __post_init__(self) -> None:
         if self.dim < 0:
@@ -54,16 +63,18 @@ class Shard:
             raise ValueError(f"Shard replicas must be >= 1, got {self.replicas}")
         if isinstance(self.blocks, list):
             object.__setattr__(self, "blocks", tuple(self.blocks))
+        if self.padded and (self.blocks != 1 or self.replicas != 1):
+            raise ValueError("a padded Shard has one block and no replicas")
 
     @property
     def num_blocks(self) -> int:
         return len(self.blocks) if isinstance(self.blocks, tuple) else self.blocks
 
     def with_dim(self, dim: int) -> "Shard":
-        return Shard(dim, self.blocks, self.replicas)
+        return Shard(dim, self.blocks, self.replicas, self.padded)
 
     def with_blocks(self, blocks: Union[int, tuple[int, ...]]) -> "Shard":
-        return Shard(self.dim, blocks, self.replicas)
+        return Shard(self.dim, blocks, self.replicas, self.padded)
 
     def chunks(self, world_size: int) -> int:
         """How many different pieces the ranks hold."""
@@ -71,12 +82,12 @@ class Shard:
 
     def __str__(self) -> str:
         extra = ("" if self.blocks == 1 else f", blocks={self.blocks}") + ("" if self.replicas == 1 else f", replicas={self.replicas}")
-        return f"Shard({self.dim}{extra})"
+        return f"Shard({self.dim}{extra}{', padded' if self.padded else ''})"
 
 
 Placement = Union[Replicate, Shard, Partial]
 
-_SHARD_RE = re.compile(r"^Shard\((\d+)(?:, blocks=(\d+|\([\d, ]*\)))?(?:, replicas=(\d+))?\)$")
+_SHARD_RE = re.compile(r"^Shard\((\d+)(?:, blocks=(\d+|\([\d, ]*\)))?(?:, replicas=(\d+))?(, padded)?\)$")
 
 
 def parse_placement(text: str) -> Placement:
@@ -89,6 +100,8 @@ def parse_placement(text: str) -> Placement:
     if not match:
         raise ValueError(f"not a placement: {text!r}")
     dim, blocks, replicas = int(match.group(1)), match.group(2), int(match.group(3) or 1)
+    if match.group(4):
+        return Shard(dim, padded=True)
     if blocks is None:
         return Shard(dim, 1, replicas)
     if blocks.startswith("("):
@@ -108,7 +121,10 @@ def block_sizes(shard: Shard, size: int) -> list[int]:
 
 
 def divides(shard: Shard, size: int, world_size: int) -> bool:
-    """Whether every part of a ``size``-long dimension splits evenly into the shard's chunks."""
+    """Whether every part of a ``size``-long dimension splits evenly into the shard's chunks;
+    for a padded shard, whether the dim is one that needs padding (an even one is a plain shard)."""
+    if shard.padded:
+        return size > 0 and size % world_size != 0
     if world_size % shard.replicas:
         return False
     try:
@@ -128,11 +144,40 @@ def local_chunk(tensor, shard: Shard, rank: int, world_size: int):
     return refine(tensor, shard, world_size, rank)
 
 
-def refine(local, shard: Shard, held_replicas: int, rank: int):
-    """From a local tensor held with ``held_replicas`` (the world size for a full tensor) to
-    this rank's piece of ``shard`` (fewer replicas): a slice of every block, no communication."""
+def padded_length(size: int, world_size: int) -> int:
+    """Elements every rank holds of a dim of ``size`` laid out as a padded shard."""
+    return -(-size // world_size)
+
+
+def valid_length(shard: Shard, size: int, rank: int, world_size: int) -> int:
+    """How many of the elements rank ``rank`` holds of a full dim of ``size`` are real (all of
+    them, but for a padded shard)."""
+    if not shard.padded:
+        return size // shard.chunks(world_size)
+    length = padded_length(size, world_size)
+    return max(0, min(length, size - rank * length))
+
+
+def zero_padded(t, dim: int, length: int):
+    """``t`` with zeros appended along ``dim`` up to ``length`` (``t`` itself when it is that long)."""
     import torch
 
+    gap = list(t.shape)
+    gap[dim] = length - t.shape[dim]
+    return torch.cat([t, t.new_zeros(gap)], dim) if gap[dim] else t
+
+
+def refine(local, shard: Shard, held_replicas: int, rank: int):
+    """From a local tensor held with ``held_replicas`` (the world size for a full tensor) to
+    this rank's piece of ``shard`` (fewer replicas): a slice of every block, no communication.
+    A padded piece is a copy with zeros after the dim's end."""
+    import torch
+
+    if shard.padded:
+        size = local.shape[shard.dim]
+        start = min(size, rank * padded_length(size, held_replicas))
+        real = local.narrow(shard.dim, start, valid_length(shard, size, rank, held_replicas))
+        return zero_padded(real, shard.dim, padded_length(size, held_replicas))
     pieces = [local.narrow(shard.dim, start, end - start)
               for start, end in piece_ranges(shard, local.shape[shard.dim], held_replicas, rank)]
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, shard.dim)
@@ -141,6 +186,9 @@ def refine(local, shard: Shard, held_replicas: int, rank: int):
 def rank_ranges(shard: Shard, size: int, rank: int, world_size: int) -> list[tuple[int, int]]:
     """Index ranges of rank ``rank``'s part of a full dim of ``size`` laid out as ``shard``
     (one per block): what a loader reads of a checkpoint tensor."""
+    if shard.padded:  # the real elements only: the reader pads the rest with zeros
+        start = min(size, rank * padded_length(size, world_size))
+        return [(start, start + valid_length(shard, size, rank, world_size))]
     block_sizes(shard, size)  # raises where the layout does not fit the size
     return piece_ranges(shard, size, world_size, rank)
 

@@ -23,7 +23,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
-from autotp.placement import Placement, Replicate, Shard, block_sizes, parse_placement
+from autotp.placement import Placement, Replicate, Shard, block_sizes, padded_length, parse_placement
 
 __all__ = ["Plan", "ParamSpec", "Collective", "ArgEdit", "LocalSlice", "LocalOp", "ShardedOutput", "ShardedInput", "Region", "FORMAT_VERSION"]
 
@@ -41,6 +41,9 @@ def local_shape(shape: list[int], placement: Placement, tp_size: int) -> list[in
     if not isinstance(placement, Shard):
         return list(shape)
     out = list(shape)
+    if placement.padded:
+        out[placement.dim] = padded_length(shape[placement.dim], tp_size)
+        return out
     out[placement.dim] = sum(p // placement.chunks(tp_size) for p in block_sizes(placement, shape[placement.dim]))
     return out
 
@@ -84,6 +87,7 @@ class Collective:
     path: Optional[list[int]] = None
     dim: Optional[int] = None
     replicas: int = 1  # all_gather of a piece several ranks share: one copy per chunk is kept
+    size: Optional[int] = None  # all_gather of a padded shard: the dim's real size, the rest is cut
 
 
 @dataclass
@@ -96,10 +100,12 @@ class LocalOp:
 
 @dataclass
 class ShardedOutput:
-    """A model output left sharded (``gather_outputs=False``): each rank returns its part."""
+    """A model output left sharded (``gather_outputs=False``): each rank returns its part
+    (of a padded shard, its real elements only: the dim's whole ``size`` is recorded)."""
 
     path: list[int]
     placement: Placement
+    size: Optional[int] = None
 
 
 @dataclass
@@ -215,7 +221,8 @@ class Plan:
             edits=[ArgEdit(**e) for e in data["edits"]],
             slices=[LocalSlice(**{**s, "placement": parse_placement(s["placement"])}) for s in data["slices"]],
             local_ops=[LocalOp(**o) for o in data.get("local_ops", [])],
-            sharded_outputs=[ShardedOutput(o["path"], parse_placement(o["placement"])) for o in data.get("sharded_outputs", [])],
+            sharded_outputs=[ShardedOutput(o["path"], parse_placement(o["placement"]), o.get("size"))
+                             for o in data.get("sharded_outputs", [])],
             sharded_inputs=[ShardedInput(o["name"], parse_placement(o["placement"])) for o in data.get("sharded_inputs", [])],
             regions=[Region(**r) for r in data["regions"]],
             inputs=list(data.get("inputs", [])),

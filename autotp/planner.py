@@ -5,7 +5,7 @@ The algorithm, in the order to read it (steps 1 to 3 live in :mod:`autotp.region
 1. **Candidates** (:func:`~autotp.regions.find_candidates`): every matmul node (``linear``, ``addmm``, ``mm``,
    ``bmm``, ``matmul``) with an operand that is a parameter, possibly through transposes or
    casts (GPT-2's Conv1D is ``addmm(bias, x, W)`` with ``W`` stored ``[in, out]``).
-2. **Column-parallel dim** (:meth:`~autotp.regions.RegionGrower.colwise_dim`): the parameter dim whose sharding makes
+2. **Column-parallel dim** (:meth:`~autotp.regions.RegionGrower.colwise`): the parameter dim whose sharding makes
    the matmul output sharded on its last dim, found by propagating each divisible dim up to the
    matmul: no per-op knowledge of weight layouts.
 3. **Regions** (:meth:`~autotp.regions.RegionGrower.grow`): seed one candidate colwise and propagate
@@ -43,7 +43,7 @@ from autotp.plan import ArgEdit, Collective, LocalOp, LocalSlice, ParamSpec, Pla
 from autotp.propagate import Propagation, arg_at, propagate
 from autotp.regions import (Candidate, Grown, RegionGrower, common_module, factory_edit, find_candidates, layer_of,
                             module_of, param_source)
-from autotp.rules import ndim
+from autotp.rules import ndim, sizes
 from autotp.rules.matmul import matmul_spec
 
 __all__ = ["plan_graph", "plan_with_placements", "find_candidates", "Candidate", "add_rewrites"]
@@ -187,12 +187,13 @@ def add_rewrites(plan: Plan, graph: fx.Graph, final: Propagation, region_of: Map
         plan.collectives.append(Collective("all_reduce", node.name, region_of.get(node), list(bias) if bias else None))
     output = _output_node(graph)
     for path, placement in final.outputs:
+        size = _padded_size(arg_at(output, path), placement)
         if gather(path[-1]):
             region = region_of.get(arg_at(output, path))
             plan.collectives.append(Collective("all_gather", output.name, region, None, list(path), placement.dim,
-                                               placement.replicas))
+                                               placement.replicas, size))
         else:
-            plan.sharded_outputs.append(ShardedOutput(list(path), placement))
+            plan.sharded_outputs.append(ShardedOutput(list(path), placement, size))
     for node, placement in final.seeds.items():  # a buffer made inside the graph, made at its piece's size
         edit = factory_edit(node, placement, plan.tp_size) if node.op == "call_function" else None
         if edit is not None:
@@ -208,6 +209,16 @@ def add_rewrites(plan: Plan, graph: fx.Graph, final: Propagation, region_of: Map
             what = f"{src.name} is {held or Replicate()}"
             plan.slices.append(LocalSlice(node.name, list(move.path), move.to, f"{what}, {node.name} needs it {move.to}",
                                           held_replicas))
+
+
+def _padded_size(value: fx.Node, placement: Shard) -> Optional[int]:
+    """The real size of the dim a padded shard of ``value`` pads (None for an even shard)."""
+    if not placement.padded:
+        return None
+    size = sizes(value)[placement.dim]
+    if not isinstance(size, int):
+        raise AutotpError(f"{value.name}: a padded shard of a dim of dynamic size {size}")
+    return size
 
 
 def _output_node(graph: fx.Graph) -> fx.Node:

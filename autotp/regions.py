@@ -2,7 +2,7 @@
 
 1. **Candidates** (:func:`find_candidates`): every matmul with a parameter operand (through
    transposes or casts), and every embedding table.
-2. **Column-parallel dim** (:meth:`RegionGrower.colwise_dim`): the parameter dim whose sharding
+2. **Column-parallel dim** (:meth:`RegionGrower.colwise`): the parameter dim whose sharding
    shards the matmul's output columns, found by propagation, not by weight-layout knowledge.
 3. **Growth** (:meth:`RegionGrower.grow`): seed one candidate column-parallel, propagate, retry
    with a layout a rule hints at (fused blocks, ranks sharing a head), and add the matmuls
@@ -176,7 +176,7 @@ class RegionGrower:
         self.local_inputs = set(local_inputs)
         self.candidates = find_candidates(graph)
         self.by_matmul = {c.matmul: c for c in self.candidates}
-        self._colwise: dict[fx.Node, Optional[int]] = {}
+        self._colwise: dict[fx.Node, Union[Shard, str]] = {}
         self.cut = self._dataflow_cut()
         # whether a region may all-reduce a statistic (a sum over the sharded dim, Out.statistic):
         # off in the first pass over the candidates, on in the second (see plan_graph)
@@ -194,18 +194,21 @@ class RegionGrower:
                 flow.add_edges_from((src, node) for src in node.all_input_nodes)
         return flow
 
-    def colwise_dim(self, c: Candidate) -> Union[int, str]:
-        """The parameter dim that shards the matmul's output columns, or why there is none."""
+    def colwise(self, c: Candidate) -> Union[Shard, str]:
+        """The layout of the parameter that shards the matmul's output columns, or why there is
+        none."""
         if c.param not in self._colwise:
             shape = sizes(c.param)
-            answer: Union[int, str] = f"no dim of {c.param.target} {list(shape)} divides by tp={self.world}"
-            for d in range(len(shape)):
-                if not divides(Shard(d), shape[d], self.world):
+            answer: Union[Shard, str] = f"no dim of {c.param.target} {list(shape)} divides by tp={self.world}"
+            # even dims first; a dim that does not split evenly (a vocabulary of 50257) padded
+            tries = [Shard(d) for d in range(len(shape))] + [Shard(d, padded=True) for d in range(len(shape))]
+            for shard in tries:
+                if not divides(shard, shape[shard.dim], self.world):
                     continue
-                prop = propagate(self.graph, {c.param: Shard(d)}, self.world, until=c.matmul)
+                prop = propagate(self.graph, {c.param: shard}, self.world, until=c.matmul)
                 answer_at = prop.answers.get(c.matmul)
                 if answer_at is not None and _wants(c, answer_at.placement):
-                    answer = d
+                    answer = shard
                     break
                 if prop.failure is not None:
                     answer = str(prop.failure)
@@ -218,7 +221,7 @@ class RegionGrower:
         while True:
             prop = propagate(self.graph, seeds, self.world, statistics=self.statistics)
             wants = prop.failure.wants if prop.failure is not None else None
-            if wants is not None and wants[0] not in seeds and self._promotable(wants[0]):
+            if wants is not None and wants[0] not in seeds and self._promotable(wants[0], wants[1]):
                 seeds = {**seeds, wants[0]: wants[1]}  # written in place: laid out as the write needs
                 continue
             if not prop.ok:
@@ -231,7 +234,7 @@ class RegionGrower:
                     if before is None:
                         break
                     user, src, to = src, src.args[0], before
-                promotable = self._promotable(src) or factory_edit(src, to, self.world) is not None
+                promotable = self._promotable(src, to) or factory_edit(src, to, self.world) is not None
                 if promotable and src not in seeds:
                     wanted.setdefault(src, set()).add((user, to))
             promote = {}
@@ -247,9 +250,11 @@ class RegionGrower:
                 return seeds, prop
             seeds = {**seeds, **promote}
 
-    def _promotable(self, node: fx.Node) -> bool:
-        """A parameter, or an input the caller passes as laid out (a KV cache), may be seeded."""
-        return node.op == "get_attr" or (node.op == "placeholder" and node.name in self.local_inputs)
+    def _promotable(self, node: fx.Node, placement: Placement) -> bool:
+        """A parameter, or an input the caller passes as laid out (a KV cache, never padded),
+        may be seeded."""
+        return node.op == "get_attr" or (node.op == "placeholder" and node.name in self.local_inputs
+                                         and not getattr(placement, "padded", False))
 
     def upstream_candidates(self, value: fx.Node, taken: set) -> list[Candidate]:
         import networkx as nx
@@ -260,10 +265,10 @@ class RegionGrower:
 
     def grow(self, c: Candidate, assigned: set) -> Union[Grown, str]:
         """The region seeded by ``c`` (colwise), grown by the matmuls it needs, or why not."""
-        dim = self.colwise_dim(c)
-        if isinstance(dim, str):
-            return dim
-        found = self._seed_layout({}, c.param, dim)
+        layout = self.colwise(c)
+        if isinstance(layout, str):
+            return layout
+        found = self._seed_layout({}, c.param, layout)
         if isinstance(found, str):
             return found
         grown = Grown(*found, entries=[c])
@@ -273,16 +278,19 @@ class RegionGrower:
                 return grown
             grown = better
 
-    def _seed_layout(self, base: dict[fx.Node, Placement], param: fx.Node, dim: int):
-        """Settle ``base`` plus ``param`` sharded on ``dim``. When a rule hints at a layout, retry
-        with it: fused blocks (a split of q|k|v), or ranks sharing a head (2 kv heads, 4 ranks)."""
+    def _seed_layout(self, base: dict[fx.Node, Placement], param: fx.Node, shard: Shard):
+        """Settle ``base`` plus ``param`` laid out as ``shard``. When a rule hints at a layout,
+        retry with it: fused blocks (a split of q|k|v), or ranks sharing a head (2 kv heads, 4
+        ranks). A padded layout takes no hint."""
+        dim = shard.dim
         size = sizes(param)[dim]
-        shard = Shard(dim)
         for _ in range(_MAX_LAYOUT_RETRIES):
             seeds, prop = self.settle({**base, param: shard})
             if prop.ok:
                 return seeds, prop
             failure = prop.failure
+            if shard.padded:
+                return str(failure)
             blocks = _blocks_for(failure.blocks, size) if failure.blocks else shard.blocks
             hinted = Shard(dim, blocks or shard.blocks, failure.replicas or shard.replicas)
             if hinted == shard or not divides(hinted, size, self.world):
@@ -299,18 +307,18 @@ class RegionGrower:
         extra: list[Candidate] = []
         for value in sliced:
             for cand in self.upstream_candidates(value, taken):
-                if cand not in extra and isinstance(self.colwise_dim(cand), int):
+                if cand not in extra and isinstance(self.colwise(cand), Shard):
                     extra.append(cand)
         trials = [extra] + ([[e] for e in extra] if len(extra) > 1 else []) if extra else []
         current = _replicated_slices(grown.prop)
         for group in trials:
             if len(group) == 1:  # one new seed: it may take a hinted layout
-                found = self._seed_layout(grown.seeds, group[0].param, int(self.colwise_dim(group[0])))
+                found = self._seed_layout(grown.seeds, group[0].param, self.colwise(group[0]))
                 if isinstance(found, str):
                     continue
                 seeds, prop = found
             else:
-                seeds, prop = self.settle({**grown.seeds, **{e.param: Shard(int(self.colwise_dim(e))) for e in group}})
+                seeds, prop = self.settle({**grown.seeds, **{e.param: self.colwise(e) for e in group}})
             if prop.ok and _replicated_slices(prop) < current:
                 return Grown(seeds, prop, grown.entries + list(group))
         return None
@@ -332,7 +340,7 @@ def factory_edit(node: fx.Node, placement: Placement, world: int) -> Optional[Ar
     """The edit that makes a factory (``zeros([batch, 4, 15, 16])``: a static KV cache made
     inside the graph) give this rank's piece of ``placement``: its literal size at the sharded
     dim, divided. None when ``node`` is no factory or that size is no literal that divides."""
-    if node.target not in _FACTORIES or not isinstance(placement, Shard) or not node.args:
+    if node.target not in _FACTORIES or not isinstance(placement, Shard) or placement.padded or not node.args:
         return None
     shape = node.args[0]
     if not isinstance(shape, (list, tuple)) or not 0 <= placement.dim < len(shape):

@@ -29,7 +29,7 @@ from autotp.errors import AutotpError
 from autotp.cleanup import cleanup
 from autotp.collectives import ALL_GATHER, ALL_REDUCE, AllGather, AllReduce, Communicator
 from autotp.local_ops import LOCAL_OPS
-from autotp.placement import Shard, refine
+from autotp.placement import Shard, refine, valid_length
 from autotp.plan import Plan
 from autotp.propagate import arg_at
 
@@ -53,10 +53,17 @@ def _replace_at(args: Any, path: list[int], value: Any) -> Any:
     return tuple(items) if isinstance(args, tuple) else items
 
 
-def shard_locally(x: torch.Tensor, dim: int, blocks: Any, replicas: int, held_replicas: int, rank: int) -> torch.Tensor:
+def shard_locally(x: torch.Tensor, dim: int, blocks: Any, replicas: int, held_replicas: int, rank: int,
+                  padded: bool = False) -> torch.Tensor:
     """Replicate (or a coarser shard) -> Shard without communication: keep this rank's piece
     (a graph call target)."""
-    return refine(x, Shard(dim, blocks, replicas), held_replicas, rank)
+    return refine(x, Shard(dim, blocks, replicas, padded), held_replicas, rank)
+
+
+def real_part(x: torch.Tensor, dim: int, size: int, rank: int, world_size: int) -> torch.Tensor:
+    """This rank's piece of a padded shard without its padding (a graph call target): what a
+    sharded model output returns."""
+    return x.narrow(dim, 0, valid_length(Shard(dim, padded=True), size, rank, world_size))
 
 
 def _nodes(gm: fx.GraphModule, plan: Plan) -> dict[str, fx.Node]:
@@ -84,7 +91,8 @@ def _apply_slices(gm: fx.GraphModule, by_name: dict[str, fx.Node], plan: Plan, r
         with gm.graph.inserting_before(node):
             shard = item.placement
             held = item.held_replicas or plan.tp_size
-            piece = gm.graph.call_function(shard_locally, (source, shard.dim, shard.blocks, shard.replicas, held, rank))
+            args = (source, shard.dim, shard.blocks, shard.replicas, held, rank) + ((True,) if shard.padded else ())
+            piece = gm.graph.call_function(shard_locally, args)
         node.args = _replace_at(node.args, item.path, piece)
 
 
@@ -112,8 +120,20 @@ def _apply_all_gathers(gm: fx.GraphModule, by_name: dict[str, fx.Node], plan: Pl
             continue
         node = by_name[coll.node]
         with gm.graph.inserting_before(node):
-            whole = gm.graph.call_module(ALL_GATHER, (arg_at(node, tuple(coll.path)), coll.dim, coll.replicas))
+            args = (arg_at(node, tuple(coll.path)), coll.dim, coll.replicas) + ((coll.size,) if coll.size else ())
+            whole = gm.graph.call_module(ALL_GATHER, args)
         node.args = _replace_at(node.args, coll.path, whole)
+
+
+def _cut_padding(gm: fx.GraphModule, by_name: dict[str, fx.Node], plan: Plan, rank: int) -> None:
+    """A padded model output left sharded: each rank returns its real elements only."""
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    for item in plan.sharded_outputs:
+        if item.placement.padded:
+            with gm.graph.inserting_before(output):
+                real = gm.graph.call_function(real_part, (arg_at(output, tuple(item.path)), item.placement.dim,
+                                                          item.size, rank, plan.tp_size))
+            output.args = _replace_at(output.args, item.path, real)
 
 
 def _take_bias(node: fx.Node, path: list[int]) -> tuple[Any, Any, Any]:
@@ -192,5 +212,6 @@ def rewrite(
     gm.add_module(ALL_GATHER, AllGather(comm))
     _apply_all_reduces(gm, by_name, plan)
     _apply_all_gathers(gm, by_name, plan)
+    _cut_padding(gm, by_name, plan, rank)
     cleanup(gm)
     return gm

@@ -22,6 +22,7 @@ from safetensors import safe_open
 import autotp
 from autotp.convert import MANIFEST, rank_file, read_manifest
 from autotp.errors import AutotpError
+from autotp.placement import Shard
 from autotp.plan import Plan
 from distributed import run_ranks
 from models import assert_close_to, hf_model, token_ids
@@ -35,7 +36,7 @@ IDS = token_ids(2, 9, seed=5)
 def saved(tmp_path_factory) -> dict[str, tuple[Path, torch.Tensor]]:
     """Saved checkpoints of two architectures and their unsharded logits on IDS."""
     out = {}
-    for name in ("llama_gqa", "gpt2"):
+    for name in ("llama_gqa", "gpt2", "gpt2_odd_vocab"):
         model = hf_model(name, seed=7)
         directory = tmp_path_factory.mktemp(name)
         model.save_pretrained(directory)
@@ -51,7 +52,7 @@ def load_worker(rank: int, world: int, out_dir: str) -> dict:
     return dict(logits=logits, bytes=tp_model.local_bytes())
 
 
-@pytest.mark.parametrize("name", ["llama_gqa", "gpt2"])
+@pytest.mark.parametrize("name", ["llama_gqa", "gpt2", "gpt2_odd_vocab"])
 @pytest.mark.parametrize("tp", [2, 4])
 def test_convert_then_load_matches_unsharded(saved, tmp_path, name, tp):
     directory, reference = saved[name]
@@ -63,8 +64,12 @@ def test_convert_then_load_matches_unsharded(saved, tmp_path, name, tp):
         with safe_open(str(out / rank_file(r, tp)), framework="pt") as f:
             for key in f.keys():
                 assert list(f.get_slice(key).get_shape()) == plan.params[key].local_shape(tp), key
-    sharded = plan.sharded_params()
-    assert sum(p.local_nbytes(tp) for p in sharded) * tp == sum(p.nbytes for p in sharded)
+    for p in plan.sharded_params():  # tp pieces make the whole (a padded dim rounded up to tp's multiple)
+        rows = p.shape[p.placement.dim]
+        rounded = -(-rows // tp) * tp if p.placement.padded else rows
+        assert p.local_nbytes(tp) * tp == p.nbytes // rows * rounded, p.name
+    if name == "gpt2_odd_vocab":
+        assert plan.params["lm_head.weight"].placement == Shard(0, padded=True)
     assert (out / "config.json").exists() and (out / "generation_config.json").exists()
     for result in run_ranks(load_worker, tp, str(out)):
         assert_close_to(reference, result["logits"])
@@ -84,7 +89,7 @@ def checkpoint_worker(rank: int, world: int, directory: str) -> torch.Tensor:
         return tp_model(IDS).logits
 
 
-@pytest.mark.parametrize("name", ["llama_gqa", "gpt2"])
+@pytest.mark.parametrize("name", ["llama_gqa", "gpt2", "gpt2_odd_vocab"])
 def test_parallelize_reads_slices_from_the_checkpoint(saved, name):
     directory, reference = saved[name]
     for logits in run_ranks(checkpoint_worker, 2, str(directory)):

@@ -63,7 +63,7 @@ def generate_worker(rank: int, world: int, names: list[str]) -> dict:
 
 @pytest.mark.parametrize("world", [2, 4], ids=["tp2", "tp4"])
 def test_generate_matches_unsharded_and_shards_the_cache(world):
-    names = ["llama", "qwen2", "gpt2"]
+    names = ["llama", "qwen2", "gpt2", "gpt2_odd_vocab"]
     per_rank = run_ranks(generate_worker, world, names)
     for name in names:
         ranks = [r[name] for r in per_rank]

@@ -6,7 +6,7 @@ import torch
 from autotp.placement import Partial, Replicate, Shard, block_sizes, divides, local_chunk, parse_placement
 
 
-@pytest.mark.parametrize("p", [Replicate(), Partial(), Shard(0), Shard(2, 3), Shard(1, (64, 32, 32))])
+@pytest.mark.parametrize("p", [Replicate(), Partial(), Shard(0), Shard(2, 3), Shard(1, (64, 32, 32)), Shard(1, padded=True)])
 def test_text_round_trip(p):
     assert parse_placement(str(p)) == p
 
@@ -19,7 +19,9 @@ def test_negative_dim_is_rejected():
 @pytest.mark.parametrize(
     "shard, size, world, expected",
     [(Shard(0), 8, 2, True), (Shard(0), 6, 4, False), (Shard(0, 3), 192, 2, True),
-     (Shard(0, 3), 96, 64, False), (Shard(0, (64, 32, 32)), 128, 4, True), (Shard(0, (64, 32, 32)), 128, 64, False)],
+     (Shard(0, 3), 96, 64, False), (Shard(0, (64, 32, 32)), 128, 4, True), (Shard(0, (64, 32, 32)), 128, 64, False),
+     # a padded shard is for the dims that do not split evenly only
+     (Shard(0, padded=True), 50257, 2, True), (Shard(0, padded=True), 32000, 2, False)],
 )
 def test_divides(shard, size, world, expected):
     assert divides(shard, size, world) is expected
@@ -63,3 +65,15 @@ def test_refine_is_the_same_as_slicing_the_full_tensor():
     for rank in range(4):
         coarse = local_chunk(full, Shard(1, 3, replicas=2), rank, 4)
         assert torch.equal(refine(coarse, fine, 2, rank), local_chunk(full, fine, rank, 4))
+
+
+def test_padded_chunks_hold_the_real_rows_then_zeros():
+    from autotp.placement import rank_ranges, valid_length
+
+    full = torch.arange(1, 6)  # 5 rows over 2, 3, 4 ranks: 3, 2, 2 rows each
+    assert [local_chunk(full, Shard(0, padded=True), r, 2).tolist() for r in range(2)] == [[1, 2, 3], [4, 5, 0]]
+    assert [local_chunk(full, Shard(0, padded=True), r, 4).tolist() for r in range(4)] == [[1, 2], [3, 4], [5, 0], [0, 0]]
+    assert [rank_ranges(Shard(0, padded=True), 5, r, 4) for r in range(4)] == [[(0, 2)], [(2, 4)], [(4, 5)], [(5, 5)]]
+    assert [valid_length(Shard(0, padded=True), 5, r, 3) for r in range(3)] == [2, 2, 1]
+    with pytest.raises(ValueError):
+        Shard(0, 3, padded=True)  # one block, no replicas

@@ -127,6 +127,32 @@ def test_a_statistic_never_keeps_the_residual_stream_sharded() -> None:
     assert max(plan.all_reduces_per_layer().values()) <= 2
 
 
+def test_a_vocabulary_that_does_not_split_is_padded() -> None:
+    # 131 rows over 2 or 4 ranks: 66 or 33 each, zeros after row 131; the logits gathered, then cut
+    for tp in (2, 4):
+        plan = autotp.plan(hf_model("gpt2_odd_vocab", device="meta"), tp_size=tp)
+        head = plan.params["lm_head.weight"]
+        assert head.placement == Shard(0, padded=True) and head.style == "vocab"
+        assert head.local_shape(tp) == [-(-131 // tp), 64]
+        gathers = [c for c in plan.collectives if c.kind == "all_gather"]
+        assert [(g.dim, g.size) for g in gathers] == [(2, 131)]
+        assert Plan.from_json(plan.to_json()) == plan
+
+
+def test_padding_is_never_read_by_a_rule_that_does_not_know_it() -> None:
+    class SoftmaxHead(torch.nn.Module):  # a softmax over the padded vocabulary would count the padding
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = torch.nn.Linear(8, 13)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(x).softmax(-1)
+
+    plan = autotp.plan(SoftmaxHead(), tp_size=2, example_inputs=(torch.randn(2, 8),))
+    assert plan.params["head.weight"].placement == Replicate()
+    assert "padding" in plan.params["head.weight"].reason
+
+
 def test_tp1_shards_nothing() -> None:
     plan = autotp.plan(hf_model("llama", device="meta"), tp_size=1)
     assert not plan.sharded_params() and not plan.collectives and not plan.edits

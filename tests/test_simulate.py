@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import autotp
+from autotp.placement import Shard
 from autotp.simulate import communicators, run_ranks_in_threads, simulate
 from distributed import run_ranks
 from models import assert_close_to, hf_model, token_ids
@@ -42,6 +43,19 @@ def test_simulated_ranks_compute_what_gloo_ranks_compute(world: int) -> None:
             assert torch.equal(ours.logits, theirs), f"rank {rank}: not bit-identical to gloo"
         else:
             assert_close_to(theirs, ours.logits)
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_a_padded_vocabulary_computes_the_unsharded_logits(world: int) -> None:
+    # 131 rows split evenly over no world size: the tied table and head are padded shards
+    model, ids = hf_model("gpt2_odd_vocab"), token_ids(2, 8)
+    with torch.no_grad():
+        reference = model(ids).logits
+    sim = simulate(model, ids, world)
+    assert sim.plan.params["lm_head.weight"].placement == Shard(0, padded=True)
+    for out in sim.outputs:
+        assert out.logits.shape == reference.shape
+        assert_close_to(reference, out.logits)
 
 
 def test_replicated_results_are_identical_on_every_rank() -> None:

@@ -131,15 +131,22 @@ METADATA_ARGS: dict[Any, frozenset[str]] = {}
 # Families found from the op itself (its schema and tags) rather than from a list: each is a
 # function from an op to its rule and the arguments it reads, or None (see pointwise.py).
 FAMILIES: list[Callable[[Any], Optional[tuple[Rule, frozenset[str]]]]] = []
+# The rules that keep a padded shard's padding apart from its real elements (see
+# autotp.placement): every other rule is refused such an input before it runs, so a rule
+# written for even shards never sees one.
+ACCEPTS_PADDED: set[Rule] = set()
 
 
-def rule(*ops: Any, reads: Iterable[str], metadata: Iterable[str] = ()) -> Callable[[Rule], Rule]:
+def rule(*ops: Any, reads: Iterable[str], metadata: Iterable[str] = (), padded: bool = False) -> Callable[[Rule], Rule]:
     """Register ``fn`` as the propagation rule of every op in ``ops``. ``reads``: the names of
     the tensor arguments the rule looks at; ``metadata``: those the op reads only the dtype,
     device or shape of. ``tests/test_conformance.py`` checks that, between them, they name
-    every tensor argument of every registered op's schema."""
+    every tensor argument of every registered op's schema. ``padded``: the rule handles padded
+    shards (:data:`ACCEPTS_PADDED`)."""
 
     def register(fn: Rule) -> Rule:
+        if padded:
+            ACCEPTS_PADDED.add(fn)
         for op in ops:
             RULES[op] = fn
             READS[op] = frozenset(reads)
@@ -204,6 +211,10 @@ def apply_rule(node: fx.Node, inputs: Inputs) -> Out | Cannot:
     unread = _unread_argument(node, reads)
     if unread is not None:
         return Cannot(f"the rule for {_op_name(node)} does not read its argument {unread!r}")
+    padded = next((a for a in node.all_input_nodes if getattr(inputs[a], "padded", False)), None)
+    if padded is not None and fn not in ACCEPTS_PADDED:
+        return Cannot(f"{_op_name(node)} would read the padding of {padded.name} ({inputs[padded]}, a dim that "
+                      f"does not split evenly)")
     try:
         result = fn(node, inputs)
     except (IndexError, KeyError, TypeError, ValueError) as exc:  # malformed args: shard less
@@ -216,7 +227,7 @@ def apply_rule(node: fx.Node, inputs: Inputs) -> Out | Cannot:
 def finest(shards: list[Shard]) -> Union[Shard, Cannot]:
     """The common layout of shards of one dim that may differ only in ``replicas``: the one
     with the fewest (the others are refined to it locally)."""
-    base = {(s.dim, s.blocks) for s in shards}
+    base = {(s.dim, s.blocks, s.padded) for s in shards}
     if len(base) != 1:
         return Cannot(f"operands sharded differently ({', '.join(sorted(map(str, set(shards))))})")
     return min(shards, key=lambda s: s.replicas)
@@ -232,8 +243,8 @@ def refinable(held: Any, to: Shard, size: Any, world_size: int) -> bool:
         return False
     if isinstance(held, Replicate):
         return True
-    return (isinstance(held, Shard) and (held.dim, held.blocks) == (to.dim, to.blocks)
-            and held.replicas % to.replicas == 0)
+    return (isinstance(held, Shard) and not held.padded and not to.padded
+            and (held.dim, held.blocks) == (to.dim, to.blocks) and held.replicas % to.replicas == 0)
 
 
 def _op_name(node: fx.Node) -> str:

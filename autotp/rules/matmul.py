@@ -74,19 +74,23 @@ def matmul_spec(target: object):
     return MATMUL_SPECS.get(target) or MATMUL_SPECS.get(str(target))
 
 
-def _sharded_label(node: fx.Node, operands, specs, inputs: Inputs):
-    """The label every sharded operand shards, its blocks, and the fewest replicas among them."""
-    label, blocks, replicas = None, None, None
+def _sharded_label(node: fx.Node, operands, specs, out_spec: Spec, inputs: Inputs):
+    """The label every sharded operand shards, and its layout (at dim 0) with the fewest
+    replicas among them. A padded label must stay in the output: summing over it would add
+    its padding in."""
+    label, layout = None, None
     for arg, spec in zip(operands, specs):
         p = inputs[arg]
         if isinstance(p, Shard):
-            if label is not None and (spec[p.dim], p.blocks) != (label, blocks):
+            if label is not None and (spec[p.dim], p.blocks, p.padded) != (label, layout.blocks, layout.padded):
                 return Cannot("matmul operands sharded on different dims")
-            label, blocks = spec[p.dim], p.blocks
-            replicas = p.replicas if replicas is None else min(replicas, p.replicas)
+            label = spec[p.dim]
+            layout = p.with_dim(0) if layout is None or p.replicas < layout.replicas else layout
         elif not isinstance(p, Replicate):
             return Cannot(f"matmul operand placement {p} not supported")
-    return label, blocks, replicas
+    if layout is not None and layout.padded and label not in out_spec:
+        return Cannot(f"a sum over a padded dim ({label!r}) would add its padding in")
+    return label, layout
 
 
 def _bias_moves(node: fx.Node, bias_at: Optional[int], out: Placement, inputs: Inputs):
@@ -137,26 +141,24 @@ def matmul_rule(node: fx.Node, inputs: Inputs) -> Result:
         return Cannot(f"matmul bias placement {bias} not supported")
     if isinstance(bias, Shard) and all(isinstance(inputs[a], Replicate) for a in operands):
         return Cannot("sharded bias on a replicated matmul")
-    found = _sharded_label(node, operands, specs, inputs)
+    found = _sharded_label(node, operands, specs, out_spec, inputs)
     if isinstance(found, Cannot):
         return found
-    label, blocks, replicas = found
-    if label is not None and label not in out_spec and sum(label in spec for spec in specs) < 2:
+    label, layout = found
+    if label is None:
+        return Cannot("matmul reached with no operand sharded")
+    if label not in out_spec and sum(label in spec for spec in specs) < 2:
         return Cannot(f"matmul dim {label!r} selects rather than sums (an expert index): not sharded")
     if label not in out_spec:
-        replicas = 1  # partial sums of a chunk held twice would be counted twice: split it fully
-    if build is _grouped_specs and label is not None:
-        refused = _grouped_refusal(node, label, operands, specs, Shard(0, blocks, replicas), inputs.world_size)
+        layout = Shard(0, layout.blocks)  # partial sums of a chunk held twice would count twice: split it fully
+    if build is _grouped_specs:
+        refused = _grouped_refusal(node, label, operands, specs, layout, inputs.world_size)
         if refused:
             return refused
-    moves = _operand_moves([(pos,) for pos in positions], operands, specs, label, Shard(0, blocks, replicas), inputs,
-                           "matmul")
+    moves = _operand_moves([(pos,) for pos in positions], operands, specs, label, layout, inputs, "matmul")
     if isinstance(moves, Cannot):
         return moves
-    if label in out_spec:
-        out = Shard(out_spec.index(label), blocks, replicas)
-    else:
-        out = Partial()
+    out = layout.with_dim(out_spec.index(label)) if label in out_spec else Partial()
     bias_moves = _bias_moves(node, bias_at, out, inputs)
     if isinstance(bias_moves, Cannot):
         return bias_moves
@@ -173,6 +175,8 @@ def _grouped_refusal(node: fx.Node, label: str, operands: list[fx.Node], specs: 
     start on 16-byte boundaries, which a split of the last dim may break."""
     if label == "t":
         return Cannot("the rows of a grouped matmul are routed to experts by offsets: not sharded")
+    if layout.padded:
+        return Cannot("a grouped matmul over a padded dim")
     if node.target is not aten._grouped_mm.default:
         return None
     for arg, spec in zip(operands, specs):
@@ -198,7 +202,8 @@ def _routing_inputs(node: fx.Node, positions: tuple[int, ...], bias_at: Optional
 
 # Every tensor argument of these ops is an operand, the bias or a routing input checked above.
 for _op in MATMUL_SPECS:
-    rule(_op, reads=("input", "weight", "offs") if isinstance(_op, str) else schema_tensor_args(_op))(matmul_rule)
+    rule(_op, reads=("input", "weight", "offs") if isinstance(_op, str) else schema_tensor_args(_op),
+         padded=True)(matmul_rule)
 
 
 def einsum_specs(node: fx.Node) -> tuple[list[Spec], Spec]:
@@ -228,23 +233,22 @@ def einsum_specs(node: fx.Node) -> tuple[list[Spec], Spec]:
     return specs, spell(out, len(out.replace("...", "")) + broadcast)
 
 
-@rule(aten.einsum.default, reads=("tensors",))
+@rule(aten.einsum.default, reads=("tensors",), padded=True)
 def einsum_rule(node: fx.Node, inputs: Inputs) -> Result:
     """Labels work as in a matmul: a sharded label kept in the output shards it there; one summed
     away makes every rank's result a partial sum (all-reduced after the node)."""
     specs, out_spec = einsum_specs(node)
     operands = list(node.args[1])
-    found = _sharded_label(node, operands, specs, inputs)
+    found = _sharded_label(node, operands, specs, out_spec, inputs)
     if isinstance(found, Cannot):
         return found
-    label, blocks, replicas = found
+    label, layout = found
     if label is None:
         return Replicate()
     if label not in out_spec:
-        replicas = 1  # partial sums of a chunk held twice would be counted twice
-    moves = _operand_moves([(1, i) for i in range(len(operands))], operands, specs, label,
-                           Shard(0, blocks, replicas), inputs, "einsum")
+        layout = Shard(0, layout.blocks)  # partial sums of a chunk held twice would be counted twice
+    moves = _operand_moves([(1, i) for i in range(len(operands))], operands, specs, label, layout, inputs, "einsum")
     if isinstance(moves, Cannot):
         return moves
-    out = Shard(out_spec.index(label), blocks, replicas) if label in out_spec else Partial()
+    out = layout.with_dim(out_spec.index(label)) if label in out_spec else Partial()
     return Out(out, tuple(moves))

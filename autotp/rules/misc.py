@@ -40,7 +40,7 @@ def new_tensor_rule(node: fx.Node, inputs: Inputs) -> Result:
     return Replicate()
 
 
-@rule(aten.embedding.default, reads=("weight", "indices"))
+@rule(aten.embedding.default, reads=("weight", "indices"), padded=True)
 def embedding_rule(node: fx.Node, inputs: Inputs) -> Result:
     """Row lookup. A table sharded on the hidden dim gives a hidden-sharded output. A table
     sharded on the vocabulary (rows) is vocabulary-parallel: each rank looks up the ids it
@@ -48,6 +48,9 @@ def embedding_rule(node: fx.Node, inputs: Inputs) -> Result:
     table, ids = inputs[node.args[0]], inputs[node.args[1]]
     if isinstance(table, Shard) and isinstance(ids, Shard):
         return Cannot("embedding with both table and indices sharded")
+    if getattr(ids, "padded", False) or (isinstance(table, Shard) and table.padded and table.dim != 0):
+        return Cannot(f"embedding of a padded {'table' if isinstance(table, Shard) else 'index'} dim other "
+                      "than the vocabulary")
     if isinstance(table, Shard):
         if table.dim == 0 and table.blocks == 1 and table.replicas == 1:
             return Out(Partial(), local_op="vocab_parallel_embedding")

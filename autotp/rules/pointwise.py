@@ -26,6 +26,7 @@ import torch.fx as fx
 
 from autotp.placement import Replicate, Shard
 from autotp.rules import (
+    ACCEPTS_PADDED,
     FAMILIES,
     METADATA_ARGS,
     Cannot,
@@ -188,6 +189,8 @@ def inplace_family(op: Any) -> Optional[tuple[Rule, frozenset[str]]]:
     return inplace_rule(found[0]), frozenset(schema_tensor_args(op))
 
 
+# Elementwise ops never mix positions: a padded shard's padding stays where it is.
+ACCEPTS_PADDED.add(elementwise_rule)
 FAMILIES.append(elementwise_family)
 FAMILIES.append(inplace_family)
 for _op in UNTAGGED + DROPOUT:

@@ -7,14 +7,14 @@ op over them. Here, for every sample of every OpInfo whose op reaches an autotp 
 1. the call is traced to aten ops as torch.export sees them (``make_fx`` with
    ``pre_dispatch=True``: ``linear`` stays ``linear``), its tensors as graph inputs;
 2. each input placement is tried (:func:`seed_sets`): each input sharded on each dim that
-   splits, in two fused blocks, shared by pairs of ranks, as a ``Partial`` sum, and all
-   inputs sharded along one broadcast-aligned dim at once;
+   splits, in two fused blocks, shared by pairs of ranks, padded on each dim that does not
+   split, as a ``Partial`` sum, and all inputs sharded along one broadcast-aligned dim at once;
 3. placements are propagated through the graph. Where a rule refuses, that is sound and is
    counted as a refusal. Where the graph is accepted, it is rewritten for every rank exactly
    as a model's graph is (local slices, localised literals, all-reduces after ``Partial``
    values), the ranks run on their pieces of the inputs (:mod:`autotp.simulate`), and every
    rank's outputs are compared with the unsharded outputs laid out as the plan claims:
-   whole where replicated, the rank's chunk where sharded.
+   whole where replicated, the rank's chunk where sharded (its real elements where padded).
 
 A difference or an exception is a failure: a rule accepted a placement it computes wrong.
 The samples come from :mod:`autotp.testing.samples`; ops with no OpInfo get hand-written
@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 import torch
 import torch.fx as fx
 
-from autotp.placement import Partial, Placement, Replicate, Shard, divides, local_chunk
+from autotp.placement import Partial, Placement, Replicate, Shard, divides, local_chunk, valid_length
 from autotp.plan import Plan, ShardedInput
 from autotp.planner import add_rewrites
 from autotp.propagate import Propagation, propagate
@@ -124,7 +124,8 @@ def seed_sets(placeholders: Sequence[fx.Node], world: int, *, shared_only: bool 
             size = value.shape[d]
             if not isinstance(size, int):
                 continue
-            for shard in (Shard(d, 1, 2),) if shared_only else (Shard(d), Shard(d, 2), Shard(d, 1, 2)):
+            layouts = (Shard(d, 1, 2),) if shared_only else (Shard(d), Shard(d, 2), Shard(d, 1, 2), Shard(d, padded=True))
+            for shard in layouts:
                 if world % shard.replicas == 0 and shard.replicas < world and divides(shard, size, world):
                     yield {node: shard}
         if value.is_floating_point() and not shared_only:
@@ -212,6 +213,8 @@ def check_graph(gm: fx.GraphModule, tensors: Sequence[torch.Tensor], seeds: dict
         for i, whole in enumerate(expected):
             placement = sharded.get((0, i))
             want = local_chunk(whole, placement, rank, world) if placement is not None else whole
+            if placement is not None and placement.padded:  # the rank's real elements: padding is cut
+                want = want.narrow(placement.dim, 0, valid_length(placement, whole.shape[placement.dim], rank, world))
             values = not (isinstance(producers[i], fx.Node) and producers[i].target in UNINITIALISED)
             why = _mismatch(want, got[i], values)
             if why:

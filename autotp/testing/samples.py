@@ -175,6 +175,13 @@ def hand_samples() -> list[Sample]:
          (randn(2, 4, 6, 8), randn(2, 4, 6, 8), randn(2, 4, 6, 8), randn(2, 4, 6, 6)), False),
         ("repeat_interleave", lambda a: a.repeat_interleave(2, dim=1), (x,), False),
         ("embedding", lambda w, i: torch.nn.functional.embedding(i, w), (randn(12, 8), torch.tensor([[0, 5, 11]])), False),
+        # a vocabulary that splits over no world size here: padded lookups and logits
+        ("embedding-odd-vocab", lambda w, i: torch.nn.functional.embedding(i, w) * 2,
+         (randn(13, 8), torch.tensor([[0, 5, 12, 6]])), False),
+        ("logits-odd-vocab", lambda x, w, b: torch.tanh(torch.nn.functional.linear(x, w, b) / 3.0) * 3.0,
+         (randn(2, 4, 8), randn(13, 8), randn(13)), False),
+        ("logits-odd-vocab-sum", lambda x, w: torch.nn.functional.linear(x, w).sum(-1), (randn(2, 4, 8), randn(13, 8)),
+         False),
         ("contiguous", lambda a: a.transpose(0, 1).contiguous(), (x,), False),
         ("copy", lambda a, b: aten.copy(a, b), (x, randn(6, 8)), False),
         ("copy_", lambda a, b: a.clone().copy_(b), (x, randn(8)), False),
