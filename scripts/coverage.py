@@ -1,6 +1,13 @@
 """Coverage of transformers architectures: parity and sharding at each tp, as a markdown table.
 
     python scripts/coverage.py [--tp 2 4] [--archs llama gpt2 ... | --all] [--out docs/COVERAGE.md]
+    python scripts/coverage.py --all --simulate --tp 2 --out docs/COVERAGE_ALL.md
+
+With ``--simulate`` each family runs on the in-process simulator (``autotp.simulate``: every
+rank's graph in one process, bit for bit what gloo ranks compute at tp 2) in a child process of
+its own, limited in time and memory (``--timeout``, ``--memory-gib``): the sweep over every
+causal-LM family, some of whose configs build large sub-models. It checks the capture's input
+length only, and has no *generate* column.
 
 One group of local ranks per tp checks every architecture in turn: each rank builds the same
 seeded model, computes the unsharded output, parallelizes, and compares. Columns: exact
@@ -14,6 +21,7 @@ tokens: identical, **not identical**, or refused with autotp's reason.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -157,6 +165,32 @@ def check_simulated(arch: str, world: int) -> dict:
                     time.perf_counter() - start)
 
 
+def _simulated_one(arch: str, world: int) -> dict:
+    """``check_simulated`` as a table row's result, with why when the family cannot be checked."""
+    try:
+        _model_and_inputs(arch)
+    except Exception as exc:  # the family's tiny config does not build or run on CPU: listed with why
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        return dict(arch=arch, error=f"cannot build or run unsharded: {type(exc).__name__}: {first}")
+    try:
+        return {**check_simulated(arch, world), "generate": "n/a (simulated)"}
+    except Exception as exc:  # parallelizing or running failed: a row of its own
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        return dict(arch=arch, error=f"{type(exc).__name__}: {first}")
+
+
+def _simulated(archs: list[str], world: int, timeout: float, memory_gib: float) -> list[list[dict]]:
+    """Each family on the simulator in a child process of its own (results shaped as ranks')."""
+    from isolated import run_isolated
+
+    results = []
+    for i, arch in enumerate(archs):
+        found = run_isolated([sys.executable, __file__, "--one", arch, "--tp", str(world)], timeout, memory_gib)
+        results.append({"arch": arch, **found})
+        print(f"[{i + 1}/{len(archs)}] {arch} tp={world}: {found.get('error', 'ok')}", file=sys.stderr, flush=True)
+    return [results]
+
+
 def worker(rank: int, world: int, archs: list[str]) -> list[dict]:
     import traceback
 
@@ -192,16 +226,31 @@ def main() -> None:
                              "the same small sizes (long: ~10 s per family and tp)")
     parser.add_argument("--out", help="write the markdown here (default: stdout only)")
     parser.add_argument("--traces", action="store_true", help="print tracebacks of failing architectures")
+    parser.add_argument("--simulate", action="store_true",
+                        help="every rank in one process (autotp.simulate), each family in a child process of its "
+                             "own; no generate column")
+    parser.add_argument("--timeout", type=float, default=300, help="with --simulate: seconds per family")
+    parser.add_argument("--memory-gib", type=float, default=6, help="with --simulate: address space per family")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # a child of --simulate: one family, JSON on stdout
     args = parser.parse_args()
     from arch_configs import ARCHS, causal_lm_types
 
     from autotp.launch import run_local
 
+    if args.one:
+        import torch
+
+        torch.set_num_threads(1)
+        print(json.dumps(_simulated_one(args.one, args.tp[0])))
+        return
     archs = args.archs or (sorted(set(ARCHS) | set(causal_lm_types())) if args.all else list(ARCHS))
     rows, totals = [], Counter()
     for tp in args.tp:
         start = time.perf_counter()
-        per_rank = run_local(worker, tp, archs, timeout=3600)
+        if args.simulate:
+            per_rank = _simulated(archs, tp, args.timeout, args.memory_gib)
+        else:
+            per_rank = run_local(worker, tp, archs, timeout=3600)
         print(f"tp={tp}: {len(archs)} architectures in {time.perf_counter() - start:.0f} s", file=sys.stderr)
         for i, arch in enumerate(archs):
             results = [r[i] for r in per_rank]

@@ -93,24 +93,10 @@ def _init_fake_group(tp: int) -> None:
 
 
 def _in_child(arch: str, tp: int, timeout: float, memory_gib: float) -> dict:
-    """``compare(arch, tp)`` in a process of its own, limited in time and memory: a config whose
-    sub-models keep their default sizes can build a model of many GiB."""
-    import resource
-    import subprocess
+    """``compare(arch, tp)`` in a process of its own, limited in time and memory (isolated.py)."""
+    from isolated import run_isolated
 
-    def limit() -> None:
-        cap = int(memory_gib * 2**30)
-        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
-
-    try:
-        done = subprocess.run([sys.executable, __file__, "--tp", str(tp), "--one", arch], capture_output=True,
-                              text=True, timeout=timeout, preexec_fn=limit)
-    except subprocess.TimeoutExpired:
-        return {"arch": arch, "error": f"not done in {timeout:.0f} s"}
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
-        return {"arch": arch, "error": last[:200]}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return {"arch": arch, **run_isolated([sys.executable, __file__, "--tp", str(tp), "--one", arch], timeout, memory_gib)}
 
 
 def _one(arch: str, tp: int) -> dict:
