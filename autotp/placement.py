@@ -16,6 +16,11 @@ is how 2 kv heads serve 4 ranks (each pair of ranks computes the kv head its que
 read, as vLLM does). ``replicas == world_size`` is ``Replicate()``; going from more replicas
 to fewer is a local slice (:func:`refine`), never communication.
 
+``Shard(dim, blocks, whole=(1, 2))`` is a fused dim whose listed blocks every rank holds whole:
+a ``q|k|v`` projection with one kv head (multi-query attention) keeps its q heads sharded and
+its k and v whole. Only a matmul (which keeps the layout) and the split that takes the blocks
+apart accept it: the whole blocks come out ``Replicate()``.
+
 ``Shard(dim, padded=True)`` is for a dim that does not split evenly (a vocabulary of 50257
 over 2 ranks): every rank holds ``ceil(size / world_size)`` elements, its chunk of the dim and
 zeros after the end. Megatron pads its vocabulary the same way. The padding is garbage once
@@ -55,6 +60,7 @@ class Shard:
     blocks: Union[int, tuple[int, ...]] = 1
     replicas: int = 1
     padded: bool = False  # an uneven dim, every chunk padded to ceil(size / chunks): see above
+    whole: tuple[int, ...] = ()  # blocks every rank holds whole (a fused q|k|v's one kv head)
 
     def __post_init__(self) -> None:
         if self.dim < 0:
@@ -65,13 +71,20 @@ class Shard:
             object.__setattr__(self, "blocks", tuple(self.blocks))
         if self.padded and (self.blocks != 1 or self.replicas != 1):
             raise ValueError("a padded Shard has one block and no replicas")
+        if self.whole:
+            object.__setattr__(self, "whole", tuple(sorted(set(self.whole))))
+            if self.padded or self.replicas != 1 or not 0 <= self.whole[0] <= self.whole[-1] < self.num_blocks:
+                raise ValueError(f"whole blocks {self.whole} of a Shard of {self.num_blocks} blocks, "
+                                 f"replicas {self.replicas}")
+            if len(self.whole) == self.num_blocks:
+                raise ValueError("a Shard with every block whole is Replicate()")
 
     @property
     def num_blocks(self) -> int:
         return len(self.blocks) if isinstance(self.blocks, tuple) else self.blocks
 
     def with_dim(self, dim: int) -> "Shard":
-        return Shard(dim, self.blocks, self.replicas, self.padded)
+        return Shard(dim, self.blocks, self.replicas, self.padded, self.whole)
 
     def with_blocks(self, blocks: Union[int, tuple[int, ...]]) -> "Shard":
         return Shard(self.dim, blocks, self.replicas, self.padded)
@@ -82,12 +95,13 @@ class Shard:
 
     def __str__(self) -> str:
         extra = ("" if self.blocks == 1 else f", blocks={self.blocks}") + ("" if self.replicas == 1 else f", replicas={self.replicas}")
-        return f"Shard({self.dim}{extra}{', padded' if self.padded else ''})"
+        whole = f", whole={self.whole}".replace(",)", ")") if self.whole else ""
+        return f"Shard({self.dim}{extra}{', padded' if self.padded else ''}{whole})"
 
 
 Placement = Union[Replicate, Shard, Partial]
 
-_SHARD_RE = re.compile(r"^Shard\((\d+)(?:, blocks=(\d+|\([\d, ]*\)))?(?:, replicas=(\d+))?(, padded)?\)$")
+_SHARD_RE = re.compile(r"^Shard\((\d+)(?:, blocks=(\d+|\([\d, ]*\)))?(?:, replicas=(\d+))?(, padded)?(?:, whole=\(([\d, ]*)\))?\)$")
 
 
 def parse_placement(text: str) -> Placement:
@@ -102,11 +116,12 @@ def parse_placement(text: str) -> Placement:
     dim, blocks, replicas = int(match.group(1)), match.group(2), int(match.group(3) or 1)
     if match.group(4):
         return Shard(dim, padded=True)
+    whole = tuple(int(b) for b in (match.group(5) or "").split(",") if b.strip())
     if blocks is None:
         return Shard(dim, 1, replicas)
     if blocks.startswith("("):
-        return Shard(dim, tuple(int(b) for b in blocks.strip("()").split(",") if b.strip()), replicas)
-    return Shard(dim, int(blocks), replicas)
+        return Shard(dim, tuple(int(b) for b in blocks.strip("()").split(",") if b.strip()), replicas, whole=whole)
+    return Shard(dim, int(blocks), replicas, whole=whole)
 
 
 def block_sizes(shard: Shard, size: int) -> list[int]:
@@ -131,7 +146,7 @@ def divides(shard: Shard, size: int, world_size: int) -> bool:
         parts = block_sizes(shard, size)
     except ValueError:
         return False
-    return all(p % shard.chunks(world_size) == 0 and p > 0 for p in parts)
+    return all((p % shard.chunks(world_size) == 0 or b in shard.whole) and p > 0 for b, p in enumerate(parts))
 
 
 
@@ -205,9 +220,9 @@ def piece_ranges(shard: Shard, local_size: int, held_replicas: int, rank: int) -
     count = held_replicas // shard.replicas
     index = (rank % held_replicas) // shard.replicas
     ranges, start = [], 0
-    for part in _local_parts(shard, local_size):
+    for b, part in enumerate(_local_parts(shard, local_size)):
         step = part // count
-        ranges.append((start + index * step, start + (index + 1) * step))
+        ranges.append((start, start + part) if b in shard.whole else (start + index * step, start + (index + 1) * step))
         start += part
     return ranges
 

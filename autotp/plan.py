@@ -44,7 +44,8 @@ def local_shape(shape: list[int], placement: Placement, tp_size: int) -> list[in
     if placement.padded:
         out[placement.dim] = padded_length(shape[placement.dim], tp_size)
         return out
-    out[placement.dim] = sum(p // placement.chunks(tp_size) for p in block_sizes(placement, shape[placement.dim]))
+    out[placement.dim] = sum(p if b in placement.whole else p // placement.chunks(tp_size)
+                             for b, p in enumerate(block_sizes(placement, shape[placement.dim])))
     return out
 
 

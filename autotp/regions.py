@@ -15,6 +15,7 @@ edits the graph or knows a rank.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import combinations
 from typing import TYPE_CHECKING, Iterable, Optional, Union
 
 import torch
@@ -146,6 +147,7 @@ def _reads_only_metadata(user: fx.Node, value: fx.Node, shard: Shard) -> bool:
 
 
 _MAX_LAYOUT_RETRIES = 4  # phi3's q|k|v slices refine the layout once per slice
+_MAX_FUSED_BLOCKS = 4  # blocks of a fused layout whose subsets held whole are tried (2^4 - 2 settles at most)
 
 
 def _blocks_for(hint: Optional[tuple[int, ...]], size: int) -> Union[int, tuple[int, ...], None]:
@@ -294,9 +296,25 @@ class RegionGrower:
             blocks = _blocks_for(failure.blocks, size) if failure.blocks else shard.blocks
             hinted = Shard(dim, blocks or shard.blocks, failure.replicas or shard.replicas)
             if hinted == shard or not divides(hinted, size, self.world):
-                return str(failure)
+                return self._with_whole_blocks(base, param, shard) or str(failure)
             shard = hinted
         return str(prop.failure)
+
+    def _with_whole_blocks(self, base: dict[fx.Node, Placement], param: fx.Node, shard: Shard):
+        """A fused layout that failed, retried with some of its blocks held whole by every rank
+        (fewest first): a q|k|v whose single kv head cannot be split keeps q sharded, k and v
+        whole. None when no such layout settles."""
+        count = shard.num_blocks if shard.replicas == 1 and not shard.whole else 0
+        if not 2 <= count <= _MAX_FUSED_BLOCKS:
+            return None
+        for taken in range(1, count):
+            for whole in combinations(range(count), taken):
+                layout = Shard(shard.dim, shard.blocks, whole=whole)
+                if divides(layout, sizes(param)[shard.dim], self.world):
+                    seeds, prop = self.settle({**base, param: layout})
+                    if prop.ok:
+                        return seeds, prop
+        return None
 
     def _grow_once(self, grown: Grown, assigned: set) -> Optional[Grown]:
         """Add the matmuls upstream of locally sliced values, if that removes slices."""

@@ -54,10 +54,10 @@ def _replace_at(args: Any, path: list[int], value: Any) -> Any:
 
 
 def shard_locally(x: torch.Tensor, dim: int, blocks: Any, replicas: int, held_replicas: int, rank: int,
-                  padded: bool = False) -> torch.Tensor:
+                  padded: bool = False, whole: tuple[int, ...] = ()) -> torch.Tensor:
     """Replicate (or a coarser shard) -> Shard without communication: keep this rank's piece
     (a graph call target)."""
-    return refine(x, Shard(dim, blocks, replicas, padded), held_replicas, rank)
+    return refine(x, Shard(dim, blocks, replicas, padded, whole), held_replicas, rank)
 
 
 def real_part(x: torch.Tensor, dim: int, size: int, rank: int, world_size: int) -> torch.Tensor:
@@ -91,7 +91,8 @@ def _apply_slices(gm: fx.GraphModule, by_name: dict[str, fx.Node], plan: Plan, r
         with gm.graph.inserting_before(node):
             shard = item.placement
             held = item.held_replicas or plan.tp_size
-            args = (source, shard.dim, shard.blocks, shard.replicas, held, rank) + ((True,) if shard.padded else ())
+            args = (source, shard.dim, shard.blocks, shard.replicas, held, rank)
+            args += (shard.padded, shard.whole) if shard.padded or shard.whole else ()
             piece = gm.graph.call_function(shard_locally, args)
         node.args = _replace_at(node.args, item.path, piece)
 

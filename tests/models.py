@@ -22,6 +22,9 @@ HF_CONFIGS = {
                       num_key_value_heads=2, vocab_size=128, max_position_embeddings=128),
     "gpt2": dict(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=128,
                  bos_token_id=0, eos_token_id=0),
+    # multi-query attention: one kv head in a fused q|k|v projection
+    "gpt_bigcode": dict(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=128, multi_query=True,
+                        bos_token_id=0, eos_token_id=0),
     # a vocabulary that splits evenly over no tp (GPT-2's own is 50257): padded shards
     "gpt2_odd_vocab": dict(n_embd=64, n_layer=2, n_head=4, vocab_size=131, n_positions=128,
                            bos_token_id=0, eos_token_id=0),
@@ -50,7 +53,7 @@ HF_CONFIGS = {
 MODEL_TYPE = {"llama": "llama", "llama_gqa": "llama", "qwen2": "qwen2", "qwen2_kv2": "qwen2", "gpt2": "gpt2",
               "llama_6heads": "llama", "llama_5heads": "llama", "mistral": "mistral", "gemma2": "gemma2",
               "cohere2": "cohere2", "bitnet": "bitnet", "diffllama": "diffllama",
-              "gpt2_odd_vocab": "gpt2"}
+              "gpt2_odd_vocab": "gpt2", "gpt_bigcode": "gpt_bigcode"}
 
 
 def hf_model(name: str, seed: int = 0, device: str | None = None) -> nn.Module:

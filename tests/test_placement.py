@@ -6,7 +6,8 @@ import torch
 from autotp.placement import Partial, Replicate, Shard, block_sizes, divides, local_chunk, parse_placement
 
 
-@pytest.mark.parametrize("p", [Replicate(), Partial(), Shard(0), Shard(2, 3), Shard(1, (64, 32, 32)), Shard(1, padded=True)])
+@pytest.mark.parametrize("p", [Replicate(), Partial(), Shard(0), Shard(2, 3), Shard(1, (64, 32, 32)), Shard(1, padded=True),
+                               Shard(0, (64, 16, 16), whole=(1, 2)), Shard(2, 3, whole=(0,))])
 def test_text_round_trip(p):
     assert parse_placement(str(p)) == p
 
@@ -77,3 +78,12 @@ def test_padded_chunks_hold_the_real_rows_then_zeros():
     assert [valid_length(Shard(0, padded=True), 5, r, 3) for r in range(3)] == [2, 2, 1]
     with pytest.raises(ValueError):
         Shard(0, 3, padded=True)  # one block, no replicas
+
+
+def test_whole_blocks_are_held_by_every_rank():
+    fused = torch.arange(6)  # q (4) | k (1) | v (1): one kv head, held whole
+    mqa = Shard(0, (4, 1, 1), whole=(1, 2))
+    assert [local_chunk(fused, mqa, r, 2).tolist() for r in range(2)] == [[0, 1, 4, 5], [2, 3, 4, 5]]
+    assert divides(mqa, 6, 4) and not divides(Shard(0, (4, 1, 1)), 6, 2)
+    with pytest.raises(ValueError):
+        Shard(0, 2, whole=(0, 1))  # every block whole is Replicate()

@@ -127,6 +127,20 @@ def test_a_statistic_never_keeps_the_residual_stream_sharded() -> None:
     assert max(plan.all_reduces_per_layer().values()) <= 2
 
 
+def test_one_kv_head_in_a_fused_projection_is_held_whole() -> None:
+    # gpt_bigcode's c_attn is q (4 heads) | k | v with one kv head: q's rows are split, every
+    # rank holds k's and v's whole, the split gives them replicated
+    plan = autotp.plan(hf_model("gpt_bigcode", device="meta"), tp_size=4)
+    fused = Shard(0, (64, 16, 16), whole=(1, 2))
+    assert plan.params["transformer.h.0.attn.c_attn.weight"].placement == fused
+    assert plan.params["transformer.h.0.attn.c_attn.bias"].placement == fused
+    assert plan.params["transformer.h.0.attn.c_attn.weight"].local_shape(4) == [16 + 32, 64]
+    assert plan.params["transformer.h.0.attn.c_proj.weight"].style == "rowwise"
+    assert plan.all_reduces_per_layer()["transformer.h.0"] == 2
+    split = [(e.old, e.new) for e in plan.edits if e.node.startswith("split")]
+    assert split == [(64, 16), (64, 16)]  # q's size per rank; k and v keep theirs
+
+
 def test_a_vocabulary_that_does_not_split_is_padded() -> None:
     # 131 rows over 2 or 4 ranks: 66 or 33 each, zeros after row 131; the logits gathered, then cut
     for tp in (2, 4):

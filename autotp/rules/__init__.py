@@ -131,22 +131,27 @@ METADATA_ARGS: dict[Any, frozenset[str]] = {}
 # Families found from the op itself (its schema and tags) rather than from a list: each is a
 # function from an op to its rule and the arguments it reads, or None (see pointwise.py).
 FAMILIES: list[Callable[[Any], Optional[tuple[Rule, frozenset[str]]]]] = []
-# The rules that keep a padded shard's padding apart from its real elements (see
-# autotp.placement): every other rule is refused such an input before it runs, so a rule
-# written for even shards never sees one.
+# The rules that keep a padded shard's padding apart from its real elements, and those that
+# handle a fused dim with blocks held whole (see autotp.placement): every other rule is refused
+# such an input before it runs, so a rule written for plain shards never sees one.
 ACCEPTS_PADDED: set[Rule] = set()
+ACCEPTS_WHOLE_BLOCKS: set[Rule] = set()
 
 
-def rule(*ops: Any, reads: Iterable[str], metadata: Iterable[str] = (), padded: bool = False) -> Callable[[Rule], Rule]:
+def rule(*ops: Any, reads: Iterable[str], metadata: Iterable[str] = (), padded: bool = False,
+         whole_blocks: bool = False) -> Callable[[Rule], Rule]:
     """Register ``fn`` as the propagation rule of every op in ``ops``. ``reads``: the names of
     the tensor arguments the rule looks at; ``metadata``: those the op reads only the dtype,
     device or shape of. ``tests/test_conformance.py`` checks that, between them, they name
     every tensor argument of every registered op's schema. ``padded``: the rule handles padded
-    shards (:data:`ACCEPTS_PADDED`)."""
+    shards (:data:`ACCEPTS_PADDED`); ``whole_blocks``: shards with blocks held whole
+    (:data:`ACCEPTS_WHOLE_BLOCKS`)."""
 
     def register(fn: Rule) -> Rule:
         if padded:
             ACCEPTS_PADDED.add(fn)
+        if whole_blocks:
+            ACCEPTS_WHOLE_BLOCKS.add(fn)
         for op in ops:
             RULES[op] = fn
             READS[op] = frozenset(reads)
@@ -215,6 +220,10 @@ def apply_rule(node: fx.Node, inputs: Inputs) -> Out | Cannot:
     if padded is not None and fn not in ACCEPTS_PADDED:
         return Cannot(f"{_op_name(node)} would read the padding of {padded.name} ({inputs[padded]}, a dim that "
                       f"does not split evenly)")
+    whole = next((a for a in node.all_input_nodes if getattr(inputs[a], "whole", ())), None)
+    if whole is not None and fn not in ACCEPTS_WHOLE_BLOCKS:
+        return Cannot(f"{_op_name(node)} of {whole.name}, a fused dim with blocks held whole ({inputs[whole]}): "
+                      "only a matmul or the split into its blocks takes one")
     try:
         result = fn(node, inputs)
     except (IndexError, KeyError, TypeError, ValueError) as exc:  # malformed args: shard less
@@ -227,7 +236,7 @@ def apply_rule(node: fx.Node, inputs: Inputs) -> Out | Cannot:
 def finest(shards: list[Shard]) -> Union[Shard, Cannot]:
     """The common layout of shards of one dim that may differ only in ``replicas``: the one
     with the fewest (the others are refined to it locally)."""
-    base = {(s.dim, s.blocks, s.padded) for s in shards}
+    base = {(s.dim, s.blocks, s.padded, s.whole) for s in shards}
     if len(base) != 1:
         return Cannot(f"operands sharded differently ({', '.join(sorted(map(str, set(shards))))})")
     return min(shards, key=lambda s: s.replicas)
@@ -243,7 +252,7 @@ def refinable(held: Any, to: Shard, size: Any, world_size: int) -> bool:
         return False
     if isinstance(held, Replicate):
         return True
-    return (isinstance(held, Shard) and not held.padded and not to.padded
+    return (isinstance(held, Shard) and not held.padded and not to.padded and not held.whole and not to.whole
             and (held.dim, held.blocks) == (to.dim, to.blocks) and held.replicas % to.replicas == 0)
 
 

@@ -82,7 +82,8 @@ def _sharded_label(node: fx.Node, operands, specs, out_spec: Spec, inputs: Input
     for arg, spec in zip(operands, specs):
         p = inputs[arg]
         if isinstance(p, Shard):
-            if label is not None and (spec[p.dim], p.blocks, p.padded) != (label, layout.blocks, layout.padded):
+            if label is not None and (spec[p.dim], p.blocks, p.padded, p.whole) != (label, layout.blocks,
+                                                                                    layout.padded, layout.whole):
                 return Cannot("matmul operands sharded on different dims")
             label = spec[p.dim]
             layout = p.with_dim(0) if layout is None or p.replicas < layout.replicas else layout
@@ -90,6 +91,8 @@ def _sharded_label(node: fx.Node, operands, specs, out_spec: Spec, inputs: Input
             return Cannot(f"matmul operand placement {p} not supported")
     if layout is not None and layout.padded and label not in out_spec:
         return Cannot(f"a sum over a padded dim ({label!r}) would add its padding in")
+    if layout is not None and layout.whole and label not in out_spec:
+        return Cannot(f"a sum over a dim with blocks held whole ({label!r}) would count them on every rank")
     return label, layout
 
 
@@ -175,8 +178,8 @@ def _grouped_refusal(node: fx.Node, label: str, operands: list[fx.Node], specs: 
     start on 16-byte boundaries, which a split of the last dim may break."""
     if label == "t":
         return Cannot("the rows of a grouped matmul are routed to experts by offsets: not sharded")
-    if layout.padded:
-        return Cannot("a grouped matmul over a padded dim")
+    if layout.padded or layout.whole:
+        return Cannot(f"a grouped matmul over {layout}")
     if node.target is not aten._grouped_mm.default:
         return None
     for arg, spec in zip(operands, specs):
@@ -203,7 +206,7 @@ def _routing_inputs(node: fx.Node, positions: tuple[int, ...], bias_at: Optional
 # Every tensor argument of these ops is an operand, the bias or a routing input checked above.
 for _op in MATMUL_SPECS:
     rule(_op, reads=("input", "weight", "offs") if isinstance(_op, str) else schema_tensor_args(_op),
-         padded=True)(matmul_rule)
+         padded=True, whole_blocks=True)(matmul_rule)
 
 
 def einsum_specs(node: fx.Node) -> tuple[list[Spec], Spec]:

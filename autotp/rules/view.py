@@ -28,7 +28,7 @@ from typing import Any, Optional, Union
 import torch
 import torch.fx as fx
 
-from autotp.placement import Replicate, Shard, block_sizes, divides
+from autotp.placement import Placement, Replicate, Shard, block_sizes, divides
 from autotp.rules import (
     ArgEdit,
     Cannot,
@@ -190,7 +190,7 @@ def reverse_dims_rule(node: fx.Node, inputs: Inputs) -> Result:
     return src.with_dim(ndim(node) - 1 - src.dim)
 
 
-@rule(aten.unsqueeze.default, reads=("self",))
+@rule(aten.unsqueeze.default, reads=("self",), whole_blocks=True)
 def unsqueeze_rule(node: fx.Node, inputs: Inputs) -> Result:
     src = _shard_src(node, inputs)
     if isinstance(src, Cannot):
@@ -305,8 +305,9 @@ def select_rule(node: fx.Node, inputs: Inputs) -> Result:
     return src.with_dim(src.dim - (1 if dim < src.dim else 0))
 
 
-def _split_outputs(node: fx.Node, src: Shard, dim: int) -> Union[list[Shard], Cannot]:
-    """Placements of the pieces of a split along the sharded dim: each must be whole blocks."""
+def _split_outputs(node: fx.Node, src: Shard, dim: int) -> Union[list[Placement], Cannot]:
+    """Placements of the pieces of a split along the sharded dim: each must be whole blocks.
+    A piece made only of blocks every rank holds whole is ``Replicate()``."""
     n = sizes(node.args[0])[dim]
     pieces = [int(v.shape[dim]) for v in node.meta["val"]]
     out, start = [], 0
@@ -315,12 +316,19 @@ def _split_outputs(node: fx.Node, src: Shard, dim: int) -> Union[list[Shard], Ca
         if span is None:
             hint = _refined(src, n, list(accumulate(pieces)))
             return Cannot(f"split into {pieces} cuts through the blocks {block_sizes(src, n)} of a sharded dim", hint)
-        out.append(_sub_shard(src, dim, span[2]))
+        picked = range(span[0], span[1])
+        whole = [b for b in picked if b in src.whole]
+        if len(whole) == len(picked):
+            out.append(Replicate())
+        elif whole:
+            return Cannot(f"split piece of blocks {list(picked)} of {src}: some held whole, some not")
+        else:
+            out.append(_sub_shard(src, dim, span[2]))
         start += size
     return out
 
 
-@rule(aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, reads=("self",))
+@rule(aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, reads=("self",), whole_blocks=True)
 def split_rule(node: fx.Node, inputs: Inputs) -> Result:
     src = _shard_src(node, inputs)
     if isinstance(src, Cannot):
@@ -333,10 +341,13 @@ def split_rule(node: fx.Node, inputs: Inputs) -> Result:
     if isinstance(pieces, Cannot):
         return pieces
     chunks = src.chunks(inputs.world_size)
+    if src.whole and node.target is not aten.split_with_sizes.default:
+        return Cannot(f"{node.target} of {src}: its pieces are not all of one size on every rank")
     if node.target is aten.split.Tensor:
         edits: tuple = (ArgEdit((1,), node.args[1], node.args[1] // chunks),)
-    elif node.target is aten.split_with_sizes.default:
-        edits = tuple(ArgEdit((1, i), s, s // chunks) for i, s in enumerate(node.args[1]))
+    elif node.target is aten.split_with_sizes.default:  # a piece held whole keeps its size
+        edits = tuple(ArgEdit((1, i), s, s // chunks) for i, (s, p) in enumerate(zip(node.args[1], pieces))
+                      if isinstance(p, Shard))
     else:  # chunk(n) recomputes its pieces from the local size
         edits = ()
     return Out(tuple(pieces), edits=edits)

@@ -7,8 +7,8 @@ op over them. Here, for every sample of every OpInfo whose op reaches an autotp 
 1. the call is traced to aten ops as torch.export sees them (``make_fx`` with
    ``pre_dispatch=True``: ``linear`` stays ``linear``), its tensors as graph inputs;
 2. each input placement is tried (:func:`seed_sets`): each input sharded on each dim that
-   splits, in two fused blocks, shared by pairs of ranks, padded on each dim that does not
-   split, as a ``Partial`` sum, and all inputs sharded along one broadcast-aligned dim at once;
+   splits, in two fused blocks (one of them held whole by every rank, or neither), shared by
+   pairs of ranks, padded on each dim that does not split, as a ``Partial`` sum, and all inputs sharded along one broadcast-aligned dim at once;
 3. placements are propagated through the graph. Where a rule refuses, that is sound and is
    counted as a refusal. Where the graph is accepted, it is rewritten for every rank exactly
    as a model's graph is (local slices, localised literals, all-reduces after ``Partial``
@@ -124,7 +124,8 @@ def seed_sets(placeholders: Sequence[fx.Node], world: int, *, shared_only: bool 
             size = value.shape[d]
             if not isinstance(size, int):
                 continue
-            layouts = (Shard(d, 1, 2),) if shared_only else (Shard(d), Shard(d, 2), Shard(d, 1, 2), Shard(d, padded=True))
+            layouts = (Shard(d, 1, 2),) if shared_only else (Shard(d), Shard(d, 2), Shard(d, 1, 2), Shard(d, padded=True),
+                                                              Shard(d, 2, whole=(0,)), Shard(d, 2, whole=(1,)))
             for shard in layouts:
                 if world % shard.replicas == 0 and shard.replicas < world and divides(shard, size, world):
                     yield {node: shard}

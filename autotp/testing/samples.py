@@ -180,6 +180,11 @@ def hand_samples() -> list[Sample]:
          (randn(13, 8), torch.tensor([[0, 5, 12, 6]])), False),
         ("logits-odd-vocab", lambda x, w, b: torch.tanh(torch.nn.functional.linear(x, w, b) / 3.0) * 3.0,
          (randn(2, 4, 8), randn(13, 8), randn(13)), False),
+        # multi-query attention's fused q|k|v: the q block sharded, the one kv head whole
+        ("fused-q-kv", lambda x, w, b: list(torch.nn.functional.linear(x, w, b).split([8, 8], -1)),
+         (randn(2, 3, 8), randn(16, 8), randn(16)), False),
+        ("fused-q-kv-unsqueezed", lambda x, w: [t * 2 for t in torch.nn.functional.linear(x, w).unsqueeze(1).split(
+            [8, 8], 3)], (randn(2, 3, 8), randn(16, 8)), False),
         ("logits-odd-vocab-sum", lambda x, w: torch.nn.functional.linear(x, w).sum(-1), (randn(2, 4, 8), randn(13, 8)),
          False),
         ("contiguous", lambda a: a.transpose(0, 1).contiguous(), (x,), False),
