@@ -137,9 +137,10 @@ def block_sizes(shard: Shard, size: int) -> list[int]:
 
 def divides(shard: Shard, size: int, world_size: int) -> bool:
     """Whether every part of a ``size``-long dimension splits evenly into the shard's chunks;
-    for a padded shard, whether the dim is one that needs padding (an even one is a plain shard)."""
-    if shard.padded:
-        return size > 0 and size % world_size != 0
+    for a padded shard, whether the dim is one that needs padding (an even one is a plain shard)
+    and has a real element for every rank."""
+    if shard.padded:  # and every rank holds a real element: not 128 rows over 256 ranks
+        return size % world_size != 0 and (world_size - 1) * padded_length(size, world_size) < size
     if world_size % shard.replicas:
         return False
     try:

@@ -71,11 +71,13 @@ def test_refine_is_the_same_as_slicing_the_full_tensor():
 def test_padded_chunks_hold_the_real_rows_then_zeros():
     from autotp.placement import rank_ranges, valid_length
 
-    full = torch.arange(1, 6)  # 5 rows over 2, 3, 4 ranks: 3, 2, 2 rows each
-    assert [local_chunk(full, Shard(0, padded=True), r, 2).tolist() for r in range(2)] == [[1, 2, 3], [4, 5, 0]]
-    assert [local_chunk(full, Shard(0, padded=True), r, 4).tolist() for r in range(4)] == [[1, 2], [3, 4], [5, 0], [0, 0]]
-    assert [rank_ranges(Shard(0, padded=True), 5, r, 4) for r in range(4)] == [[(0, 2)], [(2, 4)], [(4, 5)], [(5, 5)]]
-    assert [valid_length(Shard(0, padded=True), 5, r, 3) for r in range(3)] == [2, 2, 1]
+    full = torch.arange(1, 8)  # 7 rows over 2, 3, 4 ranks: 4, 3, 2 rows each
+    assert [local_chunk(full, Shard(0, padded=True), r, 2).tolist() for r in range(2)] == [[1, 2, 3, 4], [5, 6, 7, 0]]
+    assert [local_chunk(full, Shard(0, padded=True), r, 4).tolist() for r in range(4)] == [[1, 2], [3, 4], [5, 6], [7, 0]]
+    assert [rank_ranges(Shard(0, padded=True), 7, r, 4) for r in range(4)] == [[(0, 2)], [(2, 4)], [(4, 6)], [(6, 7)]]
+    assert [valid_length(Shard(0, padded=True), 7, r, 3) for r in range(3)] == [3, 3, 1]
+    # a rank holding nothing but padding (5 rows over 4: 2, 2, 1, 0) is not a layout worth having
+    assert not divides(Shard(0, padded=True), 5, 4) and not divides(Shard(0, padded=True), 128, 256)
     with pytest.raises(ValueError):
         Shard(0, 3, padded=True)  # one block, no replicas
 
