@@ -83,10 +83,13 @@ def elementwise_rule(node: fx.Node, inputs: Inputs) -> Result:
     out_rank = (val[0] if isinstance(val, (tuple, list)) else val).dim()  # native_dropout: (output, mask)
     operands = _operands(node, inputs)
     aligned = []
+    out_sizes = sizes(val[0] if isinstance(val, (tuple, list)) else val)
     for _, arg in operands:
         p = inputs[arg]
         if isinstance(p, Shard):
             aligned.append(p.with_dim(p.dim + out_rank - ndim(arg)))
+            if sizes(arg)[p.dim] != out_sizes[aligned[-1].dim]:  # a sharded dim of 1 broadcast wider
+                return Cannot(f"operand {arg.name} is {p} on a dim the output broadcasts")
         elif not isinstance(p, Replicate):
             return Cannot(f"operand placement {p} not supported")
     if not aligned:
