@@ -189,11 +189,10 @@ def refine(local, shard: Shard, held_replicas: int, rank: int):
     A padded piece is a copy with zeros after the dim's end."""
     import torch
 
-    if shard.padded:
+    if shard.padded:  # the range a loader reads, then the zeros it adds
         size = local.shape[shard.dim]
-        start = min(size, rank * padded_length(size, held_replicas))
-        real = local.narrow(shard.dim, start, valid_length(shard, size, rank, held_replicas))
-        return zero_padded(real, shard.dim, padded_length(size, held_replicas))
+        (start, end), = rank_ranges(shard, size, rank, held_replicas)
+        return zero_padded(local.narrow(shard.dim, start, end - start), shard.dim, padded_length(size, held_replicas))
     pieces = [local.narrow(shard.dim, start, end - start)
               for start, end in piece_ranges(shard, local.shape[shard.dim], held_replicas, rank)]
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, shard.dim)
