@@ -20,7 +20,8 @@ import torch
 import torch.fx as fx
 
 from autotp.placement import Partial, Placement, Replicate, Shard
-from autotp.rules import Cannot, Inputs, Out, Redistribute, Result, ndim, refinable, rule, schema_tensor_args, sizes
+from autotp.rules import (Cannot, Inputs, Out, Redistribute, Result, finest, ndim, refinable, rule,
+                          schema_tensor_args, sizes)
 
 aten = torch.ops.aten
 
@@ -75,23 +76,27 @@ def matmul_spec(target: object):
 
 
 def _sharded_label(node: fx.Node, operands, specs, out_spec: Spec, inputs: Inputs):
-    """The label every sharded operand shards, and its layout (at dim 0) with the fewest
-    replicas among them. A padded label must stay in the output: summing over it would add
-    its padding in."""
-    label, layout = None, None
+    """The label every sharded operand shards, and their common layout (at dim 0, with the
+    fewest replicas among them: :func:`~autotp.rules.finest`). A padded label, or one with
+    blocks held whole, must stay in the output: summing over it would add its padding in, or
+    count the whole blocks on every rank."""
+    labels, shards = set(), []
     for arg, spec in zip(operands, specs):
         p = inputs[arg]
         if isinstance(p, Shard):
-            if label is not None and (spec[p.dim], p.blocks, p.padded, p.whole) != (label, layout.blocks,
-                                                                                    layout.padded, layout.whole):
-                return Cannot("matmul operands sharded on different dims")
-            label = spec[p.dim]
-            layout = p.with_dim(0) if layout is None or p.replicas < layout.replicas else layout
+            labels.add(spec[p.dim])
+            shards.append(p.with_dim(0))
         elif not isinstance(p, Replicate):
             return Cannot(f"matmul operand placement {p} not supported")
-    if layout is not None and layout.padded and label not in out_spec:
+    if not shards:
+        return None, None
+    layout = finest(shards)
+    if len(labels) > 1 or isinstance(layout, Cannot):
+        return Cannot("matmul operands sharded on different dims")
+    label = labels.pop()
+    if layout.padded and label not in out_spec:
         return Cannot(f"a sum over a padded dim ({label!r}) would add its padding in")
-    if layout is not None and layout.whole and label not in out_spec:
+    if layout.whole and label not in out_spec:
         return Cannot(f"a sum over a dim with blocks held whole ({label!r}) would count them on every rank")
     return label, layout
 
