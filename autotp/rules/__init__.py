@@ -136,6 +136,12 @@ FAMILIES: list[Callable[[Any], Optional[tuple[Rule, frozenset[str]]]]] = []
 # such an input before it runs, so a rule written for plain shards never sees one.
 ACCEPTS_PADDED: set[Rule] = set()
 ACCEPTS_WHOLE_BLOCKS: set[Rule] = set()
+# Shard field marking such a layout, the rules that take it, and why the others may not.
+_RESTRICTED_LAYOUTS = (
+    ("padded", ACCEPTS_PADDED, "it would read the padding of a dim that does not split evenly"),
+    ("whole", ACCEPTS_WHOLE_BLOCKS, "a fused dim with blocks held whole: only a matmul or the split into its "
+                                    "blocks takes one"),
+)
 
 
 def rule(*ops: Any, reads: Iterable[str], metadata: Iterable[str] = (), padded: bool = False,
@@ -216,14 +222,10 @@ def apply_rule(node: fx.Node, inputs: Inputs) -> Out | Cannot:
     unread = _unread_argument(node, reads)
     if unread is not None:
         return Cannot(f"the rule for {_op_name(node)} does not read its argument {unread!r}")
-    padded = next((a for a in node.all_input_nodes if getattr(inputs[a], "padded", False)), None)
-    if padded is not None and fn not in ACCEPTS_PADDED:
-        return Cannot(f"{_op_name(node)} would read the padding of {padded.name} ({inputs[padded]}, a dim that "
-                      f"does not split evenly)")
-    whole = next((a for a in node.all_input_nodes if getattr(inputs[a], "whole", ())), None)
-    if whole is not None and fn not in ACCEPTS_WHOLE_BLOCKS:
-        return Cannot(f"{_op_name(node)} of {whole.name}, a fused dim with blocks held whole ({inputs[whole]}): "
-                      "only a matmul or the split into its blocks takes one")
+    for field_name, accepting, why in _RESTRICTED_LAYOUTS:
+        held = next((a for a in node.all_input_nodes if getattr(inputs[a], field_name, None)), None)
+        if held is not None and fn not in accepting:
+            return Cannot(f"{_op_name(node)} of {held.name} ({inputs[held]}): {why}")
     try:
         result = fn(node, inputs)
     except (IndexError, KeyError, TypeError, ValueError) as exc:  # malformed args: shard less
