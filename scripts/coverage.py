@@ -117,6 +117,12 @@ def _summary(arch: str, world: int, model, plan, graph, reference, outputs: list
     )
 
 
+def _described(exc: BaseException) -> str:
+    """An exception as a table cell: its type and the first line of its message."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+    return f"{type(exc).__name__}: {first}"
+
+
 def _check(arch: str, rank: int, world: int) -> dict:
     """One rank's view of ``arch`` parallelized over real ranks."""
     import torch
@@ -126,8 +132,7 @@ def _check(arch: str, rank: int, world: int) -> dict:
     try:
         model, inputs, reference = _model_and_inputs(arch)
     except Exception as exc:  # the family's tiny config does not build or run on CPU: listed with why
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        return dict(arch=arch, error=f"cannot build or run unsharded: {type(exc).__name__}: {first}")
+        return dict(arch=arch, error=f"cannot build or run unsharded: {_described(exc)}")
     other = {name: ids[:, :6] for name, ids in inputs.items()}  # another length: a second graph if one was specialised
     with torch.no_grad():
         other_reference = _logits(model(**other))
@@ -156,9 +161,12 @@ def _check(arch: str, rank: int, world: int) -> dict:
 
 def check_simulated(arch: str, world: int) -> dict:
     """``arch`` with every rank simulated in this process (autotp.simulate): what the tests run."""
+    return _simulate_built(arch, world, *_model_and_inputs(arch))
+
+
+def _simulate_built(arch: str, world: int, model, inputs: dict, reference) -> dict:
     from autotp.simulate import simulate
 
-    model, inputs, reference = _model_and_inputs(arch)
     start = time.perf_counter()
     sim = simulate(model, inputs, world)
     return _summary(arch, world, model, sim.plan, sim.graphs[0], reference, [_logits(o) for o in sim.outputs],
@@ -168,15 +176,13 @@ def check_simulated(arch: str, world: int) -> dict:
 def _simulated_one(arch: str, world: int) -> dict:
     """``check_simulated`` as a table row's result, with why when the family cannot be checked."""
     try:
-        _model_and_inputs(arch)
+        built = _model_and_inputs(arch)
     except Exception as exc:  # the family's tiny config does not build or run on CPU: listed with why
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        return dict(arch=arch, error=f"cannot build or run unsharded: {type(exc).__name__}: {first}")
+        return dict(arch=arch, error=f"cannot build or run unsharded: {_described(exc)}")
     try:
-        return {**check_simulated(arch, world), "generate": "n/a (simulated)"}
+        return {**_simulate_built(arch, world, *built), "generate": "n/a (simulated)"}
     except Exception as exc:  # parallelizing or running failed: a row of its own
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        return dict(arch=arch, error=f"{type(exc).__name__}: {first}")
+        return dict(arch=arch, error=_described(exc))
 
 
 def _simulated(archs: list[str], world: int, timeout: float, memory_gib: float) -> list[list[dict]]:
@@ -199,8 +205,7 @@ def worker(rank: int, world: int, archs: list[str]) -> list[dict]:
         try:
             results.append(_check(arch, rank, world))
         except Exception as exc:  # one architecture failing must not hide the others
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-            results.append(dict(arch=arch, error=f"{type(exc).__name__}: {first}", trace=traceback.format_exc()))
+            results.append(dict(arch=arch, error=_described(exc), trace=traceback.format_exc()))
     return results
 
 
