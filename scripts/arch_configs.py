@@ -1,14 +1,24 @@
 """Small seeded configs for every architecture the coverage run checks.
 
-Only sizes are set here (hidden 64, 2 layers, 4 heads, 2 kv heads where the config has them,
-head_dim 16, intermediate 128, vocab 128, 4 experts top-2, a sliding window of 8 tokens where
-the config has one): no per-model behaviour. This file
-is test data; autotp itself names no architecture.
+Only sizes are set here: no per-model behaviour. This file is test data; autotp itself names no
+architecture. A family is built from the first of these that builds *and* runs (``build_checked``):
+
+1. ``small``: COMMON's sizes (hidden 64, 2 layers, 4 heads, 2 kv heads where the config has
+   them, head_dim 16, intermediate 128, vocab 128, 4 experts top-2, a sliding window of 8 tokens
+   where the config has one) on the config and on each of its sub-configs (a multimodal model's
+   text and vision towers);
+2. ``scaled``: the config class's own defaults with every width (hidden, intermediate, head
+   dims, low-rank dims) divided by one power of two, so that hidden is about 64, and 2, 4 or 8
+   layers. Dividing every width by the same factor keeps the relations a config checks or a
+   model relies on (heads x head_dim = expand x hidden, the parts of a split head), which fixed
+   sizes break; and more layers give a hybrid its layers of every kind (an attention layer
+   every 4th or 8th).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from typing import Any, Callable, Iterator, Optional
 
 COMMON = dict(
     hidden_size=64, n_embd=64, d_model=64, num_hidden_layers=2, n_layer=2, num_layers=2, n_layers=2,
@@ -72,20 +82,112 @@ def causal_lm_types() -> list[str]:
     return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 
 
-def build(arch: str, seed: int = 0, **overrides: Any):
-    """The seeded model of ``arch`` (a key of ARCHS, or any model type): causal LM for
-    decoders, masked LM / seq2seq otherwise."""
+_LAYER_COUNTS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "encoder_layers", "decoder_layers",
+                 "num_decoder_layers")
+# widths: the sizes that scale together with hidden (not counts, vocabularies, lengths or windows)
+_WIDTH = re.compile(r"^(hidden_size|n_embd|d_model|d_ff|d_kv|d_inner|n_inner|hidden_size_per_head|"
+                    r"[a-z_]*intermediate_size|[a-z_]*ffn_dim|[a-z_]*head_dim|[a-z_]*lora_rank)$")
+_TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=0, tie_word_embeddings=False)
+
+
+def _has(config: Any, key: str) -> bool:
+    """Whether ``config`` has the field (a per-layer field read globally raises; that is a no)."""
+    try:
+        return hasattr(config, key)
+    except Exception:  # noqa: BLE001  transformers' AmbiguousGlobalPerLayerAttributeError and kin
+        return False
+
+
+def _sub_configs(config: Any) -> dict[str, Any]:
+    """The config's sub-configs (a multimodal model's text and vision towers) that it holds."""
+    from transformers import PretrainedConfig
+
+    found = {name: getattr(config, name, None) for name in getattr(config, "sub_configs", {}) or {}}
+    return {name: sub for name, sub in found.items() if isinstance(sub, PretrainedConfig)}
+
+
+def _layer_count(values: dict[str, Any]) -> Optional[int]:
+    return next((values[k] for k in _LAYER_COUNTS if isinstance(values.get(k), int)), None)
+
+
+def _per_layer_cut(values: dict[str, Any], layers: int) -> dict[str, Any]:
+    """``values`` (a config's fields) with what it lists per layer cut to the first ``layers``:
+    lists as long as its layer count, and maps keyed by layer index."""
+    count = _layer_count(values)
+    cut = {}
+    for key, value in values.items():
+        if isinstance(value, (list, tuple)) and count and len(value) == count and count != layers:
+            cut[key] = list(value[:layers])
+        elif isinstance(value, dict) and value and all(str(k).isdigit() for k in value):
+            cut[key] = {k: v for k, v in value.items() if int(k) < layers}
+        else:
+            cut[key] = value
+    return cut
+
+
+def _small(config: Any, fields: dict[str, Any]) -> dict[str, Any]:
+    """``fields`` that ``config`` has, and its sub-configs made small the same way."""
+    chosen = {k: v for k, v in fields.items() if _has(config, k) and v is not None}
+    for name, sub in _sub_configs(config).items():
+        chosen[name] = {**_per_layer_cut(sub.to_dict(), fields["num_hidden_layers"]), **_small(sub, fields)}
+    return chosen
+
+
+def _scaled(config: Any, layers: int) -> dict[str, Any]:
+    """The fields that make ``config``'s defaults small: every width divided by one power of two
+    (so that hidden is about 64, and no head or low-rank dim is under 8), ``layers`` layers, what
+    it lists per layer cut to them, vocab 128; the same for its sub-configs."""
+    values = config.to_dict()
+    widths = {k: v for k, v in values.items() if _WIDTH.match(k) and isinstance(v, int) and not isinstance(v, bool)}
+    hidden = next((values[k] for k in ("hidden_size", "d_model", "n_embd") if isinstance(values.get(k), int)), 64)
+    narrowest = min([v for k, v in widths.items() if k.endswith(("head_dim", "lora_rank", "d_kv")) and v > 0],
+                    default=hidden)
+    factor = 1 << max(0, (min(hidden // 64, narrowest // 8)).bit_length() - 1)
+    # a width the factor does not divide (an expert width of 1407) gets a multiple of 8 near its share
+    chosen = {k: v // factor if v % factor == 0 else max(8, round(v / factor / 8) * 8) for k, v in widths.items()}
+    if _layer_count(values) is not None:
+        chosen.update({k: v for k, v in _per_layer_cut(values, layers).items() if v != values[k]})
+        chosen.update({k: layers for k in _LAYER_COUNTS if isinstance(values.get(k), int)})
+    chosen.update({k: v for k, v in {"vocab_size": 128, **_TOKENS}.items() if k in values})
+    # expert counts a default leaves unset (a mixture of experts built on a subclass's numbers)
+    chosen.update({k: COMMON[k] for k, v in values.items() if v is None and "experts" in k and k in COMMON})
+    for name, sub in _sub_configs(config).items():
+        chosen[name] = {**_per_layer_cut(sub.to_dict(), layers), **_scaled(sub, layers)}
+    return chosen
+
+
+def config_candidates(arch: str, **overrides: Any) -> Iterator[tuple[str, Callable[[], Any]]]:
+    """The configs ``build_checked`` tries for ``arch``, in order: how each is made, and a
+    function that makes it (which raises where the config class refuses the sizes)."""
+    from transformers import AutoConfig
+
+    model_type, extra = ARCHS.get(arch, (arch, {}))  # any other model type: sizes alone
+
+    def small() -> Any:
+        probe = AutoConfig.for_model(model_type)
+        fields = _small(probe, {**COMMON, **extra, **overrides})
+        fields.update({k: v for k, v in {**extra, **overrides}.items() if v is not None})
+        return AutoConfig.for_model(model_type, **fields)
+
+    def scaled(layers: int, **more: Any) -> Callable[[], Any]:
+        return lambda: AutoConfig.for_model(model_type, **{**_scaled(AutoConfig.for_model(model_type), layers),
+                                                           **more, **overrides})
+
+    yield "small", small
+    if arch in ARCHS:  # a family of the matrix is built the one way its results were recorded for
+        return
+    for layers in (2, 4, 8):
+        yield f"scaled defaults, {layers} layers", scaled(layers)
+    # a hybrid whose default layers are all recurrent: Hugging Face's own forward fails to size
+    # its cache (no attention layer to ask), so it runs uncached
+    yield "scaled defaults, 2 layers, no cache", scaled(2, use_cache=False)
+
+
+def _instantiate(config: Any, seed: int):
+    """The seeded model of ``config``: causal LM for decoders, masked LM / seq2seq otherwise."""
     import torch
     import transformers
-    from transformers import AutoConfig
-    from transformers.utils import logging
 
-    logging.set_verbosity_error()
-    model_type, extra = ARCHS.get(arch, (arch, {}))  # any other model type: COMMON alone
-    probe = AutoConfig.for_model(model_type)
-    fields = {k: v for k, v in {**COMMON, **extra, **overrides}.items()
-              if (hasattr(probe, k) or k in extra or k in overrides) and v is not None}
-    config = AutoConfig.for_model(model_type, **fields)
     torch.manual_seed(seed)
     autos = [transformers.AutoModelForCausalLM, transformers.AutoModelForSeq2SeqLM, transformers.AutoModelForMaskedLM]
     if getattr(config, "is_encoder_decoder", False):
@@ -95,4 +197,30 @@ def build(arch: str, seed: int = 0, **overrides: Any):
             return auto.from_config(config).eval()
         except ValueError:
             continue
-    raise ValueError(f"no auto class builds {model_type}")
+    raise ValueError(f"no auto class builds {config.model_type}")
+
+
+def build_checked(arch: str, check: Callable[[Any], None] = lambda model: None, seed: int = 0,
+                  **overrides: Any) -> tuple[Any, str]:
+    """The seeded model of ``arch`` from the first of its configs (``config_candidates``) that
+    builds and passes ``check`` (which runs it), and how that config was made. Raises the
+    first config's error when none does: it is the one the table should show."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    first: Optional[BaseException] = None
+    for how, make in config_candidates(arch, **overrides):
+        try:
+            model = _instantiate(make(), seed)
+            check(model)
+            return model, how
+        except Exception as exc:  # noqa: BLE001  the next config may build; the first error is reported
+            first = first or exc
+    assert first is not None
+    raise first
+
+
+def build(arch: str, seed: int = 0, **overrides: Any):
+    """The seeded model of ``arch`` (a key of ARCHS, or any model type) from the first of its
+    configs that builds: causal LM for decoders, masked LM / seq2seq otherwise."""
+    return build_checked(arch, seed=seed, **overrides)[0]

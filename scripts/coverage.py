@@ -32,19 +32,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def _model_and_inputs(arch: str) -> tuple:
-    """The seeded model of ``arch``, its inputs, and its unsharded output."""
+    """The seeded model of ``arch`` (from the first of its configs that builds and runs), its
+    inputs, its unsharded output, and how its config was made."""
     import torch
 
-    from arch_configs import build
+    from arch_configs import build_checked
 
-    model = build(arch)
-    config = model.config
-    ids = torch.randint(3, config.get_text_config().vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
-    inputs = {"input_ids": ids}
-    if getattr(config, "is_encoder_decoder", False):
-        inputs["decoder_input_ids"] = ids[:, :7].clone()
-    with torch.no_grad():
-        return model, inputs, _logits(model(**inputs))
+    ran: dict = {}
+
+    def run(model) -> None:
+        config = model.config
+        ids = torch.randint(3, config.get_text_config().vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+        ran["inputs"] = {"input_ids": ids}
+        if getattr(config, "is_encoder_decoder", False):
+            ran["inputs"]["decoder_input_ids"] = ids[:, :7].clone()
+        with torch.no_grad():
+            ran["reference"] = _logits(model(**ran["inputs"]))
+
+    model, how = build_checked(arch, run)
+    return model, ran["inputs"], ran["reference"], how
 
 
 GENERATE = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0)
@@ -130,7 +136,7 @@ def _check(arch: str, rank: int, world: int) -> dict:
     import autotp
 
     try:
-        model, inputs, reference = _model_and_inputs(arch)
+        model, inputs, reference, how = _model_and_inputs(arch)
     except Exception as exc:  # the family's tiny config does not build or run on CPU: listed with why
         return dict(arch=arch, error=f"cannot build or run unsharded: {_described(exc)}")
     other = {name: ids[:, :6] for name, ids in inputs.items()}  # another length: a second graph if one was specialised
@@ -150,6 +156,7 @@ def _check(arch: str, rank: int, world: int) -> dict:
         got = _logits(tp_model(**inputs))
         other_diff = (_logits(tp_model(**other)) - other_reference).abs().max().item()
     summary = _summary(arch, world, model, tp_model.plan, tp_model.graph_module, reference, [got], seconds)
+    summary["config"] = how
     summary["exact"] = summary["exact"] and other_diff <= 1e-4 * other_reference.abs().max().item()
     summary["diff"] = max(summary["diff"], other_diff)
     try:
@@ -161,7 +168,8 @@ def _check(arch: str, rank: int, world: int) -> dict:
 
 def check_simulated(arch: str, world: int) -> dict:
     """``arch`` with every rank simulated in this process (autotp.simulate): what the tests run."""
-    return _simulate_built(arch, world, *_model_and_inputs(arch))
+    model, inputs, reference, how = _model_and_inputs(arch)
+    return {**_simulate_built(arch, world, model, inputs, reference), "config": how}
 
 
 def _simulate_built(arch: str, world: int, model, inputs: dict, reference) -> dict:
@@ -176,11 +184,11 @@ def _simulate_built(arch: str, world: int, model, inputs: dict, reference) -> di
 def _simulated_one(arch: str, world: int) -> dict:
     """``check_simulated`` as a table row's result, with why when the family cannot be checked."""
     try:
-        built = _model_and_inputs(arch)
+        *built, how = _model_and_inputs(arch)
     except Exception as exc:  # the family's tiny config does not build or run on CPU: listed with why
         return dict(arch=arch, error=f"cannot build or run unsharded: {_described(exc)}")
     try:
-        return {**_simulate_built(arch, world, *built), "generate": "n/a (simulated)"}
+        return {**_simulate_built(arch, world, *built), "generate": "n/a (simulated)", "config": how}
     except Exception as exc:  # parallelizing or running failed: a row of its own
         return dict(arch=arch, error=_described(exc))
 
@@ -218,7 +226,8 @@ def _row(tp: int, results: list[dict]) -> str:
     ar = ", ".join(map(str, r["all_reduces"])) or "0"
     why = "; ".join(r["reasons"]) or ""
     generate = r.get("generate", "") if len({x.get("generate") for x in results}) == 1 else "**ranks differ**"
-    return (f"| {r['arch']} | {tp} | {'yes' if exact else '**no**'} | {generate} | {diff:.1e} | "
+    made = "" if r.get("config", "small") == "small" else f" ({r['config']})"
+    return (f"| {r['arch']}{made} | {tp} | {'yes' if exact else '**no**'} | {generate} | {diff:.1e} | "
             f"{r['sharded_fraction']:.2f} | {r['per_rank_ratio']:.2f} | {ar} | {why} |")
 
 
