@@ -65,3 +65,16 @@ def test_two_all_reduces_per_decoder_layer(results):
         assert results[(arch, 2)]["all_reduces"] == [2], arch
     assert results[("t5", 2)]["all_reduces"][:2] == [2, 3]  # encoder layers, decoder layers (+ cross-attention)
     assert results[("bart", 2)]["all_reduces"] == [2, 3]
+
+
+@pytest.mark.parametrize("arch, made", [
+    ("gpt_neo", "scaled defaults, 2 layers"),  # COMMON's 2 layers break its list of 24 attention kinds
+    ("lfm3", "scaled defaults, 4 layers"),  # at 2 layers every layer is a conv: its attention comes 4th
+])
+def test_a_family_the_small_sizes_break_is_built_from_its_scaled_defaults(arch, made):
+    """The sweep over every family (``coverage.py --all``) builds a family whose config refuses
+    COMMON's sizes, or whose model does not run at them, from its own defaults scaled down; the
+    parallelized model must match that model too."""
+    r = check_simulated(arch, 2)
+    assert r["config"] == made
+    assert r["exact"], f"max abs diff {r['diff']:.2e} > 1e-4 x {r['scale']:.2e}"

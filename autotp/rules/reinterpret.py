@@ -1,6 +1,6 @@
 """Ops that reshape or reinterpret a tensor without moving elements across its sharded dim.
 
-- ``view_as(x, other)``: ``x`` viewed in ``other``'s shape, which each rank reads from its own
+- ``view_as(x, other)`` / ``reshape_as(x, other)``: ``x`` viewed (or reshaped: the same values) in ``other``'s shape, which each rank reads from its own
   ``other``: the view's placement comes from the view maths (``view.py``), and ``other`` must
   be laid out the same way (a whole ``other`` is sliced to it locally).
 - ``view_as_complex`` / ``view_as_real``: pairs of floats in the last dim are one complex
@@ -29,7 +29,7 @@ def _shard_or_whole(node: fx.Node, inputs: Inputs) -> Result:
     return held if isinstance(held, (Replicate, Shard)) else Cannot(f"{node.target} of a {held} input")
 
 
-@rule(aten.view_as.default, reads=("self", "other"))
+@rule(aten.view_as.default, aten.reshape_as.default, reads=("self", "other"))
 def view_as_rule(node: fx.Node, inputs: Inputs) -> Result:
     x, other = node.args[0], node.args[1]
     held, shape_of = inputs[x], inputs[other]

@@ -204,6 +204,9 @@ def hand_samples() -> list[Sample]:
                                                             * torch.view_as_complex(f.reshape(6, 4, 2))).flatten(-2),
          (x, randn(6, 8)), False),
         ("view_as", lambda a, b: a.view_as(b) * b, (x, randn(4, 6, 2, 4)), False),
+        # rotary embeddings built as pairs stacked in a new last dim, then reshaped as the input
+        ("reshape_as", lambda a, b: torch.stack([-a[..., 1::2], a[..., ::2]], -1).reshape_as(a) * b, (x, randn(6, 8)),
+         False),
         ("pad-sequence", lambda a: torch.nn.functional.pad(a, (3, 0)), (x,), False),
         ("conv1d-grouped", lambda a, w: torch.nn.functional.conv1d(a, w, groups=6), (randn(2, 24, 8), randn(12, 4, 3)),
          False),
