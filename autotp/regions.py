@@ -24,7 +24,7 @@ import torch.fx as fx
 from autotp.placement import Partial, Placement, Shard, divides
 from autotp.plan import ArgEdit
 from autotp.propagate import Propagation, arg_at, propagate
-from autotp.rules import ndim, sizes
+from autotp.rules import Inputs, Out, apply_rule, ndim, sizes
 from autotp.rules.matmul import matmul_spec
 
 if TYPE_CHECKING:  # imported where it is used: a run whose graphs all come from the cache never plans
@@ -122,9 +122,19 @@ def layer_of(region: str) -> Optional[str]:
 
 # The layout ops a parameter may pass through on its way to a matmul, and how each maps an
 # output dim back to an input dim (None: not a pure relabelling of dims).
-def _placement_before(node: fx.Node, after: Placement) -> Optional[Shard]:
+# Ops that only lay a value out anew (one tensor in, the same elements out): a parameter read
+# through them (attention sinks viewed as [1, heads, 1, 1] and expanded) is sharded where the
+# op's own rule carries its shard to the layout its user wants.
+_LAYOUT_CHAIN = {
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unsqueeze.default,
+    aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.expand.default, aten.flatten.using_ints,
+    aten.unflatten.int,
+}
+
+
+def _placement_before(node: fx.Node, after: Placement, world: int) -> Optional[Shard]:
     """The placement of ``node``'s input that gives ``after`` on its output."""
-    if not isinstance(after, Shard) or node.target not in _WEIGHT_CHAIN:
+    if not isinstance(after, Shard):
         return None
     rank = ndim(node)
     if node.target is aten.transpose.int:
@@ -134,7 +144,18 @@ def _placement_before(node: fx.Node, after: Placement) -> Optional[Shard]:
         return after.with_dim([d % rank for d in node.args[1]][after.dim])
     if node.target in (aten.t.default, aten.numpy_T.default):
         return after.with_dim(rank - 1 - after.dim)
-    return after  # casts, copies, aliases keep the layout
+    if node.target in _WEIGHT_CHAIN:
+        return after  # casts, copies, aliases keep the layout
+    if node.target in _LAYOUT_CHAIN and not after.padded and not after.whole:
+        # derived, not inverted by hand: the input shard the op's own rule maps to ``after``
+        # (the propagation that follows the promotion checks the whole region again)
+        source = node.args[0]
+        for dim in range(ndim(source)):
+            tried = Shard(dim, after.blocks if isinstance(after.blocks, int) else 1, after.replicas)
+            answer = apply_rule(node, Inputs({source: tried}, world))
+            if isinstance(answer, Out) and answer.placement == after and not answer.redistribute:
+                return tried
+    return None
 
 
 def _reads_only_metadata(user: fx.Node, value: fx.Node, shard: Shard) -> bool:
@@ -232,7 +253,7 @@ class RegionGrower:
             for node, move in prop.redistributions():
                 user, src, to = node, arg_at(node, move.path), move.to
                 while src.op == "call_function" and len(src.users) == 1:
-                    before = _placement_before(src, to)
+                    before = _placement_before(src, to, self.world)
                     if before is None:
                         break
                     user, src, to = src, src.args[0], before

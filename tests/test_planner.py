@@ -10,7 +10,8 @@ import torch
 import autotp
 from autotp.placement import Replicate, Shard
 from autotp.plan import Plan
-from models import hf_model, plain_block
+from autotp.simulate import simulate
+from models import assert_close_to, hf_model, plain_block
 
 
 @pytest.fixture(scope="module")
@@ -165,6 +166,37 @@ def test_padding_is_never_read_by_a_rule_that_does_not_know_it() -> None:
     plan = autotp.plan(SoftmaxHead(), tp_size=2, example_inputs=(torch.randn(2, 8),))
     assert plan.params["head.weight"].placement == Replicate()
     assert "padding" in plan.params["head.weight"].reason
+
+
+def test_a_per_head_parameter_read_through_a_view_shards_with_its_heads() -> None:
+    # attention sinks (gpt-oss style): one logit per head, viewed as [1, heads, 1, 1], expanded
+    # and appended to the sharded scores; the view's own rule says which dim of the parameter
+    # holds the heads, so it is sharded with them instead of sliced on every call
+    class SinkAttention(torch.nn.Module):
+        def __init__(self, hidden: int = 32, heads: int = 4) -> None:
+            super().__init__()
+            self.heads = heads
+            self.q, self.k, self.v, self.o = (torch.nn.Linear(hidden, hidden) for _ in range(4))
+            self.sinks = torch.nn.Parameter(torch.randn(heads))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            b, s, _ = x.shape
+            q, k, v = (p(x).view(b, s, self.heads, -1).transpose(1, 2) for p in (self.q, self.k, self.v))
+            scores = q @ k.transpose(-1, -2) / 8**0.5
+            sinks = self.sinks.reshape(1, -1, 1, 1).expand(b, -1, s, 1)
+            probs = torch.cat([scores, sinks], -1).softmax(-1)[..., :-1]
+            return self.o((probs @ v).transpose(1, 2).reshape(b, s, -1))
+
+    torch.manual_seed(0)
+    model, x = SinkAttention().eval(), torch.randn(2, 5, 32)
+    with torch.no_grad():
+        reference = model(x)
+        for tp in (2, 4):
+            sim = simulate(model, (x,), tp)
+            assert sim.plan.params["sinks"].placement == Shard(0), sim.plan.params["sinks"].reason
+            assert not sim.plan.slices  # nothing left to slice on every call
+            for out in sim.outputs:
+                assert_close_to(reference, out)
 
 
 def test_tp1_shards_nothing() -> None:
