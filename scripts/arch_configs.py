@@ -220,6 +220,28 @@ def build_checked(arch: str, check: Callable[[Any], None] = lambda model: None, 
     raise first
 
 
+def build_and_run(arch: str) -> tuple[Any, dict[str, Any], Any, str]:
+    """The seeded model of ``arch`` from the first of its configs that builds and runs on token
+    ids (batch 2, 9 tokens; an encoder-decoder's decoder reads the first 7): the model, those
+    inputs, its output (logits), and how its config was made."""
+    import torch
+
+    ran: dict[str, Any] = {}
+
+    def run(model: Any) -> None:
+        config = model.config
+        ids = torch.randint(3, config.get_text_config().vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+        ran["inputs"] = {"input_ids": ids}
+        if getattr(config, "is_encoder_decoder", False):
+            ran["inputs"]["decoder_input_ids"] = ids[:, :7].clone()
+        with torch.no_grad():
+            out = model(**ran["inputs"])
+        ran["output"] = out.logits if hasattr(out, "logits") else out[0]
+
+    model, how = build_checked(arch, run)
+    return model, ran["inputs"], ran["output"], how
+
+
 def build(arch: str, seed: int = 0, **overrides: Any):
     """The seeded model of ``arch`` (a key of ARCHS, or any model type) from the first of its
     configs that builds: causal LM for decoders, masked LM / seq2seq otherwise."""

@@ -34,23 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 def _model_and_inputs(arch: str) -> tuple:
     """The seeded model of ``arch`` (from the first of its configs that builds and runs), its
     inputs, its unsharded output, and how its config was made."""
-    import torch
+    from arch_configs import build_and_run
 
-    from arch_configs import build_checked
-
-    ran: dict = {}
-
-    def run(model) -> None:
-        config = model.config
-        ids = torch.randint(3, config.get_text_config().vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
-        ran["inputs"] = {"input_ids": ids}
-        if getattr(config, "is_encoder_decoder", False):
-            ran["inputs"]["decoder_input_ids"] = ids[:, :7].clone()
-        with torch.no_grad():
-            ran["reference"] = _logits(model(**ran["inputs"]))
-
-    model, how = build_checked(arch, run)
-    return model, ran["inputs"], ran["reference"], how
+    return build_and_run(arch)
 
 
 GENERATE = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0)

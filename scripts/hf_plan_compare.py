@@ -58,9 +58,9 @@ def compare(arch: str, tp: int) -> dict:
     import copy
 
     import autotp
-    from arch_configs import build
+    from arch_configs import build_and_run
 
-    model = build(arch)
+    model = build_and_run(arch)[0]  # a config that runs: one that only builds may not capture
     hf = hf_sharded_dims(copy.deepcopy(model), tp)
     if hf is None:
         return {"arch": arch, "no_plan": True}
