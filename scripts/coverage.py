@@ -27,6 +27,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -179,16 +180,35 @@ def _simulated_one(arch: str, world: int) -> dict:
         return dict(arch=arch, error=_described(exc))
 
 
-def _simulated(archs: list[str], world: int, timeout: float, memory_gib: float) -> list[list[dict]]:
-    """Each family on the simulator in a child process of its own (results shaped as ranks')."""
+def _simulated(archs: list[str], world: int, timeout: float, memory_gib: float,
+               results_file: Optional[Path] = None) -> list[list[dict]]:
+    """Each family on the simulator in a child process of its own (results shaped as ranks').
+    With ``results_file``, each family's result is appended there as one JSON line as soon as it
+    is known, and a family already there is not run again: a long sweep can be resumed, or split
+    over processes (``--part``) that share the file."""
     from isolated import run_isolated
 
+    done = _recorded(results_file, world)
     results = []
     for i, arch in enumerate(archs):
-        found = run_isolated([sys.executable, __file__, "--one", arch, "--tp", str(world)], timeout, memory_gib)
-        results.append({"arch": arch, **found})
+        found = done.get(arch)
+        if found is None:
+            found = run_isolated([sys.executable, __file__, "--one", arch, "--tp", str(world)], timeout, memory_gib)
+            found = {"arch": arch, "tp": world, **found}
+            if results_file is not None:
+                with results_file.open("a") as out:
+                    out.write(json.dumps(found) + "\n")
+        results.append(found)
         print(f"[{i + 1}/{len(archs)}] {arch} tp={world}: {found.get('error', 'ok')}", file=sys.stderr, flush=True)
     return [results]
+
+
+def _recorded(results_file: Optional[Path], world: int) -> dict[str, dict]:
+    """The results ``results_file`` holds for ``world`` ranks, by family (the last one wins)."""
+    if results_file is None or not results_file.exists():
+        return {}
+    lines = (json.loads(line) for line in results_file.read_text().splitlines() if line.strip())
+    return {r["arch"]: r for r in lines if r.get("tp") == world}
 
 
 def worker(rank: int, world: int, archs: list[str]) -> list[dict]:
@@ -231,6 +251,11 @@ def main() -> None:
                              "own; no generate column")
     parser.add_argument("--timeout", type=float, default=300, help="with --simulate: seconds per family")
     parser.add_argument("--memory-gib", type=float, default=6, help="with --simulate: address space per family")
+    parser.add_argument("--results", type=Path,
+                        help="with --simulate: a JSON-lines file each family's result is appended to when known; "
+                             "families already in it are not run again (resume a sweep, or split it with --part)")
+    parser.add_argument("--part", help="with --simulate: K/N runs only every N-th family from the K-th (0-based), "
+                                       "to split a sweep over N processes sharing one --results file")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a child of --simulate: one family, JSON on stdout
     args = parser.parse_args()
     from arch_configs import ARCHS, causal_lm_types
@@ -244,11 +269,16 @@ def main() -> None:
         print(json.dumps(_simulated_one(args.one, args.tp[0])))
         return
     archs = args.archs or (sorted(set(ARCHS) | set(causal_lm_types())) if args.all else list(ARCHS))
+    if args.part:
+        if not args.simulate:
+            parser.error("--part needs --simulate")
+        k, n = (int(x) for x in args.part.split("/"))
+        archs = archs[k::n]
     rows, totals = [], Counter()
     for tp in args.tp:
         start = time.perf_counter()
         if args.simulate:
-            per_rank = _simulated(archs, tp, args.timeout, args.memory_gib)
+            per_rank = _simulated(archs, tp, args.timeout, args.memory_gib, args.results)
         else:
             per_rank = run_local(worker, tp, archs, timeout=3600)
         print(f"tp={tp}: {len(archs)} architectures in {time.perf_counter() - start:.0f} s", file=sys.stderr)
