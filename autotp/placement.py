@@ -28,6 +28,14 @@ an op has run on it, so only the rules that keep it apart accept such a shard (a
 output keeps the dim, an elementwise op, the embedding lookup); the gather at the model output
 drops it. Anything else refuses it (``autotp.rules.apply_rule``).
 
+``Shard(dim, period=p)`` is a dim that holds a sharded dim merged with the dims before it: a
+run of equal blocks of ``p`` elements (as many as the dim holds: a dynamic batch), each split
+into chunks, rank ``r`` holding its chunk of every block. Bloom folds its heads into the batch
+(``[batch * heads, seq, head_dim]``), a gated-delta-net norm reads ``[batch * seq * heads,
+head_dim]``: each rank's rows are those of its heads, in every batch (and position). Only the
+rules that keep every block apart accept it (elementwise ops, batched matmuls, views, reductions
+over other dims); a view that splits the blocks off again gives a plain shard back.
+
 Placements are frozen dataclasses: hashable, comparable, and printable as ``Shard(2, blocks=3)``,
 which is also their JSON form (:func:`parse_placement` reads it back).
 """
@@ -39,7 +47,7 @@ from dataclasses import dataclass
 from typing import Union
 
 __all__ = ["Placement", "Replicate", "Shard", "Partial", "parse_placement", "block_sizes", "padded_length",
-           "valid_length", "zero_padded"]
+           "valid_length", "zero_padded", "periodic_size"]
 
 
 @dataclass(frozen=True)
@@ -61,6 +69,7 @@ class Shard:
     replicas: int = 1
     padded: bool = False  # an uneven dim, every chunk padded to ceil(size / chunks): see above
     whole: tuple[int, ...] = ()  # blocks every rank holds whole (a fused q|k|v's one kv head)
+    period: int = 0  # a run of equal blocks of this many elements, each sharded (see above)
 
     def __post_init__(self) -> None:
         if self.dim < 0:
@@ -78,13 +87,15 @@ class Shard:
                                  f"replicas {self.replicas}")
             if len(self.whole) == self.num_blocks:
                 raise ValueError("a Shard with every block whole is Replicate()")
+        if self.period and (self.period < 0 or self.blocks != 1 or self.replicas != 1 or self.padded or self.whole):
+            raise ValueError(f"a Shard with period {self.period} has one block, no replicas, padding or whole blocks")
 
     @property
     def num_blocks(self) -> int:
         return len(self.blocks) if isinstance(self.blocks, tuple) else self.blocks
 
     def with_dim(self, dim: int) -> "Shard":
-        return Shard(dim, self.blocks, self.replicas, self.padded, self.whole)
+        return Shard(dim, self.blocks, self.replicas, self.padded, self.whole, self.period)
 
     def with_blocks(self, blocks: Union[int, tuple[int, ...]]) -> "Shard":
         return Shard(self.dim, blocks, self.replicas, self.padded)
@@ -96,12 +107,13 @@ class Shard:
     def __str__(self) -> str:
         extra = ("" if self.blocks == 1 else f", blocks={self.blocks}") + ("" if self.replicas == 1 else f", replicas={self.replicas}")
         whole = f", whole={self.whole}".replace(",)", ")") if self.whole else ""
-        return f"Shard({self.dim}{extra}{', padded' if self.padded else ''}{whole})"
+        period = f", period={self.period}" if self.period else ""
+        return f"Shard({self.dim}{extra}{', padded' if self.padded else ''}{whole}{period})"
 
 
 Placement = Union[Replicate, Shard, Partial]
 
-_SHARD_RE = re.compile(r"^Shard\((\d+)(?:, blocks=(\d+|\([\d, ]*\)))?(?:, replicas=(\d+))?(, padded)?(?:, whole=\(([\d, ]*)\))?\)$")
+_SHARD_RE = re.compile(r"^Shard\((\d+)(?:, blocks=(\d+|\([\d, ]*\)))?(?:, replicas=(\d+))?(, padded)?(?:, whole=\(([\d, ]*)\))?(?:, period=(\d+))?\)$")
 
 
 def parse_placement(text: str) -> Placement:
@@ -116,6 +128,8 @@ def parse_placement(text: str) -> Placement:
     dim, blocks, replicas = int(match.group(1)), match.group(2), int(match.group(3) or 1)
     if match.group(4):
         return Shard(dim, padded=True)
+    if match.group(6):
+        return Shard(dim, period=int(match.group(6)))
     whole = tuple(int(b) for b in (match.group(5) or "").split(",") if b.strip())
     if blocks is None:
         return Shard(dim, 1, replicas)
@@ -124,8 +138,22 @@ def parse_placement(text: str) -> Placement:
     return Shard(dim, int(blocks), replicas, whole=whole)
 
 
+def periodic_size(size, period: int) -> bool:
+    """Whether a dim of ``size`` elements (an int, or a sympy expression of dynamic sizes) is a
+    whole number of blocks of ``period``: ``16 * s0`` is, for a period of 16 or 8."""
+    if isinstance(size, int):
+        return size % period == 0
+    import sympy
+
+    return sympy.Mod(size, period) == 0
+
+
 def block_sizes(shard: Shard, size: int) -> list[int]:
     """Global sizes of the parts of a dimension of ``size`` elements laid out as ``shard``."""
+    if shard.period:
+        if size % shard.period:
+            raise ValueError(f"dimension of size {size} is not a run of blocks of {shard.period}")
+        return [shard.period] * (size // shard.period)
     if isinstance(shard.blocks, tuple):
         if sum(shard.blocks) != size:
             raise ValueError(f"blocks {shard.blocks} do not add up to dimension size {size}")
@@ -141,6 +169,8 @@ def divides(shard: Shard, size: int, world_size: int) -> bool:
     and has a real element for every rank."""
     if shard.padded:  # and every rank holds a real element: not 128 rows over 256 ranks
         return size % world_size != 0 and (world_size - 1) * padded_length(size, world_size) < size
+    if shard.period:  # every block splits (a dynamic size holds whole blocks: see periodic_size)
+        return shard.period % world_size == 0 and periodic_size(size, shard.period)
     if world_size % shard.replicas:
         return False
     try:
@@ -189,6 +219,10 @@ def refine(local, shard: Shard, held_replicas: int, rank: int):
     A padded piece is a copy with zeros after the dim's end."""
     import torch
 
+    if shard.period:  # from a whole value (the only way to one): its chunk of every block
+        step = shard.period // held_replicas
+        blocks = local.unflatten(shard.dim, (-1, shard.period))
+        return blocks.narrow(shard.dim + 1, (rank % held_replicas) * step, step).flatten(shard.dim, shard.dim + 1)
     if shard.padded:  # the range a loader reads, then the zeros it adds
         size = local.shape[shard.dim]
         (start, end), = rank_ranges(shard, size, rank, held_replicas)
@@ -215,7 +249,7 @@ def piece_ranges(shard: Shard, local_size: int, held_replicas: int, rank: int) -
     Rank ``r`` holds chunk ``r // held_replicas`` and wants chunk ``r // shard.replicas``: the
     piece ``(r % held_replicas) // shard.replicas`` of what it holds.
     """
-    if held_replicas % shard.replicas:
+    if held_replicas % shard.replicas or shard.period:  # a period is cut from a whole value only (refine)
         raise ValueError(f"cannot refine a piece held by {held_replicas} ranks into {shard}")
     count = held_replicas // shard.replicas
     index = (rank % held_replicas) // shard.replicas

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from autotp.placement import Placement, Replicate, Shard, block_sizes, padded_length, parse_placement
 
@@ -121,8 +121,8 @@ class ShardedInput:
 class ArgEdit:
     node: str
     path: list[int]
-    old: int
-    new: int
+    old: Union[int, str]  # a literal size, or the name of the node that computes a symbolic one,
+    new: int  # the per-rank size; for a symbolic one, what the size is divided by at run time
 
 
 @dataclass

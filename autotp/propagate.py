@@ -75,11 +75,12 @@ def arg_at(node: fx.Node, path: tuple[int, ...]) -> Any:
     return value
 
 
-def _sharded_outputs(node: fx.Node, inputs: Inputs, found: list) -> Optional[Failure]:
-    """Record the graph outputs that are sharded; only plain shards can be gathered."""
+def _sharded_outputs(node: fx.Node, inputs: Inputs, found: list, any_layout: bool) -> Optional[Failure]:
+    """Record the graph outputs that are sharded; only plain shards can be gathered (a gather
+    concatenates the ranks' pieces: not a fused or strided layout's), unless ``any_layout``."""
     for i, value in enumerate(node.args[0] if isinstance(node.args[0], (list, tuple)) else [node.args[0]]):
         placement = inputs[value]
-        if isinstance(placement, Shard) and placement.blocks == 1:
+        if isinstance(placement, Shard) and (any_layout or (placement.blocks == 1 and not placement.period)):
             found.append(((0, i), placement))
         elif not isinstance(placement, Replicate):
             return Failure(node, f"model output {i} is {placement}, which cannot be gathered")
@@ -122,10 +123,13 @@ def propagate(
     until: Optional[fx.Node] = None,
     allow_sharded_outputs: bool = True,
     statistics: bool = True,
+    any_output_layout: bool = False,
 ) -> Propagation:
     """Propagate ``seeds`` forward; stop after ``until`` if given (used to test one matmul).
     ``statistics=False`` makes a reduction's ``Partial`` (a sum over the sharded dim, see
-    ``Out.statistic``) a failure: the planner's first pass."""
+    ``Out.statistic``) a failure: the planner's first pass. ``any_output_layout`` records a
+    sharded output of any layout, not only one a gather can put together: the conformance check
+    compares outputs piece by piece."""
     order = _order(graph)
     result = Propagation(seeds=dict(seeds), placements=dict(seeds))
     limit = order[until] if until is not None else len(order)
@@ -145,7 +149,7 @@ def propagate(
         _, name = heapq.heappop(heap)
         node = by_name[name]
         if node.op == "output" and allow_sharded_outputs:
-            failure = _sharded_outputs(node, inputs, result.outputs)
+            failure = _sharded_outputs(node, inputs, result.outputs, any_output_layout)
             if failure is not None:
                 result.failure = failure
             return result  # the output node is the last node

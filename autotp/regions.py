@@ -275,7 +275,9 @@ class RegionGrower:
 
     def _promotable(self, node: fx.Node, placement: Placement) -> bool:
         """A parameter, or an input the caller passes as laid out (a KV cache, never padded),
-        may be seeded."""
+        may be seeded; neither ever strided (loaders and caches hold plain pieces)."""
+        if getattr(placement, "period", 0):
+            return False
         return node.op == "get_attr" or (node.op == "placeholder" and node.name in self.local_inputs
                                          and not getattr(placement, "padded", False))
 
@@ -379,7 +381,8 @@ def factory_edit(node: fx.Node, placement: Placement, world: int) -> Optional[Ar
     """The edit that makes a factory (``zeros([batch, 4, 15, 16])``: a static KV cache made
     inside the graph) give this rank's piece of ``placement``: its literal size at the sharded
     dim, divided. None when ``node`` is no factory or that size is no literal that divides."""
-    if node.target not in _FACTORIES or not isinstance(placement, Shard) or placement.padded or not node.args:
+    if (node.target not in _FACTORIES or not isinstance(placement, Shard) or placement.padded or placement.period
+            or not node.args):
         return None
     shape = node.args[0]
     if not isinstance(shape, (list, tuple)) or not 0 <= placement.dim < len(shape):

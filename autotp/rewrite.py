@@ -20,6 +20,7 @@ the original call signature and output type.
 
 from __future__ import annotations
 
+import operator
 from typing import Any, Optional
 
 import torch
@@ -54,10 +55,10 @@ def _replace_at(args: Any, path: list[int], value: Any) -> Any:
 
 
 def shard_locally(x: torch.Tensor, dim: int, blocks: Any, replicas: int, held_replicas: int, rank: int,
-                  padded: bool = False, whole: tuple[int, ...] = ()) -> torch.Tensor:
+                  padded: bool = False, whole: tuple[int, ...] = (), period: int = 0) -> torch.Tensor:
     """Replicate (or a coarser shard) -> Shard without communication: keep this rank's piece
     (a graph call target)."""
-    return refine(x, Shard(dim, blocks, replicas, padded, whole), held_replicas, rank)
+    return refine(x, Shard(dim, blocks, replicas, padded, whole, period), held_replicas, rank)
 
 
 def real_part(x: torch.Tensor, dim: int, size: int, rank: int, world_size: int) -> torch.Tensor:
@@ -79,9 +80,13 @@ def _apply_edits(by_name: dict[str, fx.Node], plan: Plan) -> None:
     for edit in plan.edits:
         node = by_name[edit.node]
         found = arg_at(node, tuple(edit.path))
-        if found != edit.old:
+        if (found.name if isinstance(found, fx.Node) else found) != edit.old:
             raise RewriteError(f"{node.format_node()}: expected {edit.old} at {edit.path}, found {found}")
-        node.args = _replace_at(node.args, edit.path, edit.new)
+        new: Any = edit.new
+        if isinstance(found, fx.Node):  # a size computed in the graph (batch * heads): divided as it runs
+            with node.graph.inserting_before(node):
+                new = node.graph.call_function(operator.floordiv, (found, edit.new))
+        node.args = _replace_at(node.args, edit.path, new)
 
 
 def _apply_slices(gm: fx.GraphModule, by_name: dict[str, fx.Node], plan: Plan, rank: int) -> None:
@@ -92,7 +97,7 @@ def _apply_slices(gm: fx.GraphModule, by_name: dict[str, fx.Node], plan: Plan, r
             shard = item.placement
             held = item.held_replicas or plan.tp_size
             args = (source, shard.dim, shard.blocks, shard.replicas, held, rank)
-            args += (shard.padded, shard.whole) if shard.padded or shard.whole else ()
+            args += (shard.padded, shard.whole, shard.period) if shard.padded or shard.whole or shard.period else ()
             piece = gm.graph.call_function(shard_locally, args)
         node.args = _replace_at(node.args, item.path, piece)
 

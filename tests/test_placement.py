@@ -89,3 +89,15 @@ def test_whole_blocks_are_held_by_every_rank():
     assert divides(mqa, 6, 4) and not divides(Shard(0, (4, 1, 1)), 6, 2)
     with pytest.raises(ValueError):
         Shard(0, 2, whole=(0, 1))  # every block whole is Replicate()
+
+
+def test_a_strided_shard_holds_its_chunk_of_every_block() -> None:
+    # [batch * heads] with 4 heads over 2 ranks: rank 0 holds heads 0-1 of every batch row
+    shard = Shard(0, period=4)
+    assert parse_placement(str(shard)) == shard and str(shard) == "Shard(0, period=4)"
+    x = torch.arange(12)
+    assert local_chunk(x, shard, 0, 2).tolist() == [0, 1, 4, 5, 8, 9]
+    assert local_chunk(x, shard, 1, 2).tolist() == [2, 3, 6, 7, 10, 11]
+    assert divides(shard, 12, 2) and divides(shard, 12, 4) and not divides(shard, 12, 3)
+    with pytest.raises(ValueError):
+        Shard(0, blocks=2, period=4)  # a period is its own layout: no fused blocks, replicas or padding

@@ -199,6 +199,50 @@ def test_a_per_head_parameter_read_through_a_view_shards_with_its_heads() -> Non
                 assert_close_to(reference, out)
 
 
+class FoldedHeadsAttention(torch.nn.Module):
+    """Bloom's attention, and a gated-delta-net output norm: heads folded into the batch
+    (``[batch * heads, seq, head_dim]``) with a per-(batch, head) bias computed from the input,
+    then every (batch, position, head) row normalised on its own (``[batch * seq * heads, d]``)."""
+
+    def __init__(self, hidden: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.heads, self.d = heads, hidden // heads
+        self.qkv, self.o = torch.nn.Linear(hidden, 3 * hidden), torch.nn.Linear(hidden, hidden)
+        self.gate = torch.nn.Linear(hidden, hidden)
+        self.norm = torch.nn.Parameter(torch.rand(self.d) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        fused = self.qkv(x).view(b, s, self.heads, 3, self.d)
+        q, k, v = (fused[..., i, :].transpose(1, 2).reshape(b * self.heads, s, self.d) for i in range(3))
+        bias = x.mean(-1).repeat_interleave(self.heads, 0).unsqueeze(1)  # [batch * heads, 1, seq]
+        probs = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=self.d**-0.5).softmax(-1)
+        rows = torch.bmm(probs, v).view(b, self.heads, s, self.d).transpose(1, 2).reshape(-1, self.d)
+        gate = self.gate(x).reshape(-1, self.d)  # [batch, seq, heads * d] straight to rows of d
+        rows = rows * torch.rsqrt(rows.pow(2).mean(-1, keepdim=True) + 1e-6) * self.norm * torch.sigmoid(gate)
+        return self.o(rows.reshape(b, s, -1))
+
+
+def test_heads_folded_into_the_batch_are_strided_shards() -> None:
+    # [batch, heads, ...] viewed as [batch * heads, ...] holds each rank's heads of every batch
+    # row: Shard(0, period=heads); the replicated bias is cut the same way on each rank, and the
+    # view back to [batch, heads, ...] gives a plain shard
+    torch.manual_seed(0)
+    model, x = FoldedHeadsAttention().eval(), torch.randn(3, 5, 32)
+    with torch.no_grad():
+        reference = model(x)
+        for tp in (2, 4):
+            sim = simulate(model, (x,), tp)
+            for name in ("qkv.weight", "gate.weight"):
+                assert sim.plan.params[name].style == "colwise", sim.plan.params[name].reason
+            assert sim.plan.params["o.weight"].style == "rowwise"
+            assert [str(s.placement) for s in sim.plan.slices] == ["Shard(0, period=4)"]
+            for out in sim.outputs:
+                assert_close_to(reference, out)
+        other = torch.randn(2, 7, 32)  # another batch and length: the folded size is computed per call
+        assert_close_to(model(other), simulate(model, (other,), 2, example_inputs=(x,)).outputs[1])
+
+
 def test_tp1_shards_nothing() -> None:
     plan = autotp.plan(hf_model("llama", device="meta"), tp_size=1)
     assert not plan.sharded_params() and not plan.collectives and not plan.edits

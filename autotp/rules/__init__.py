@@ -79,10 +79,12 @@ class Redistribute:
 
 @dataclass(frozen=True)
 class ArgEdit:
-    """Replace the literal at ``node.args[path...]`` (a global size) by its per-rank value."""
+    """Replace the literal at ``node.args[path...]`` (a global size) by its per-rank value. A
+    symbolic size there (another node: ``batch * heads`` at a strided shard's dim) is named by
+    that node's name, and ``new`` is what the rewrite divides it by when the graph runs."""
 
     path: tuple[int, ...]
-    old: int
+    old: Union[int, str]
     new: int
 
 
@@ -136,28 +138,31 @@ FAMILIES: list[Callable[[Any], Optional[tuple[Rule, frozenset[str]]]]] = []
 # such an input before it runs, so a rule written for plain shards never sees one.
 ACCEPTS_PADDED: set[Rule] = set()
 ACCEPTS_WHOLE_BLOCKS: set[Rule] = set()
+ACCEPTS_PERIODIC: set[Rule] = set()
 # Shard field marking such a layout, the rules that take it, and why the others may not.
 _RESTRICTED_LAYOUTS = (
     ("padded", ACCEPTS_PADDED, "it would read the padding of a dim that does not split evenly"),
     ("whole", ACCEPTS_WHOLE_BLOCKS, "a fused dim with blocks held whole: only a matmul or the split into its "
                                     "blocks takes one"),
+    ("period", ACCEPTS_PERIODIC, "a strided shard (a sharded dim merged with the dims before it): only ops that "
+                                 "keep its blocks apart take one"),
 )
 
 
 def rule(*ops: Any, reads: Iterable[str], metadata: Iterable[str] = (), padded: bool = False,
-         whole_blocks: bool = False) -> Callable[[Rule], Rule]:
+         whole_blocks: bool = False, periodic: bool = False) -> Callable[[Rule], Rule]:
     """Register ``fn`` as the propagation rule of every op in ``ops``. ``reads``: the names of
     the tensor arguments the rule looks at; ``metadata``: those the op reads only the dtype,
     device or shape of. ``tests/test_conformance.py`` checks that, between them, they name
     every tensor argument of every registered op's schema. ``padded``: the rule handles padded
     shards (:data:`ACCEPTS_PADDED`); ``whole_blocks``: shards with blocks held whole
-    (:data:`ACCEPTS_WHOLE_BLOCKS`)."""
+    (:data:`ACCEPTS_WHOLE_BLOCKS`); ``periodic``: strided shards (:data:`ACCEPTS_PERIODIC`)."""
 
     def register(fn: Rule) -> Rule:
-        if padded:
-            ACCEPTS_PADDED.add(fn)
-        if whole_blocks:
-            ACCEPTS_WHOLE_BLOCKS.add(fn)
+        for wanted, accepting in ((padded, ACCEPTS_PADDED), (whole_blocks, ACCEPTS_WHOLE_BLOCKS),
+                                  (periodic, ACCEPTS_PERIODIC)):
+            if wanted:
+                accepting.add(fn)
         for op in ops:
             RULES[op] = fn
             READS[op] = frozenset(reads)
@@ -238,7 +243,7 @@ def apply_rule(node: fx.Node, inputs: Inputs) -> Out | Cannot:
 def finest(shards: list[Shard]) -> Union[Shard, Cannot]:
     """The common layout of shards of one dim that may differ only in ``replicas``: the one
     with the fewest (the others are refined to it locally)."""
-    base = {(s.dim, s.blocks, s.padded, s.whole) for s in shards}
+    base = {(s.dim, s.blocks, s.padded, s.whole, s.period) for s in shards}
     if len(base) != 1:
         return Cannot(f"operands sharded differently ({', '.join(sorted(map(str, set(shards))))})")
     return min(shards, key=lambda s: s.replicas)
@@ -247,15 +252,20 @@ def finest(shards: list[Shard]) -> Union[Shard, Cannot]:
 def refinable(held: Any, to: Shard, size: Any, world_size: int) -> bool:
     """Whether a local slice turns ``held`` (Replicate or a shard) into ``to``: the dim must
     split into ``to``'s pieces (a shard of 2 kv heads held by pairs of 4 ranks cannot be split
-    further), and a held shard must be ``to``'s dim and blocks with a multiple of its replicas."""
+    further), and a held shard must be ``to``'s dim and blocks with a multiple of its replicas.
+    A strided shard is cut from a whole value only; its dim may have a dynamic size (whole
+    blocks of its period: ``batch * heads``)."""
     from autotp.placement import divides
 
+    if to.period:
+        return isinstance(held, Replicate) and divides(to, size, world_size)
     if not isinstance(size, int) or not divides(to, size, world_size):
         return False
     if isinstance(held, Replicate):
         return True
     return (isinstance(held, Shard) and not held.padded and not to.padded and not held.whole and not to.whole
-            and (held.dim, held.blocks) == (to.dim, to.blocks) and held.replicas % to.replicas == 0)
+            and not held.period and (held.dim, held.blocks) == (to.dim, to.blocks)
+            and held.replicas % to.replicas == 0)
 
 
 def _op_name(node: fx.Node) -> str:

@@ -98,6 +98,8 @@ def _sharded_label(node: fx.Node, operands, specs, out_spec: Spec, inputs: Input
         return Cannot(f"a sum over a padded dim ({label!r}) would add its padding in")
     if layout.whole and label not in out_spec:
         return Cannot(f"a sum over a dim with blocks held whole ({label!r}) would count them on every rank")
+    if layout.period and label not in out_spec:
+        return Cannot(f"a sum over a strided dim ({label!r})")
     return label, layout
 
 
@@ -183,7 +185,7 @@ def _grouped_refusal(node: fx.Node, label: str, operands: list[fx.Node], specs: 
     start on 16-byte boundaries, which a split of the last dim may break."""
     if label == "t":
         return Cannot("the rows of a grouped matmul are routed to experts by offsets: not sharded")
-    if layout.padded or layout.whole:
+    if layout.padded or layout.whole or layout.period:
         return Cannot(f"a grouped matmul over {layout}")
     if node.target is not aten._grouped_mm.default:
         return None
@@ -211,7 +213,7 @@ def _routing_inputs(node: fx.Node, positions: tuple[int, ...], bias_at: Optional
 # Every tensor argument of these ops is an operand, the bias or a routing input checked above.
 for _op in MATMUL_SPECS:
     rule(_op, reads=("input", "weight", "offs") if isinstance(_op, str) else schema_tensor_args(_op),
-         padded=True, whole_blocks=True)(matmul_rule)
+         padded=True, whole_blocks=True, periodic=True)(matmul_rule)
 
 
 def einsum_specs(node: fx.Node) -> tuple[list[Spec], Spec]:

@@ -12,7 +12,7 @@ from autotp.rules import Cannot, Inputs, Out, Result, ndim, norm_dim, rule, size
 aten = torch.ops.aten
 
 
-@rule(aten.sym_size.int, reads=("self",))
+@rule(aten.sym_size.int, reads=("self",), periodic=True)
 def sym_size_rule(node: fx.Node, inputs: Inputs) -> Result:
     """A size of an unsharded dim is the same on every rank; of the sharded dim it is not."""
     src = inputs[node.args[0]]
@@ -27,14 +27,14 @@ def sym_numel_rule(node: fx.Node, inputs: Inputs) -> Result:
     return Cannot(f"{node.target} of a sharded value")
 
 
-@rule(aten._assert_tensor_metadata.default, reads=(), metadata=("a",))
+@rule(aten._assert_tensor_metadata.default, reads=(), metadata=("a",), padded=True, whole_blocks=True, periodic=True)
 def metadata_rule(node: fx.Node, inputs: Inputs) -> Result:
-    """Checks dtype/device/layout only, which sharding does not change."""
+    """Checks dtype/device/layout only, which sharding does not change (in any layout)."""
     return Replicate()
 
 
 @rule(aten.new_ones.default, aten.new_zeros.default, aten.new_empty.default, aten.new_full.default, reads=(),
-      metadata=("self",))
+      metadata=("self",), padded=True, whole_blocks=True, periodic=True)
 def new_tensor_rule(node: fx.Node, inputs: Inputs) -> Result:
     """``x.new_*(size)`` reads only x's dtype and device; its size is given explicitly."""
     return Replicate()

@@ -27,6 +27,7 @@ import torch.fx as fx
 from autotp.placement import Replicate, Shard
 from autotp.rules import (
     ACCEPTS_PADDED,
+    ACCEPTS_PERIODIC,
     FAMILIES,
     METADATA_ARGS,
     Cannot,
@@ -192,8 +193,10 @@ def inplace_family(op: Any) -> Optional[tuple[Rule, frozenset[str]]]:
     return inplace_rule(found[0]), frozenset(schema_tensor_args(op))
 
 
-# Elementwise ops never mix positions: a padded shard's padding stays where it is.
+# Elementwise ops never mix positions: a padded shard's padding stays where it is, a strided
+# shard's blocks stay apart.
 ACCEPTS_PADDED.add(elementwise_rule)
+ACCEPTS_PERIODIC.add(elementwise_rule)
 FAMILIES.append(elementwise_family)
 FAMILIES.append(inplace_family)
 for _op in UNTAGGED + DROPOUT:

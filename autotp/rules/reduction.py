@@ -1,6 +1,7 @@
 """Reductions and normalisations: fine over unsharded dims; over the sharded one, only sums.
 
-A ``sum`` or ``mean`` over the sharded dim is each rank's sum of its chunk: a ``Partial`` value,
+Every rule here keeps a strided shard (``Shard(d, period=p)``) of a dim it does not reduce as it
+is. A ``sum`` or ``mean`` over the sharded dim is each rank's sum of its chunk: a ``Partial`` value,
 all-reduced right after the node. For an RMS norm over a sharded projection (a q/k norm over
 all heads, a sub-norm after a projection) that is the statistic, ``[batch, seq, 1]``: far less
 than gathering the projection. A mean divides by the whole dim's count, not the chunk's (a
@@ -48,7 +49,7 @@ def _reduced_dims(node: fx.Node, dims_at: int) -> list[int]:
     return [norm_dim(d, rank) for d in (dims if isinstance(dims, (list, tuple)) else [dims])]
 
 
-@rule(aten.sum.dim_IntList, aten.mean.dim, reads=("self",))
+@rule(aten.sum.dim_IntList, aten.mean.dim, reads=("self",), periodic=True)
 def sum_rule(node: fx.Node, inputs: Inputs) -> Result:
     src = inputs[node.args[0]]
     if not (isinstance(src, Shard) and src.dim in _reduced_dims(node, 1)):
@@ -63,44 +64,44 @@ def sum_rule(node: fx.Node, inputs: Inputs) -> Result:
 
 @rule(aten.amax.default, aten.amin.default,
       aten.any.dim, aten.all.dim, aten.prod.dim_int, aten.logsumexp.default, aten.norm.ScalarOpt_dim,
-      reads=("self",))
+      reads=("self",), periodic=True)
 def reduce_rule(node: fx.Node, inputs: Inputs) -> Result:
     dims_at = 2 if node.target is aten.norm.ScalarOpt_dim else 1
     keep_at = dims_at + 1
     return _reduced(node, inputs, _arg(node, dims_at, "dim", None), bool(_arg(node, keep_at, "keepdim", False)))
 
 
-@rule(aten.var.correction, aten.std.correction, aten.var_mean.correction, reads=("self",))
+@rule(aten.var.correction, aten.std.correction, aten.var_mean.correction, reads=("self",), periodic=True)
 def variance_rule(node: fx.Node, inputs: Inputs) -> Result:
     outputs = 2 if node.target is aten.var_mean.correction else 1
     return _reduced(node, inputs, _arg(node, 1, "dim", None), bool(node.kwargs.get("keepdim", False)), outputs)
 
 
-@rule(aten.max.dim, aten.min.dim, reads=("self",))
+@rule(aten.max.dim, aten.min.dim, reads=("self",), periodic=True)
 def max_dim_rule(node: fx.Node, inputs: Inputs) -> Result:
     return _reduced(node, inputs, node.args[1], bool(_arg(node, 2, "keepdim", False)), outputs=2)
 
 
-@rule(aten.argmax.default, aten.argmin.default, reads=("self",))
+@rule(aten.argmax.default, aten.argmin.default, reads=("self",), periodic=True)
 def argmax_rule(node: fx.Node, inputs: Inputs) -> Result:
     return _reduced(node, inputs, _arg(node, 1, "dim", None), bool(_arg(node, 2, "keepdim", False)))
 
 
 @rule(aten.softmax.int, aten._softmax.default, aten.log_softmax.int, aten._log_softmax.default,
-      aten.cumsum.default, reads=("self",))
+      aten.cumsum.default, reads=("self",), periodic=True)
 def along_dim_rule(node: fx.Node, inputs: Inputs) -> Result:
     """Shape-preserving ops along one dim (softmax, cumsum)."""
     return _reduced(node, inputs, node.args[1], keepdim=True)
 
 
-@rule(aten.sort.default, aten.topk.default, reads=("self",))
+@rule(aten.sort.default, aten.topk.default, reads=("self",), periodic=True)
 def sort_rule(node: fx.Node, inputs: Inputs) -> Result:
     dim_at = 2 if node.target is aten.topk.default else 1
     return _reduced(node, inputs, _arg(node, dim_at, "dim", -1), keepdim=True, outputs=2)
 
 
-@rule(aten.layer_norm.default, aten.native_layer_norm.default, reads=("input", "weight", "bias"))
-@rule(aten.rms_norm.default, reads=("input", "weight"))
+@rule(aten.layer_norm.default, aten.native_layer_norm.default, reads=("input", "weight", "bias"), periodic=True)
+@rule(aten.rms_norm.default, reads=("input", "weight"), periodic=True)
 def norm_rule(node: fx.Node, inputs: Inputs) -> Result:
     """Normalises over the trailing ``normalized_shape`` dims; weight and bias cover only those."""
     x = node.args[0]

@@ -29,7 +29,7 @@ def _shard_or_whole(node: fx.Node, inputs: Inputs) -> Result:
     return held if isinstance(held, (Replicate, Shard)) else Cannot(f"{node.target} of a {held} input")
 
 
-@rule(aten.view_as.default, aten.reshape_as.default, reads=("self", "other"))
+@rule(aten.view_as.default, aten.reshape_as.default, reads=("self", "other"), periodic=True)
 def view_as_rule(node: fx.Node, inputs: Inputs) -> Result:
     x, other = node.args[0], node.args[1]
     held, shape_of = inputs[x], inputs[other]

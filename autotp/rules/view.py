@@ -12,7 +12,10 @@ dimension ``j`` that starts at the same position (the first with ``prod(out[:j])
 - ``in[d]`` divides ``out[j]``: the dim merges with the dims *after* it, e.g. ``(heads,
   head_dim)`` back into hidden; the shard stays contiguous;
 - no output dim starts at ``P``: the dim merges with dims *before* it (``(batch, heads)`` into
-  one), which would give every rank a strided piece: ``Cannot``.
+  one): every rank holds a strided piece, its chunk of every block (``Shard(d, period=heads)``).
+  A view of such a shard sees its dim as two (the blocks, and the sharded dim within them)
+  and runs the same maths: ``[batch * heads, ...]`` back to ``[batch, heads, ...]`` is a plain
+  shard again.
 
 Literal sizes at the sharded position are rewritten to their per-rank value (``ArgEdit``); a
 ``-1`` needs nothing, a symbolic size there means we cannot tell, so ``Cannot``.
@@ -107,16 +110,81 @@ def _size_edit(path: tuple[int, ...], literal: Any, chunks: int) -> Union[tuple,
     return (ArgEdit(path, literal, literal // chunks),)
 
 
+def _unfolded(in_sizes: tuple, src: Shard) -> tuple[tuple, Shard]:
+    """A strided shard's dim seen as two, its blocks and the sharded dim within them: the view
+    maths then runs on a plain shard (``[batch * heads, ...]`` is ``[batch, heads, ...]``)."""
+    d = src.dim
+    size = in_sizes[d]
+    if isinstance(size, int):
+        outer: Any = size // src.period
+    else:
+        import sympy  # dynamic sizes only; symbolic tracing has imported it already
+
+        outer = sympy.sympify(size) / src.period
+    return in_sizes[:d] + (outer, src.period) + in_sizes[d + 1:], Shard(d + 1)
+
+
+def _quotient(a: Any, b: Any) -> Any:
+    """``a / b`` for sizes: an int where it is a whole number, else a sympy expression."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a // b if a % b == 0 else None
+    import sympy
+
+    q = sympy.simplify(sympy.sympify(a) / sympy.sympify(b))
+    return int(q) if q.is_Integer else q
+
+
+def _merged_before(node: fx.Node, in_sizes: tuple, out_sizes: tuple, src: Shard, world: int,
+                   shape_path: Optional[tuple[int, ...]], first: int) -> Result:
+    """The sharded dim merged with dims before it (and maybe after it) into one output dim:
+    ``[batch, heads, ...]`` viewed as ``[batch * heads, ...]``, or ``[batch, seq, heads *
+    head_dim]`` as ``[batch * seq * heads, head_dim]``. Each rank's elements are its chunk of
+    every block of the merged dims from the sharded one on: a strided shard."""
+    why = Cannot(f"view merges sharded dim {src.dim} with the dims before it (strided shards)")
+    if src.blocks != 1 or src.replicas != 1 or src.padded or src.whole:
+        return why
+    d = src.dim
+    for j in range(len(out_sizes)):
+        start, end = _prod(out_sizes[:j]), _prod(out_sizes[: j + 1])
+        if not any(_same(_prod(in_sizes[:k]), start) for k in range(d)):
+            continue  # output dim j does not start at an input dim before the sharded one
+        e = next((e for e in range(d, len(in_sizes)) if _same(_prod(in_sizes[: e + 1]), end)), None)
+        if e is not None:
+            period = _prod(in_sizes[d: e + 1])
+        else:  # it ends inside the sharded dim: its heads go into dim j, each head's elements after
+            period = _quotient(end, _prod(in_sizes[:d]))
+            n = in_sizes[d]
+            if not (isinstance(period, int) and isinstance(n, int) and 1 < period < n and n % period == 0
+                    and period % src.chunks(world) == 0):
+                continue
+        if not isinstance(period, int):
+            return Cannot(f"view merges sharded dim {d} with dims of dynamic size before and after it")
+        placed = Shard(j, period=period)
+        if shape_path is None:
+            return placed
+        literals = node.args[shape_path[0]]
+        if not first <= j < first + len(literals):
+            return placed
+        literal, path, chunks = literals[j - first], shape_path + (j - first,), src.chunks(world)
+        if isinstance(literal, fx.Node):  # batch * heads as a symbolic product: a whole number of blocks
+            return Out(placed, edits=(ArgEdit(path, literal.name, chunks),))  # divided at run time
+        edits = _size_edit(path, literal, chunks)
+        return edits if isinstance(edits, Cannot) else Out(placed, edits=edits)
+    return why
+
+
 def _reshape(node: fx.Node, inputs: Inputs, shape_path: Optional[tuple[int, ...]], first: int) -> Result:
     """Shared by view/reshape/flatten/unflatten: ``shape_path`` holds the output sizes from dim ``first``."""
     src = _shard_src(node, inputs)
     if isinstance(src, Cannot):
         return src
     in_sizes, out_sizes = sizes(node.args[0]), sizes(node)
+    if src.period:
+        in_sizes, src = _unfolded(in_sizes, src)
     n = in_sizes[src.dim]
     j = _aligned_dim(out_sizes, _prod(in_sizes[: src.dim]))
     if j is None:
-        return Cannot(f"view merges sharded dim {src.dim} with the dims before it (strided shards)")
+        return _merged_before(node, in_sizes, out_sizes, src, inputs.world_size, shape_path, first)
     m = out_sizes[j]
     if not isinstance(m, int):
         return Cannot("sharded dim maps onto a dynamic size")
@@ -130,7 +198,7 @@ def _reshape(node: fx.Node, inputs: Inputs, shape_path: Optional[tuple[int, ...]
     return edits if isinstance(edits, Cannot) else Out(placed, edits=edits)
 
 
-@rule(aten.view.default, aten.reshape.default, aten._unsafe_view.default, reads=("self",))
+@rule(aten.view.default, aten.reshape.default, aten._unsafe_view.default, reads=("self",), periodic=True)
 def view_rule(node: fx.Node, inputs: Inputs) -> Result:
     return _reshape(node, inputs, (1,), 0)
 
@@ -162,7 +230,7 @@ def expand_rule(node: fx.Node, inputs: Inputs) -> Result:
     return edits if isinstance(edits, Cannot) else Out(src.with_dim(j), edits=edits)
 
 
-@rule(aten.transpose.int, reads=("self",))
+@rule(aten.transpose.int, reads=("self",), periodic=True)
 def transpose_rule(node: fx.Node, inputs: Inputs) -> Result:
     src = _shard_src(node, inputs)
     if isinstance(src, Cannot):
@@ -173,7 +241,7 @@ def transpose_rule(node: fx.Node, inputs: Inputs) -> Result:
     return src.with_dim(swap.get(src.dim, src.dim))
 
 
-@rule(aten.permute.default, reads=("self",))
+@rule(aten.permute.default, reads=("self",), periodic=True)
 def permute_rule(node: fx.Node, inputs: Inputs) -> Result:
     src = _shard_src(node, inputs)
     if isinstance(src, Cannot):
@@ -182,7 +250,7 @@ def permute_rule(node: fx.Node, inputs: Inputs) -> Result:
     return src.with_dim(dims.index(src.dim))
 
 
-@rule(aten.t.default, aten.numpy_T.default, reads=("self",))
+@rule(aten.t.default, aten.numpy_T.default, reads=("self",), periodic=True)
 def reverse_dims_rule(node: fx.Node, inputs: Inputs) -> Result:
     src = _shard_src(node, inputs)
     if isinstance(src, Cannot):
@@ -190,7 +258,7 @@ def reverse_dims_rule(node: fx.Node, inputs: Inputs) -> Result:
     return src.with_dim(ndim(node) - 1 - src.dim)
 
 
-@rule(aten.unsqueeze.default, reads=("self",), whole_blocks=True)
+@rule(aten.unsqueeze.default, reads=("self",), whole_blocks=True, periodic=True)
 def unsqueeze_rule(node: fx.Node, inputs: Inputs) -> Result:
     src = _shard_src(node, inputs)
     if isinstance(src, Cannot):
@@ -199,7 +267,7 @@ def unsqueeze_rule(node: fx.Node, inputs: Inputs) -> Result:
     return src.with_dim(src.dim + 1 if new <= src.dim else src.dim)
 
 
-@rule(aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, reads=("self",))
+@rule(aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, reads=("self",), periodic=True)
 def squeeze_rule(node: fx.Node, inputs: Inputs) -> Result:
     src = _shard_src(node, inputs)
     if isinstance(src, Cannot):

@@ -8,7 +8,8 @@ op over them. Here, for every sample of every OpInfo whose op reaches an autotp 
    ``pre_dispatch=True``: ``linear`` stays ``linear``), its tensors as graph inputs;
 2. each input placement is tried (:func:`seed_sets`): each input sharded on each dim that
    splits, in two fused blocks (one of them held whole by every rank, or neither), shared by
-   pairs of ranks, padded on each dim that does not split, as a ``Partial`` sum, and all inputs sharded along one broadcast-aligned dim at once;
+   pairs of ranks, padded on each dim that does not split, strided (a run of blocks, each split),
+   as a ``Partial`` sum, and all inputs sharded along one broadcast-aligned dim at once;
 3. placements are propagated through the graph. Where a rule refuses, that is sound and is
    counted as a refusal. Where the graph is accepted, it is rewritten for every rank exactly
    as a model's graph is (local slices, localised literals, all-reduces after ``Partial``
@@ -126,6 +127,8 @@ def seed_sets(placeholders: Sequence[fx.Node], world: int, *, shared_only: bool 
                 continue
             layouts = (Shard(d, 1, 2),) if shared_only else (Shard(d), Shard(d, 2), Shard(d, 1, 2), Shard(d, padded=True),
                                                               Shard(d, 2, whole=(0,)), Shard(d, 2, whole=(1,)))
+            if not shared_only:  # strided: the dim as a run of blocks, each sharded (the two shortest periods)
+                layouts += tuple(Shard(d, period=p) for p in range(world, size, world) if size % p == 0)[:2]
             for shard in layouts:
                 if world % shard.replicas == 0 and shard.replicas < world and divides(shard, size, world):
                     yield {node: shard}
@@ -191,7 +194,7 @@ def check_graph(gm: fx.GraphModule, tensors: Sequence[torch.Tensor], seeds: dict
                 world: int) -> tuple[Propagation, list[fx.Node], Optional[str]]:
     """Propagate ``seeds``; if accepted, run every rank's rewritten graph and compare.
     Returns the propagation, the nodes checked, and the failure (None when it matched)."""
-    prop = propagate(gm.graph, seeds, world)
+    prop = propagate(gm.graph, seeds, world, any_output_layout=True)
     accepted = _accepted(prop)
     if not prop.ok or not accepted:
         return prop, [], None
