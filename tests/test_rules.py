@@ -52,7 +52,12 @@ CASES = [
     ("view-split-heads", lambda x: x.view(2, 8, 4, 16), [(2, 8, 64)], aten.view.default, [Shard(2)], 2, Shard(2)),
     ("view-heads-not-divisible", lambda x: x.view(2, 8, 6, 16), [(2, 8, 96)], aten.view.default, [Shard(2)], 4, Cannot),
     ("view-merge-heads", lambda x: x.reshape(2, 8, 64), [(2, 8, 4, 16)], aten.reshape.default, [Shard(2)], 2, Shard(2)),
-    ("view-merge-with-outer", lambda x: x.reshape(8, 8, 16), [(2, 4, 8, 16)], aten.reshape.default, [Shard(1)], 2, Cannot),
+    # (batch, heads) merged: each rank holds its heads of every batch row, a strided shard
+    ("view-merge-with-outer", lambda x: x.reshape(8, 8, 16), [(2, 4, 8, 16)], aten.reshape.default, [Shard(1)], 2,
+     Shard(0, period=4)),
+    ("view-unfold-strided", lambda x: x.view(2, 4, 8, 16), [(8, 8, 16)], aten.view.default, [Shard(0, period=4)], 2,
+     Shard(1)),
+    ("strided-into-cat", lambda x: torch.cat([x, x], 0), [(8, 8)], aten.cat.default, [Shard(0, period=4)], 2, Cannot),
     ("view-fused-blocks", lambda x: x.view(16, 12, 16), [(16, 192)], aten.view.default, [Shard(1, 3)], 2, Shard(1, 3)),
     ("transpose", lambda x: x.transpose(1, 2), [(2, 8, 4, 16)], aten.transpose.int, [Shard(2)], 2, Shard(1)),
     ("permute", lambda x: x.permute(0, 2, 1, 3), [(2, 8, 4, 16)], aten.permute.default, [Shard(2)], 2, Shard(1)),

@@ -8,7 +8,8 @@ configuration is a dict of JSON values, so a failing model is a few lines of JSO
 
 The blocks cover, on purpose, what the rules must get right or refuse: fused projections
 split by ``split``/``chunk``/``unbind``/``narrow``/slicing; views with literal head counts or
-``-1``; hand-written and SDPA attention (causal, masks, grouped kv heads by ``enable_gqa``,
+``-1``; hand-written, SDPA and heads-folded-into-the-batch (Bloom's ``bmm`` over ``[batch * heads, ...]``)
+attention (causal, masks, grouped kv heads by ``enable_gqa``,
 ``repeat_interleave`` or ``expand``); rotary pairs by ``unflatten``; per-head and whole q/k
 norms; gated MLPs and activations; reductions over every dim; division with rounding modes;
 ``where``/``masked_fill``; ``cat``/``stack``; GPT-2's Conv1D ``addmm`` (with ``beta``/``alpha``);

@@ -160,10 +160,17 @@ class Attention(nn.Module):
                 mask = torch.triu(torch.full((T, T), -1e4, dtype=q.dtype), 1)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=c["mask"] == "causal",
                                                   enable_gqa=gqa)
-        scores = q @ k.transpose(-2, -1) / math.sqrt(c["head_dim"])
+        if c["kind"] == "folded":  # heads folded into the batch, as Bloom does: [B * heads, T, hd] and bmm
+            B, n, _, hd = q.shape
+            q, k, v = (t.reshape(B * n, T, hd) for t in (q, k, v))
+            scores = torch.bmm(q, k.transpose(1, 2)) / math.sqrt(hd)
+        else:
+            scores = q @ k.transpose(-2, -1) / math.sqrt(c["head_dim"])
         if c["mask"] != "none":
             causal = torch.ones(T, T, dtype=torch.bool).triu(1)
             scores = scores.masked_fill(causal, -1e4)
+        if c["kind"] == "folded":
+            return torch.bmm(scores.softmax(dim=-1), v).view(B, n, T, hd)
         return scores.softmax(dim=-1) @ v
 
 
@@ -175,7 +182,7 @@ def sample_attention(rng: random.Random, dim: int) -> Config:
     return dict(heads=heads, kv_heads=kv, head_dim=head_dim, fused=rng.random() < 0.5,
                 split=rng.choice(["split", "chunk", "narrow", "slice", "unbind"]), bias=rng.random() < 0.5,
                 o_bias=rng.random() < 0.5, view=rng.choice(["literal", "minus_one"]),
-                merge=rng.choice(["literal", "minus_one", "shape"]), kind=rng.choice(["sdpa", "manual"]),
+                merge=rng.choice(["literal", "minus_one", "shape"]), kind=rng.choice(["sdpa", "manual", "folded"]),
                 mask=rng.choice(["none", "causal", "additive"]), gqa=rng.choice(["enable_gqa", "repeat_interleave", "expand"]),
                 qk_norm=rng.choice(["none", "none", "head", "whole"]), rope=rng.choice(["none", "half", "pairs"]))
 
