@@ -12,7 +12,11 @@ architecture. A family is built from the first of these that builds *and* runs (
    layers. Dividing every width by the same factor keeps the relations a config checks or a
    model relies on (heads x head_dim = expand x hidden, the parts of a split head), which fixed
    sizes break; and more layers give a hybrid its layers of every kind (an attention layer
-   every 4th or 8th).
+   every 4th or 8th);
+3. ``scaled, no cache``: for a hybrid whose default layers are all recurrent, where Hugging
+   Face's own forward cannot size its cache.
+
+The coverage table names the config of every family not built the first way.
 """
 
 from __future__ import annotations
