@@ -91,6 +91,7 @@ _LAYER_COUNTS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "enco
 # widths: the sizes that scale together with hidden (not counts, vocabularies, lengths or windows)
 _WIDTH = re.compile(r"^(hidden_size|n_embd|d_model|d_ff|d_kv|d_inner|n_inner|hidden_size_per_head|"
                     r"[a-z_]*intermediate_size|[a-z_]*ffn_dim|[a-z_]*head_dim|[a-z_]*lora_rank)$")
+_SECTION = re.compile(r"^(n|num)_[a-z_]+_layers$")
 _TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=0, tie_word_embeddings=False)
 
 
@@ -100,6 +101,13 @@ def _has(config: Any, key: str) -> bool:
         return hasattr(config, key)
     except Exception:  # noqa: BLE001  transformers' AmbiguousGlobalPerLayerAttributeError and kin
         return False
+
+
+def _get(config: Any, key: str) -> Any:
+    try:
+        return getattr(config, key)
+    except Exception:  # noqa: BLE001  a per-layer field read globally
+        return None
 
 
 def _sub_configs(config: Any) -> dict[str, Any]:
@@ -141,7 +149,7 @@ def _scaled(config: Any, layers: int) -> dict[str, Any]:
     """The fields that make ``config``'s defaults small: every width divided by one power of two
     (so that hidden is about 64, and no head or low-rank dim is under 8), ``layers`` layers, what
     it lists per layer cut to them, vocab 128; the same for its sub-configs."""
-    values = config.to_dict()
+    values = {k: _get(config, k) for k in config.to_dict()}  # the config's own values (to_dict may rewrite some)
     widths = {k: v for k, v in values.items() if _WIDTH.match(k) and isinstance(v, int) and not isinstance(v, bool)}
     hidden = next((values[k] for k in ("hidden_size", "d_model", "n_embd") if isinstance(values.get(k), int)), 64)
     narrowest = min([v for k, v in widths.items() if k.endswith(("head_dim", "lora_rank", "d_kv")) and v > 0],
@@ -149,9 +157,13 @@ def _scaled(config: Any, layers: int) -> dict[str, Any]:
     factor = 1 << max(0, (min(hidden // 64, narrowest // 8)).bit_length() - 1)
     # a width the factor does not divide (an expert width of 1407) gets a multiple of 8 near its share
     chosen = {k: v // factor if v % factor == 0 else max(8, round(v / factor / 8) * 8) for k, v in widths.items()}
-    if _layer_count(values) is not None:
+    count = _layer_count(values)
+    if count is not None:
         chosen.update({k: v for k, v in _per_layer_cut(values, layers).items() if v != values[k]})
         chosen.update({k: layers for k in _LAYER_COUNTS if isinstance(values.get(k), int)})
+        # the sections of the stack (input, recurrent, output layers) keep their shares of it
+        chosen.update({k: max(1, v * layers // count) for k, v in values.items()
+                       if _SECTION.match(k) and k not in _LAYER_COUNTS and isinstance(v, int) and v > 0})
     chosen.update({k: v for k, v in {"vocab_size": 128, **_TOKENS}.items() if k in values})
     # expert counts a default leaves unset (a mixture of experts built on a subclass's numbers)
     chosen.update({k: COMMON[k] for k, v in values.items() if v is None and "experts" in k and k in COMMON})
@@ -239,11 +251,27 @@ def build_and_run(arch: str) -> tuple[Any, dict[str, Any], Any, str]:
         if getattr(config, "is_encoder_decoder", False):
             ran["inputs"]["decoder_input_ids"] = ids[:, :7].clone()
         with torch.no_grad():
-            out = model(**ran["inputs"])
-        ran["output"] = out.logits if hasattr(out, "logits") else out[0]
+            out = _first(model(**ran["inputs"]))
+            uncached = _first(model(**ran["inputs"], use_cache=False)) if _takes(model, "use_cache") else out
+        # autotp computes a call without a cache (its capture turns the cache off); a config under
+        # which the model itself answers otherwise with one (a layer run twice over one cache
+        # slot) has no single reference to compare with
+        if (out - uncached).abs().max() > 1e-4 * out.abs().max():  # the tolerance "exact" allows
+            raise ValueError("its output depends on use_cache at these sizes")
+        ran["output"] = out
 
     model, how = build_checked(arch, run)
     return model, ran["inputs"], ran["output"], how
+
+
+def _first(out: Any) -> Any:
+    return out.logits if hasattr(out, "logits") else out[0]
+
+
+def _takes(model: Any, name: str) -> bool:
+    import inspect
+
+    return name in inspect.signature(model.forward).parameters
 
 
 def build(arch: str, seed: int = 0, **overrides: Any):
