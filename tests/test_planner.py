@@ -188,15 +188,19 @@ def test_a_per_head_parameter_read_through_a_view_shards_with_its_heads() -> Non
             return self.o((probs @ v).transpose(1, 2).reshape(b, s, -1))
 
     torch.manual_seed(0)
-    model, x = SinkAttention().eval(), torch.randn(2, 5, 32)
+    for sim in _simulated_exactly(SinkAttention().eval(), torch.randn(2, 5, 32)):
+        assert sim.plan.params["sinks"].placement == Shard(0), sim.plan.params["sinks"].reason
+        assert not sim.plan.slices  # nothing left to slice on every call
+
+
+def _simulated_exactly(model: torch.nn.Module, x: torch.Tensor, tps: tuple[int, ...] = (2, 4)) -> list:
+    """``model`` on ``x`` simulated at each tp, every rank's output checked against the unsharded one."""
     with torch.no_grad():
-        reference = model(x)
-        for tp in (2, 4):
-            sim = simulate(model, (x,), tp)
-            assert sim.plan.params["sinks"].placement == Shard(0), sim.plan.params["sinks"].reason
-            assert not sim.plan.slices  # nothing left to slice on every call
-            for out in sim.outputs:
-                assert_close_to(reference, out)
+        reference, sims = model(x), [simulate(model, (x,), tp) for tp in tps]
+    for sim in sims:
+        for out in sim.outputs:
+            assert_close_to(reference, out)
+    return sims
 
 
 class FoldedHeadsAttention(torch.nn.Module):
@@ -229,17 +233,13 @@ def test_heads_folded_into_the_batch_are_strided_shards() -> None:
     # view back to [batch, heads, ...] gives a plain shard
     torch.manual_seed(0)
     model, x = FoldedHeadsAttention().eval(), torch.randn(3, 5, 32)
+    for sim in _simulated_exactly(model, x):
+        for name in ("qkv.weight", "gate.weight"):
+            assert sim.plan.params[name].style == "colwise", sim.plan.params[name].reason
+        assert sim.plan.params["o.weight"].style == "rowwise"
+        assert [str(s.placement) for s in sim.plan.slices] == ["Shard(0, period=4)"]
+    other = torch.randn(2, 7, 32)  # another batch and length: the folded size is computed per call
     with torch.no_grad():
-        reference = model(x)
-        for tp in (2, 4):
-            sim = simulate(model, (x,), tp)
-            for name in ("qkv.weight", "gate.weight"):
-                assert sim.plan.params[name].style == "colwise", sim.plan.params[name].reason
-            assert sim.plan.params["o.weight"].style == "rowwise"
-            assert [str(s.placement) for s in sim.plan.slices] == ["Shard(0, period=4)"]
-            for out in sim.outputs:
-                assert_close_to(reference, out)
-        other = torch.randn(2, 7, 32)  # another batch and length: the folded size is computed per call
         assert_close_to(model(other), simulate(model, (other,), 2, example_inputs=(x,)).outputs[1])
 
 
