@@ -35,22 +35,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-hand", action="store_true", help="skip the hand-written samples")
     parser.add_argument("--pytorch-sizes", action="store_true", help="OpInfo's own sizes (5, 10, 20: few placements split)")
     parser.add_argument("--json", help="also write the report (counts per op, failures) to this file")
+    parser.add_argument("--part", help="K/N: only every N-th sample from the K-th (0-based), to split a run over N "
+                                       "processes (their --json reports add up to the whole run's)")
     args = parser.parse_args(argv)
     logging.disable(logging.CRITICAL)  # fake-tensor tracing logs every sample it cannot run
 
     from autotp.testing import conformance
 
     sizes = None if args.pytorch_sizes else conformance.EVEN_SIZES
+    k, n = (int(x) for x in args.part.split("/")) if args.part else (0, 1)
+
+    def part(samples):  # this process's share of a sample stream
+        return itertools.islice(samples, k, None, n)
+
     hand = [] if args.no_hand or args.only else conformance.hand_samples()
     if args.dtypes is None:  # the CI configuration
-        report = conformance.run(itertools.chain(hand, conformance.opinfo_samples(
-            (torch.float32,), args.per_op, args.only, sizes)), args.tp, args.shared_tp)
-        report += conformance.run(conformance.opinfo_samples((torch.float64,), args.per_op, args.only, sizes,
-                                                             with_inplace=False), args.tp[:1], ())
+        report = conformance.run(part(itertools.chain(hand, conformance.opinfo_samples(
+            (torch.float32,), args.per_op, args.only, sizes))), args.tp, args.shared_tp)
+        report += conformance.run(part(conformance.opinfo_samples((torch.float64,), args.per_op, args.only, sizes,
+                                                                  with_inplace=False)), args.tp[:1], ())
     else:
         dtypes = tuple(getattr(torch, d) for d in args.dtypes)
-        report = conformance.run(itertools.chain(hand, conformance.opinfo_samples(dtypes, args.per_op, args.only, sizes)),
-                                 args.tp, args.shared_tp)
+        report = conformance.run(part(itertools.chain(hand, conformance.opinfo_samples(dtypes, args.per_op, args.only,
+                                                                                       sizes))), args.tp, args.shared_tp)
     if args.json:
         Path(args.json).write_text(json.dumps(dict(
             summary=report.summary(), samples=report.samples, placements=report.placements, failures=report.failures,
