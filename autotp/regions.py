@@ -120,8 +120,6 @@ def layer_of(region: str) -> Optional[str]:
     return ".".join(parts[: digits[0] + 1]) if digits else None
 
 
-# The layout ops a parameter may pass through on its way to a matmul, and how each maps an
-# output dim back to an input dim (None: not a pure relabelling of dims).
 # Ops that only lay a value out anew (one tensor in, the same elements out): a parameter read
 # through them (attention sinks viewed as [1, heads, 1, 1] and expanded) is sharded where the
 # op's own rule carries its shard to the layout its user wants.
@@ -132,6 +130,8 @@ _LAYOUT_CHAIN = {
 }
 
 
+# Where a parameter passes through an op on its way to its user: the placement of the op's
+# input that gives the placement its user wants (None: no op here gives it).
 def _placement_before(node: fx.Node, after: Placement, world: int) -> Optional[Shard]:
     """The placement of ``node``'s input that gives ``after`` on its output."""
     if not isinstance(after, Shard):

@@ -18,7 +18,9 @@ dimension ``j`` that starts at the same position (the first with ``prod(out[:j])
   shard again.
 
 Literal sizes at the sharded position are rewritten to their per-rank value (``ArgEdit``); a
-``-1`` needs nothing, a symbolic size there means we cannot tell, so ``Cannot``.
+``-1`` needs nothing, a symbolic size there means we cannot tell, so ``Cannot``; except at a
+strided shard's dim, where it is a whole number of blocks (``batch * heads``) and the rewrite
+divides it by the ranks as the graph runs.
 """
 
 from __future__ import annotations
@@ -114,21 +116,15 @@ def _unfolded(in_sizes: tuple, src: Shard) -> tuple[tuple, Shard]:
     """A strided shard's dim seen as two, its blocks and the sharded dim within them: the view
     maths then runs on a plain shard (``[batch * heads, ...]`` is ``[batch, heads, ...]``)."""
     d = src.dim
-    size = in_sizes[d]
-    if isinstance(size, int):
-        outer: Any = size // src.period
-    else:
-        import sympy  # dynamic sizes only; symbolic tracing has imported it already
-
-        outer = sympy.sympify(size) / src.period
-    return in_sizes[:d] + (outer, src.period) + in_sizes[d + 1:], Shard(d + 1)
+    return in_sizes[:d] + (_quotient(in_sizes[d], src.period), src.period) + in_sizes[d + 1:], Shard(d + 1)
 
 
 def _quotient(a: Any, b: Any) -> Any:
-    """``a / b`` for sizes: an int where it is a whole number, else a sympy expression."""
+    """``a / b`` for sizes: an int where it is a whole number, a sympy expression for dynamic
+    sizes, None for ints that do not divide."""
     if isinstance(a, int) and isinstance(b, int):
         return a // b if a % b == 0 else None
-    import sympy
+    import sympy  # dynamic sizes only; symbolic tracing has imported it already
 
     q = sympy.simplify(sympy.sympify(a) / sympy.sympify(b))
     return int(q) if q.is_Integer else q
