@@ -95,19 +95,20 @@ _SECTION = re.compile(r"^(n|num)_[a-z_]+_layers$")
 _TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=0, tie_word_embeddings=False)
 
 
-def _has(config: Any, key: str) -> bool:
-    """Whether ``config`` has the field (a per-layer field read globally raises; that is a no)."""
-    try:
-        return hasattr(config, key)
-    except Exception:  # noqa: BLE001  transformers' AmbiguousGlobalPerLayerAttributeError and kin
-        return False
+_MISSING = object()
 
 
-def _get(config: Any, key: str) -> Any:
+def _get(config: Any, key: str, default: Any = None) -> Any:
+    """``config.key``, or ``default`` where it has none (a per-layer field read globally raises
+    transformers' AmbiguousGlobalPerLayerAttributeError: that is a none too)."""
     try:
         return getattr(config, key)
-    except Exception:  # noqa: BLE001  a per-layer field read globally
-        return None
+    except Exception:  # noqa: BLE001
+        return default
+
+
+def _has(config: Any, key: str) -> bool:
+    return _get(config, key, _MISSING) is not _MISSING
 
 
 def _sub_configs(config: Any) -> dict[str, Any]:
@@ -251,8 +252,8 @@ def build_and_run(arch: str) -> tuple[Any, dict[str, Any], Any, str]:
         if getattr(config, "is_encoder_decoder", False):
             ran["inputs"]["decoder_input_ids"] = ids[:, :7].clone()
         with torch.no_grad():
-            out = _first(model(**ran["inputs"]))
-            uncached = _first(model(**ran["inputs"], use_cache=False)) if _takes(model, "use_cache") else out
+            out = logits_of(model(**ran["inputs"]))
+            uncached = logits_of(model(**ran["inputs"], use_cache=False)) if _takes(model, "use_cache") else out
         # autotp computes a call without a cache (its capture turns the cache off); a config under
         # which the model itself answers otherwise with one (a layer run twice over one cache
         # slot) has no single reference to compare with
@@ -264,7 +265,8 @@ def build_and_run(arch: str) -> tuple[Any, dict[str, Any], Any, str]:
     return model, ran["inputs"], ran["output"], how
 
 
-def _first(out: Any) -> Any:
+def logits_of(out: Any) -> Any:
+    """A model output's logits (its first element where it has no ``logits`` field)."""
     return out.logits if hasattr(out, "logits") else out[0]
 
 

@@ -59,9 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         report = conformance.run(part(itertools.chain(hand, conformance.opinfo_samples(dtypes, args.per_op, args.only,
                                                                                        sizes))), args.tp, args.shared_tp)
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(
-            summary=report.summary(), samples=report.samples, placements=report.placements, failures=report.failures,
-            checked=dict(report.checked), refused=dict(report.refused), seconds=report.seconds)))
+        Path(args.json).write_text(json.dumps(report.to_dict()))
     for failure in report.failures:
         print("FAIL", failure)
     print(report.summary())

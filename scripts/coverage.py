@@ -33,13 +33,7 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def _model_and_inputs(arch: str) -> tuple:
-    """The seeded model of ``arch`` (from the first of its configs that builds and runs), its
-    inputs, its unsharded output, and how its config was made."""
-    from arch_configs import build_and_run
-
-    return build_and_run(arch)
+from arch_configs import build_and_run, logits_of  # noqa: E402
 
 
 GENERATE = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0)
@@ -89,10 +83,6 @@ def _compare_generation(tp_model, prompt: dict, reference) -> str:
     return "identical" if torch.equal(got, reference) else "**not identical**"
 
 
-def _logits(out):
-    return out.logits if hasattr(out, "logits") else out[0]
-
-
 def _summary(arch: str, world: int, model, plan, graph, reference, outputs: list, seconds: float) -> dict:
     """What the matrix reports of one architecture at one tp, from the outputs of its ranks."""
     from autotp.collectives import count_collectives
@@ -125,12 +115,12 @@ def _check(arch: str, rank: int, world: int) -> dict:
     import autotp
 
     try:
-        model, inputs, reference, how = _model_and_inputs(arch)
+        model, inputs, reference, how = build_and_run(arch)
     except Exception as exc:  # the family's tiny config does not build or run on CPU: listed with why
         return dict(arch=arch, error=f"cannot build or run unsharded: {_described(exc)}")
     other = {name: ids[:, :6] for name, ids in inputs.items()}  # another length: a second graph if one was specialised
     with torch.no_grad():
-        other_reference = _logits(model(**other))
+        other_reference = logits_of(model(**other))
     prompt = _prompt(model.config)
     try:  # before parallelize, which hands the model object over to the ranks
         generated = _generated(model, prompt)
@@ -142,8 +132,8 @@ def _check(arch: str, rank: int, world: int) -> dict:
     with torch.no_grad():
         tp_model = autotp.parallelize(model, inputs)
         seconds = time.perf_counter() - start
-        got = _logits(tp_model(**inputs))
-        other_diff = (_logits(tp_model(**other)) - other_reference).abs().max().item()
+        got = logits_of(tp_model(**inputs))
+        other_diff = (logits_of(tp_model(**other)) - other_reference).abs().max().item()
     summary = _summary(arch, world, model, tp_model.plan, tp_model.graph_module, reference, [got], seconds)
     summary["config"] = how
     summary["exact"] = summary["exact"] and other_diff <= 1e-4 * other_reference.abs().max().item()
@@ -157,7 +147,7 @@ def _check(arch: str, rank: int, world: int) -> dict:
 
 def check_simulated(arch: str, world: int) -> dict:
     """``arch`` with every rank simulated in this process (autotp.simulate): what the tests run."""
-    model, inputs, reference, how = _model_and_inputs(arch)
+    model, inputs, reference, how = build_and_run(arch)
     return {**_simulate_built(arch, world, model, inputs, reference), "config": how}
 
 
@@ -166,14 +156,14 @@ def _simulate_built(arch: str, world: int, model, inputs: dict, reference) -> di
 
     start = time.perf_counter()
     sim = simulate(model, inputs, world)
-    return _summary(arch, world, model, sim.plan, sim.graphs[0], reference, [_logits(o) for o in sim.outputs],
+    return _summary(arch, world, model, sim.plan, sim.graphs[0], reference, [logits_of(o) for o in sim.outputs],
                     time.perf_counter() - start)
 
 
 def _simulated_one(arch: str, world: int) -> dict:
     """``check_simulated`` as a table row's result, with why when the family cannot be checked."""
     try:
-        *built, how = _model_and_inputs(arch)
+        *built, how = build_and_run(arch)
     except Exception as exc:  # the family's tiny config does not build or run on CPU: listed with why
         return dict(arch=arch, error=f"cannot build or run unsharded: {_described(exc)}")
     try:

@@ -82,28 +82,15 @@ def test_opinfo_conformance(capsys, tmp_path) -> None:
     for (path, proc), (out, err) in zip(halves, outputs):
         assert path.exists(), err[-3000:]
         assert proc.returncode == 0 or json.loads(path.read_text())["failures"], out[-3000:]
-    report = _added([json.loads(path.read_text()) for path, _ in halves])
-    with capsys.disabled():
-        print(f"\nrule conformance: {report['summary']}")
-    assert not report["failures"], "\n".join(report["failures"][:20])
-    reached = set(report["checked"]) | set(report["refused"])
-    unreached = sorted({str(op) for op in RULES} - reached - UNREACHED)
-    assert not unreached, f"registered ops no sample reached: {unreached}"
-    assert report["samples"] > 5000 and sum(report["checked"].values()) > 15000, report["summary"]  # the harness reaches
-
-
-def _added(parts: list[dict]) -> dict:
-    """The reports of a run split over processes, as one: counts added, failures joined."""
-    total: dict = {"samples": 0, "placements": 0, "failures": [], "checked": {}, "refused": {}}
+    parts = [conformance.Report.from_dict(json.loads(path.read_text())) for path, _ in halves]
+    report = conformance.Report()
     for part in parts:
-        total["samples"] += part["samples"]
-        total["placements"] += part["placements"]
-        total["failures"] += part["failures"]
-        for key in ("checked", "refused"):
-            for op, count in part[key].items():
-                total[key][op] = total[key].get(op, 0) + count
-    total["summary"] = (f"{len(set(total['checked']) | set(total['refused']))} ops reached, {total['samples']} samples, "
-                        f"{total['placements']} placements: {sum(total['refused'].values())} refused, "
-                        f"{sum(total['checked'].values())} accepted op results matched, {len(total['failures'])} failed "
-                        f"(two processes: {', '.join(p['summary'].split(' in ')[-1] for p in parts)})")
-    return total
+        report += part
+    with capsys.disabled():
+        print(f"\nrule conformance: {report.summary().rsplit(', in ', 1)[0]} "
+              f"(two processes: {', '.join(f'{p.seconds:.1f} s' for p in parts)})")
+    assert not report.failures, "\n".join(report.failures[:20])
+    unreached = sorted({str(op) for op in RULES} - report.ops() - UNREACHED)
+    assert not unreached, f"registered ops no sample reached: {unreached}"
+    assert report.samples > 5000 and sum(report.checked.values()) > 15000, report.summary()  # the harness reaches
+

@@ -77,6 +77,18 @@ class Report:
     def ops(self) -> set[str]:
         return set(self.checked) | set(self.refused)
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON values: what ``scripts/conformance.py --json`` writes (with the summary)."""
+        return dict(summary=self.summary(), checked=dict(self.checked), refused=dict(self.refused),
+                    failures=self.failures, samples=self.samples, untraceable=self.untraceable,
+                    placements=self.placements, seconds=self.seconds)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Report":
+        """The report ``to_dict`` wrote: runs split over processes are added with ``+=``."""
+        return cls(Counter(data["checked"]), Counter(data["refused"]), list(data["failures"]), data["samples"],
+                   data["untraceable"], data["placements"], data["seconds"])
+
     def summary(self) -> str:
         return (f"{len(self.ops())} ops reached ({len(self.checked)} with accepted placements checked), "
                 f"{self.samples} samples ({self.untraceable} untraceable), {self.placements} placements: "
