@@ -12,7 +12,7 @@ from typing import Callable, Optional
 
 import torch
 
-__all__ = ["LOCAL_OPS", "vocab_parallel_embedding", "partial_mean"]
+__all__ = ["LOCAL_OPS", "LOOKUPS", "vocab_parallel_embedding", "vocab_parallel_index", "partial_mean"]
 
 
 def vocab_parallel_embedding(
@@ -32,6 +32,19 @@ def vocab_parallel_embedding(
     return out.masked_fill_(outside.unsqueeze(-1), 0)
 
 
+def vocab_parallel_index(table: torch.Tensor, indices: list, *, rank: int, world_size: int) -> torch.Tensor:
+    """``table[idx]`` on this rank's rows of a table sharded on dim 0 (``weight[position_ids]``):
+    the rows of other ranks read row 0 and are zeroed, so the sum over ranks is the full lookup.
+    Negative ids count from the end of the whole table, as they do unsharded."""
+    (ids,) = indices
+    rows = table.shape[0]
+    ids = torch.where(ids < 0, ids + rows * world_size, ids)
+    start = rank * rows
+    outside = (ids < start) | (ids >= start + rows)
+    out = table[torch.where(outside, torch.zeros_like(ids), ids - start)]
+    return out.masked_fill_(outside.reshape(outside.shape + (1,) * (table.dim() - 1)), 0)
+
+
 def partial_mean(x: torch.Tensor, dim: Optional[list[int]] = None, keepdim: bool = False, *,
                  dtype: Optional[torch.dtype] = None, rank: int, world_size: int) -> torch.Tensor:
     """This rank's summand of a mean over dims that include the sharded one: its chunk's sum
@@ -45,5 +58,9 @@ def partial_mean(x: torch.Tensor, dim: Optional[list[int]] = None, keepdim: bool
 
 LOCAL_OPS: dict[str, Callable[..., torch.Tensor]] = {
     "vocab_parallel_embedding": vocab_parallel_embedding,
+    "vocab_parallel_index": vocab_parallel_index,
     "partial_mean": partial_mean,
 }
+
+# The local ops that are a vocabulary-parallel lookup (the planner names their tables' style).
+LOOKUPS = frozenset({"vocab_parallel_embedding", "vocab_parallel_index"})

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from typing import Union
 
 __all__ = ["Placement", "Replicate", "Shard", "Partial", "parse_placement", "block_sizes", "padded_length",
-           "valid_length", "zero_padded", "periodic_size"]
+           "valid_length", "zero_padded", "periodic_size", "local_size"]
 
 
 @dataclass(frozen=True)
@@ -179,6 +179,14 @@ def divides(shard: Shard, size: int, world_size: int) -> bool:
         return False
     return all((p % shard.chunks(world_size) == 0 or b in shard.whole) and p > 0 for b, p in enumerate(parts))
 
+
+
+def local_size(shard: Shard, size: int, world_size: int) -> int:
+    """Elements a rank holds of a dim of ``size`` laid out as ``shard``: its chunk of every
+    block, every block held whole in full; a padded chunk with its padding."""
+    if shard.padded:
+        return padded_length(size, world_size)
+    return sum(p if b in shard.whole else p // shard.chunks(world_size) for b, p in enumerate(block_sizes(shard, size)))
 
 
 def local_chunk(tensor, shard: Shard, rank: int, world_size: int):

@@ -23,7 +23,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Union
 
-from autotp.placement import Placement, Replicate, Shard, block_sizes, padded_length, parse_placement
+from autotp.placement import Placement, Replicate, Shard, local_size, parse_placement
 
 __all__ = ["Plan", "ParamSpec", "Collective", "ArgEdit", "LocalSlice", "LocalOp", "ShardedOutput", "ShardedInput", "Region", "FORMAT_VERSION"]
 
@@ -41,11 +41,7 @@ def local_shape(shape: list[int], placement: Placement, tp_size: int) -> list[in
     if not isinstance(placement, Shard):
         return list(shape)
     out = list(shape)
-    if placement.padded:
-        out[placement.dim] = padded_length(shape[placement.dim], tp_size)
-        return out
-    out[placement.dim] = sum(p if b in placement.whole else p // placement.chunks(tp_size)
-                             for b, p in enumerate(block_sizes(placement, shape[placement.dim])))
+    out[placement.dim] = local_size(placement, shape[placement.dim], tp_size)
     return out
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional, Union
 
 import torch.fx as fx
 
@@ -67,9 +67,9 @@ class Propagation:
                 yield node, move
 
 
-def arg_at(node: fx.Node, path: tuple[int, ...]) -> Any:
-    """``node.args[path[0]][path[1]]...``"""
-    value: Any = node.args
+def arg_at(node: fx.Node, path: tuple[Union[int, str], ...]) -> Any:
+    """``node.args[path[0]][path[1]]...``; a path that starts with a name starts in ``node.kwargs``."""
+    value: Any = node.kwargs if path and isinstance(path[0], str) else node.args
     for i in path:
         value = value[i]
     return value

@@ -86,7 +86,11 @@ def _apply_edits(by_name: dict[str, fx.Node], plan: Plan) -> None:
         if isinstance(found, fx.Node):  # a size computed in the graph (batch * heads): divided as it runs
             with node.graph.inserting_before(node):
                 new = node.graph.call_function(operator.floordiv, (found, edit.new))
-        node.args = _replace_at(node.args, edit.path, new)
+        if isinstance(edit.path[0], str):  # a keyword argument (repeat_interleave's output_size)
+            key = edit.path[0]
+            node.kwargs = {**node.kwargs, key: _replace_at(node.kwargs[key], edit.path[1:], new) if edit.path[1:] else new}
+        else:
+            node.args = _replace_at(node.args, edit.path, new)
 
 
 def _apply_slices(gm: fx.GraphModule, by_name: dict[str, fx.Node], plan: Plan, rank: int) -> None:

@@ -88,7 +88,11 @@ CASES = [
     # x[:, i] with i of shape [2, 3]: dim 1 becomes two dims, the sharded dim 2 moves to 3
     ("index-other-dim", lambda x, i: x[:, i.long()], [(4, 6, 8), (2, 3)], aten.index.Tensor, [Shard(2), Replicate()], 2, Shard(3)),
     ("index-apart-dims", lambda x, i: x[i.long(), :, i.long()], [(4, 6, 8), (3,)], aten.index.Tensor, [Shard(1), Replicate()], 2, Shard(1)),
-    ("index-sharded-dim", lambda x, i: x[i.long()], [(4, 6, 8), (3,)], aten.index.Tensor, [Shard(0), Replicate()], 2, Cannot),
+    ("index-rows", lambda x, i: x[i.long()], [(4, 6, 8), (3,)], aten.index.Tensor, [Shard(0), Replicate()], 2, Partial()),
+    ("index-rows-fused", lambda x, i: x[i.long()], [(4, 6, 8), (3,)], aten.index.Tensor, [Shard(0, 2), Replicate()], 2,
+     Cannot),
+    ("index-sharded-dim", lambda x, i: x[:, i.long()], [(4, 6, 8), (3,)], aten.index.Tensor, [Shard(1), Replicate()], 2,
+     Cannot),
     ("no-rule", lambda x: torch.cummax(x, 0)[0], [(4, 4)], aten.cummax.default, [Shard(0)], 2, Cannot),
 ]
 

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional, Un
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 from autotp.placement import Placement, Replicate, Shard
 
@@ -79,11 +80,12 @@ class Redistribute:
 
 @dataclass(frozen=True)
 class ArgEdit:
-    """Replace the literal at ``node.args[path...]`` (a global size) by its per-rank value. A
-    symbolic size there (another node: ``batch * heads`` at a strided shard's dim) is named by
-    that node's name, and ``new`` is what the rewrite divides it by when the graph runs."""
+    """Replace the literal at ``node.args[path...]`` (a global size) by its per-rank value (a
+    path that starts with a name starts in ``node.kwargs``). A symbolic size there (another
+    node: ``batch * heads`` at a strided shard's dim) is named by that node's name, and ``new``
+    is what the rewrite divides it by when the graph runs."""
 
-    path: tuple[int, ...]
+    path: tuple[Union[int, str], ...]
     old: Union[int, str]
     new: int
 
@@ -235,6 +237,8 @@ def apply_rule(node: fx.Node, inputs: Inputs) -> Out | Cannot:
         result = fn(node, inputs)
     except (IndexError, KeyError, TypeError, ValueError) as exc:  # malformed args: shard less
         return Cannot(f"rule for {_op_name(node)} failed: {exc}")
+    except GuardOnDataDependentSymNode:  # a size only the data decides (tokens routed to an expert)
+        return Cannot(f"{_op_name(node)}: a size that depends on the data")
     if isinstance(result, (Out, Cannot)):
         return result
     return Out(result)

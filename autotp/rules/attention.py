@@ -1,7 +1,9 @@
 """Scaled dot-product attention with sharded heads.
 
-Heads are independent: with q, k and v sharded on the heads dim (``-3`` of ``(..., heads,
-seq, head_dim)``), each rank computes attention for its heads. The mask broadcasts over heads
+Heads are independent: with q, k and v sharded alike on the heads dim (``-3`` of ``(...,
+heads, seq, head_dim)``), each rank computes attention for its heads. In blocks too
+(``Shard(1, blocks=2)``: diffllama's two groups of heads, jetmoe's keys repeated per expert), as
+long as all three hold the same heads: any set of whole heads pairs up alike. The mask broadcasts over heads
 (size 1 there) or is sliced like the query heads. Dropout draws a random mask: refused.
 
 Grouped-query attention (``enable_gqa`` with fewer kv heads ``Hkv`` than query heads ``Hq``):
@@ -58,6 +60,9 @@ def _choices(held: Any, dim: int, world: int) -> Iterator[Shard]:
 def _gqa_layout(node: fx.Node, inputs: Inputs, heads_dim: int) -> Union[tuple[Shard, Shard], Cannot]:
     """Layouts of the query and of k/v for grouped-query attention, refinable from what is held."""
     q, k, v = node.args[:3]
+    if any(isinstance(inputs[a], Shard) and inputs[a].blocks != 1 for a in (q, k, v)):
+        return Cannot("grouped-query attention with heads in blocks: which kv head a query head reads is "
+                      "only checked for contiguous heads")
     kv_held = [inputs[a] for a in (k, v) if isinstance(inputs[a], Shard)]
     kv_now = finest(kv_held) if kv_held else Replicate()
     if isinstance(kv_now, Cannot):
@@ -107,7 +112,7 @@ def sdpa_rule(node: fx.Node, inputs: Inputs) -> Result:
         return Cannot("attention without a heads dim")
     for i, arg in enumerate(node.args[:3]):
         p = inputs[arg]
-        if not isinstance(p, (Shard, Replicate)) or (isinstance(p, Shard) and (p.dim != heads_dim or p.blocks != 1)):
+        if not isinstance(p, (Shard, Replicate)) or (isinstance(p, Shard) and p.dim != heads_dim):
             return Cannot(f"attention operand {i} is {p}, only heads (Shard({heads_dim})) can be sharded")
     layouts = _layouts(node, inputs, heads_dim)
     if isinstance(layouts, Cannot):

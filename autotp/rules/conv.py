@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from autotp.placement import Replicate, Shard, block_sizes
+from autotp.placement import Replicate, Shard, block_sizes, local_size
 from autotp.rules import (ArgEdit, Cannot, Inputs, Out, Redistribute, Result, ndim, refinable, rule,
                           schema_tensor_args, sizes)
 
@@ -66,9 +66,10 @@ def conv_rule(node: fx.Node, inputs: Inputs) -> Result:
         parts = block_sizes(held, c_in)
     except ValueError as exc:
         return Cannot(f"convolution input channels: {exc}")
-    if any(p % (chunks * per_group_in) for p in parts):
+    if any(p % (per_group_in if b in held.whole else chunks * per_group_in) for b, p in enumerate(parts)):
         return Cannot(f"a rank's chunk of {list(parts)} channels would cut a group of {per_group_in}")
-    want = Shard(0, _out_blocks(held, parts, per_group_in, per_group_out), held.replicas)
+    # blocks every rank holds whole (a mamba x|B|C whose B and C are shared by all heads) stay so
+    want = Shard(0, _out_blocks(held, parts, per_group_in, per_group_out), held.replicas, whole=held.whole)
     moves = []
     for pos, arg in ((1, weight), (2, bias)):
         if arg is None or inputs[arg] == want:
@@ -76,9 +77,9 @@ def conv_rule(node: fx.Node, inputs: Inputs) -> Result:
         if not refinable(inputs[arg], want, sizes(arg)[0], inputs.world_size):
             return Cannot(f"convolution {arg.name} of {sizes(arg)[0]} rows does not split as {want}")
         moves.append(Redistribute((pos,), want))
-    edit = ArgEdit((groups_at,), groups, groups // chunks)
-    return Out(Shard(channels, want.blocks, held.replicas), tuple(moves), edits=(edit,))
+    edit = ArgEdit((groups_at,), groups, local_size(held, c_in, inputs.world_size) // per_group_in)
+    return Out(want.with_dim(channels), tuple(moves), edits=(edit,))
 
 
 for _op in GROUPED_CONVS:
-    rule(_op, reads=schema_tensor_args(_op))(conv_rule)
+    rule(_op, reads=schema_tensor_args(_op), whole_blocks=True)(conv_rule)

@@ -77,7 +77,8 @@ def index_rule(node: fx.Node, inputs: Inputs) -> Result:
     """``x[..., idx, ...]`` with replicated integer index tensors on dims other than the sharded
     one. Advanced indexing replaces the indexed dims by the indices' broadcast dims, in place
     when the indexed dims are adjacent, else in front; the sharded dim moves accordingly (and
-    must keep its size, checked on the output's shape)."""
+    must keep its size, checked on the output's shape). A table sharded on its rows and looked
+    up by one index tensor on them is a vocabulary-parallel lookup (Partial)."""
     src, indices = inputs[node.args[0]], list(node.args[1])
     given = [i for i in indices if i is not None]
     if not isinstance(src, Shard) or any(not isinstance(inputs[i], Replicate) for i in given):
@@ -85,6 +86,10 @@ def index_rule(node: fx.Node, inputs: Inputs) -> Result:
     if any(i.meta["val"].dtype in (torch.bool, torch.uint8) for i in given):
         return Cannot("index by a mask: which dims it selects depends on the mask's rank")
     indexed = [d for d, i in enumerate(indices) if i is not None]
+    if indexed == [0] == [src.dim] and len(indices) == 1 and src.blocks == 1 and src.replicas == 1:
+        # rows of a table looked up by id (``weight[position_ids]``): as a vocabulary-parallel
+        # embedding, each rank reads the rows it holds and zeroes the others
+        return Out(Partial(), local_op="vocab_parallel_index")
     if src.dim in indexed:
         return Cannot(f"index.Tensor selects along the sharded dim {src.dim}")
     width = max(ndim(i) for i in given)

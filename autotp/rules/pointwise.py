@@ -27,6 +27,7 @@ import torch.fx as fx
 from autotp.placement import Replicate, Shard
 from autotp.rules import (
     ACCEPTS_PADDED,
+    ACCEPTS_WHOLE_BLOCKS,
     ACCEPTS_PERIODIC,
     FAMILIES,
     METADATA_ARGS,
@@ -194,9 +195,10 @@ def inplace_family(op: Any) -> Optional[tuple[Rule, frozenset[str]]]:
 
 
 # Elementwise ops never mix positions: a padded shard's padding stays where it is, a strided
-# shard's blocks stay apart.
+# shard's blocks stay apart, blocks held whole stay whole (operands must match: see finest).
 ACCEPTS_PADDED.add(elementwise_rule)
 ACCEPTS_PERIODIC.add(elementwise_rule)
+ACCEPTS_WHOLE_BLOCKS.add(elementwise_rule)
 FAMILIES.append(elementwise_family)
 FAMILIES.append(inplace_family)
 for _op in UNTAGGED + DROPOUT:

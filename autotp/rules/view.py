@@ -32,8 +32,9 @@ from typing import Any, Optional, Union
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from autotp.placement import Placement, Replicate, Shard, block_sizes, divides
+from autotp.placement import Placement, Replicate, Shard, block_sizes, divides, local_size
 from autotp.rules import (
     ArgEdit,
     Cannot,
@@ -66,9 +67,13 @@ def _same(a: Any, b: Any) -> bool:
     return sympy.expand(sympy.sympify(a) - sympy.sympify(b)) == 0
 
 
-def _aligned_dim(out_sizes: tuple, before: Any) -> Optional[int]:
+def _aligned_dim(out_sizes: tuple, before: Any, after: Any) -> Optional[int]:
+    """The output dim that starts where the sharded input dim starts: as many elements before
+    it, or (a view keeps the count) as many from it on. The second decides when only the
+    dims after the shard are static (an SSD scan cuts a padded sequence into chunks of 256:
+    ``[b, S, heads, d]`` as ``[b, S // 256, 256, heads, d]``, a product sympy cannot prove)."""
     for j in range(len(out_sizes)):
-        if _same(_prod(out_sizes[:j]), before) and not _same(out_sizes[j], 1):
+        if not _same(out_sizes[j], 1) and (_same(_prod(out_sizes[:j]), before) or _same(_prod(out_sizes[j:]), after)):
             return j
     return None
 
@@ -178,7 +183,7 @@ def _reshape(node: fx.Node, inputs: Inputs, shape_path: Optional[tuple[int, ...]
     if src.period:
         in_sizes, src = _unfolded(in_sizes, src)
     n = in_sizes[src.dim]
-    j = _aligned_dim(out_sizes, _prod(in_sizes[: src.dim]))
+    j = _aligned_dim(out_sizes, _prod(in_sizes[: src.dim]), _prod(in_sizes[src.dim:]))
     if j is None:
         return _merged_before(node, in_sizes, out_sizes, src, inputs.world_size, shape_path, first)
     m = out_sizes[j]
@@ -226,7 +231,7 @@ def expand_rule(node: fx.Node, inputs: Inputs) -> Result:
     return edits if isinstance(edits, Cannot) else Out(src.with_dim(j), edits=edits)
 
 
-@rule(aten.transpose.int, reads=("self",), periodic=True)
+@rule(aten.transpose.int, reads=("self",), periodic=True, whole_blocks=True)
 def transpose_rule(node: fx.Node, inputs: Inputs) -> Result:
     src = _shard_src(node, inputs)
     if isinstance(src, Cannot):
@@ -237,7 +242,7 @@ def transpose_rule(node: fx.Node, inputs: Inputs) -> Result:
     return src.with_dim(swap.get(src.dim, src.dim))
 
 
-@rule(aten.permute.default, reads=("self",), periodic=True)
+@rule(aten.permute.default, reads=("self",), periodic=True, whole_blocks=True)
 def permute_rule(node: fx.Node, inputs: Inputs) -> Result:
     src = _shard_src(node, inputs)
     if isinstance(src, Cannot):
@@ -246,7 +251,7 @@ def permute_rule(node: fx.Node, inputs: Inputs) -> Result:
     return src.with_dim(dims.index(src.dim))
 
 
-@rule(aten.t.default, aten.numpy_T.default, reads=("self",), periodic=True)
+@rule(aten.t.default, aten.numpy_T.default, reads=("self",), periodic=True, whole_blocks=True)
 def reverse_dims_rule(node: fx.Node, inputs: Inputs) -> Result:
     src = _shard_src(node, inputs)
     if isinstance(src, Cannot):
@@ -263,7 +268,7 @@ def unsqueeze_rule(node: fx.Node, inputs: Inputs) -> Result:
     return src.with_dim(src.dim + 1 if new <= src.dim else src.dim)
 
 
-@rule(aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, reads=("self",), periodic=True)
+@rule(aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, reads=("self",), periodic=True, whole_blocks=True)
 def squeeze_rule(node: fx.Node, inputs: Inputs) -> Result:
     src = _shard_src(node, inputs)
     if isinstance(src, Cannot):
@@ -306,9 +311,10 @@ def _local_bound(bound: int, world: int) -> int:
     return -((-bound) // world) if bound < 0 else bound // world
 
 
-@rule(aten.slice.Tensor, reads=("self",))
+@rule(aten.slice.Tensor, reads=("self",), whole_blocks=True)
 def slice_rule(node: fx.Node, inputs: Inputs) -> Result:
-    """Slices of other dims pass; on the sharded dim only whole fused blocks (phi3's q|k|v)."""
+    """Slices of other dims pass; on the sharded dim only whole fused blocks (phi3's q|k|v),
+    and none of a dim with blocks held whole."""
     src = _shard_src(node, inputs)
     if isinstance(src, Cannot):
         return src
@@ -317,6 +323,8 @@ def slice_rule(node: fx.Node, inputs: Inputs) -> Result:
     dim = norm_dim(args[1] if args[1] is not None else 0, rank)
     if dim != src.dim:
         return src
+    if src.whole:
+        return Cannot(f"slice of a dim with blocks held whole ({src})")
     start, end, step = args[2] or 0, args[3], args[4] or 1
     n = sizes(node.args[0])[dim]
     if not all(isinstance(v, int) for v in (start, end if end is not None else 0, step)):
@@ -371,7 +379,8 @@ def select_rule(node: fx.Node, inputs: Inputs) -> Result:
 
 def _split_outputs(node: fx.Node, src: Shard, dim: int) -> Union[list[Placement], Cannot]:
     """Placements of the pieces of a split along the sharded dim: each must be whole blocks.
-    A piece made only of blocks every rank holds whole is ``Replicate()``."""
+    A piece made only of blocks every rank holds whole is ``Replicate()``; one with some keeps
+    them whole."""
     n = sizes(node.args[0])[dim]
     pieces = [int(v.shape[dim]) for v in node.meta["val"]]
     out, start = [], 0
@@ -381,13 +390,12 @@ def _split_outputs(node: fx.Node, src: Shard, dim: int) -> Union[list[Placement]
             hint = _refined(src, n, list(accumulate(pieces)))
             return Cannot(f"split into {pieces} cuts through the blocks {block_sizes(src, n)} of a sharded dim", hint)
         picked = range(span[0], span[1])
-        whole = [b for b in picked if b in src.whole]
+        whole = tuple(b - span[0] for b in picked if b in src.whole)
         if len(whole) == len(picked):
             out.append(Replicate())
-        elif whole:
-            return Cannot(f"split piece of blocks {list(picked)} of {src}: some held whole, some not")
-        else:
-            out.append(_sub_shard(src, dim, span[2]))
+        else:  # some blocks held whole stay so in the piece (a mamba x|B|C on its way to the conv)
+            piece = _sub_shard(src, dim, span[2])
+            out.append(Shard(dim, piece.blocks, piece.replicas, whole=whole) if whole else piece)
         start += size
     return out
 
@@ -410,8 +418,8 @@ def split_rule(node: fx.Node, inputs: Inputs) -> Result:
     if node.target is aten.split.Tensor:
         edits: tuple = (ArgEdit((1,), node.args[1], node.args[1] // chunks),)
     elif node.target is aten.split_with_sizes.default:  # a piece held whole keeps its size
-        edits = tuple(ArgEdit((1, i), s, s // chunks) for i, (s, p) in enumerate(zip(node.args[1], pieces))
-                      if isinstance(p, Shard))
+        edits = tuple(ArgEdit((1, i), s, local_size(p, s, inputs.world_size))
+                      for i, (s, p) in enumerate(zip(node.args[1], pieces)) if isinstance(p, Shard))
     else:  # chunk(n) recomputes its pieces from the local size
         edits = ()
     return Out(tuple(pieces), edits=edits)
@@ -437,11 +445,19 @@ def getitem_rule(node: fx.Node, inputs: Inputs) -> Result:
     return Cannot("getitem on a sharded value")
 
 
+def _empty_1d(t: fx.Node) -> bool:
+    shape = t.meta["val"].shape
+    return len(shape) == 1 and statically_known_true(shape[0] == 0)
+
+
 @rule(aten.cat.default, reads=("tensors",))
 def cat_rule(node: fx.Node, inputs: Inputs) -> Result:
     """Concatenating along the sharded dim makes a fused dim: the pieces become its blocks."""
-    # torch.cat skips 1-D empty tensors (a lazily initialised cache starts as one)
-    tensors = [t for t in node.args[0] if tuple(t.meta["val"].shape) != (0,)]
+    # torch.cat skips 1-D empty tensors (a lazily initialised cache starts as one); the check
+    # must not guard on a size only the data decides (tokens routed to each expert)
+    tensors = [t for t in node.args[0] if not _empty_1d(t)]
+    if ndim(node) > 1 and any(ndim(t) == 1 for t in tensors):
+        return Cannot("cat of a 1-D input that may be empty")
     dim = norm_dim(node.args[1] if len(node.args) > 1 else 0, ndim(node))
     shards = {inputs[t] for t in tensors if isinstance(inputs[t], Shard)}
     if any(not isinstance(inputs[t], (Shard, Replicate)) for t in tensors):
@@ -480,6 +496,26 @@ def cat_rule(node: fx.Node, inputs: Inputs) -> Result:
     return Out(Shard(dim, blocks, replicas), tuple(moves))
 
 
+@rule(aten.repeat.default, reads=("self",))
+def repeat_rule(node: fx.Node, inputs: Inputs) -> Result:
+    """Tiling: new leading dims shift the shard; tiling the sharded dim k times makes k copies
+    of its blocks, and a rank that tiles its own chunk of each holds its chunk of every copy
+    (``Shard(d, blocks=k*b)``: jetmoe's keys repeated once per expert)."""
+    src = _shard_src(node, inputs)
+    if isinstance(src, Cannot):
+        return src
+    times = list(node.args[1])
+    dim = src.dim + len(times) - ndim(node.args[0])
+    factor = times[dim]
+    if not isinstance(factor, int) or factor < 1:
+        return Cannot(f"repeat of the sharded dim {factor} times")
+    if factor == 1:
+        return src.with_dim(dim)
+    if src.whole or src.period or src.padded:
+        return Cannot(f"repeat of the sharded dim of {src}")
+    return Shard(dim, src.blocks * factor, src.replicas)  # a tuple of block sizes repeats, a count multiplies
+
+
 @rule(aten.repeat_interleave.self_int, reads=("self",))
 def repeat_interleave_rule(node: fx.Node, inputs: Inputs) -> Result:
     """GQA's kv-head repeat: repeating each head in place keeps rank r's heads contiguous."""
@@ -489,11 +525,18 @@ def repeat_interleave_rule(node: fx.Node, inputs: Inputs) -> Result:
     dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
     if dim is None:
         return Cannot("repeat_interleave over the flattened tensor")
-    if len(node.args) > 3 or "output_size" in node.kwargs:
-        return Cannot("repeat_interleave with a literal output_size")
-    if norm_dim(dim, ndim(node)) == src.dim and src.blocks != 1:
+    along_shard = norm_dim(dim, ndim(node)) == src.dim
+    if along_shard and src.blocks != 1:
         return Cannot("repeat_interleave of a fused sharded dim")
-    return src
+    path: tuple = (3,) if len(node.args) > 3 else ("output_size",)
+    total = node.args[3] if len(node.args) > 3 else node.kwargs.get("output_size")
+    if total is None or not along_shard:  # the output size of another dim is every rank's
+        return src
+    # the size of the repeated sharded dim, given as a literal: this rank's share of it
+    chunks = src.chunks(inputs.world_size)
+    if not isinstance(total, int) or total % chunks:
+        return Cannot(f"repeat_interleave's output_size {total} does not split over the ranks")
+    return Out(src, edits=(ArgEdit(path, total, total // chunks),))
 
 
 @rule(aten.flip.default, aten.roll.default, reads=("self",))
@@ -512,30 +555,31 @@ def other_dim_rule(node: fx.Node, inputs: Inputs) -> Result:
     return src
 
 
-@rule(aten.index_copy.default, reads=("self", "index", "source"))
-def index_copy_rule(node: fx.Node, inputs: Inputs) -> Result:
+@rule(aten.index_copy.default, aten.index_add.default, reads=("self", "index", "source"))
+def index_write_rule(node: fx.Node, inputs: Inputs) -> Result:
     """``self`` with the slices ``index`` picks along ``dim`` replaced by ``source`` (a static
-    KV cache written in place): every other dim is elementwise, so ``self`` and ``source``
-    sharded alike on another dim stay sharded; a replicated one of the two is sliced locally."""
+    KV cache written in place), or ``source`` added to them (experts' outputs summed back
+    into token order): every other dim is elementwise, so ``self`` and ``source`` sharded
+    alike on another dim stay sharded; a replicated one of the two is sliced locally."""
     target, dim, index, source = node.args[:4]
     if not isinstance(inputs[index], Replicate):
-        return Cannot("index_copy with a sharded index")
+        return Cannot(f"{node.target} with a sharded index")
     placed = [inputs[target], inputs[source]]
     if any(not isinstance(p, (Shard, Replicate)) for p in placed):
-        return Cannot(f"index_copy of {placed[0]} and {placed[1]}")
+        return Cannot(f"{node.target} of {placed[0]} and {placed[1]}")
     shards = {p for p in placed if isinstance(p, Shard)}
     if not shards:
         return Replicate()
     if len(shards) != 1 or ndim(source) != ndim(target):
-        return Cannot("index_copy of values sharded differently")
+        return Cannot(f"{node.target} of values sharded differently")
     shard = shards.pop()
     if shard.dim == norm_dim(dim, ndim(node)):
-        return Cannot("index_copy along the sharded dim")
+        return Cannot(f"{node.target} along the sharded dim")
     moves = []
     for path, value, placement in (((0,), target, placed[0]), ((3,), source, placed[1])):
         if isinstance(placement, Replicate):
             if not divides(shard, sizes(value)[shard.dim], inputs.world_size):
-                return Cannot("replicated index_copy input does not split over the ranks")
+                return Cannot(f"replicated {node.target} input does not split over the ranks")
             moves.append(Redistribute(path, shard))
     return Out(shard, tuple(moves))
 

@@ -7,9 +7,10 @@ op over them. Here, for every sample of every OpInfo whose op reaches an autotp 
 1. the call is traced to aten ops as torch.export sees them (``make_fx`` with
    ``pre_dispatch=True``: ``linear`` stays ``linear``), its tensors as graph inputs;
 2. each input placement is tried (:func:`seed_sets`): each input sharded on each dim that
-   splits, in two fused blocks (one of them held whole by every rank, or neither), shared by
-   pairs of ranks, padded on each dim that does not split, strided (a run of blocks, each split),
-   as a ``Partial`` sum, and all inputs sharded along one broadcast-aligned dim at once;
+   splits, in two fused blocks (one of them held whole by every rank, or neither), in four
+   with the middle two whole, shared by pairs of ranks, padded on each dim that does not split,
+   strided (a run of blocks, each split), as a ``Partial`` sum, and all inputs sharded along
+   one broadcast-aligned dim at once;
 3. placements are propagated through the graph. Where a rule refuses, that is sound and is
    counted as a refusal. Where the graph is accepted, it is rewritten for every rank exactly
    as a model's graph is (local slices, localised literals, all-reduces after ``Partial``
@@ -127,7 +128,7 @@ def trace(sample: Sample) -> Optional[fx.GraphModule]:
 
 def seed_sets(placeholders: Sequence[fx.Node], world: int, *, shared_only: bool = False) -> Iterator[dict[fx.Node, Placement]]:
     """The input placements to try: each input alone on each dim (plain, two fused blocks,
-    shared by rank pairs), each floating input as a Partial sum, and every input at once along
+    some blocks held whole, shared by rank pairs), each floating input as a Partial sum, and every input at once along
     one dim aligned from the right (as broadcasting aligns them). ``shared_only``: only the
     placements whose chunks pairs of ranks share."""
     values = {p: p.meta.get("val") for p in placeholders}
@@ -138,7 +139,8 @@ def seed_sets(placeholders: Sequence[fx.Node], world: int, *, shared_only: bool 
             if not isinstance(size, int):
                 continue
             layouts = (Shard(d, 1, 2),) if shared_only else (Shard(d), Shard(d, 2), Shard(d, 1, 2), Shard(d, padded=True),
-                                                              Shard(d, 2, whole=(0,)), Shard(d, 2, whole=(1,)))
+                                                              Shard(d, 2, whole=(0,)), Shard(d, 2, whole=(1,)),
+                                                              Shard(d, 4, whole=(1, 2)))
             if not shared_only:  # strided: the dim as a run of blocks, each sharded (the two shortest periods)
                 layouts += tuple(Shard(d, period=p) for p in range(world, size, world) if size % p == 0)[:2]
             for shard in layouts:

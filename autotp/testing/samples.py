@@ -174,6 +174,17 @@ def hand_samples() -> list[Sample]:
         ("sdpa-mask", lambda q, k, v, m: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m),
          (randn(2, 4, 6, 8), randn(2, 4, 6, 8), randn(2, 4, 6, 8), randn(2, 4, 6, 6)), False),
         ("repeat_interleave", lambda a: a.repeat_interleave(2, dim=1), (x,), False),
+        # the output size given as a literal (mamba2 repeats its B/C groups to its heads so)
+        ("repeat_interleave-output_size", lambda a: a.repeat_interleave(2, dim=1, output_size=12), (x,), False),
+        ("repeat-tiles", lambda a: a.repeat(2, 1, 2, 1), (x,), False),
+        # rows of a table looked up by id, negative ids counting from the end (weight[position_ids])
+        ("index-rows", lambda w, i: w[i] * 2, (randn(12, 8), torch.tensor([[0, 5, -1], [11, -12, 3]])), False),
+        ("index_add", lambda a, i, b: a.index_add(0, i, b, alpha=2), (x, torch.tensor([3, 0, 3]), randn(3, 6, 8)),
+         False),
+        # a mamba in_proj's z|x|B|C|dt: the pieces of a split keep the blocks held whole, through
+        # the depthwise conv of x|B|C, its causal cut, activation and transposes
+        ("fused-conv-pieces", lambda a, w, cw, cb: _conv_pieces(a, w, cw, cb),
+         (randn(2, 5, 8), randn(32, 8), randn(16, 1, 4), randn(16)), False),
         ("embedding", lambda w, i: torch.nn.functional.embedding(i, w), (randn(12, 8), torch.tensor([[0, 5, 11]])), False),
         # a vocabulary that splits over no world size here: padded lookups and logits
         ("embedding-odd-vocab", lambda w, i: torch.nn.functional.embedding(i, w) * 2,
@@ -225,6 +236,13 @@ def hand_samples() -> list[Sample]:
         flat, leaves = _flat_call(lambda *a, fn=fn: fn(*a), tensors, {})
         samples.append(Sample(f"hand:{label}", flat, leaves, symbolic))
     return samples
+
+
+def _conv_pieces(a: torch.Tensor, w: torch.Tensor, conv_w: torch.Tensor, conv_b: torch.Tensor) -> list[torch.Tensor]:
+    zx, rest = torch.nn.functional.linear(a, w).split([16, 16], -1)
+    conv = torch.nn.functional.conv1d(zx.transpose(1, 2), conv_w, conv_b, padding=3, groups=16)[..., :a.shape[1]]
+    z, x = torch.nn.functional.silu(conv).transpose(1, 2).split([8, 8], -1)
+    return [z, x * 2, rest.sigmoid()]
 
 
 def _transformers_grouped_mm() -> Optional[Callable]:
