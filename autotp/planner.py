@@ -38,6 +38,7 @@ import torch
 import torch.fx as fx
 
 from autotp.errors import AutotpError
+from autotp.local_ops import LOOKUPS
 from autotp.placement import Partial, Placement, Replicate, Shard
 from autotp.plan import ArgEdit, Collective, LocalOp, LocalSlice, ParamSpec, Plan, Region, ShardedInput, ShardedOutput
 from autotp.propagate import Propagation, arg_at, propagate
@@ -57,14 +58,24 @@ class _Accepted:
     rejected: dict[Candidate, str] = field(default_factory=dict)
     assigned: set = field(default_factory=set)  # seeds of accepted regions
     touched: set = field(default_factory=set)  # nodes they reach
+    postponed: list[Candidate] = field(default_factory=list)  # settled only with blocks held whole
+    reserved: set = field(default_factory=set)  # the seeds of their regions, not grown alone meanwhile
 
 
-def _consider(planner: RegionGrower, cand: Candidate, state: _Accepted, within_one_layer: bool) -> None:
+def _consider(planner: RegionGrower, cand: Candidate, state: _Accepted, within_one_layer: bool,
+              postpone_whole: bool = False) -> None:
     """Grow ``cand``'s region and accept it unless it fails, alone or with the regions it
-    touches, or spans layers where ``within_one_layer`` asks it not to."""
+    touches, or spans layers where ``within_one_layer`` asks it not to. With ``postpone_whole``
+    a region whose candidate holds blocks whole is put off to the pass with statistics, where
+    fewer of them may stay whole (a mamba in_proj: B and C whole, not x, once its norm may
+    all-reduce a statistic)."""
     grown = planner.grow(cand, state.assigned)
     if isinstance(grown, str):
         state.rejected[cand] = grown
+        return
+    if postpone_whole and getattr(grown.seeds.get(cand.param), "whole", ()):
+        state.postponed.append(cand)
+        state.reserved |= set(grown.seeds)
         return
     layers = {layer_of(str(s.target)) for s in grown.seeds if s.op == "get_attr"}
     if within_one_layer and len(layers) > 1:
@@ -118,8 +129,12 @@ def plan_graph(
     for statistics in (False, True) if world_size > 1 else ():
         planner.statistics = statistics
         for cand in planner.candidates:
-            if cand.param not in state.assigned:
-                _consider(planner, cand, state, within_one_layer=statistics)
+            if cand.param not in state.assigned and (statistics or cand.param not in state.reserved):
+                _consider(planner, cand, state, within_one_layer=statistics, postpone_whole=not statistics)
+            if statistics and cand in state.postponed and cand.param not in state.assigned:
+                planner.statistics = False  # no better with statistics: the first pass's layout
+                _consider(planner, cand, state, within_one_layer=False)
+                planner.statistics = True
     planner.statistics = True
     accepted = state.accepted
     # a candidate refused as a seed may have been sharded since, inside another's region
@@ -254,7 +269,7 @@ def _param_spec(node, seeds, entries, final: Propagation, region_of, rejected) -
         return spec
     spec.placement, spec.region = placement, region
     users = [u for u in node.users if u in final.answers]
-    lookups = [u for u in users if final.answers[u].local_op == "vocab_parallel_embedding"]
+    lookups = [u for u in users if final.answers[u].local_op in LOOKUPS]
     if lookups and len(lookups) == len(users):
         spec.style, spec.reason = "vocab", "vocabulary-parallel embedding: masked lookup, all-reduce after"
     elif lookups:

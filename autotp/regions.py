@@ -1,7 +1,7 @@
 """Regions: the planner's first three steps, on one captured graph and a world size.
 
 1. **Candidates** (:func:`find_candidates`): every matmul with a parameter operand (through
-   transposes or casts), and every embedding table.
+   transposes or casts), and every table looked up by id (an embedding, ``weight[ids]``).
 2. **Column-parallel dim** (:meth:`RegionGrower.colwise`): the parameter dim whose sharding
    shards the matmul's output columns, found by propagation, not by weight-layout knowledge.
 3. **Growth** (:meth:`RegionGrower.grow`): seed one candidate column-parallel, propagate, retry
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Iterable, Optional, Union
 import torch
 import torch.fx as fx
 
-from autotp.placement import Partial, Placement, Shard, divides
+from autotp.placement import Partial, Placement, Shard, block_sizes, divides
 from autotp.plan import ArgEdit
 from autotp.propagate import Propagation, arg_at, propagate
 from autotp.rules import Inputs, Out, apply_rule, ndim, sizes
@@ -57,21 +57,36 @@ class Candidate:
         return module_of(str(self.param.target))
 
 
+# Ops that take one parameter's piece out of a stack of them: an expert's weight ``W[e]`` of
+# ``[experts, out, in]`` read with ``select`` (or a range of them with ``slice``). A matmul that
+# reads a parameter through them is a candidate too; which dim of the stack its columns are is
+# derived by propagation like any other (the dim selected is never one).
+_PIECE_CHAIN = {aten.select.int, aten.slice.Tensor}
+
+
 def param_source(arg: object) -> Optional[fx.Node]:
+    """The parameter a matmul operand is, through transposes, casts and copies (None if none)."""
     while isinstance(arg, fx.Node) and arg.op == "call_function" and arg.target in _WEIGHT_CHAIN:
         arg = arg.args[0]
     return arg if isinstance(arg, fx.Node) and arg.op == "get_attr" else None
 
 
+def _stacked_param_source(arg: object) -> Optional[fx.Node]:
+    """:func:`param_source`, also through the ops that take a piece of a stacked parameter."""
+    while isinstance(arg, fx.Node) and arg.op == "call_function" and arg.target in _WEIGHT_CHAIN | _PIECE_CHAIN:
+        arg = arg.args[0]
+    return arg if isinstance(arg, fx.Node) and arg.op == "get_attr" else None
+
+
 def find_candidates(graph: fx.Graph) -> list[Candidate]:
-    """Matmuls with a parameter operand of rank >= 2, and embedding tables, in graph order."""
+    """Matmuls with a parameter operand of rank >= 2, and tables looked up by id, in graph order."""
     found, seen = [], set()
     for node in graph.nodes:
         operands = _candidate_operands(node)
         if not operands:
             continue
         for pos in operands:
-            param = param_source(node.args[pos])
+            param = _stacked_param_source(node.args[pos])
             if param is not None and param not in seen and ndim(param) >= 2:
                 found.append(Candidate(node, param))
                 seen.add(param)
@@ -83,16 +98,24 @@ def _candidate_operands(node: fx.Node) -> tuple[int, ...]:
     """Positions of the operands of ``node`` that may be a parameter worth sharding."""
     if node.op != "call_function":
         return ()
-    if node.target is aten.embedding.default:
+    if _is_lookup(node):
         return (0,)
     spec = matmul_spec(node.target)
     return spec[0] if spec else ()
 
 
+def _is_lookup(node: fx.Node) -> bool:
+    """An embedding, or rows of a table taken by one index tensor (``weight[position_ids]``)."""
+    if node.target is aten.index.Tensor:
+        indices = node.args[1]
+        return len(indices) == 1 and isinstance(indices[0], fx.Node)
+    return node.target is aten.embedding.default
+
+
 def _wants(c: Candidate, got: object) -> bool:
     """Whether a seed gave the consumer the layout we shard for: column-parallel output
-    columns for a matmul, a vocabulary-parallel (Partial) lookup for an embedding."""
-    if c.matmul.target is aten.embedding.default:
+    columns for a matmul, a vocabulary-parallel (Partial) lookup for a table."""
+    if _is_lookup(c.matmul):
         return isinstance(got, Partial)
     return isinstance(got, Shard) and got.dim == ndim(c.matmul) - 1
 
@@ -120,14 +143,14 @@ def layer_of(region: str) -> Optional[str]:
     return ".".join(parts[: digits[0] + 1]) if digits else None
 
 
-# Ops that only lay a value out anew (one tensor in, the same elements out): a parameter read
-# through them (attention sinks viewed as [1, heads, 1, 1] and expanded) is sharded where the
-# op's own rule carries its shard to the layout its user wants.
+# Ops that lay one tensor out anew, or take a piece of it: a parameter read through them
+# (attention sinks viewed as [1, heads, 1, 1] and expanded, a per-head decay table cut to the
+# sequence) is sharded where the op's own rule carries its shard to the layout its user wants.
 _LAYOUT_CHAIN = {
     aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unsqueeze.default,
     aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.expand.default, aten.flatten.using_ints,
     aten.unflatten.int,
-}
+} | _PIECE_CHAIN  # a piece of a parameter (a decay table cut to the sequence) keeps the other dims' shards
 
 
 # Where a parameter passes through an op on its way to its user: the placement of the op's
@@ -146,15 +169,16 @@ def _placement_before(node: fx.Node, after: Placement, world: int) -> Optional[S
         return after.with_dim(rank - 1 - after.dim)
     if node.target in _WEIGHT_CHAIN:
         return after  # casts, copies, aliases keep the layout
-    if node.target in _LAYOUT_CHAIN and not after.padded and not after.whole:
+    if node.target in _LAYOUT_CHAIN and not after.padded:
         # derived, not inverted by hand: the input shard the op's own rule maps to ``after``
         # (the propagation that follows the promotion checks the whole region again)
         source = node.args[0]
         for dim in range(ndim(source)):
-            tried = Shard(dim, after.blocks if isinstance(after.blocks, int) else 1, after.replicas)
-            answer = apply_rule(node, Inputs({source: tried}, world))
-            if isinstance(answer, Out) and answer.placement == after and not answer.redistribute:
-                return tried
+            for tried in {Shard(dim, after.blocks if isinstance(after.blocks, int) else 1, after.replicas),
+                          Shard(dim, after.blocks, after.replicas, whole=after.whole)}:
+                answer = apply_rule(node, Inputs({source: tried}, world))
+                if isinstance(answer, Out) and answer.placement == after and not answer.redistribute:
+                    return tried
     return None
 
 
@@ -168,11 +192,13 @@ def _reads_only_metadata(user: fx.Node, value: fx.Node, shard: Shard) -> bool:
 
 
 _MAX_LAYOUT_RETRIES = 4  # phi3's q|k|v slices refine the layout once per slice
-_MAX_FUSED_BLOCKS = 4  # blocks of a fused layout whose subsets held whole are tried (2^4 - 2 settles at most)
+_MAX_FUSED_BLOCKS = 5  # blocks of a fused layout whose subsets held whole are tried (2^5 - 2 settles at most)
 
 
-def _blocks_for(hint: Optional[tuple[int, ...]], size: int) -> Union[int, tuple[int, ...], None]:
-    """A rule's block hint (part sizes at the failing node) rescaled to a seed dim of ``size``."""
+def _blocks_for(hint: Optional[tuple[int, ...]], size: int, current: Shard) -> Union[int, tuple[int, ...], None]:
+    """A rule's block hint (part sizes at the failing node) rescaled to a seed dim of ``size``,
+    or, where the hint splits one block of the seed's current layout (a mamba in_proj's x|B|C
+    block, split after its conv), that layout with the block cut into the hint's parts."""
     if not hint:
         return None
     total = sum(hint)
@@ -181,7 +207,11 @@ def _blocks_for(hint: Optional[tuple[int, ...]], size: int) -> Union[int, tuple[
     elif total % size == 0 and all(h % (total // size) == 0 for h in hint):
         parts = [h // (total // size) for h in hint]
     else:
-        return None
+        held = block_sizes(current, size)
+        if held.count(total) != 1 or len(held) == 1:
+            return None
+        at = held.index(total)
+        parts = held[:at] + list(hint) + held[at + 1:]
     return len(parts) if len(set(parts)) == 1 else tuple(parts)
 
 
@@ -309,6 +339,7 @@ class RegionGrower:
         ranks). A padded layout takes no hint."""
         dim = shard.dim
         size = sizes(param)[dim]
+        tried = []
         for _ in range(_MAX_LAYOUT_RETRIES):
             seeds, prop = self.settle({**base, param: shard})
             if prop.ok:
@@ -316,27 +347,38 @@ class RegionGrower:
             failure = prop.failure
             if shard.padded:
                 return str(failure)
-            blocks = _blocks_for(failure.blocks, size) if failure.blocks else shard.blocks
+            tried.append(shard)
+            blocks = _blocks_for(failure.blocks, size, shard) if failure.blocks else shard.blocks
             hinted = Shard(dim, blocks or shard.blocks, failure.replicas or shard.replicas)
-            if hinted == shard or not divides(hinted, size, self.world):
-                return self._with_whole_blocks(base, param, shard) or str(failure)
+            if hinted == shard:
+                break
+            if not divides(hinted, size, self.world):  # its blocks that do not split may still be held whole
+                tried.append(hinted)
+                break
             shard = hinted
+        # some blocks held whole: in the finest layout tried first, then in those it refined (a
+        # mamba in_proj whose B|C cannot split keeps z|x|dt sharded, B and C whole)
+        for layout in reversed(tried):
+            found = self._with_whole_blocks(base, param, layout)
+            if found is not None:
+                return found
         return str(prop.failure)
 
     def _with_whole_blocks(self, base: dict[fx.Node, Placement], param: fx.Node, shard: Shard):
         """A fused layout that failed, retried with some of its blocks held whole by every rank
-        (fewest first): a q|k|v whose single kv head cannot be split keeps q sharded, k and v
+        (the fewest elements first): a q|k|v whose single kv head cannot be split keeps q sharded, k and v
         whole. None when no such layout settles."""
         count = shard.num_blocks if shard.replicas == 1 and not shard.whole else 0
         if not 2 <= count <= _MAX_FUSED_BLOCKS:
             return None
-        for taken in range(1, count):
-            for whole in combinations(range(count), taken):
-                layout = Shard(shard.dim, shard.blocks, whole=whole)
-                if divides(layout, sizes(param)[shard.dim], self.world):
-                    seeds, prop = self.settle({**base, param: layout})
-                    if prop.ok:
-                        return seeds, prop
+        parts = block_sizes(shard, sizes(param)[shard.dim])
+        subsets = [whole for taken in range(1, count) for whole in combinations(range(count), taken)]
+        for whole in sorted(subsets, key=lambda w: (sum(parts[b] for b in w), len(w))):  # fewest elements whole first
+            layout = Shard(shard.dim, shard.blocks, whole=whole)
+            if divides(layout, sizes(param)[shard.dim], self.world):
+                seeds, prop = self.settle({**base, param: layout})
+                if prop.ok:
+                    return seeds, prop
         return None
 
     def _grow_once(self, grown: Grown, assigned: set) -> Optional[Grown]:

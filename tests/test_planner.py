@@ -116,15 +116,42 @@ def test_sub_norms_are_crossed_by_all_reducing_their_statistic() -> None:
     assert plan.all_reduces_per_layer()["model.layers.0"] == 4  # 2 statistics, 2 row-parallel exits
 
 
+class LoneProjections(torch.nn.Module):
+    """Pre-norm blocks whose entry projection has 3 outputs, which no tp here splits: only the
+    exit ``out`` could be sharded, column-parallel, and that shards the residual stream."""
+
+    def __init__(self, hidden: int = 32, layers: int = 3) -> None:
+        super().__init__()
+        self.entries = torch.nn.ModuleList(torch.nn.Linear(hidden, 3) for _ in range(layers))
+        self.exits = torch.nn.ModuleList(torch.nn.Linear(3, hidden) for _ in range(layers))
+        self.head = torch.nn.Linear(hidden, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        def norm(h: torch.Tensor) -> torch.Tensor:  # as Hugging Face writes RMSNorm: a mean over the hidden dim
+            return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+        for entry, out in zip(self.entries, self.exits):
+            x = x + out(torch.tanh(entry(norm(x))))
+        return self.head(norm(x))
+
+
 def test_a_statistic_never_keeps_the_residual_stream_sharded() -> None:
-    # diffllama's attention fails on its own (a head count the view does not split); o_proj
-    # alone, column-parallel, would shard the hidden dim, every later norm all-reducing its
+    # column-parallel, ``out`` would shard the hidden dim, every later norm all-reducing its
     # statistic and every later projection row-parallel. It stays replicated instead.
+    torch.manual_seed(0)
+    for sim in _simulated_exactly(LoneProjections().eval(), torch.randn(2, 5, 32), tps=(2,)):
+        assert sim.plan.params["exits.0.weight"].placement == Replicate()
+        assert "span" in next(r.reason for r in sim.plan.regions if r.name == "exits.0")
+        assert sim.plan.params["head.weight"].placement == Shard(0)
+
+
+def test_heads_in_two_groups_shard_like_plain_heads() -> None:
+    # diffllama splits its heads into two groups (q as Shard(1, blocks=2)); attention pairs any
+    # whole heads alike, so q and o are sharded though the 2 kv heads (split in two) cannot be
     plan = autotp.plan(hf_model("diffllama", device="meta"), tp_size=2)
-    assert plan.params["model.layers.0.self_attn.o_proj.weight"].placement == Replicate()
-    assert "span" in next(r.reason for r in plan.regions if r.name == "model.layers.0.self_attn.o_proj")
+    assert plan.params["model.layers.0.self_attn.q_proj.weight"].placement == Shard(0, 2)
+    assert plan.params["model.layers.0.self_attn.o_proj.weight"].style == "rowwise"
     assert plan.params["model.layers.1.mlp.gate_proj.weight"].style == "colwise"
-    assert plan.params["lm_head.weight"].placement == Shard(0)
     assert max(plan.all_reduces_per_layer().values()) <= 2
 
 
