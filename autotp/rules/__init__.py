@@ -13,7 +13,7 @@ placement of my output, and what must change for that to be true?* It returns
 Rules read shapes from ``node.meta["val"]`` (fake tensors, possibly with symbolic batch and
 sequence sizes), know the world size (for divisibility) but never the rank, never edit the
 graph and never communicate. Start reading at :func:`rule` and :data:`RULES`; the families live
-in ``pointwise.py``, ``view.py``, ``reinterpret.py``, ``matmul.py``, ``conv.py``,
+in ``pointwise.py``, ``view.py``, ``pieces.py``, ``reinterpret.py``, ``matmul.py``, ``conv.py``,
 ``attention.py``, ``reduction.py`` and ``misc.py``.
 """
 
@@ -304,4 +304,4 @@ def norm_dim(dim: int, rank: int) -> int:
 
 
 # Importing the family modules fills RULES.
-from autotp.rules import attention, conv, matmul, misc, pointwise, reduction, reinterpret, view  # noqa: E402,F401
+from autotp.rules import attention, conv, matmul, misc, pieces, pointwise, reduction, reinterpret, view  # noqa: E402,F401
