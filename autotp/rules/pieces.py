@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import operator
 from itertools import accumulate
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 import torch.fx as fx
@@ -73,7 +73,7 @@ def slice_rule(node: fx.Node, inputs: Inputs) -> Result:
     start = start + n if start < 0 else start
     end = n if end is None or end >= n else (end + n if end < 0 else end)
     if step != 1:
-        return Cannot("strided slice of a sharded dim")
+        return _every_kth(src, n, start, end, step, inputs.world_size)
     if start == 0 and end == n:
         return src
     span = _block_span(src, n, start, end)
@@ -85,6 +85,16 @@ def slice_rule(node: fx.Node, inputs: Inputs) -> Result:
     if args[3] is not None and args[3] < n:
         edits.append(ArgEdit((3,), args[3], _local_bound(args[3], chunks)))
     return Out(_sub_shard(src, dim, span[2]), edits=tuple(edits))
+
+
+def _every_kth(src: Shard, n: Any, start: int, end: int, step: int, world: int) -> Result:
+    """``x[start::step]`` over a whole sharded dim (gpt-oss's interleaved gate|up: ``[..., ::2]``
+    and ``[..., 1::2]``): where each rank's chunk of every block is a whole number of steps, its
+    own ``[start::step]`` is its chunk of every block of the result, which keeps the layout."""
+    chunk = n // src.num_blocks // src.chunks(world) if isinstance(n, int) and isinstance(src.blocks, int) else 0
+    if not (0 <= start < step and end == n and chunk and chunk % step == 0):
+        return Cannot(f"strided slice [{start}:{end}:{step}] of a sharded dim of {n}")
+    return src
 
 
 @rule(aten.narrow.default, reads=("self",))
@@ -113,8 +123,10 @@ def select_rule(node: fx.Node, inputs: Inputs) -> Result:
     if isinstance(src, Cannot):
         return src
     dim = norm_dim(node.args[1], ndim(node.args[0]))
-    if dim == src.dim:
-        return Cannot("select on the sharded dim")
+    if dim == src.dim:  # with the dim's elements as blocks, a view may have made it another dim
+        n, index = sizes(node.args[0])[dim], node.args[2]
+        hint = _refined(src, n, [index % n, index % n + 1]) if isinstance(n, int) and isinstance(index, int) else None
+        return Cannot("select on the sharded dim", hint)
     return src.with_dim(src.dim - (1 if dim < src.dim else 0))
 
 
@@ -191,7 +203,7 @@ def _empty_1d(t: fx.Node) -> bool:
     return len(shape) == 1 and statically_known_true(shape[0] == 0)
 
 
-@rule(aten.cat.default, reads=("tensors",))
+@rule(aten.cat.default, aten.concatenate.default, aten.concat.default, reads=("tensors",))  # the latter two: aliases
 def cat_rule(node: fx.Node, inputs: Inputs) -> Result:
     """Concatenating along the sharded dim makes a fused dim: the pieces become its blocks."""
     # torch.cat skips 1-D empty tensors (a lazily initialised cache starts as one); the check

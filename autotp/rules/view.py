@@ -179,7 +179,12 @@ def _reshape(node: fx.Node, inputs: Inputs, shape_path: Optional[tuple[int, ...]
     m = out_sizes[j]
     if not isinstance(m, int):
         return Cannot("sharded dim maps onto a dynamic size")
-    placed = _resize(src, n, m, j, inputs.world_size)
+    if _blocks_split_off(src, n, m, out_sizes[j + 1:j + 2]):
+        # gate|up viewed as [..., 2, inner]: the blocks become dim j, every rank holding its
+        # chunk of each: a plain shard of the next dim
+        j, placed = j + 1, Shard(j + 1, 1, src.replicas)
+    else:
+        placed = _resize(src, n, m, j, inputs.world_size)
     if isinstance(placed, Cannot) or shape_path is None:
         return placed
     literals = node.args[shape_path[0]]
@@ -187,6 +192,14 @@ def _reshape(node: fx.Node, inputs: Inputs, shape_path: Optional[tuple[int, ...]
         return placed  # the sharded dim is not among the sizes the node spells out (unflatten of another dim)
     edits = _size_edit(shape_path + (j - first,), literals[j - first], src.chunks(inputs.world_size))
     return edits if isinstance(edits, Cannot) else Out(placed, edits=edits)
+
+
+def _blocks_split_off(src: Shard, n: int, m: int, after: tuple) -> bool:
+    """Whether a view splits a dim of ``n`` in equal blocks into ``(blocks, block size)``."""
+    if src.num_blocks != m or m < 2 or src.whole or not after:
+        return False
+    parts = block_sizes(src, n)
+    return len(set(parts)) == 1 and _same(after[0], parts[0])
 
 
 @rule(aten.view.default, aten.reshape.default, aten._unsafe_view.default, reads=("self",), periodic=True)

@@ -177,6 +177,11 @@ def hand_samples() -> list[Sample]:
         # the output size given as a literal (mamba2 repeats its B/C groups to its heads so)
         ("repeat_interleave-output_size", lambda a: a.repeat_interleave(2, dim=1, output_size=12), (x,), False),
         ("repeat-tiles", lambda a: a.repeat(2, 1, 2, 1), (x,), False),
+        # a fused gate|up viewed as [..., 2, inner] (moshi), then one of the two taken
+        ("view-blocks-apart", lambda a: [a.view(4, 6, 2, 4) * 2, a.view(4, 6, 2, -1)[:, :, 1]], (x,), False),
+        # an interleaved gate|up taken apart (gpt-oss), and every third of a dim of 24
+        ("slice-every-other", lambda a, b: [a[..., ::2] * 2, a[..., 1::2], b[:, 2::3]], (x, randn(4, 24)), False),
+        ("concatenate", lambda a, b: [torch.concatenate([a, b], 1), torch.concat([b, a], -1)], (x, y), False),
         # rows of a table looked up by id, negative ids counting from the end (weight[position_ids])
         ("index-rows", lambda w, i: w[i] * 2, (randn(12, 8), torch.tensor([[0, 5, -1], [11, -12, 3]])), False),
         ("index_add", lambda a, i, b: a.index_add(0, i, b, alpha=2), (x, torch.tensor([3, 0, 3]), randn(3, 6, 8)),
