@@ -1,7 +1,7 @@
 """Parameters read in pieces, planned from the graph and checked exact on the simulator:
 experts selected one by one from a stacked weight, a per-head table cut to the sequence, rows
-of a table looked up by id, and a fused projection whose blocks pass a depthwise conv with some
-of them held whole by every rank."""
+of a table looked up by id, a fused projection whose blocks pass a depthwise conv with some
+of them held whole by every rank, and a fused gate|up taken apart by a view or by a stride."""
 
 from __future__ import annotations
 
@@ -138,3 +138,31 @@ def test_blocks_every_rank_holds_whole_pass_through_the_conv() -> None:
         assert fused.blocks == (16, 16, 5, 5, 4) and fused.whole == (2, 3)  # z, x, dt split; B, C whole
         assert sim.plan.params["conv.weight"].placement == Shard(0, (16, 5, 5), whole=(1, 2))
         assert sim.plan.params["out_proj.weight"].style == "rowwise"
+
+
+class GateUpTakenApart(torch.nn.Module):
+    """Two ways to take a fused gate|up apart that are not a split: moshi views it as
+    ``[..., 2, inner]`` and selects, gpt-oss interleaves the two and takes every other column."""
+
+    def __init__(self, hidden: int = 16, inner: int = 8) -> None:
+        super().__init__()
+        self.viewed, self.viewed_out = torch.nn.Linear(hidden, 2 * inner), torch.nn.Linear(inner, hidden)
+        self.interleaved, self.interleaved_out = torch.nn.Linear(hidden, 2 * inner), torch.nn.Linear(inner, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pair = self.viewed(_rms(x)).view(*x.shape[:-1], 2, -1)
+        x = x + self.viewed_out(F.silu(pair[..., 0, :]) * pair[..., 1, :])
+        both = self.interleaved(_rms(x))
+        return x + self.interleaved_out(F.silu(both[..., ::2]) * both[..., 1::2])
+
+
+def test_a_fused_gate_up_taken_apart_by_view_or_by_stride_is_sharded() -> None:
+    torch.manual_seed(0)
+    for sim in _simulated_exactly(GateUpTakenApart().eval(), torch.randn(2, 5, 16)):
+        viewed = sim.plan.params["viewed.weight"].placement
+        # at tp 4 pairs of ranks share each piece: the view's first failure (2 "heads" over 4
+        # ranks) hints sharing before the select hints blocks, and the hints only add up
+        assert isinstance(viewed, Shard) and (viewed.dim, viewed.blocks) == (0, 2), sim.plan.params["viewed.weight"].reason
+        assert sim.plan.params["interleaved.weight"].placement == Shard(0), sim.plan.params["interleaved.weight"].reason
+        for name in ("viewed_out.weight", "interleaved_out.weight"):
+            assert sim.plan.params[name].style == "rowwise"
