@@ -62,18 +62,13 @@ class Candidate:
 # reads a parameter through them is a candidate too; which dim of the stack its columns are is
 # derived by propagation like any other (the dim selected is never one).
 _PIECE_CHAIN = {aten.select.int, aten.slice.Tensor}
+_CANDIDATE_CHAIN = frozenset(_WEIGHT_CHAIN | _PIECE_CHAIN)
 
 
-def param_source(arg: object) -> Optional[fx.Node]:
-    """The parameter a matmul operand is, through transposes, casts and copies (None if none)."""
-    while isinstance(arg, fx.Node) and arg.op == "call_function" and arg.target in _WEIGHT_CHAIN:
-        arg = arg.args[0]
-    return arg if isinstance(arg, fx.Node) and arg.op == "get_attr" else None
-
-
-def _stacked_param_source(arg: object) -> Optional[fx.Node]:
-    """:func:`param_source`, also through the ops that take a piece of a stacked parameter."""
-    while isinstance(arg, fx.Node) and arg.op == "call_function" and arg.target in _WEIGHT_CHAIN | _PIECE_CHAIN:
+def param_source(arg: object, through: frozenset = frozenset(_WEIGHT_CHAIN)) -> Optional[fx.Node]:
+    """The parameter a matmul operand is, through transposes, casts and copies, or the ops in
+    ``through`` (None if none)."""
+    while isinstance(arg, fx.Node) and arg.op == "call_function" and arg.target in through:
         arg = arg.args[0]
     return arg if isinstance(arg, fx.Node) and arg.op == "get_attr" else None
 
@@ -86,7 +81,7 @@ def find_candidates(graph: fx.Graph) -> list[Candidate]:
         if not operands:
             continue
         for pos in operands:
-            param = _stacked_param_source(node.args[pos])
+            param = param_source(node.args[pos], _CANDIDATE_CHAIN)
             if param is not None and param not in seen and ndim(param) >= 2:
                 found.append(Candidate(node, param))
                 seen.add(param)
@@ -174,8 +169,8 @@ def _placement_before(node: fx.Node, after: Placement, world: int) -> Optional[S
         # (the propagation that follows the promotion checks the whole region again)
         source = node.args[0]
         for dim in range(ndim(source)):
-            for tried in {Shard(dim, after.blocks if isinstance(after.blocks, int) else 1, after.replicas),
-                          Shard(dim, after.blocks, after.replicas, whole=after.whole)}:
+            plain = Shard(dim, after.blocks if isinstance(after.blocks, int) else 1, after.replicas)
+            for tried in dict.fromkeys((plain, Shard(dim, after.blocks, after.replicas, whole=after.whole))):
                 answer = apply_rule(node, Inputs({source: tried}, world))
                 if isinstance(answer, Out) and answer.placement == after and not answer.redistribute:
                     return tried
@@ -366,8 +361,8 @@ class RegionGrower:
 
     def _with_whole_blocks(self, base: dict[fx.Node, Placement], param: fx.Node, shard: Shard):
         """A fused layout that failed, retried with some of its blocks held whole by every rank
-        (the fewest elements first): a q|k|v whose single kv head cannot be split keeps q sharded, k and v
-        whole. None when no such layout settles."""
+        (the fewest elements first): a q|k|v whose single kv head cannot be split keeps q
+        sharded, k and v whole. None when no such layout settles."""
         count = shard.num_blocks if shard.replicas == 1 and not shard.whole else 0
         if not 2 <= count <= _MAX_FUSED_BLOCKS:
             return None
