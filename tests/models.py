@@ -157,6 +157,19 @@ def assert_close_to(reference: torch.Tensor, actual: torch.Tensor) -> float:
     return diff
 
 
+def simulated_exactly(model: nn.Module, x: torch.Tensor, tps: tuple[int, ...] = (2, 4)) -> list:
+    """``model`` on ``x`` simulated at each tp (:func:`autotp.simulate.simulate`), every rank's
+    output checked against the unsharded one. Returns the simulations."""
+    from autotp.simulate import simulate
+
+    with torch.no_grad():
+        reference, sims = model(x), [simulate(model, (x,), tp) for tp in tps]
+    for sim in sims:
+        for out in sim.outputs:
+            assert_close_to(reference, out)
+    return sims
+
+
 def parallelize_and_compare(model: nn.Module, ids: torch.Tensor) -> tuple[nn.Module, list[str], float]:
     """``autotp.parallelize(model)`` recording the warnings it gives; its logits for ``ids``
     checked against the unsharded model's. Returns the tensor-parallel model, the warnings'

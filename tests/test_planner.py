@@ -11,7 +11,7 @@ import autotp
 from autotp.placement import Replicate, Shard
 from autotp.plan import Plan
 from autotp.simulate import simulate
-from models import assert_close_to, hf_model, plain_block
+from models import assert_close_to, hf_model, plain_block, simulated_exactly
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +139,7 @@ def test_a_statistic_never_keeps_the_residual_stream_sharded() -> None:
     # column-parallel, ``out`` would shard the hidden dim, every later norm all-reducing its
     # statistic and every later projection row-parallel. It stays replicated instead.
     torch.manual_seed(0)
-    for sim in _simulated_exactly(LoneProjections().eval(), torch.randn(2, 5, 32), tps=(2,)):
+    for sim in simulated_exactly(LoneProjections().eval(), torch.randn(2, 5, 32), tps=(2,)):
         assert sim.plan.params["exits.0.weight"].placement == Replicate()
         assert "span" in next(r.reason for r in sim.plan.regions if r.name == "exits.0")
         assert sim.plan.params["head.weight"].placement == Shard(0)
@@ -215,19 +215,9 @@ def test_a_per_head_parameter_read_through_a_view_shards_with_its_heads() -> Non
             return self.o((probs @ v).transpose(1, 2).reshape(b, s, -1))
 
     torch.manual_seed(0)
-    for sim in _simulated_exactly(SinkAttention().eval(), torch.randn(2, 5, 32)):
+    for sim in simulated_exactly(SinkAttention().eval(), torch.randn(2, 5, 32)):
         assert sim.plan.params["sinks"].placement == Shard(0), sim.plan.params["sinks"].reason
         assert not sim.plan.slices  # nothing left to slice on every call
-
-
-def _simulated_exactly(model: torch.nn.Module, x: torch.Tensor, tps: tuple[int, ...] = (2, 4)) -> list:
-    """``model`` on ``x`` simulated at each tp, every rank's output checked against the unsharded one."""
-    with torch.no_grad():
-        reference, sims = model(x), [simulate(model, (x,), tp) for tp in tps]
-    for sim in sims:
-        for out in sim.outputs:
-            assert_close_to(reference, out)
-    return sims
 
 
 class FoldedHeadsAttention(torch.nn.Module):
@@ -260,7 +250,7 @@ def test_heads_folded_into_the_batch_are_strided_shards() -> None:
     # view back to [batch, heads, ...] gives a plain shard
     torch.manual_seed(0)
     model, x = FoldedHeadsAttention().eval(), torch.randn(3, 5, 32)
-    for sim in _simulated_exactly(model, x):
+    for sim in simulated_exactly(model, x):
         for name in ("qkv.weight", "gate.weight"):
             assert sim.plan.params[name].style == "colwise", sim.plan.params[name].reason
         assert sim.plan.params["o.weight"].style == "rowwise"

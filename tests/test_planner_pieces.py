@@ -9,18 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from autotp.placement import Shard
-from autotp.simulate import simulate
-from models import assert_close_to
-
-
-def _simulated_exactly(model: torch.nn.Module, x: torch.Tensor, tps: tuple[int, ...] = (2, 4)) -> list:
-    """``model`` on ``x`` simulated at each tp, every rank's output checked against the unsharded one."""
-    with torch.no_grad():
-        reference, sims = model(x), [simulate(model, (x,), tp) for tp in tps]
-    for sim in sims:
-        for out in sim.outputs:
-            assert_close_to(reference, out)
-    return sims
+from models import simulated_exactly
 
 
 class StackedExperts(torch.nn.Module):
@@ -43,7 +32,7 @@ class StackedExperts(torch.nn.Module):
 
 def test_experts_selected_from_a_stacked_weight_are_candidates() -> None:
     torch.manual_seed(0)
-    for sim in _simulated_exactly(StackedExperts().eval(), torch.randn(2, 5, 16)):
+    for sim in simulated_exactly(StackedExperts().eval(), torch.randn(2, 5, 16)):
         assert sim.plan.params["up"].placement == Shard(1, 2), sim.plan.params["up"].reason
         assert sim.plan.params["down"].placement == Shard(2), sim.plan.params["down"].reason
 
@@ -67,7 +56,7 @@ class DecayedHeads(torch.nn.Module):
 
 def test_a_per_head_table_cut_to_the_sequence_shards_with_its_heads() -> None:
     torch.manual_seed(0)
-    for sim in _simulated_exactly(DecayedHeads().eval(), torch.randn(2, 5, 16)):
+    for sim in simulated_exactly(DecayedHeads().eval(), torch.randn(2, 5, 16)):
         assert sim.plan.params["decay"].placement == Shard(1), sim.plan.params["decay"].reason
         assert not sim.plan.slices  # nothing left to cut from a whole table on every call
 
@@ -88,7 +77,7 @@ class IndexedPositions(torch.nn.Module):
 
 def test_rows_looked_up_by_id_are_a_vocabulary_parallel_table() -> None:
     torch.manual_seed(0)
-    for sim in _simulated_exactly(IndexedPositions().eval(), torch.randint(0, 20, (2, 7))):
+    for sim in simulated_exactly(IndexedPositions().eval(), torch.randint(0, 20, (2, 7))):
         assert sim.plan.params["positions"].placement == Shard(0)
         assert sim.plan.params["positions"].style == "vocab"
         lookups = [o.node for o in sim.plan.local_ops if o.op == "vocab_parallel_index"]
@@ -132,7 +121,7 @@ def _rms(h: torch.Tensor) -> torch.Tensor:  # as Hugging Face writes RMSNorm: a 
 def test_blocks_every_rank_holds_whole_pass_through_the_conv() -> None:
     # at tp 2 only: 46 rows split over 4 ranks only padded, and a padded layout takes no blocks
     torch.manual_seed(0)
-    for sim in _simulated_exactly(SharedStateMixer().eval(), torch.randn(2, 7, 16), tps=(2,)):
+    for sim in simulated_exactly(SharedStateMixer().eval(), torch.randn(2, 7, 16), tps=(2,)):
         fused = sim.plan.params["in_proj.weight"].placement
         assert isinstance(fused, Shard) and fused.dim == 0, sim.plan.params["in_proj.weight"].reason
         assert fused.blocks == (16, 16, 5, 5, 4) and fused.whole == (2, 3)  # z, x, dt split; B, C whole
@@ -158,7 +147,7 @@ class GateUpTakenApart(torch.nn.Module):
 
 def test_a_fused_gate_up_taken_apart_by_view_or_by_stride_is_sharded() -> None:
     torch.manual_seed(0)
-    for sim in _simulated_exactly(GateUpTakenApart().eval(), torch.randn(2, 5, 16)):
+    for sim in simulated_exactly(GateUpTakenApart().eval(), torch.randn(2, 5, 16)):
         viewed = sim.plan.params["viewed.weight"].placement
         # at tp 4 pairs of ranks share each piece: the view's first failure (2 "heads" over 4
         # ranks) hints sharing before the select hints blocks, and the hints only add up
