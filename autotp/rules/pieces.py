@@ -1,5 +1,6 @@
 """Ops that take pieces of a tensor or join them: slice, narrow, select, split, unbind,
-getitem, cat, stack, repeat, repeat_interleave, flip/roll and index_select/index_copy/index_add.
+getitem, cat, stack, repeat, repeat_interleave, flip/roll, gather and
+index_select/index_copy/index_add.
 
 Along another dim than the sharded one they keep the shard (moved where the op adds or drops
 dims). Along the sharded dim a piece is kept only where it is made of whole blocks of a fused
@@ -333,6 +334,34 @@ def index_write_rule(node: fx.Node, inputs: Inputs) -> Result:
         if isinstance(placement, Replicate):
             if not divides(shard, sizes(value)[shard.dim], inputs.world_size):
                 return Cannot(f"replicated {node.target} input does not split over the ranks")
+            moves.append(Redistribute(path, shard))
+    return Out(shard, tuple(moves))
+
+
+@rule(aten.gather.default, reads=("self", "index"))
+def gather_rule(node: fx.Node, inputs: Inputs) -> Result:
+    """``out[..., i, ...] = self[..., index[..., i, ...], ...]`` along ``dim``: elementwise in
+    every other dim where ``index`` is as long as ``self``, so the two sharded alike there stay
+    sharded; a replicated one of the two is sliced locally."""
+    source, dim, index = node.args[:3]
+    placed = [inputs[source], inputs[index]]
+    if any(not isinstance(p, (Shard, Replicate)) for p in placed):
+        return Cannot(f"gather of {placed[0]} by {placed[1]}")
+    shards = {p for p in placed if isinstance(p, Shard)}
+    if not shards:
+        return Replicate()
+    if len(shards) != 1 or ndim(source) != ndim(index):
+        return Cannot("gather of values sharded differently")
+    shard = shards.pop()
+    if shard.dim == norm_dim(dim, ndim(source)):
+        return Cannot("gather along the sharded dim")
+    if sizes(source)[shard.dim] != sizes(index)[shard.dim]:
+        return Cannot("gather by an index shorter than its input on the sharded dim")
+    moves = []
+    for path, value, placement in (((0,), source, placed[0]), ((2,), index, placed[1])):
+        if isinstance(placement, Replicate):
+            if not divides(shard, sizes(value)[shard.dim], inputs.world_size):
+                return Cannot("replicated gather input does not split over the ranks")
             moves.append(Redistribute(path, shard))
     return Out(shard, tuple(moves))
 

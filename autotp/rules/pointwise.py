@@ -56,6 +56,8 @@ UNTAGGED = [
     aten.contiguous.default, aten.alias.default, aten.detach.default, aten.lift_fresh_copy.default,
     aten.zeros_like.default, aten.ones_like.default, aten.empty_like.default, aten.full_like.default,
     aten.copy.default,  # ``src`` broadcast into ``self``'s shape
+    aten.expand_as.default,  # ``self`` broadcast into ``other``'s shape
+    aten.log_sigmoid.default,
 ]
 # Dropout draws random numbers: elementwise (and the identity) only when not training.
 DROPOUT = [aten.dropout.default, aten.feature_dropout.default, aten.native_dropout.default]

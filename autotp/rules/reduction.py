@@ -77,6 +77,12 @@ def variance_rule(node: fx.Node, inputs: Inputs) -> Result:
     return _reduced(node, inputs, _arg(node, 1, "dim", None), bool(node.kwargs.get("keepdim", False)), outputs)
 
 
+@rule(aten.var.dim, aten.std.dim, reads=("self",), periodic=True)
+def variance_dim_rule(node: fx.Node, inputs: Inputs) -> Result:
+    """The older overloads, with ``unbiased`` and a positional ``keepdim``."""
+    return _reduced(node, inputs, _arg(node, 1, "dim", None), bool(_arg(node, 3, "keepdim", False)))
+
+
 @rule(aten.max.dim, aten.min.dim, reads=("self",), periodic=True)
 def max_dim_rule(node: fx.Node, inputs: Inputs) -> Result:
     return _reduced(node, inputs, node.args[1], bool(_arg(node, 2, "keepdim", False)), outputs=2)

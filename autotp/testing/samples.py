@@ -181,6 +181,7 @@ def hand_samples() -> list[Sample]:
         ("view-blocks-apart", lambda a: [a.view(4, 6, 2, 4) * 2, a.view(4, 6, 2, -1)[:, :, 1]], (x,), False),
         # an interleaved gate|up taken apart (gpt-oss), and every third of a dim of 24
         ("slice-every-other", lambda a, b: [a[..., ::2] * 2, a[..., 1::2], b[:, 2::3]], (x, randn(4, 24)), False),
+        ("expand_as", lambda a, b: a.expand_as(b) * b, (randn(4, 1, 8), x), False),
         ("concatenate", lambda a, b: [torch.concatenate([a, b], 1), torch.concat([b, a], -1)], (x, y), False),
         # rows of a table looked up by id, negative ids counting from the end (weight[position_ids])
         ("index-rows", lambda w, i: w[i] * 2, (randn(12, 8), torch.tensor([[0, 5, -1], [11, -12, 3]])), False),
