@@ -87,8 +87,8 @@ def _apply_edits(by_name: dict[str, fx.Node], plan: Plan) -> None:
             with node.graph.inserting_before(node):
                 new = node.graph.call_function(operator.floordiv, (found, edit.new))
         if isinstance(edit.path[0], str):  # a keyword argument (repeat_interleave's output_size)
-            key = edit.path[0]
-            node.kwargs = {**node.kwargs, key: _replace_at(node.kwargs[key], edit.path[1:], new) if edit.path[1:] else new}
+            key, rest = edit.path[0], edit.path[1:]
+            node.kwargs = {**node.kwargs, key: _replace_at(node.kwargs[key], rest, new) if rest else new}
         else:
             node.args = _replace_at(node.args, edit.path, new)
 

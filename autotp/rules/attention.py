@@ -2,9 +2,10 @@
 
 Heads are independent: with q, k and v sharded alike on the heads dim (``-3`` of ``(...,
 heads, seq, head_dim)``), each rank computes attention for its heads. In blocks too
-(``Shard(1, blocks=2)``: diffllama's two groups of heads, jetmoe's keys repeated per expert), as
-long as all three hold the same heads: any set of whole heads pairs up alike. The mask broadcasts over heads
-(size 1 there) or is sliced like the query heads. Dropout draws a random mask: refused.
+(``Shard(1, blocks=2)``: diffllama's two groups of heads, jetmoe's keys repeated per expert),
+as long as all three hold the same heads: any set of whole heads pairs up alike. The mask
+broadcasts over heads (size 1 there) or is sliced like the query heads. Dropout draws a random
+mask: refused.
 
 Grouped-query attention (``enable_gqa`` with fewer kv heads ``Hkv`` than query heads ``Hq``):
 query head ``h`` reads kv head ``h // G``, ``G = Hq / Hkv``. On a rank holding query heads
