@@ -309,28 +309,22 @@ def other_dim_rule(node: fx.Node, inputs: Inputs) -> Result:
     return src
 
 
-@rule(aten.index_copy.default, aten.index_add.default, reads=("self", "index", "source"))
-def index_write_rule(node: fx.Node, inputs: Inputs) -> Result:
-    """``self`` with the slices ``index`` picks along ``dim`` replaced by ``source`` (a static
-    KV cache written in place), or ``source`` added to them (experts' outputs summed back
-    into token order): every other dim is elementwise, so ``self`` and ``source`` sharded
-    alike on another dim stay sharded; a replicated one of the two is sliced locally."""
-    target, dim, index, source = node.args[:4]
-    if not isinstance(inputs[index], Replicate):
-        return Cannot(f"{node.target} with a sharded index")
-    placed = [inputs[target], inputs[source]]
+def _alike_off_dim(node: fx.Node, inputs: Inputs, operands: list[tuple[tuple[int, ...], fx.Node]], dim: int) -> Result:
+    """Operands that meet elementwise in every dim but ``dim``: sharded alike on another dim
+    they stay sharded; a replicated one is sliced locally."""
+    placed = [inputs[value] for _, value in operands]
     if any(not isinstance(p, (Shard, Replicate)) for p in placed):
-        return Cannot(f"{node.target} of {placed[0]} and {placed[1]}")
+        return Cannot(f"{node.target} of {', '.join(map(str, placed))}")
     shards = {p for p in placed if isinstance(p, Shard)}
     if not shards:
         return Replicate()
-    if len(shards) != 1 or ndim(source) != ndim(target):
+    if len(shards) != 1 or len({ndim(value) for _, value in operands}) != 1:
         return Cannot(f"{node.target} of values sharded differently")
     shard = shards.pop()
     if shard.dim == norm_dim(dim, ndim(node)):
         return Cannot(f"{node.target} along the sharded dim")
     moves = []
-    for path, value, placement in (((0,), target, placed[0]), ((3,), source, placed[1])):
+    for (path, value), placement in zip(operands, placed):
         if isinstance(placement, Replicate):
             if not divides(shard, sizes(value)[shard.dim], inputs.world_size):
                 return Cannot(f"replicated {node.target} input does not split over the ranks")
@@ -338,32 +332,26 @@ def index_write_rule(node: fx.Node, inputs: Inputs) -> Result:
     return Out(shard, tuple(moves))
 
 
+@rule(aten.index_copy.default, aten.index_add.default, reads=("self", "index", "source"))
+def index_write_rule(node: fx.Node, inputs: Inputs) -> Result:
+    """``self`` with the slices ``index`` picks along ``dim`` replaced by ``source`` (a static
+    KV cache written in place), or ``source`` added to them (experts' outputs summed back
+    into token order): every other dim is elementwise."""
+    target, dim, index, source = node.args[:4]
+    if not isinstance(inputs[index], Replicate):
+        return Cannot(f"{node.target} with a sharded index")
+    return _alike_off_dim(node, inputs, [((0,), target), ((3,), source)], dim)
+
+
 @rule(aten.gather.default, reads=("self", "index"))
 def gather_rule(node: fx.Node, inputs: Inputs) -> Result:
     """``out[..., i, ...] = self[..., index[..., i, ...], ...]`` along ``dim``: elementwise in
-    every other dim where ``index`` is as long as ``self``, so the two sharded alike there stay
-    sharded; a replicated one of the two is sliced locally."""
+    every other dim where ``index`` is as long as ``self``."""
     source, dim, index = node.args[:3]
-    placed = [inputs[source], inputs[index]]
-    if any(not isinstance(p, (Shard, Replicate)) for p in placed):
-        return Cannot(f"gather of {placed[0]} by {placed[1]}")
-    shards = {p for p in placed if isinstance(p, Shard)}
-    if not shards:
-        return Replicate()
-    if len(shards) != 1 or ndim(source) != ndim(index):
-        return Cannot("gather of values sharded differently")
-    shard = shards.pop()
-    if shard.dim == norm_dim(dim, ndim(source)):
-        return Cannot("gather along the sharded dim")
-    if sizes(source)[shard.dim] != sizes(index)[shard.dim]:
+    sharded = {p.dim for p in (inputs[source], inputs[index]) if isinstance(p, Shard)}
+    if ndim(source) == ndim(index) and any(sizes(source)[d] != sizes(index)[d] for d in sharded):
         return Cannot("gather by an index shorter than its input on the sharded dim")
-    moves = []
-    for path, value, placement in (((0,), source, placed[0]), ((2,), index, placed[1])):
-        if isinstance(placement, Replicate):
-            if not divides(shard, sizes(value)[shard.dim], inputs.world_size):
-                return Cannot("replicated gather input does not split over the ranks")
-            moves.append(Redistribute(path, shard))
-    return Out(shard, tuple(moves))
+    return _alike_off_dim(node, inputs, [((0,), source), ((2,), index)], dim)
 
 
 @rule(aten.stack.default, reads=("tensors",))
