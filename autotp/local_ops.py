@@ -24,10 +24,7 @@ def vocab_parallel_embedding(
     Ids owned by other ranks read row 0 and are then zeroed, so summing over ranks (the
     all-reduce the planner puts after this node) gives the full lookup.
     """
-    rows = weight.shape[0]
-    start = rank * rows
-    outside = (indices < start) | (indices >= start + rows)
-    local = torch.where(outside, torch.zeros_like(indices), indices - start)
+    outside, local = _rows_held(indices, weight.shape[0], rank)
     out = torch.ops.aten.embedding.default(weight, local)
     return out.masked_fill_(outside.unsqueeze(-1), 0)
 
@@ -38,11 +35,15 @@ def vocab_parallel_index(table: torch.Tensor, indices: list, *, rank: int, world
     Negative ids count from the end of the whole table, as they do unsharded."""
     (ids,) = indices
     rows = table.shape[0]
-    ids = torch.where(ids < 0, ids + rows * world_size, ids)
+    outside, local = _rows_held(torch.where(ids < 0, ids + rows * world_size, ids), rows, rank)
+    return table[local].masked_fill_(outside.reshape(outside.shape + (1,) * (table.dim() - 1)), 0)
+
+
+def _rows_held(ids: torch.Tensor, rows: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which ids fall outside this rank's ``rows`` rows, and every id as a local row (0 for those)."""
     start = rank * rows
     outside = (ids < start) | (ids >= start + rows)
-    out = table[torch.where(outside, torch.zeros_like(ids), ids - start)]
-    return out.masked_fill_(outside.reshape(outside.shape + (1,) * (table.dim() - 1)), 0)
+    return outside, torch.where(outside, torch.zeros_like(ids), ids - start)
 
 
 def partial_mean(x: torch.Tensor, dim: Optional[list[int]] = None, keepdim: bool = False, *,

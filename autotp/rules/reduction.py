@@ -71,16 +71,12 @@ def reduce_rule(node: fx.Node, inputs: Inputs) -> Result:
     return _reduced(node, inputs, _arg(node, dims_at, "dim", None), bool(_arg(node, keep_at, "keepdim", False)))
 
 
-@rule(aten.var.correction, aten.std.correction, aten.var_mean.correction, reads=("self",), periodic=True)
+@rule(aten.var.correction, aten.std.correction, aten.var_mean.correction, aten.var.dim, aten.std.dim,
+      reads=("self",), periodic=True)
 def variance_rule(node: fx.Node, inputs: Inputs) -> Result:
+    """``keepdim`` is keyword-only in the ``correction`` overloads, 4th in the ``dim`` ones."""
     outputs = 2 if node.target is aten.var_mean.correction else 1
-    return _reduced(node, inputs, _arg(node, 1, "dim", None), bool(node.kwargs.get("keepdim", False)), outputs)
-
-
-@rule(aten.var.dim, aten.std.dim, reads=("self",), periodic=True)
-def variance_dim_rule(node: fx.Node, inputs: Inputs) -> Result:
-    """The older overloads, with ``unbiased`` and a positional ``keepdim``."""
-    return _reduced(node, inputs, _arg(node, 1, "dim", None), bool(_arg(node, 3, "keepdim", False)))
+    return _reduced(node, inputs, _arg(node, 1, "dim", None), bool(_arg(node, 3, "keepdim", False)), outputs)
 
 
 @rule(aten.max.dim, aten.min.dim, reads=("self",), periodic=True)

@@ -128,8 +128,8 @@ def trace(sample: Sample) -> Optional[fx.GraphModule]:
 
 def seed_sets(placeholders: Sequence[fx.Node], world: int, *, shared_only: bool = False) -> Iterator[dict[fx.Node, Placement]]:
     """The input placements to try: each input alone on each dim (plain, two fused blocks,
-    some blocks held whole, shared by rank pairs), each floating input as a Partial sum, and every input at once along
-    one dim aligned from the right (as broadcasting aligns them). ``shared_only``: only the
+    some blocks held whole, shared by rank pairs), each floating input as a Partial sum, and
+    every input at once along one dim aligned from the right (as broadcasting aligns them). ``shared_only``: only the
     placements whose chunks pairs of ranks share."""
     values = {p: p.meta.get("val") for p in placeholders}
     tensors = {p: v for p, v in values.items() if isinstance(v, torch.Tensor) and v.numel() > 0}
