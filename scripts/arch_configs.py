@@ -16,6 +16,11 @@ architecture. A family is built from the first of these that builds *and* runs (
 3. ``scaled, no cache``: for a hybrid whose default layers are all recurrent, where Hugging
    Face's own forward cannot size its cache.
 
+Where none of them builds and runs: each as a decoder (``is_decoder=True``, for a config with
+that flag: a causal LM that refuses to be built as an encoder); then all of them again from the
+config class the family's causal-LM class takes, where it differs from the one the model type
+names (a text decoder's config inside a composite one, as for musicgen).
+
 The coverage table names the config of every family not built the first way.
 """
 
@@ -173,39 +178,72 @@ def _scaled(config: Any, layers: int) -> dict[str, Any]:
     return chosen
 
 
+def _causal_lm_class(model_type: str) -> Optional[type]:
+    """The class transformers maps ``model_type`` to as a causal LM, if any."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type, ""), None)
+
+
+def _config_makers(model_type: str) -> dict[str, Callable[..., Any]]:
+    """What makes ``model_type``'s config from fields, by a label for the table: the config class
+    the type names, then, where it differs, the one its causal-LM class takes (a text decoder's
+    config inside a composite one, as for musicgen)."""
+    from transformers import AutoConfig, PretrainedConfig
+
+    makers = {"": lambda **fields: AutoConfig.for_model(model_type, **fields)}
+    own = getattr(_causal_lm_class(model_type), "config_class", None)
+    if (isinstance(own, type) and issubclass(own, PretrainedConfig)
+            and not isinstance(AutoConfig.for_model(model_type), own)):
+        makers[f", {own.__name__}"] = own
+    return makers
+
+
 def config_candidates(arch: str, **overrides: Any) -> Iterator[tuple[str, Callable[[], Any]]]:
     """The configs ``build_checked`` tries for ``arch``, in order: how each is made, and a
     function that makes it (which raises where the config class refuses the sizes)."""
-    from transformers import AutoConfig
-
     model_type, extra = ARCHS.get(arch, (arch, {}))  # any other model type: sizes alone
+    for label, make in _config_makers(model_type).items():
+        yield from _candidates(make, label, arch in ARCHS, {**extra, **overrides})
+        if arch in ARCHS:  # a family of the matrix is built the one way its results were recorded for
+            return
 
-    def small() -> Any:
-        probe = AutoConfig.for_model(model_type)
-        fields = _small(probe, {**COMMON, **extra, **overrides})
-        fields.update({k: v for k, v in {**extra, **overrides}.items() if v is not None})
-        return AutoConfig.for_model(model_type, **fields)
+
+def _candidates(make: Callable[..., Any], label: str, small_only: bool,
+                given: dict[str, Any]) -> Iterator[tuple[str, Callable[[], Any]]]:
+    def small(**more: Any) -> Callable[[], Any]:
+        def config() -> Any:
+            fields = _small(make(), {**COMMON, **given})
+            fields.update({k: v for k, v in {**more, **given}.items() if v is not None})
+            return make(**fields)
+        return config
 
     def scaled(layers: int, **more: Any) -> Callable[[], Any]:
-        return lambda: AutoConfig.for_model(model_type, **{**_scaled(AutoConfig.for_model(model_type), layers),
-                                                           **more, **overrides})
+        return lambda: make(**{**_scaled(make(), layers), **more, **given})
 
-    yield "small", small
-    if arch in ARCHS:  # a family of the matrix is built the one way its results were recorded for
+    yield f"small{label}", small()
+    if small_only:
         return
     for layers in (2, 4, 8):
-        yield f"scaled defaults, {layers} layers", scaled(layers)
+        yield f"scaled defaults{label}, {layers} layers", scaled(layers)
     # a hybrid whose default layers are all recurrent: Hugging Face's own forward fails to size
     # its cache (no attention layer to ask), so it runs uncached
-    yield "scaled defaults, 2 layers, no cache", scaled(2, use_cache=False)
+    yield f"scaled defaults{label}, 2 layers, no cache", scaled(2, use_cache=False)
+    if _has(make(), "is_decoder"):  # a causal LM that refuses to be built as an encoder
+        yield f"small{label}, as a decoder", small(is_decoder=True)
+        yield f"scaled defaults{label}, 2 layers, as a decoder", scaled(2, is_decoder=True)
 
 
-def _instantiate(config: Any, seed: int):
+def _instantiate(config: Any, seed: int, model_type: str):
     """The seeded model of ``config``: causal LM for decoders, masked LM / seq2seq otherwise."""
     import torch
     import transformers
 
     torch.manual_seed(seed)
+    causal_lm = _causal_lm_class(model_type)
+    if causal_lm is not None and config.model_type != model_type:  # a text decoder's config: no auto class maps it
+        return causal_lm._from_config(config).eval()
     autos = [transformers.AutoModelForCausalLM, transformers.AutoModelForSeq2SeqLM, transformers.AutoModelForMaskedLM]
     if getattr(config, "is_encoder_decoder", False):
         autos.insert(0, autos.pop(1))
@@ -228,7 +266,7 @@ def build_checked(arch: str, check: Callable[[Any], None] = lambda model: None, 
     first: Optional[BaseException] = None
     for how, make in config_candidates(arch, **overrides):
         try:
-            model = _instantiate(make(), seed)
+            model = _instantiate(make(), seed, ARCHS.get(arch, (arch,))[0])
             check(model)
             return model, how
         except Exception as exc:  # noqa: BLE001  the next config may build; the first error is reported
