@@ -83,6 +83,12 @@ def _consider(planner: RegionGrower, cand: Candidate, state: _Accepted, within_o
         state.rejected[cand] = (f"with an all-reduced statistic its region would span {len(layers)} layers "
                                 f"(a value kept sharded between them)" + (f"; without: {first}" if first else ""))
         return
+    _accept(planner, state, common_module(str(e.param.target) for e in grown.entries), grown, cand)
+
+
+def _accept(planner: RegionGrower, state: _Accepted, name: str, grown: Grown, cand: Candidate) -> None:
+    """Accept ``grown`` as region ``name`` unless it fails together with the accepted regions it
+    touches (then ``cand`` keeps the reason)."""
     mine = set(grown.prop.answers) | set(grown.seeds)
     if mine & state.touched:
         joint = {s: p for _, g in state.accepted for s, p in g.seeds.items()} | grown.seeds
@@ -91,9 +97,36 @@ def _consider(planner: RegionGrower, cand: Candidate, state: _Accepted, within_o
             state.rejected[cand] = f"conflicts with an accepted region: {prop.failure}"
             return
     state.rejected.pop(cand, None)
-    state.accepted.append((common_module(str(e.param.target) for e in grown.entries), grown))
+    state.accepted.append((name, grown))
     state.assigned |= set(grown.seeds)
     state.touched |= mine
+
+
+# A lone row-parallel projection pays an all-reduce of its output on every call for its weight's
+# memory: worth it for a weight within this factor of the graph's largest, not for a router's few
+# rows (a gate of 8 experts over a hidden of 4096 beside a 14336-wide MLP: 1/1792).
+_LONE_ROWWISE_SHARE = 16
+
+
+def _lone_rowwise_pass(planner: RegionGrower, state: _Accepted) -> None:
+    """The last pass: a projection still replicated (its output read whole by a norm, or fed
+    to a region laid out otherwise) may be row-parallel on its own, its replicated input
+    sliced locally (no communication) and its output all-reduced. Kept only where nothing else
+    is laid out anew: the parameter alone, its region one matmul wide, checked with the
+    regions it touches, and no statistics."""
+    planner.statistics = False
+    largest = max((c.param.meta["val"].numel() for c in planner.candidates), default=0)
+    for cand in planner.candidates:
+        if (cand.param in state.assigned or len(cand.param.users) != 1
+                or cand.param.meta["val"].numel() * _LONE_ROWWISE_SHARE < largest):
+            continue
+        layout = planner.rowwise(cand)
+        if isinstance(layout, str):
+            continue
+        seeds, prop = planner.settle({cand.param: layout})
+        if not prop.ok or set(seeds) != {cand.param} or prop.outputs:
+            continue
+        _accept(planner, state, module_of(str(cand.param.target)), Grown(seeds, prop, entries=[]), cand)
 
 
 def plan_graph(
@@ -135,6 +168,8 @@ def plan_graph(
                 planner.statistics = False  # no better with statistics: the first pass's layout
                 _consider(planner, cand, state, within_one_layer=False)
                 planner.statistics = True
+    if world_size > 1:
+        _lone_rowwise_pass(planner, state)
     planner.statistics = True
     accepted = state.accepted
     # a candidate refused as a seed may have been sharded since, inside another's region

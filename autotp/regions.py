@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import combinations
-from typing import TYPE_CHECKING, Iterable, Optional, Union
+from typing import TYPE_CHECKING, Callable, Iterable, Optional, Union
 
 import torch
 import torch.fx as fx
@@ -244,24 +244,32 @@ class RegionGrower:
 
     def colwise(self, c: Candidate) -> Union[Shard, str]:
         """The layout of the parameter that shards the matmul's output columns, or why there is
-        none."""
+        none. A dim that does not split evenly (a vocabulary of 50257) is tried padded."""
         if c.param not in self._colwise:
-            shape = sizes(c.param)
-            answer: Union[Shard, str] = f"no dim of {c.param.target} {list(shape)} divides by tp={self.world}"
-            # even dims first; a dim that does not split evenly (a vocabulary of 50257) padded
-            tries = [Shard(d) for d in range(len(shape))] + [Shard(d, padded=True) for d in range(len(shape))]
-            for shard in tries:
-                if not divides(shard, shape[shard.dim], self.world):
-                    continue
-                prop = propagate(self.graph, {c.param: shard}, self.world, until=c.matmul)
-                answer_at = prop.answers.get(c.matmul)
-                if answer_at is not None and _wants(c, answer_at.placement):
-                    answer = shard
-                    break
-                if prop.failure is not None:
-                    answer = str(prop.failure)
-            self._colwise[c.param] = answer
+            self._colwise[c.param] = self._layout_until(c, lambda got: _wants(c, got), padded=True)
         return self._colwise[c.param]
+
+    def rowwise(self, c: Candidate) -> Union[Shard, str]:
+        """The layout of the parameter that splits the matmul's contraction, so that its output
+        is ``Partial`` (its input sliced locally where it is replicated), or why there is none."""
+        return self._layout_until(c, lambda got: isinstance(got, Partial), padded=False)
+
+    def _layout_until(self, c: Candidate, good: Callable[[Placement], bool], padded: bool) -> Union[Shard, str]:
+        """The first even layout of ``c.param`` (then padded ones, with ``padded``) under which
+        the matmul's output is ``good``, found by propagating each up to the matmul."""
+        shape = sizes(c.param)
+        answer: Union[Shard, str] = f"no dim of {c.param.target} {list(shape)} divides by tp={self.world}"
+        tries = [Shard(d) for d in range(len(shape))] + [Shard(d, padded=True) for d in range(len(shape)) if padded]
+        for shard in tries:
+            if not divides(shard, shape[shard.dim], self.world):
+                continue
+            prop = propagate(self.graph, {c.param: shard}, self.world, until=c.matmul)
+            answer_at = prop.answers.get(c.matmul)
+            if answer_at is not None and good(answer_at.placement):
+                return shard
+            if prop.failure is not None:
+                answer = str(prop.failure)
+        return answer
 
     def settle(self, seeds: dict[fx.Node, Placement]) -> tuple[dict[fx.Node, Placement], Propagation]:
         """Propagate, promoting parameters that all their users want sliced to sharded seeds

@@ -183,16 +183,20 @@ def test_a_vocabulary_that_does_not_split_is_padded() -> None:
 
 def test_padding_is_never_read_by_a_rule_that_does_not_know_it() -> None:
     class SoftmaxHead(torch.nn.Module):  # a softmax over the padded vocabulary would count the padding
-        def __init__(self) -> None:
+        def __init__(self, features: int) -> None:
             super().__init__()
-            self.head = torch.nn.Linear(8, 13)
+            self.head = torch.nn.Linear(features, 13)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.head(x).softmax(-1)
 
-    plan = autotp.plan(SoftmaxHead(), tp_size=2, example_inputs=(torch.randn(2, 8),))
+    # 7 input features do not split over 2 ranks either: nothing is left to shard
+    plan = autotp.plan(SoftmaxHead(7), tp_size=2, example_inputs=(torch.randn(2, 7),))
     assert plan.params["head.weight"].placement == Replicate()
     assert "padding" in plan.params["head.weight"].reason
+    # 8 do: the head is row-parallel on its own (its output all-reduced before the softmax)
+    plan = autotp.plan(SoftmaxHead(8), tp_size=2, example_inputs=(torch.randn(2, 8),))
+    assert plan.params["head.weight"].placement == Shard(1) and plan.params["head.weight"].style == "rowwise"
 
 
 def test_a_per_head_parameter_read_through_a_view_shards_with_its_heads() -> None:
