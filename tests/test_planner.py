@@ -329,3 +329,32 @@ def test_a_projection_no_region_can_take_is_row_parallel_on_its_own() -> None:
         assert params["project.bias"].placement == Replicate()  # added once, after the all-reduce
         assert params["router.weight"].placement == Replicate()  # 32 elements beside the MLP's 1024
         assert [params[f"{p}.weight"].style for p in ("up", "down")] == ["colwise", "rowwise"]
+
+
+class GatedHeads(torch.nn.Module):
+    """beam's attention: a gate projection viewed as the attention output's heads
+    (``gate(x).view_as(attn)``) and multiplied in before the output projection; 2 kv heads for
+    4 query heads, which 4 ranks share in pairs."""
+
+    def __init__(self, hidden: int = 16, heads: int = 4, kv_heads: int = 2) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, head_dim = heads, kv_heads, hidden // heads
+        self.q, self.gate, self.o = (torch.nn.Linear(hidden, hidden) for _ in range(3))
+        self.k, self.v = (torch.nn.Linear(hidden, kv_heads * head_dim) for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = self.q(x).view(b, s, self.heads, -1).transpose(1, 2)
+        k, v = (p(x).view(b, s, self.kv_heads, -1).transpose(1, 2).repeat_interleave(self.heads // self.kv_heads, 1)
+                for p in (self.k, self.v))
+        attn = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+        gated = attn * torch.sigmoid(self.gate(x).view_as(attn))
+        return self.o(gated.reshape(b, s, -1))
+
+
+def test_a_whole_projection_viewed_as_sharded_heads_joins_their_region() -> None:
+    torch.manual_seed(0)
+    for sim in simulated_exactly(GatedHeads().eval(), torch.randn(2, 5, 16)):
+        params = sim.plan.params
+        assert params["gate.weight"].placement == Shard(0), params["gate.weight"].reason
+        assert params["q.weight"].placement == Shard(0), params["q.weight"].reason
