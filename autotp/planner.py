@@ -112,19 +112,19 @@ def _lone_rowwise_pass(planner: RegionGrower, state: _Accepted) -> None:
     """The last pass: a projection still replicated (its output read whole by a norm, or fed
     to a region laid out otherwise) may be row-parallel on its own, its replicated input
     sliced locally (no communication) and its output all-reduced. Kept only where nothing else
-    is laid out anew: the parameter alone, its region one matmul wide, checked with the
-    regions it touches, and no statistics."""
+    is laid out anew: the parameter alone, one all-reduce, checked with the regions it
+    touches, and no statistics."""
     planner.statistics = False
     largest = max((c.param.meta["val"].numel() for c in planner.candidates), default=0)
     for cand in planner.candidates:
-        if (cand.param in state.assigned or len(cand.param.users) != 1
-                or cand.param.meta["val"].numel() * _LONE_ROWWISE_SHARE < largest):
+        if cand.param in state.assigned or cand.param.meta["val"].numel() * _LONE_ROWWISE_SHARE < largest:
             continue
         layout = planner.rowwise(cand)
         if isinstance(layout, str):
             continue
         seeds, prop = planner.settle({cand.param: layout})
-        if not prop.ok or set(seeds) != {cand.param} or prop.outputs:
+        # one all-reduce for the weight (not one per expert of a stacked weight), no output sharded
+        if not prop.ok or set(seeds) != {cand.param} or len(prop.partials) != 1 or prop.outputs:
             continue
         _accept(planner, state, module_of(str(cand.param.target)), Grown(seeds, prop, entries=[]), cand)
 
