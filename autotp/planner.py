@@ -287,7 +287,7 @@ def _module_types(graph: fx.Graph) -> dict[str, str]:
 def _exit_params(prop: Propagation) -> list[str]:
     out = []
     for node in prop.partials:
-        for arg in node.args:
+        for arg in node.all_input_nodes:  # an einsum's operands are in a list
             src = param_source(arg)
             if src is not None and ndim(src) >= 2:
                 out.append(str(src.target))

@@ -77,11 +77,8 @@ def find_candidates(graph: fx.Graph) -> list[Candidate]:
     """Matmuls with a parameter operand of rank >= 2, and tables looked up by id, in graph order."""
     found, seen = [], set()
     for node in graph.nodes:
-        operands = _candidate_operands(node)
-        if not operands:
-            continue
-        for pos in operands:
-            param = param_source(node.args[pos], _CANDIDATE_CHAIN)
+        for operand in _candidate_operands(node):
+            param = param_source(operand, _CANDIDATE_CHAIN)
             if param is not None and param not in seen and ndim(param) >= 2:
                 found.append(Candidate(node, param))
                 seen.add(param)
@@ -89,14 +86,17 @@ def find_candidates(graph: fx.Graph) -> list[Candidate]:
     return found
 
 
-def _candidate_operands(node: fx.Node) -> tuple[int, ...]:
-    """Positions of the operands of ``node`` that may be a parameter worth sharding."""
+def _candidate_operands(node: fx.Node) -> list:
+    """The operands of ``node`` that may be a parameter worth sharding: a matmul's, a table's,
+    or those of an einsum of two (``ibh,hnd->ibnd``: a projection to heads written as one)."""
     if node.op != "call_function":
-        return ()
+        return []
     if _is_lookup(node):
-        return (0,)
+        return [node.args[0]]
+    if node.target is aten.einsum.default:
+        return list(node.args[1]) if len(node.args[1]) == 2 else []
     spec = matmul_spec(node.target)
-    return spec[0] if spec else ()
+    return [node.args[pos] for pos in spec[0]] if spec else []
 
 
 def _is_lookup(node: fx.Node) -> bool:
@@ -112,6 +112,8 @@ def _wants(c: Candidate, got: object) -> bool:
     columns for a matmul, a vocabulary-parallel (Partial) lookup for a table."""
     if _is_lookup(c.matmul):
         return isinstance(got, Partial)
+    if c.matmul.target is aten.einsum.default:  # its output labels are all the param's or the input's: none is "last"
+        return isinstance(got, Shard)
     return isinstance(got, Shard) and got.dim == ndim(c.matmul) - 1
 
 

@@ -358,3 +358,27 @@ def test_a_whole_projection_viewed_as_sharded_heads_joins_their_region() -> None
         params = sim.plan.params
         assert params["gate.weight"].placement == Shard(0), params["gate.weight"].reason
         assert params["q.weight"].placement == Shard(0), params["q.weight"].reason
+
+
+class EinsumHeads(torch.nn.Module):
+    """xlnet's attention: ``[hidden, heads, head_dim]`` parameters applied with einsum, the
+    output projection contracting heads and head_dim at once."""
+
+    def __init__(self, hidden: int = 16, heads: int = 4) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.o = (torch.nn.Parameter(torch.randn(hidden, heads, hidden // heads) / 4)
+                                          for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = (torch.einsum("bsh,hnd->bsnd", x, w) for w in (self.q, self.k, self.v))
+        probs = torch.einsum("bind,bjnd->bnij", q, k).softmax(-1)
+        return x + torch.einsum("bsnd,hnd->bsh", torch.einsum("bnij,bjnd->bind", probs, v), self.o)
+
+
+def test_projections_written_as_einsum_are_a_megatron_pair() -> None:
+    torch.manual_seed(0)
+    for sim in simulated_exactly(EinsumHeads().eval(), torch.randn(2, 5, 16)):
+        params = sim.plan.params
+        assert [params[p].placement for p in "qkvo"] == [Shard(1)] * 4, [params[p].reason for p in "qkvo"]
+        assert [params[p].style for p in "qkvo"] == ["colwise"] * 3 + ["rowwise"]
+        assert [c.kind for c in sim.plan.collectives] == ["all_reduce"]
