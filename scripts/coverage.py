@@ -1,9 +1,9 @@
 """Coverage of transformers architectures: parity and sharding at each tp, as a markdown table.
 
-    python scripts/coverage.py [--tp 2 4] [--archs llama gpt2 ... | --all] [--out docs/COVERAGE.md]
-    python scripts/coverage.py --all --simulate --tp 2 --out docs/COVERAGE_ALL.md
-    python scripts/coverage.py --all --simulate --tp 2 --results R.jsonl --part 0/2   # and 1/2, at once;
-    python scripts/coverage.py --all --simulate --tp 2 --results R.jsonl --out F.md   # then the table
+    python scripts/coverage.py [--tp 2 4] [--archs llama gpt2 ... | --all] [--out docs/COVERAGE_GLOO.md]
+    python scripts/coverage.py --all --simulate --tp 2 4 --out docs/COVERAGE.md
+    python scripts/coverage.py --all --simulate --tp 2 4 --results R.jsonl --part 0/2   # and 1/2, at once;
+    python scripts/coverage.py --all --simulate --tp 2 4 --results R.jsonl --out F.md   # then the table
 
 With ``--simulate`` each family runs on the in-process simulator (``autotp.simulate``: every
 rank's graph in one process, bit for bit what gloo ranks compute at tp 2) in a child process of
