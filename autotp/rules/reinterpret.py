@@ -15,10 +15,10 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.fx as fx
-
-from typing import Optional
 
 from autotp.placement import Replicate, Shard, divides
 from autotp.rules import Cannot, Inputs, Out, Redistribute, Result, ndim, refinable, rule, sizes
@@ -56,11 +56,10 @@ def _viewed_as(node: fx.Node, shape_of: Shard, world: int) -> Optional[Shard]:
     """The layout of ``x`` that the view maths (not a hand inversion) maps to ``shape_of``
     exactly, with no literal to change: the one to slice a whole ``x`` to."""
     x = node.args[0]
-    if shape_of.period or shape_of.padded:  # a strided or padded piece is no slice of x that a view keeps
+    if shape_of.period or shape_of.padded or shape_of.whole:  # pieces no plain slice of x is known to view as
         return None
     for dim in range(ndim(x)):
-        for tried in dict.fromkeys((Shard(dim, shape_of.blocks, shape_of.replicas, whole=shape_of.whole),
-                                    Shard(dim, 1, shape_of.replicas))):
+        for tried in dict.fromkeys((Shard(dim, shape_of.blocks, shape_of.replicas), Shard(dim, 1, shape_of.replicas))):
             if not divides(tried, sizes(x)[dim], world):
                 continue
             answer = reshape_placement(node, Inputs({x: tried}, world))
