@@ -103,9 +103,19 @@ def _accept(planner: RegionGrower, state: _Accepted, name: str, grown: Grown, ca
 
 
 # A lone row-parallel projection pays an all-reduce of its output on every call for its weight's
-# memory: worth it for a weight within this factor of the graph's largest, not for a router's few
+# memory: worth it for a weight within this factor of the layers' largest, not for a router's few
 # rows (a gate of 8 experts over a hidden of 4096 beside a 14336-wide MLP: 1/1792).
 _LONE_ROWWISE_SHARE = 16
+
+
+def _largest_projection(candidates: list[Candidate]) -> int:
+    """The weight a lone projection is measured against: the largest matmul weight inside the
+    decoder layers (a large vocabulary's embedding or head would dwarf every projection: 128k x
+    4096 against a 1024 x 512 ``embeddings_project``), or anywhere in a graph with no layers."""
+    weights = [(layer_of(str(c.param.target)) is not None, c.param.meta["val"].numel())
+               for c in candidates if not c.is_lookup]
+    inside = [n for in_layer, n in weights if in_layer]
+    return max(inside or [n for _, n in weights] or [0])
 
 
 def _lone_rowwise_pass(planner: RegionGrower, state: _Accepted) -> None:
@@ -115,7 +125,7 @@ def _lone_rowwise_pass(planner: RegionGrower, state: _Accepted) -> None:
     is laid out anew: the parameter alone, one all-reduce, checked with the regions it
     touches, and no statistics."""
     planner.statistics = False
-    largest = max((c.param.meta["val"].numel() for c in planner.candidates), default=0)
+    largest = _largest_projection(planner.candidates)
     for cand in planner.candidates:
         if cand.param in state.assigned or cand.param.meta["val"].numel() * _LONE_ROWWISE_SHARE < largest:
             continue

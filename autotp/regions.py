@@ -56,6 +56,10 @@ class Candidate:
     def module(self) -> str:
         return module_of(str(self.param.target))
 
+    @property
+    def is_lookup(self) -> bool:
+        return _is_lookup(self.matmul)
+
 
 # Ops that take one parameter's piece out of a stack of them: an expert's weight ``W[e]`` of
 # ``[experts, out, in]`` read with ``select`` (or a range of them with ``slice``). A matmul that

@@ -303,32 +303,46 @@ def test_example_inputs_are_required_for_plain_modules() -> None:
         autotp.plan(plain_block(), tp_size=2)
 
 
-class ProjectedIntoANorm(torch.nn.Module):
-    """electra's embeddings_project: a projection whose output a layer norm reads whole, so no
-    column-parallel region can take it; and a router whose few rows are not worth a collective."""
-
-    def __init__(self, hidden: int = 16, inner: int = 64) -> None:
+class _RoutedMLP(torch.nn.Module):
+    def __init__(self, hidden: int, inner: int) -> None:
         super().__init__()
-        self.project = torch.nn.Linear(hidden, hidden)
-        self.norm = torch.nn.LayerNorm(hidden)
         self.router = torch.nn.Linear(hidden, 2)
         self.up, self.down = torch.nn.Linear(hidden, inner), torch.nn.Linear(inner, hidden)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.norm(self.project(x))
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
         mix = self.router(h).softmax(-1)
         return h * mix[..., :1] + self.down(torch.relu(self.up(h))) * mix[..., 1:]
 
 
+class ProjectedIntoANorm(torch.nn.Module):
+    """electra's embeddings_project: a projection whose output a layer norm reads whole, so no
+    column-parallel region can take it, beside a vocabulary far larger than any layer's weight;
+    and in the layer, a router whose few rows are not worth a collective."""
+
+    def __init__(self, vocab: int = 1000, hidden: int = 16, inner: int = 64) -> None:
+        super().__init__()
+        self.embed, self.head = torch.nn.Embedding(vocab, hidden), torch.nn.Linear(hidden, vocab)
+        self.project = torch.nn.Linear(hidden, hidden)
+        self.norm = torch.nn.LayerNorm(hidden)
+        self.layers = torch.nn.ModuleList([_RoutedMLP(hidden, inner)])
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.norm(self.project(self.embed(ids)))
+        for layer in self.layers:
+            h = layer(h)
+        return self.head(h)
+
+
 def test_a_projection_no_region_can_take_is_row_parallel_on_its_own() -> None:
     torch.manual_seed(0)
-    for sim in simulated_exactly(ProjectedIntoANorm().eval(), torch.randn(2, 5, 16)):
+    for sim in simulated_exactly(ProjectedIntoANorm().eval(), torch.randint(0, 1000, (2, 5))):
         params = sim.plan.params
+        # 256 elements: measured against the layer's 1024-element MLP weights, not the 16000 of the vocabulary
         assert params["project.weight"].placement == Shard(1), params["project.weight"].reason
         assert params["project.weight"].style == "rowwise"
         assert params["project.bias"].placement == Replicate()  # added once, after the all-reduce
-        assert params["router.weight"].placement == Replicate()  # 32 elements beside the MLP's 1024
-        assert [params[f"{p}.weight"].style for p in ("up", "down")] == ["colwise", "rowwise"]
+        assert params["layers.0.router.weight"].placement == Replicate()  # 32 elements
+        assert [params[f"layers.0.{p}.weight"].style for p in ("up", "down")] == ["colwise", "rowwise"]
 
 
 class GatedHeads(torch.nn.Module):
