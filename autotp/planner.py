@@ -104,8 +104,11 @@ def _accept(planner: RegionGrower, state: _Accepted, name: str, grown: Grown, ca
 
 # A lone row-parallel projection pays an all-reduce of its output on every call for its weight's
 # memory: worth it for a weight within this factor of the layers' largest, not for a router's few
-# rows (a gate of 8 experts over a hidden of 4096 beside a 14336-wide MLP: 1/1792).
+# rows (a gate of 8 experts over a hidden of 4096 beside a 14336-wide MLP: 1/1792), and for one
+# whose output is at most this many times as wide as its input (a fused multi-query q|k|v, 1 +
+# 2 / heads; not a projection out to many heads, whose all-reduce would outweigh the layer's own).
 _LONE_ROWWISE_SHARE = 16
+_LONE_ROWWISE_WIDENING = 2
 
 
 def _largest_projection(candidates: list[Candidate]) -> int:
@@ -131,6 +134,9 @@ def _lone_rowwise_pass(planner: RegionGrower, state: _Accepted) -> None:
             continue
         layout = planner.rowwise(cand)
         if isinstance(layout, str):
+            continue
+        width_in = sizes(cand.param)[layout.dim]  # the contraction: the output is everything else
+        if cand.param.meta["val"].numel() > _LONE_ROWWISE_WIDENING * width_in * width_in:
             continue
         seeds, prop = planner.settle({cand.param: layout})
         # one all-reduce for the weight (not one per expert of a stacked weight), no output sharded

@@ -317,17 +317,19 @@ class _RoutedMLP(torch.nn.Module):
 class ProjectedIntoANorm(torch.nn.Module):
     """electra's embeddings_project: a projection whose output a layer norm reads whole, so no
     column-parallel region can take it, beside a vocabulary far larger than any layer's weight;
-    and in the layer, a router whose few rows are not worth a collective."""
+    a projection out to 4x its width, also into a norm; and in the layer, a router whose few
+    rows are not worth a collective."""
 
     def __init__(self, vocab: int = 1000, hidden: int = 16, inner: int = 64) -> None:
         super().__init__()
         self.embed, self.head = torch.nn.Embedding(vocab, hidden), torch.nn.Linear(hidden, vocab)
-        self.project = torch.nn.Linear(hidden, hidden)
-        self.norm = torch.nn.LayerNorm(hidden)
+        self.project, self.widen = torch.nn.Linear(hidden, hidden), torch.nn.Linear(hidden, 4 * hidden)
+        self.norm, self.wide_norm = torch.nn.LayerNorm(hidden), torch.nn.LayerNorm(4 * hidden)
         self.layers = torch.nn.ModuleList([_RoutedMLP(hidden, inner)])
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         h = self.norm(self.project(self.embed(ids)))
+        h = h + self.wide_norm(self.widen(h)).sum(-1, keepdim=True)
         for layer in self.layers:
             h = layer(h)
         return self.head(h)
@@ -341,6 +343,7 @@ def test_a_projection_no_region_can_take_is_row_parallel_on_its_own() -> None:
         assert params["project.weight"].placement == Shard(1), params["project.weight"].reason
         assert params["project.weight"].style == "rowwise"
         assert params["project.bias"].placement == Replicate()  # added once, after the all-reduce
+        assert params["widen.weight"].placement == Replicate()  # its all-reduce would be 4x as wide as its input
         assert params["layers.0.router.weight"].placement == Replicate()  # 32 elements
         assert [params[f"layers.0.{p}.weight"].style for p in ("up", "down")] == ["colwise", "rowwise"]
 
