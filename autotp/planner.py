@@ -1,8 +1,9 @@
 """Planner: from a captured graph and a world size to a :class:`~autotp.plan.Plan`.
 
-The algorithm, in the order to read it (steps 1 to 3 live in :mod:`autotp.regions`):
+The algorithm, in the order to read it (step 1 lives in :mod:`autotp.candidates`, 2 and 3 in
+:mod:`autotp.regions`):
 
-1. **Candidates** (:func:`~autotp.regions.find_candidates`): every matmul node (``linear``, ``addmm``, ``mm``,
+1. **Candidates** (:func:`~autotp.candidates.find_candidates`): every matmul node (``linear``, ``addmm``, ``mm``,
    ``bmm``, ``matmul``) with an operand that is a parameter, possibly through transposes or
    casts (GPT-2's Conv1D is ``addmm(bias, x, W)`` with ``W`` stored ``[in, out]``).
 2. **Column-parallel dim** (:meth:`~autotp.regions.RegionGrower.colwise`): the parameter dim whose sharding makes
@@ -42,8 +43,8 @@ from autotp.local_ops import LOOKUPS
 from autotp.placement import Partial, Placement, Replicate, Shard
 from autotp.plan import ArgEdit, Collective, LocalOp, LocalSlice, ParamSpec, Plan, Region, ShardedInput, ShardedOutput
 from autotp.propagate import Propagation, arg_at, propagate
-from autotp.regions import (Candidate, Grown, RegionGrower, common_module, factory_edit, find_candidates, layer_of,
-                            module_of, param_source)
+from autotp.candidates import Candidate, common_module, find_candidates, layer_of, module_of, param_source
+from autotp.regions import Grown, RegionGrower, factory_edit
 from autotp.rules import ndim, sizes
 from autotp.rules.matmul import matmul_spec
 

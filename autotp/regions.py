@@ -1,7 +1,7 @@
-"""Regions: the planner's first three steps, on one captured graph and a world size.
+"""Regions: the planner's steps 2 and 3, on one captured graph and a world size.
 
-1. **Candidates** (:func:`find_candidates`): every matmul with a parameter operand (through
-   transposes or casts), and every table looked up by id (an embedding, ``weight[ids]``).
+1. **Candidates** (:func:`autotp.candidates.find_candidates`): every matmul with a parameter
+   operand (through transposes or casts), and every table looked up by id.
 2. **Column-parallel dim** (:meth:`RegionGrower.colwise`): the parameter dim whose sharding
    shards the matmul's output columns, found by propagation, not by weight-layout knowledge.
 3. **Growth** (:meth:`RegionGrower.grow`): seed one candidate column-parallel, propagate, retry
@@ -21,127 +21,28 @@ from typing import TYPE_CHECKING, Callable, Iterable, Optional, Union
 import torch
 import torch.fx as fx
 
+from autotp.candidates import PIECE_CHAIN, WEIGHT_CHAIN, Candidate, find_candidates
 from autotp.placement import Partial, Placement, Shard, block_sizes, divides
 from autotp.plan import ArgEdit
 from autotp.propagate import Propagation, arg_at, propagate
 from autotp.rules import Inputs, Out, apply_rule, ndim, sizes
-from autotp.rules.matmul import matmul_spec
 
 if TYPE_CHECKING:  # imported where it is used: a run whose graphs all come from the cache never plans
     import networkx as nx
 
-__all__ = ["Candidate", "find_candidates", "RegionGrower", "Grown", "factory_edit", "param_source", "module_of",
-           "common_module", "layer_of"]
+__all__ = ["RegionGrower", "Grown", "factory_edit"]
 
 aten = torch.ops.aten
-
-# Ops between a parameter and the matmul that uses it (GPT-2 uses W as stored, Falcon
-# ``matmul(x, W.T)``, quantised or mixed-precision models cast it first).
-_WEIGHT_CHAIN = {
-    aten.t.default, aten.transpose.int, aten.permute.default, aten.numpy_T.default,
-    aten.to.dtype, aten.to.device, aten.to.dtype_layout, aten._to_copy.default,
-    aten.alias.default, aten.contiguous.default, aten.clone.default, aten.detach.default,
-}
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """A parameter worth sharding and the node that consumes it: a matmul (seeded so that its
-    output columns are sharded) or an embedding lookup (seeded on the vocabulary)."""
-
-    matmul: fx.Node
-    param: fx.Node
-
-    @property
-    def module(self) -> str:
-        return module_of(str(self.param.target))
-
-    @property
-    def is_lookup(self) -> bool:
-        return _is_lookup(self.matmul)
-
-
-# Ops that take one parameter's piece out of a stack of them: an expert's weight ``W[e]`` of
-# ``[experts, out, in]`` read with ``select`` (or a range of them with ``slice``). A matmul that
-# reads a parameter through them is a candidate too; which dim of the stack its columns are is
-# derived by propagation like any other (the dim selected is never one).
-_PIECE_CHAIN = {aten.select.int, aten.slice.Tensor}
-_CANDIDATE_CHAIN = frozenset(_WEIGHT_CHAIN | _PIECE_CHAIN)
-
-
-def param_source(arg: object, through: frozenset = frozenset(_WEIGHT_CHAIN)) -> Optional[fx.Node]:
-    """The parameter a matmul operand is, through transposes, casts and copies, or the ops in
-    ``through`` (None if none)."""
-    while isinstance(arg, fx.Node) and arg.op == "call_function" and arg.target in through:
-        arg = arg.args[0]
-    return arg if isinstance(arg, fx.Node) and arg.op == "get_attr" else None
-
-
-def find_candidates(graph: fx.Graph) -> list[Candidate]:
-    """Matmuls with a parameter operand of rank >= 2, and tables looked up by id, in graph order."""
-    found, seen = [], set()
-    for node in graph.nodes:
-        for operand in _candidate_operands(node):
-            param = param_source(operand, _CANDIDATE_CHAIN)
-            if param is not None and param not in seen and ndim(param) >= 2:
-                found.append(Candidate(node, param))
-                seen.add(param)
-                break
-    return found
-
-
-def _candidate_operands(node: fx.Node) -> list:
-    """The operands of ``node`` that may be a parameter worth sharding: a matmul's, a table's,
-    or those of an einsum of two (``ibh,hnd->ibnd``: a projection to heads written as one)."""
-    if node.op != "call_function":
-        return []
-    if _is_lookup(node):
-        return [node.args[0]]
-    if node.target is aten.einsum.default:
-        return list(node.args[1]) if len(node.args[1]) == 2 else []
-    spec = matmul_spec(node.target)
-    return [node.args[pos] for pos in spec[0]] if spec else []
-
-
-def _is_lookup(node: fx.Node) -> bool:
-    """An embedding, or rows of a table taken by one index tensor (``weight[position_ids]``)."""
-    if node.target is aten.index.Tensor:
-        indices = node.args[1]
-        return len(indices) == 1 and isinstance(indices[0], fx.Node)
-    return node.target is aten.embedding.default
 
 
 def _wants(c: Candidate, got: object) -> bool:
     """Whether a seed gave the consumer the layout we shard for: column-parallel output
     columns for a matmul, a vocabulary-parallel (Partial) lookup for a table."""
-    if _is_lookup(c.matmul):
+    if c.is_lookup:
         return isinstance(got, Partial)
     if c.matmul.target is aten.einsum.default:  # its output labels are all the param's or the input's: none is "last"
         return isinstance(got, Shard)
     return isinstance(got, Shard) and got.dim == ndim(c.matmul) - 1
-
-
-def module_of(param_name: str) -> str:
-    return param_name.rsplit(".", 1)[0] if "." in param_name else param_name
-
-
-def common_module(names: Iterable[str]) -> str:
-    names = list(names)  # read twice below
-    parts = [module_of(n).split(".") for n in names]
-    common = []
-    for column in zip(*parts):
-        if len(set(column)) != 1:
-            break
-        common.append(column[0])
-    return ".".join(common) or module_of(names[0])
-
-
-def layer_of(region: str) -> Optional[str]:
-    """The decoder layer a region sits in: its path up to the first index (``model.layers.3``,
-    ``encoder.block.0``); a region outside any indexed container has none."""
-    parts = region.split(".")
-    digits = [i for i, p in enumerate(parts) if p.isdigit()]
-    return ".".join(parts[: digits[0] + 1]) if digits else None
 
 
 # Ops that lay one tensor out anew, or take a piece of it: a parameter read through them
@@ -151,7 +52,7 @@ _LAYOUT_CHAIN = {
     aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unsqueeze.default,
     aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.expand.default, aten.flatten.using_ints,
     aten.unflatten.int,
-} | _PIECE_CHAIN  # a piece of a parameter (a decay table cut to the sequence) keeps the other dims' shards
+} | PIECE_CHAIN  # a piece of a parameter (a decay table cut to the sequence) keeps the other dims' shards
 
 
 # Where a parameter passes through an op on its way to its user: the placement of the op's
@@ -168,7 +69,7 @@ def _placement_before(node: fx.Node, after: Placement, world: int) -> Optional[S
         return after.with_dim([d % rank for d in node.args[1]][after.dim])
     if node.target in (aten.t.default, aten.numpy_T.default):
         return after.with_dim(rank - 1 - after.dim)
-    if node.target in _WEIGHT_CHAIN:
+    if node.target in WEIGHT_CHAIN:
         return after  # casts, copies, aliases keep the layout
     if node.target in _LAYOUT_CHAIN and not after.padded:
         # derived, not inverted by hand: the input shard the op's own rule maps to ``after``
