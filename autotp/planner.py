@@ -105,9 +105,10 @@ def _accept(planner: RegionGrower, state: _Accepted, name: str, grown: Grown, ca
 
 # A lone row-parallel projection pays an all-reduce of its output on every call for its weight's
 # memory: worth it for a weight within this factor of the layers' largest, not for a router's few
-# rows (a gate of 8 experts over a hidden of 4096 beside a 14336-wide MLP: 1/1792), and for one
-# whose output is at most this many times as wide as its input (a fused multi-query q|k|v, 1 +
-# 2 / heads; not a projection out to many heads, whose all-reduce would outweigh the layer's own).
+# rows (a gate of 8 experts over a hidden of 4096 beside a 14336-wide MLP: 1/1792), and for an
+# output at most this many times as wide as the widest all-reduce the accepted regions already
+# make (the hidden size: a fused multi-query q|k|v is 1 + 2 / heads of it; not a projection out
+# to many heads, whose all-reduce would outweigh the layer's own).
 _LONE_ROWWISE_SHARE = 16
 _LONE_ROWWISE_WIDENING = 2
 
@@ -130,6 +131,8 @@ def _lone_rowwise_pass(planner: RegionGrower, state: _Accepted) -> None:
     touches, and no statistics."""
     planner.statistics = False
     largest = _largest_projection(planner.candidates)
+    reduced = [sizes(n)[-1] for _, g in state.accepted for n in g.prop.partials if ndim(n)]
+    widest = max((w for w in reduced if isinstance(w, int)), default=None)
     for cand in planner.candidates:
         if cand.param in state.assigned or cand.param.meta["val"].numel() * _LONE_ROWWISE_SHARE < largest:
             continue
@@ -137,7 +140,7 @@ def _lone_rowwise_pass(planner: RegionGrower, state: _Accepted) -> None:
         if isinstance(layout, str):
             continue
         width_in = sizes(cand.param)[layout.dim]  # the contraction: the output is everything else
-        if cand.param.meta["val"].numel() > _LONE_ROWWISE_WIDENING * width_in * width_in:
+        if cand.param.meta["val"].numel() > _LONE_ROWWISE_WIDENING * width_in * (widest or width_in):
             continue
         seeds, prop = planner.settle({cand.param: layout})
         # one all-reduce for the weight (not one per expert of a stacked weight), no output sharded
