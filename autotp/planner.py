@@ -116,7 +116,7 @@ _LONE_ROWWISE_WIDENING = 2
 def _largest_projection(candidates: list[Candidate]) -> int:
     """The weight a lone projection is measured against: the largest matmul weight inside the
     decoder layers (a large vocabulary's embedding or head would dwarf every projection: 128k x
-    4096 against a 1024 x 512 ``embeddings_project``), or anywhere in a graph with no layers."""
+    4096 against a 1024 x 512 projection), or anywhere in a graph with no layers."""
     weights = [(layer_of(str(c.param.target)) is not None, c.param.meta["val"].numel())
                for c in candidates if not c.is_lookup]
     inside = [n for in_layer, n in weights if in_layer]
