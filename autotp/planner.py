@@ -61,6 +61,7 @@ class _Accepted:
     touched: set = field(default_factory=set)  # nodes they reach
     postponed: list[Candidate] = field(default_factory=list)  # settled only with blocks held whole
     reserved: set = field(default_factory=set)  # the seeds of their regions, not grown alone meanwhile
+    lone: dict = field(default_factory=dict)  # parameter -> why it is row-parallel on its own, not in a pair
 
 
 def _consider(planner: RegionGrower, cand: Candidate, state: _Accepted, within_one_layer: bool,
@@ -146,7 +147,10 @@ def _lone_rowwise_pass(planner: RegionGrower, state: _Accepted) -> None:
         # one all-reduce for the weight (not one per expert of a stacked weight), no output sharded
         if not prop.ok or set(seeds) != {cand.param} or len(prop.partials) != 1 or prop.outputs:
             continue
+        why = state.rejected.get(cand, "")
         _accept(planner, state, module_of(str(cand.param.target)), Grown(seeds, prop, entries=[]), cand)
+        if cand.param in state.assigned:
+            state.lone[cand.param] = why
 
 
 def plan_graph(
@@ -200,7 +204,7 @@ def plan_graph(
         raise RuntimeError(f"autotp planner: accepted regions fail together: {final.failure}")
     keep = set(local_outputs)
     plan = _build_plan(graph, world_size, accepted, rejected, seeds, final, model, inputs or [],
-                       lambda i: gather_outputs and i not in keep)
+                       lambda i: gather_outputs and i not in keep, state.lone)
     plan.sharded_inputs = [ShardedInput(n.name, p) for n, p in seeds.items() if n.op == "placeholder"]
     return plan
 
@@ -225,7 +229,8 @@ def plan_with_placements(graph: fx.Graph, world_size: int, fixed: Mapping[str, P
     return _build_plan(graph, world_size, [], {}, seeds, final, model, inputs or [], lambda _: gather_outputs)
 
 
-def _build_plan(graph, world, accepted, rejected, seeds, final: Propagation, model, inputs, gather) -> Plan:
+def _build_plan(graph, world, accepted, rejected, seeds, final: Propagation, model, inputs, gather,
+                lone: Optional[Mapping[fx.Node, str]] = None) -> Plan:
     region_of: dict[fx.Node, str] = {}
     for name, grown in accepted:
         for node in list(grown.prop.answers) + list(grown.seeds):
@@ -236,6 +241,8 @@ def _build_plan(graph, world, accepted, rejected, seeds, final: Propagation, mod
     for node in graph.nodes:
         if node.op == "get_attr" and isinstance(node.meta.get("val"), torch.Tensor):
             spec = _param_spec(node, seeds, entries, final, region_of, rejected)
+            if node in (lone or {}):  # say why it is not in a pair: the refusal the plan would otherwise lose
+                spec.reason = f"row-parallel on its own (all-reduce after); not column-parallel: {lone[node]}"
             spec.module_type = types.get(module_of(spec.name), "")
             plan.params[spec.name] = spec
     add_rewrites(plan, graph, final, region_of, gather)

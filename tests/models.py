@@ -31,7 +31,7 @@ HF_CONFIGS = {
     # 6 heads at tp 4: pairs of ranks share 3 heads (gcd(6, 4) = 2)
     "llama_6heads": dict(hidden_size=96, intermediate_size=128, num_hidden_layers=2, num_attention_heads=6,
                          num_key_value_heads=6, vocab_size=128, max_position_embeddings=128),
-    # 5 heads at tp 4: no common divisor -> attention replicated, MLP still sharded
+    # 5 heads at tp 4: no common divisor -> attention projections row-parallel alone, MLP in a pair
     "llama_5heads": dict(hidden_size=80, intermediate_size=128, num_hidden_layers=2, num_attention_heads=5,
                          num_key_value_heads=5, vocab_size=128, max_position_embeddings=128),
     # sliding-window attention with a window of 6, so that a short generation fills it: every

@@ -116,17 +116,19 @@ def heads_not_divisible_worker(rank: int, world: int) -> dict:
     )
 
 
-def test_heads_not_divisible_replicate_attention_but_shard_mlp() -> None:
+def test_heads_not_divisible_shard_attention_projections_alone_and_mlp_in_pairs() -> None:
+    # 5 heads on 4 ranks: no column-parallel attention; each projection is row-parallel on its
+    # own (input sliced, output all-reduced), and the plan says why it is not in a pair
     result = run_ranks(heads_not_divisible_worker, 4)[0]
     for layer in range(2):
         prefix = f"model.layers.{layer}"
         for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            assert result["styles"][f"{prefix}.self_attn.{proj}.weight"] == "replicate"
+            assert result["styles"][f"{prefix}.self_attn.{proj}.weight"] == "rowwise"
+            assert "row-parallel on its own" in result["reasons"][f"{prefix}.self_attn.{proj}.weight"]
         assert "5 heads not divisible by tp=4" in result["reasons"][f"{prefix}.self_attn.q_proj.weight"]
-        assert "5 heads not divisible by tp=4" in result["rejected"][f"{prefix}.self_attn.q_proj"]
         assert result["styles"][f"{prefix}.mlp.gate_proj.weight"] == "colwise"
         assert result["styles"][f"{prefix}.mlp.down_proj.weight"] == "rowwise"
-    assert result["all_reduces"] == 2 + 1  # one per MLP, one after the embedding
+    assert result["all_reduces"] == 2 * (1 + 4) + 1  # per layer: the MLP's, one per attention projection; the embedding's
 
 
 def custom_module_worker(rank: int, world: int) -> dict:
