@@ -88,20 +88,21 @@ def _consider(planner: RegionGrower, cand: Candidate, state: _Accepted, within_o
     _accept(planner, state, common_module(str(e.param.target) for e in grown.entries), grown, cand)
 
 
-def _accept(planner: RegionGrower, state: _Accepted, name: str, grown: Grown, cand: Candidate) -> None:
+def _accept(planner: RegionGrower, state: _Accepted, name: str, grown: Grown, cand: Candidate) -> bool:
     """Accept ``grown`` as region ``name`` unless it fails together with the accepted regions it
-    touches (then ``cand`` keeps the reason)."""
+    touches (then ``cand`` keeps the reason, and False is returned)."""
     mine = set(grown.prop.answers) | set(grown.seeds)
     if mine & state.touched:
         joint = {s: p for _, g in state.accepted for s, p in g.seeds.items()} | grown.seeds
         _, prop = planner.settle(joint)
         if not prop.ok:
             state.rejected[cand] = f"conflicts with an accepted region: {prop.failure}"
-            return
+            return False
     state.rejected.pop(cand, None)
     state.accepted.append((name, grown))
     state.assigned |= set(grown.seeds)
     state.touched |= mine
+    return True
 
 
 # A lone row-parallel projection pays an all-reduce of its output on every call for its weight's
@@ -135,21 +136,21 @@ def _lone_rowwise_pass(planner: RegionGrower, state: _Accepted) -> None:
     reduced = [sizes(n)[-1] for _, g in state.accepted for n in g.prop.partials if ndim(n)]
     widest = max((w for w in reduced if isinstance(w, int)), default=None)
     for cand in planner.candidates:
-        if cand.param in state.assigned or cand.param.meta["val"].numel() * _LONE_ROWWISE_SHARE < largest:
+        elements = cand.param.meta["val"].numel()
+        if cand.param in state.assigned or elements * _LONE_ROWWISE_SHARE < largest:
             continue
         layout = planner.rowwise(cand)
         if isinstance(layout, str):
             continue
         width_in = sizes(cand.param)[layout.dim]  # the contraction: the output is everything else
-        if cand.param.meta["val"].numel() > _LONE_ROWWISE_WIDENING * width_in * (widest or width_in):
+        if elements > _LONE_ROWWISE_WIDENING * width_in * (widest or width_in):
             continue
         seeds, prop = planner.settle({cand.param: layout})
         # one all-reduce for the weight (not one per expert of a stacked weight), no output sharded
         if not prop.ok or set(seeds) != {cand.param} or len(prop.partials) != 1 or prop.outputs:
             continue
-        why = state.rejected.get(cand, "")
-        _accept(planner, state, module_of(str(cand.param.target)), Grown(seeds, prop, entries=[]), cand)
-        if cand.param in state.assigned:
+        why = state.rejected.get(cand, "")  # _accept forgets it
+        if _accept(planner, state, module_of(str(cand.param.target)), Grown(seeds, prop, entries=[]), cand):
             state.lone[cand.param] = why
 
 
@@ -231,6 +232,7 @@ def plan_with_placements(graph: fx.Graph, world_size: int, fixed: Mapping[str, P
 
 def _build_plan(graph, world, accepted, rejected, seeds, final: Propagation, model, inputs, gather,
                 lone: Optional[Mapping[fx.Node, str]] = None) -> Plan:
+    lone = lone or {}
     region_of: dict[fx.Node, str] = {}
     for name, grown in accepted:
         for node in list(grown.prop.answers) + list(grown.seeds):
@@ -241,7 +243,7 @@ def _build_plan(graph, world, accepted, rejected, seeds, final: Propagation, mod
     for node in graph.nodes:
         if node.op == "get_attr" and isinstance(node.meta.get("val"), torch.Tensor):
             spec = _param_spec(node, seeds, entries, final, region_of, rejected)
-            if node in (lone or {}):  # say why it is not in a pair: the refusal the plan would otherwise lose
+            if node in lone:  # say why it is not in a pair: the refusal the plan would otherwise lose
                 spec.reason = f"row-parallel on its own (all-reduce after); not column-parallel: {lone[node]}"
             spec.module_type = types.get(module_of(spec.name), "")
             plan.params[spec.name] = spec
