@@ -150,7 +150,8 @@ def main() -> None:
               file=sys.stderr, flush=True)
     reran = len(results)
     if args.merge:
-        earlier = [r for r in json.loads(Path(args.merge).read_text()) if r["arch"] not in set(archs)]
+        rerun = set(archs)
+        earlier = [r for r in json.loads(Path(args.merge).read_text()) if r["arch"] not in rerun]
         results = sorted(earlier + results, key=lambda r: r["arch"])
     compared = [r for r in results if "counts" in r]
     counts = sum((Counter(r["counts"]) for r in compared), Counter())
