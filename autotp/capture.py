@@ -26,6 +26,7 @@ import contextlib
 import copy
 import functools
 import inspect
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Optional
 
@@ -38,6 +39,7 @@ from torch.utils import _pytree as pytree
 
 from autotp.errors import AutotpError
 from autotp import hf
+from autotp.repeats import share_repeated_layers
 
 __all__ = ["capture", "Captured", "bind_inputs", "forward_signature", "structure_key", "fake_skeleton", "meta_twin",
            "model_device", "graph_inputs", "CaptureError"]
@@ -57,6 +59,8 @@ class Captured:
     # the input checks export put in the graph (its _guards_fn), as (guard code, input paths);
     # None when there are none or they could not be recorded (autotp.cache needs them)
     guards: Optional[tuple[list[str], list[tuple]]] = None
+    # layers whose nodes were copied from an identical layer's trace (autotp.repeats)
+    copied_layers: int = 0
 
     @property
     def graph(self) -> fx.Graph:
@@ -199,6 +203,7 @@ def capture(
     *,
     device: Optional[torch.device] = None,
     bump_unit_dims: bool = False,
+    share_layers: Optional[bool] = None,
 ) -> Captured:
     """Export ``model`` to an fx graph of aten ops with dynamic input sizes.
 
@@ -208,6 +213,9 @@ def capture(
             arguments. ``None`` synthesises token ids for a Hugging Face model.
         device: where the graph will run (default: where the model's weights are, else CPU).
         bump_unit_dims: use 2 where an example dim is 0 or 1, so that it stays dynamic.
+        share_layers: trace a repeated layer once and copy its graph to the identical layers
+            after it (:mod:`autotp.repeats`, where the conditions are). Default: on, unless
+            ``AUTOTP_SHARE_LAYERS=0``.
 
     Returns:
         A :class:`Captured` whose graph module holds fake (data-less) parameters.
@@ -229,7 +237,8 @@ def capture(
     fake_inputs = {k: _as_fake(v, mode, device, bump_unit_dims) for k, v in passed.items()}
     name = type(model).__name__
     try:
-        with hf.capture_settings(skeleton), _no_stack_traces(), torch.no_grad():
+        with hf.capture_settings(skeleton), _no_stack_traces(), torch.no_grad(), \
+                share_repeated_layers(skeleton, _share_layers(share_layers)) as sharing:
             exported = torch.export.export(
                 skeleton, (), fake_inputs, dynamic_shapes=_dynamic_shapes(skeleton, fake_inputs), strict=False
             )
@@ -239,7 +248,17 @@ def capture(
     with _recorded_guards() as guards:
         gm = _drop_unused_tensors(exported.module())
     tensors = [str(n.target) for n in gm.graph.nodes if n.op == "get_attr"]
-    return Captured(gm, list(inputs), structure_key(inputs), name, tensors, guards[-1] if guards else None)
+    return Captured(gm, list(inputs), structure_key(inputs), name, tensors, guards[-1] if guards else None,
+                    sharing.copied if sharing is not None else 0)
+
+
+def _share_layers(asked: Optional[bool]) -> bool:
+    if asked is not None:
+        return asked
+    value = os.environ.get("AUTOTP_SHARE_LAYERS", "1").strip().lower()
+    if value not in ("0", "1", "off", "on", "false", "true", ""):
+        raise ValueError(f"AUTOTP_SHARE_LAYERS={value!r}: expected 1 (share repeated layers' traces) or 0")
+    return value not in ("0", "off", "false")
 
 
 def graph_inputs(model: nn.Module, inputs: Mapping[str, Any],

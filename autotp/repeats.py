@@ -1,0 +1,591 @@
+"""Repeated layers, traced once: capture copies a layer's graph to the identical layers after it.
+
+Capture's cost is torch.export's symbolic trace: ~0.1 s per decoder layer (fake-tensor and SymInt
+bookkeeping for ~60 aten ops), 9 s of an 80-layer model's plan. Most of those layers run the same
+code on the same state with inputs of the same metadata, so each records the same nodes, up to
+which parameters they read. Here the first such layer (the *representative*) is traced as usual,
+and a later *member* gets a copy of the representative's nodes, wired to the member's inputs and
+parameters and labelled with the member's module path, instead of running its forward.
+
+A member takes the representative's graph only if all of these hold (else it is traced as usual):
+
+- **Structure**: the same class at every relative module path, the same parameter and buffer
+  names, shapes, dtypes and tying, no submodule or tensor reached from outside the layer.
+- **State**: every other attribute of every submodule equal in type and value, except attributes
+  that differ (``layer_idx``) but that the representative's forward never read. Reads are watched
+  by a descriptor put on the class for the duration of the capture: a forward that reads no
+  differing value runs step for step as the representative's did.
+- **Inputs**: the same argument structure; tensors with the same fake metadata (symbolic sizes,
+  strides, dtype, device), none a constant; other values equal in type and value.
+- **The representative's trace**: made no new symbol (a data-dependent size), read no constant
+  tensor, called no higher-order op, wrote no attribute, mutated nothing it did not create, and
+  returned no view of an input.
+- **Confirmation**: the first member that qualifies is also traced as usual, and its nodes must
+  be the representative's (op by op, with the same arguments and output metadata). Only later
+  members are copied. This catches what the rules cannot see: a forward that reads global state
+  the previous layer changed, or reads an attribute through ``__dict__``.
+
+``AUTOTP_SHARE_LAYERS=0`` (or ``capture(..., share_layers=False)``) traces every layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import enum
+import functools
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.utils import _pytree as pytree
+
+__all__ = ["share_repeated_layers"]
+
+_MODULE_INTERNALS = frozenset({"_parameters", "_buffers", "_modules"})
+_PLAIN = (int, float, str, bool, type(None), complex, bytes, torch.dtype, torch.device, torch.layout,
+          torch.memory_format, enum.Enum, type)
+_MISSING = object()
+
+
+# ---------------------------------------------------------------------------------------------
+# state: what a layer's forward could read
+
+
+def _same(a: Any, b: Any, paths: tuple[dict[int, str], dict[int, str]]) -> bool:
+    """Whether two attribute values would steer a forward the same way: equal in type and value,
+    containers element by element, modules by their path inside the layer (else by identity),
+    tensors by metadata and data, anything else only if it is the same object."""
+    if a is b:
+        return True
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, _PLAIN):
+        return a == b or (a != a and b != b)  # nan == nan here: the same value steers the same way
+    if isinstance(a, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y, paths) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(_same(a[k], b[k], paths) for k in a)
+    if isinstance(a, (set, frozenset)):
+        return all(isinstance(x, _PLAIN) for x in a) and a == b
+    if isinstance(a, nn.Module):
+        path_a, path_b = paths[0].get(id(a)), paths[1].get(id(b))
+        return path_a is not None and path_a == path_b
+    if isinstance(a, functools.partial):
+        return _same(a.func, b.func, paths) and _same(a.args, b.args, paths) and _same(a.keywords, b.keywords, paths)
+    if callable(a) and hasattr(a, "__func__") and hasattr(a, "__self__"):  # a bound method
+        return a.__func__ is b.__func__ and _same(a.__self__, b.__self__, paths)
+    if isinstance(a, torch.Tensor):
+        return (not isinstance(a, nn.Parameter) and a.device.type != "meta" and a.shape == b.shape
+                and a.dtype == b.dtype and a.stride() == b.stride() and torch.equal(a, b))
+    return False
+
+
+@dataclasses.dataclass
+class _State:
+    """A layer's attributes (by relative module path) and tensors (by relative name)."""
+
+    paths: dict[int, str]  # id(module) -> relative path, for every module in the layer
+    attrs: dict[tuple[str, str], Any]  # (relative path, name) -> value
+    classes: tuple  # (relative path, class) in order
+    tensors: dict[str, torch.Tensor]  # relative name -> tensor (as the forward sees it now)
+    tying: tuple  # for each tensor name, the first name holding the same tensor
+
+
+def _state(layer: nn.Module) -> _State:
+    paths, attrs, classes = {}, {}, []
+    for path, module in layer.named_modules(remove_duplicate=False):
+        paths.setdefault(id(module), path)
+        classes.append((path, type(module)))
+        for name, value in vars(module).items():
+            if name not in _MODULE_INTERNALS and not getattr(value, "_autotp_routing", False):
+                attrs[(path, name)] = value
+    tensors: dict[str, torch.Tensor] = {}
+    for kind in ("named_parameters", "named_buffers"):
+        for name, tensor in getattr(layer, kind)(remove_duplicate=False):
+            tensors[name] = tensor
+    first: dict[int, str] = {}
+    tying = tuple((name, first.setdefault(id(t), name)) for name, t in tensors.items())
+    return _State(paths, attrs, tuple(classes), tensors, tying)
+
+
+def _tensor_meta(t: torch.Tensor) -> tuple:
+    return (tuple(map(str, t.shape)), str(t.dtype), t.requires_grad, isinstance(t, nn.Parameter))
+
+
+def _differing(rep: _State, member: _State) -> Optional[set[tuple[str, str]]]:
+    """The attributes in which ``member`` differs from ``rep``; None if they differ in structure
+    (classes, attribute names, tensors), which no watching can excuse."""
+    if rep.classes != member.classes or rep.attrs.keys() != member.attrs.keys() or rep.tying != member.tying:
+        return None
+    if any(_tensor_meta(rep.tensors[n]) != _tensor_meta(member.tensors[n]) for n in rep.tensors):
+        return None
+    paths = (rep.paths, member.paths)
+    return {key for key, value in rep.attrs.items() if not _same(value, member.attrs[key], paths)}
+
+
+def _unchanged(before: _State, after: _State) -> bool:
+    """Nothing written during a forward: the same attribute objects and tensors."""
+    return (before.attrs.keys() == after.attrs.keys() and before.classes == after.classes
+            and all(before.attrs[k] is after.attrs[k] for k in before.attrs)
+            and all(before.tensors[n] is after.tensors.get(n) for n in before.tensors))
+
+
+class _Watch:
+    """A data descriptor put on a class for the capture: reads and writes of one attribute name
+    go to the instance's ``__dict__`` as before, and are recorded while a layer is watched."""
+
+    def __init__(self, name: str, previous: Any, recorder: "_Sharing") -> None:
+        self.name, self.previous, self.recorder = name, previous, recorder
+
+    def __get__(self, obj: Any, owner: Any = None) -> Any:
+        if obj is None:
+            if self.previous is _MISSING:
+                raise AttributeError(self.name)
+            return self.previous
+        self.recorder.touched(obj, self.name)
+        try:
+            return obj.__dict__[self.name]
+        except KeyError:
+            pass
+        if self.previous is _MISSING:
+            raise AttributeError(self.name)
+        getter = getattr(type(self.previous), "__get__", None)
+        return getter(self.previous, obj, type(obj)) if getter else self.previous
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        self.recorder.touched(obj, self.name)
+        obj.__dict__[self.name] = value
+
+    def __delete__(self, obj: Any) -> None:
+        self.recorder.touched(obj, self.name)
+        del obj.__dict__[self.name]
+
+
+# ---------------------------------------------------------------------------------------------
+# the trace: recording a layer's nodes and copying them
+
+
+@dataclasses.dataclass
+class _Call:
+    """How a layer was called: argument structure, and per leaf its tensor metadata or value."""
+
+    spec: Any
+    leaves: list[Any]
+
+    def key(self) -> Optional[tuple]:
+        """What must match between two calls; None where a call can never share."""
+        out = []
+        for leaf in self.leaves:
+            if isinstance(leaf, torch.Tensor):
+                if getattr(leaf, "constant", None) is not None or not hasattr(leaf, "fake_mode"):
+                    return None
+                out.append(("t", tuple(map(str, leaf.shape)), tuple(map(str, leaf.stride())), str(leaf.dtype),
+                            str(leaf.device), leaf.requires_grad, str(leaf.storage_offset())))
+            elif isinstance(leaf, _PLAIN) and not isinstance(leaf, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+                out.append(("v", type(leaf), leaf))
+            else:
+                return None
+        aliases = tuple(next(j for j, other in enumerate(self.leaves) if other is leaf)
+                        for leaf in self.leaves if isinstance(leaf, torch.Tensor))
+        return (str(self.spec), tuple(out), aliases)
+
+
+@dataclasses.dataclass
+class _Traced:
+    """A layer traced as usual: its state, call, reads and the nodes it added."""
+
+    path: str
+    state: _State
+    call_key: tuple
+    reads: set[tuple[str, str]]
+    nodes: list[fx.Node]
+    inputs: dict[fx.Node, tuple]  # a node the layer's nodes read from outside -> ("arg", i) / ("tensor", name)
+    outputs: list[Any]  # per output leaf: a node, or the leaf itself (a plain value)
+    out_spec: Any
+    constants: dict[str, tuple]  # a constant tensor the layer made (get_attr target) -> its value
+    confirmed: bool = False
+    failed: bool = False
+
+
+def _is_sym(node: Any) -> bool:
+    return isinstance(node, fx.Node) and isinstance(node.meta.get("val"), (torch.SymInt, torch.SymFloat, torch.SymBool))
+
+
+def _proxy_node(tensor: torch.Tensor, tracer: Any) -> Optional[fx.Node]:
+    from torch.fx.experimental.proxy_tensor import get_proxy_slot
+
+    slot = get_proxy_slot(tensor, tracer, None)
+    return None if slot is None else slot.proxy.node
+
+
+def _unshareable_node(nodes: list[fx.Node], constants: dict[str, tuple]) -> Optional[str]:
+    """Why a layer's nodes cannot be copied (None if they can): they must be plain calls (no
+    higher-order op) or reads of small constants, mutating only what they made."""
+    made = set(nodes)
+    for node in nodes:
+        if node.op == "get_attr" and node.target in constants:
+            continue
+        if node.op != "call_function" or isinstance(node.target, torch._ops.HigherOrderOperator):
+            return f"{node.name} is a {node.op} of {node.target}"
+        schema = getattr(node.target, "_schema", None)
+        if schema is None:
+            continue  # a Python function on SymInts (operator.mul, sym_size): no mutation
+        for arg, value in zip(schema.arguments, node.args):
+            if arg.alias_info is not None and arg.alias_info.is_write:
+                if not (isinstance(value, fx.Node) and value in made):
+                    return f"{node.name} ({node.target}) mutates what the layer did not make"
+        for name, value in node.kwargs.items():
+            arg = next((a for a in schema.arguments if a.name == name), None)
+            if arg is not None and arg.alias_info is not None and arg.alias_info.is_write and value not in made:
+                return f"{node.name} ({node.target}) mutates what the layer did not make"
+    return None
+
+
+def _views_an_input(node: fx.Node, made: set[fx.Node]) -> bool:
+    """Whether ``node`` may share memory with something the layer did not make (its outputs are
+    given to members as fresh tensors, which would break that aliasing)."""
+    seen = set()
+    stack = [node]
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        if current not in made:
+            return True
+        schema = getattr(current.target, "_schema", None)
+        if schema is None or not any(r.alias_info is not None for r in schema.returns):
+            continue
+        for arg, value in zip(schema.arguments, current.args):
+            if arg.alias_info is not None and isinstance(value, fx.Node):
+                stack.append(value)
+    return False
+
+
+def _canonical(traced: _Traced) -> tuple:
+    """The layer's nodes with their references resolved relative to the layer: what two traces
+    of equal layers must agree on."""
+    index = {node: i for i, node in enumerate(n for n in traced.nodes if not _is_sym(n))}
+
+    def ref(value: Any) -> Any:
+        if isinstance(value, fx.Node):
+            if _is_sym(value):
+                return ("sym", str(value.meta["val"]))
+            if value in index:
+                return ("node", index[value])
+            return ("in", traced.inputs.get(value, ("outside", value.name)))
+        return value
+
+    rows = []
+    for node in traced.nodes:
+        if _is_sym(node):
+            continue
+        if node.op == "get_attr":
+            rows.append(("constant", traced.constants[node.target]))
+            continue
+        val = node.meta.get("val")
+        meta = pytree.tree_map(lambda v: (tuple(map(str, v.shape)), str(v.dtype), tuple(map(str, v.stride())))
+                               if isinstance(v, torch.Tensor) else v, val)
+        rows.append((node.op, str(node.target), pytree.tree_map(ref, node.args), pytree.tree_map(ref, node.kwargs),
+                     str(meta)))
+    return tuple(rows), tuple(ref(o) for o in traced.outputs), str(traced.out_spec)
+
+
+def _constant_value(value: Any) -> Optional[tuple]:
+    """A small constant tensor's metadata and values (what two traces' constants must agree on);
+    None for anything else."""
+    if (not isinstance(value, torch.Tensor) or hasattr(value, "fake_mode") or value.device.type == "meta"
+            or value.numel() > 64):
+        return None
+    return (tuple(value.shape), str(value.dtype), tuple(value.flatten().tolist()))
+
+
+def _own_copy(constant: torch.Tensor) -> torch.Tensor:
+    """A constant of a copied layer is its own object, as each trace makes one: export lifts
+    constants by identity, under the path of the layer that uses them."""
+    return constant.clone()  # real data (_constant_value)
+
+
+def _renamed_stack(stack: dict, rep_path: str, member_path: str, outer: dict) -> dict:
+    """A copied node's ``nn_module_stack``: the member's call stack, then the representative's
+    frames inside the layer with the member's paths."""
+    out = dict(outer)
+    for key, (fqn, cls) in stack.items():
+        if fqn == rep_path or fqn.startswith(rep_path + "."):
+            new_fqn = member_path + fqn[len(rep_path):]
+            new_key = member_path + key[len(rep_path):] if key.startswith(rep_path) else key
+            if new_key not in out:
+                out[new_key] = (new_fqn, cls)
+    return out
+
+
+def _input_nodes(call: _Call, state: _State, tracer: Any) -> Optional[dict[fx.Node, tuple]]:
+    """The node of each tensor a layer is given or holds: ("arg", leaf index) or ("tensor", name)."""
+    inputs: dict[fx.Node, tuple] = {}
+    for i, leaf in enumerate(call.leaves):
+        if isinstance(leaf, torch.Tensor):
+            if (found := _proxy_node(leaf, tracer)) is None:
+                return None
+            inputs.setdefault(found, ("arg", i))
+    for name, tensor in state.tensors.items():
+        if (found := _proxy_node(tensor, tracer)) is None:
+            return None
+        inputs.setdefault(found, ("tensor", name))
+    return inputs
+
+
+def _record(path: str, state: _State, call_key: tuple, reads: set[tuple[str, str]],
+            inputs: dict[fx.Node, tuple], last: fx.Node, tracer: Any, out: Any) -> "_Traced | str":
+    """The record of a layer just traced, whose nodes follow ``last``; None where they cannot be
+    copied."""
+    nodes = []
+    node = last.next
+    while node.op != "root":
+        nodes.append(node)
+        node = node.next
+    made = set(nodes)
+    for node in nodes:  # every outside tensor a node reads is an argument or the layer's own
+        for used in node.all_input_nodes:
+            if used not in made and used not in inputs and not _is_sym(used) and not _is_sym(node):
+                return f"{node.name} reads {used.name}, neither an argument nor the layer's own"
+    constants = {}
+    for node in nodes:
+        if node.op == "get_attr" and (value := _constant_value(getattr(tracer.root, node.target, None))) is not None:
+            constants[node.target] = value
+    if (refusal := _unshareable_node(nodes, constants)) is not None:
+        return refusal
+    out_leaves, out_spec = pytree.tree_flatten(out)
+    outputs: list[Any] = []
+    for leaf in out_leaves:
+        if isinstance(leaf, torch.Tensor):
+            found = _proxy_node(leaf, tracer)
+            if found is None or (found in made and _views_an_input(found, made)):
+                return "an output is an input, or a view of one"
+            outputs.append(found)
+        elif isinstance(leaf, _PLAIN) and not isinstance(leaf, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+            outputs.append(leaf)
+        else:
+            return f"an output is a {type(leaf).__name__}"
+    return _Traced(path, state, call_key, reads, nodes, inputs, outputs, out_spec, constants)
+
+
+# ---------------------------------------------------------------------------------------------
+# the sharing itself
+
+
+class _Sharing:
+    """For one capture: which layers may share, what each traced, and the watches on classes."""
+
+    def __init__(self, groups: list[list[tuple[str, nn.Module]]]) -> None:
+        self.groups = groups
+        self.traced: dict[int, list[_Traced]] = {}  # group index -> representatives
+        self.watched: dict[int, set[tuple[str, str]]] = {}  # group index -> attributes watched
+        self.watching: Optional[tuple[dict[int, str], set[tuple[str, str]]]] = None
+        self.notes: list[tuple[str, str]] = []  # (layer path, what was done and why), in call order
+
+    def touched(self, obj: Any, name: str) -> None:
+        if self.watching is not None and (path := self.watching[0].get(id(obj))) is not None:
+            self.watching[1].add((path, name))
+
+    def forward(self, group: int, path: str, layer: nn.Module, original: Callable[..., Any],
+                *args: Any, **kwargs: Any) -> Any:
+        """The routed forward of a layer that may share: copy, or trace (and record) as usual."""
+        from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+        mode = get_proxy_mode()
+        if mode is None:
+            return original(*args, **kwargs)
+        tracer = mode.tracer
+        frames = getattr(tracer, "module_stack", None)
+        if frames:  # the layer's own frame: its path as the tracer names it in nn_module_stack
+            path = next(reversed(frames.values()))[0]
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        call = _Call(spec, leaves)
+        call_key = call.key()
+        state = _state(layer)
+        reps = self.traced.setdefault(group, [])
+        rep = next((r for r in reps if self._may_take(r, group, state, call_key)), None) if call_key else None
+        if rep is not None and rep.confirmed:
+            copied = self._copy(rep, path, state, call, tracer)
+            if copied is not _MISSING:
+                self.notes.append((path, f"copied from {rep.path}"))
+                return copied
+        mine, out = self._trace(layer, state, call, call_key, tracer, original, args, kwargs)
+        if isinstance(mine, str):
+            note = f"traced: {mine}"
+        elif rep is None:
+            note = "traced: the first of its kind"
+            reps.append(mine)
+        elif _canonical(mine) == _canonical(rep):
+            note = f"traced: confirms {rep.path}"
+            rep.confirmed = True
+        else:  # neither is copied; this one may be confirmed by a later layer
+            note = f"traced: differs from {rep.path}, which is not copied"
+            rep.failed = True
+            reps.append(mine)
+        if not isinstance(mine, str):
+            mine.path = path
+        self.notes.append((path, note))
+        return out
+
+    @property
+    def copied(self) -> int:
+        return sum(note.startswith("copied") for _, note in self.notes)
+
+    def _may_take(self, rep: _Traced, group: int, state: _State, call_key: tuple) -> bool:
+        """Whether a layer in ``state``, called as ``call_key``, would trace as ``rep`` did."""
+        if rep.failed or rep.call_key != call_key:
+            return False
+        differ = _differing(rep.state, state)
+        return differ is not None and differ <= self.watched[group] and not differ & rep.reads
+
+    def _trace(self, layer: nn.Module, state: _State, call: _Call, call_key: Optional[tuple], tracer: Any,
+               original: Callable[..., Any], args: tuple, kwargs: dict) -> tuple["_Traced | str", Any]:
+        """Trace ``layer`` as usual, recording what it read and the nodes it added: (the record, or
+        why these nodes can never be copied; the layer's output)."""
+        graph = tracer.graph
+        last = next(iter(reversed(graph.nodes)))
+        # the inputs' nodes before the call: an op such as a no-op .to() tracks the same tensor again
+        inputs = _input_nodes(call, state, tracer) if call_key is not None else None
+        shape_env = next((leaf.fake_mode.shape_env for leaf in call.leaves if hasattr(leaf, "fake_mode")), None)
+        symbols = len(shape_env.var_to_range) if shape_env is not None else None
+        reads: set[tuple[str, str]] = set()
+        outer, self.watching = self.watching, (state.paths, reads)
+        try:
+            out = original(*args, **kwargs)
+        finally:
+            self.watching = outer
+        if call_key is None:
+            return "an argument is a symbolic number, a constant tensor or an object", out
+        if inputs is None:
+            return "an argument or parameter has no node", out
+        if shape_env is None or len(shape_env.var_to_range) != symbols:
+            return "it made a new symbol (a data-dependent size)", out
+        if not _unchanged(state, _state(layer)):
+            return "it wrote an attribute", out
+        return _record("", state, call_key, reads, inputs, last, tracer, out), out
+
+    def _copy(self, rep: _Traced, path: str, state: _State, call: _Call, tracer: Any) -> Any:
+        """The member's nodes: the representative's, copied with the member's inputs."""
+        from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing, track_tensor_tree
+
+        given: dict[fx.Node, Any] = {}  # representative's input node -> the member's (node, object)
+        for node, (kind, where) in rep.inputs.items():
+            obj = call.leaves[where] if kind == "arg" else state.tensors[where]
+            found = _proxy_node(obj, tracer)
+            if found is None:
+                return _MISSING
+            given[node] = (found, obj)
+        env = {node: found for node, (found, _) in given.items()}
+        graph = tracer.graph
+        outer_stack = {key: (fqn, f"{cls.__module__}.{cls.__qualname__}" if isinstance(cls, type) else cls)
+                       for key, (fqn, cls) in tracer.module_stack.items()}  # as the tracer's create_node writes it
+        for node in rep.nodes:
+            if _is_sym(node):
+                env[node] = node  # a symbolic size is the same value wherever it was computed
+                continue
+            if node.op == "get_attr":
+                name = tracer.get_fresh_qualname("_tensor_constant")
+                setattr(tracer.root, name, _own_copy(getattr(tracer.root, node.target)))
+                copy = graph.get_attr(name)
+                tracer.tensor_attrs[getattr(tracer.root, name)] = name
+            else:
+                copy = graph.node_copy(node, lambda n: env.get(n, n))
+            copy.meta = dict(node.meta)
+            if "nn_module_stack" in node.meta:
+                copy.meta["nn_module_stack"] = _renamed_stack(node.meta["nn_module_stack"], rep.path, path, outer_stack)
+            env[node] = copy
+        results = []
+        made = {}
+        for out in rep.outputs:
+            if not isinstance(out, fx.Node):
+                results.append(out)
+            elif out in given:
+                results.append(given[out][1])
+            elif out in made:
+                results.append(made[out])
+            else:
+                val = out.meta["val"]
+                with disable_proxy_modes_tracing(), val.fake_mode:
+                    fresh = torch.empty_strided(val.shape, val.stride(), dtype=val.dtype, device=val.device)
+                track_tensor_tree(fresh, fx.Proxy(env[out], tracer), constant=None, tracer=tracer)
+                made[out] = fresh
+                results.append(fresh)
+        return pytree.tree_unflatten(results, rep.out_spec)
+
+
+def _groups(root: nn.Module) -> list[list[tuple[str, nn.Module]]]:
+    """Layers that may share: the children of one container with the same classes and tensor
+    shapes, none of whose modules or tensors is also reached from outside the layer."""
+    owners: dict[int, int] = {}
+    for _, module in root.named_modules(remove_duplicate=False):
+        owners[id(module)] = owners.get(id(module), 0) + 1
+    tensor_owners: dict[int, int] = {}
+    for kind in ("named_parameters", "named_buffers"):
+        for _, tensor in getattr(root, kind)(remove_duplicate=False):
+            tensor_owners[id(tensor)] = tensor_owners.get(id(tensor), 0) + 1
+    groups = []
+    for prefix, container in root.named_modules():
+        if not isinstance(container, (nn.ModuleList, nn.Sequential, nn.ModuleDict)):
+            continue
+        by_shape: dict[tuple, list[tuple[str, nn.Module]]] = {}
+        for name, child in container.named_children():
+            state = _state(child)
+            if any(owners[id(m)] > 1 for _, m in child.named_modules(remove_duplicate=False)):
+                continue
+            if any(tensor_owners[id(t)] > 1 for t in state.tensors.values()):
+                continue
+            shape = (state.classes, state.tying, tuple((n, _tensor_meta(t)) for n, t in state.tensors.items()))
+            by_shape.setdefault(shape, []).append((f"{prefix}.{name}" if prefix else name, child))
+        groups.extend(members for members in by_shape.values() if len(members) >= 3)
+    return groups
+
+
+@contextlib.contextmanager
+def share_repeated_layers(skeleton: nn.Module, enabled: bool = True) -> Iterator[Optional[_Sharing]]:
+    """While this is entered, the layers of ``skeleton`` (a capture's own copy of the model) that
+    repeat take their representative's graph when exported. Yields the sharing (``.copied``
+    counts the layers copied), or None when nothing repeats."""
+    groups = _groups(skeleton) if enabled else []
+    if not groups:
+        yield None
+        return
+    sharing = _Sharing(groups)
+    watches: dict[tuple[type, str], Any] = {}
+    for index, members in enumerate(groups):  # watch every attribute that differs within a group
+        states = [_state(layer) for _, layer in members]
+        differ = set().union(*(_differing(states[0], state) or set() for state in states[1:]))
+        sharing.watched[index] = differ
+        for rel, name in differ:
+            watches.setdefault((type(members[0][1].get_submodule(rel)), name), None)
+    installed = []
+    try:
+        for (cls, name) in watches:
+            if isinstance(cls.__dict__.get(name), _Watch):
+                continue
+            previous = cls.__dict__.get(name, _MISSING)
+            setattr(cls, name, _Watch(name, previous, sharing))
+            installed.append((cls, name, previous))
+        for index, members in enumerate(groups):
+            for path, layer in members:
+                original = type(layer).forward.__get__(layer)
+                layer.__dict__["forward"] = _bind(sharing.forward, index, path, layer, original)
+        yield sharing
+    finally:
+        for _, members in enumerate(groups):
+            for _, layer in members:
+                layer.__dict__.pop("forward", None)
+        for cls, name, previous in reversed(installed):
+            if previous is _MISSING:
+                delattr(cls, name)
+            else:
+                setattr(cls, name, previous)
+
+
+def _bind(forward: Callable[..., Any], *bound: Any) -> Callable[..., Any]:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return forward(*bound, *args, **kwargs)
+    call._autotp_routing = True  # type: ignore[attr-defined]  # not layer state: each layer has its own
+    return call
