@@ -236,9 +236,10 @@ def capture(
                                                                              if k not in passed})
     fake_inputs = {k: _as_fake(v, mode, device, bump_unit_dims) for k, v in passed.items()}
     name = type(model).__name__
+    share = _share_layers(share_layers)
     try:
         with hf.capture_settings(skeleton), _no_stack_traces(), torch.no_grad(), \
-                share_repeated_layers(skeleton, _share_layers(share_layers)) as sharing:
+                share_repeated_layers(skeleton, share) as sharing:
             exported = torch.export.export(
                 skeleton, (), fake_inputs, dynamic_shapes=_dynamic_shapes(skeleton, fake_inputs), strict=False
             )

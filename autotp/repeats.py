@@ -41,7 +41,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
-__all__ = ["share_repeated_layers"]
+__all__ = ["share_repeated_layers", "graph_signature"]
 
 _MODULE_INTERNALS = frozenset({"_parameters", "_buffers", "_modules"})
 _PLAIN = (int, float, str, bool, type(None), complex, bytes, torch.dtype, torch.device, torch.layout,
@@ -308,16 +308,22 @@ def _own_copy(constant: torch.Tensor) -> torch.Tensor:
     return constant.clone()  # real data (_constant_value)
 
 
-def _renamed_stack(stack: dict, rep_path: str, member_path: str, outer: dict) -> dict:
+def _renamed_stack(stack: dict, rep_path: str, member_path: str, outer: dict, keys: dict[str, str],
+                   num_calls: dict[str, int]) -> dict:
     """A copied node's ``nn_module_stack``: the member's call stack, then the representative's
-    frames inside the layer with the member's paths."""
+    frames inside the layer with the member's paths. A frame's key is its path, with ``@n`` from
+    the second call of that module on: ``keys`` (the representative's key -> the member's, for
+    this copy) and the tracer's ``num_calls`` are kept as the tracer's own module calls keep them."""
     out = dict(outer)
     for key, (fqn, cls) in stack.items():
-        if fqn == rep_path or fqn.startswith(rep_path + "."):
+        if not fqn.startswith(rep_path + "."):
+            continue  # a frame around the layer, or the layer's own: ``outer`` has the member's
+        if key not in keys:
             new_fqn = member_path + fqn[len(rep_path):]
-            new_key = member_path + key[len(rep_path):] if key.startswith(rep_path) else key
-            if new_key not in out:
-                out[new_key] = (new_fqn, cls)
+            calls = num_calls.get(new_fqn, 0)
+            keys[key] = f"{new_fqn}@{calls}" if calls else new_fqn
+            num_calls[new_fqn] = calls + 1
+        out[keys[key]] = (member_path + fqn[len(rep_path):], cls)
     return out
 
 
@@ -482,6 +488,7 @@ class _Sharing:
         graph = tracer.graph
         outer_stack = {key: (fqn, f"{cls.__module__}.{cls.__qualname__}" if isinstance(cls, type) else cls)
                        for key, (fqn, cls) in tracer.module_stack.items()}  # as the tracer's create_node writes it
+        keys: dict[str, str] = {}
         for node in rep.nodes:
             if _is_sym(node):
                 env[node] = node  # a symbolic size is the same value wherever it was computed
@@ -495,7 +502,8 @@ class _Sharing:
                 copy = graph.node_copy(node, lambda n: env.get(n, n))
             copy.meta = dict(node.meta)
             if "nn_module_stack" in node.meta:
-                copy.meta["nn_module_stack"] = _renamed_stack(node.meta["nn_module_stack"], rep.path, path, outer_stack)
+                copy.meta["nn_module_stack"] = _renamed_stack(node.meta["nn_module_stack"], rep.path, path, outer_stack,
+                                                              keys, tracer.num_calls)
             env[node] = copy
         results = []
         made = {}
@@ -589,3 +597,23 @@ def _bind(forward: Callable[..., Any], *bound: Any) -> Callable[..., Any]:
         return forward(*bound, *args, **kwargs)
     call._autotp_routing = True  # type: ignore[attr-defined]  # not layer state: each layer has its own
     return call
+
+
+def graph_signature(graph: fx.Graph) -> list[tuple]:
+    """A graph as a run and the planner read it: per node, in order, its op, target, arguments
+    (nodes as their positions), module stack (keys and paths) and output shape. Copied layers give the
+    signature of tracing every layer; node *names* may differ (a copy reuses the
+    representative's size reads, so later names are numbered lower)."""
+    index = {node: i for i, node in enumerate(graph.nodes)}
+
+    def ref(value: Any) -> Any:
+        return ("node", index[value]) if isinstance(value, fx.Node) else value
+
+    rows = []
+    for node in graph.nodes:
+        stack = node.meta.get("nn_module_stack") or {}
+        val = node.meta.get("val")
+        rows.append((node.op, node.name if node.op == "placeholder" else str(node.target),
+                     str(pytree.tree_map(ref, node.args)), str(pytree.tree_map(ref, node.kwargs)),
+                     tuple((key, path) for key, (path, _) in stack.items()), str(getattr(val, "shape", type(val).__name__))))
+    return rows

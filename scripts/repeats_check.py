@@ -29,32 +29,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def canonical(graph: Any) -> list[tuple]:
-    """The graph as what a run and the planner read: per node in order its op, target, arguments
-    with nodes as their positions, the module path stack and the output shape."""
-    import torch.fx as fx
-    from torch.utils import _pytree as pytree
-
-    index = {node: i for i, node in enumerate(graph.nodes)}
-
-    def ref(value: Any) -> Any:
-        return ("node", index[value]) if isinstance(value, fx.Node) else value
-
-    rows = []
-    for node in graph.nodes:
-        stack = node.meta.get("nn_module_stack") or {}
-        val = node.meta.get("val")
-        rows.append((node.op, node.name if node.op == "placeholder" else str(node.target),
-                     str(pytree.tree_map(ref, node.args)), str(pytree.tree_map(ref, node.kwargs)),
-                     tuple(path for path, _ in stack.values()), str(getattr(val, "shape", type(val).__name__))))
-    return rows
-
-
 def check(arch: str, layers: int, tp: int) -> dict[str, Any]:
     import torch
     from arch_configs import _LAYER_COUNTS, _instantiate, ARCHS, config_candidates
 
     from autotp.capture import capture
+    from autotp.repeats import graph_signature
     from autotp.module import placements
     from autotp.planner import plan_graph
 
@@ -81,7 +61,7 @@ def check(arch: str, layers: int, tp: int) -> dict[str, Any]:
             return row
         row[f"seconds_{'shared' if share else 'traced'}"] = round(time.perf_counter() - start, 3)
     row["copied"] = captured[True].copied_layers
-    row["same_graph"] = canonical(captured[False].graph) == canonical(captured[True].graph)
+    row["same_graph"] = graph_signature(captured[False].graph) == graph_signature(captured[True].graph)
     plans = [placements(plan_graph(captured[s].graph, tp)) for s in (False, True)]
     row["same_plan"] = plans[0] == plans[1]
     return row

@@ -1,0 +1,128 @@
+"""Repeated layers traced once (autotp.repeats): the copied graph is the graph a trace of every
+layer gives, and a layer that would trace differently is traced."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from autotp.capture import capture
+from autotp.repeats import graph_signature
+from models import simulated_exactly
+
+WIDTH = 16
+
+
+class Block(nn.Module):
+    """A residual MLP; ``special`` doubles its update (set on one layer only)."""
+
+    def __init__(self, index: int, special: bool = False, bump: bool = False) -> None:
+        super().__init__()
+        self.index, self.special = index, special
+        self.up, self.down = nn.Linear(WIDTH, 4 * WIDTH), nn.Linear(4 * WIDTH, WIDTH)
+        if bump:
+            self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        update = self.down(torch.relu(self.up(x)))
+        if self.special:
+            update = update * 2
+        if hasattr(self, "calls"):
+            self.calls.add_(1)
+        return x + update
+
+
+class Stack(nn.Module):
+    def __init__(self, blocks: list[nn.Module]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+_CALLS = [0]
+
+
+class ReadsAGlobal(Block):
+    """A layer whose graph depends on state outside it that the previous layer changed."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _CALLS[0] += 1
+        update = self.down(torch.relu(self.up(x)))
+        return x + (update * 3 if _CALLS[0] == 1 else update)
+
+
+def _both(model: nn.Module, x, before=lambda: None):
+    """``model`` captured with every layer traced and with repeats copied (``before`` each): the
+    two graphs must be the same. Returns the second capture."""
+    before()
+    traced = capture(model, x if isinstance(x, dict) else (x,), share_layers=False)
+    before()
+    shared = capture(model, x if isinstance(x, dict) else (x,), share_layers=True)
+    assert graph_signature(shared.graph) == graph_signature(traced.graph)
+    return shared
+
+
+def _stack(n: int, block=Block, per_layer: dict[int, dict] | None = None) -> Stack:
+    torch.manual_seed(0)
+    return Stack([block(i, **(per_layer or {}).get(i, {})) for i in range(n)]).eval()
+
+
+def test_repeated_layers_are_copied_and_compute_what_the_model_does() -> None:
+    model, x = _stack(6), torch.randn(2, 8, WIDTH)
+    shared = _both(model, x)
+    # layer 0 is given the input with a symbolic width (the first linear pins it to 16), so it
+    # matches no later layer; 1 is traced, 2 traced to confirm it, 3-5 copied
+    assert shared.copied_layers == 3
+    simulated_exactly(model, x)
+
+
+def test_a_layer_whose_read_attribute_differs_is_traced() -> None:
+    model, x = _stack(6, per_layer={3: {"special": True}}), torch.randn(2, 8, WIDTH)
+    shared = _both(model, x)
+    # 0 as above, 1 traced, 2 confirms 1; 3 differs from 1 in `special`, which the forward reads,
+    # so it is traced; 4-5 copied from 1 (`index` differs too, but no forward reads it)
+    assert shared.copied_layers == 2
+    simulated_exactly(model, x)
+
+
+def test_global_state_changed_by_a_layer_fails_the_confirmation() -> None:
+    model, x = _stack(5, block=ReadsAGlobal), torch.randn(2, 8, WIDTH)
+    _CALLS[0] = 0
+    reference = model(x)
+    shared = _both(model, x, before=lambda: _CALLS.__setitem__(0, 0))  # 1 is confirmed by 2, 3-4 copied
+    assert shared.copied_layers == 2
+    _CALLS[0] = 0
+    from autotp.simulate import simulate
+
+    for out in simulate(model, (x,), 2).outputs:
+        torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-5)
+
+
+def test_a_layer_that_mutates_its_buffer_is_traced() -> None:
+    model, x = _stack(5, per_layer={i: {"bump": True} for i in range(5)}), torch.randn(2, 8, WIDTH)
+    assert _both(model, x).copied_layers == 0
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma2"])
+def test_hf_decoder_layers_are_copied(model_type: str) -> None:
+    """Llama's layers differ only in layer_idx, never read without a cache; Gemma-2's alternate
+    sliding and full attention, so each kind has its own representative."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=128)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.randint(0, 128, (2, 8))
+    assert _both(model, {"input_ids": ids}).copied_layers == (4 if model_type == "llama" else 2)
+
+
+def test_share_layers_setting_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AUTOTP_SHARE_LAYERS", "sometimes")
+    with pytest.raises(ValueError, match="AUTOTP_SHARE_LAYERS"):
+        capture(_stack(3), (torch.randn(2, 8, WIDTH),))
