@@ -110,6 +110,17 @@ def _state(layer: nn.Module) -> _State:
     return _State(paths, attrs, tuple(classes), tensors, tying)
 
 
+def _hooked(layer: nn.Module) -> bool:
+    """Whether a call of a module inside ``layer`` would run hooks (its own, or global ones): a
+    copy runs none of them."""
+    from torch.nn.modules import module as torch_module
+
+    hook_stores = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    if any(getattr(torch_module, f"_global{store}", None) for store in hook_stores):
+        return True
+    return any(getattr(m, store, None) for _, m in list(layer.named_modules())[1:] for store in hook_stores)
+
+
 def _tensor_meta(t: torch.Tensor) -> tuple:
     return (tuple(map(str, t.shape)), str(t.dtype), t.requires_grad, isinstance(t, nn.Parameter))
 
@@ -411,6 +422,8 @@ class _Sharing:
         call = _Call(spec, leaves)
         call_key = call.key()
         state = _state(layer)
+        if call_key is not None and _hooked(layer):
+            call_key = None  # a copy would not run the hooks of the modules inside it
         reps = self.traced.setdefault(group, [])
         rep = next((r for r in reps if self._may_take(r, group, state, call_key)), None) if call_key else None
         if rep is not None and rep.confirmed:
@@ -464,7 +477,8 @@ class _Sharing:
         finally:
             self.watching = outer
         if call_key is None:
-            return "an argument is a symbolic number, a constant tensor or an object", out
+            return ("a module inside it has hooks, or an argument is a symbolic number, a constant tensor or an "
+                    "object"), out
         if inputs is None:
             return "an argument or parameter has no node", out
         if shape_env is None or len(shape_env.var_to_range) != symbols:

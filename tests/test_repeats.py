@@ -126,3 +126,13 @@ def test_share_layers_setting_is_checked(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setenv("AUTOTP_SHARE_LAYERS", "sometimes")
     with pytest.raises(ValueError, match="AUTOTP_SHARE_LAYERS"):
         capture(_stack(3), (torch.randn(2, 8, WIDTH),))
+
+
+def test_a_layer_with_hooks_inside_is_traced() -> None:
+    """A copy would not call the layer's submodules, so their hooks would not run."""
+    model, x = _stack(5), torch.randn(2, 8, WIDTH)
+    seen: list[str] = []
+    for i, layer in enumerate(model.layers):
+        layer.up.register_forward_hook(lambda module, args, out, i=i: seen.append(f"up {i}"))
+    assert _both(model, x).copied_layers == 0
+    assert seen[-5:] == [f"up {i}" for i in range(5)]  # every layer's hook ran in the last capture
