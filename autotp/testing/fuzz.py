@@ -52,6 +52,7 @@ class Outcome:
     detail: str = ""
     sharded: int = 0  # parameters the plan sharded
     diff: float = 0.0
+    copied: int = 0  # layers whose nodes capture copied from an identical layer's
 
 
 def random_spec(seed: int) -> dict[str, Any]:
@@ -62,10 +63,14 @@ def random_spec(seed: int) -> dict[str, Any]:
     blocks = [dict(kind=k, config=KINDS[k].sample(rng, dim), residual=rng.random() < 0.6, norm=rng.random() < 0.5)
               for k in kinds]
     source = rng.choice(["ids", "ids", "hidden"])
-    return dict(seed=seed, dim=dim, vocab=rng.choice([12, 15, 16, 24, 30, 32, 50]), input=source,
+    spec = dict(seed=seed, dim=dim, vocab=rng.choice([12, 15, 16, 24, 30, 32, 50]), input=source,
                 padding_idx=rng.choice([None, 0]), blocks=blocks,
                 head=rng.choice(["plain", "bias"] + (["none"] if source == "hidden" else [])),
                 tied=rng.random() < 0.4, batch=rng.choice([2, 3]), seq=rng.choice([4, 5, 6, 8]))
+    # a third of the models stack their blocks 3 times over (fresh weights each): repeated
+    # layers, whose graphs capture copies (autotp.repeats). Drawn last: the rest is as before.
+    spec["blocks"] = blocks * rng.choice([1, 1, 3])
+    return spec
 
 
 def _other_input(spec: dict[str, Any], inputs: torch.Tensor) -> torch.Tensor:
@@ -110,7 +115,10 @@ def check(spec: dict[str, Any], tps: Sequence[int] = (2, 3, 4)) -> list[Outcome]
         return [Outcome(tp, "refused", str(exc).splitlines()[0]) for tp in tps]
     except Exception as exc:  # noqa: BLE001 - classified
         return [Outcome(tp, "internal", _first_line(exc)) for tp in tps]
-    return [_check_tp(spec, model, captured, calls, references, tp) for tp in tps]
+    outcomes = [_check_tp(spec, model, captured, calls, references, tp) for tp in tps]
+    for outcome in outcomes:
+        outcome.copied = captured.copied_layers
+    return outcomes
 
 
 def _check_tp(spec: dict[str, Any], model: torch.nn.Module, captured: Any, calls: list[torch.Tensor],
@@ -177,10 +185,11 @@ class FuzzReport:
     failures: list[dict[str, Any]] = field(default_factory=list)  # {tp, kind, detail, spec, shrunk}
     refusals: Counter = field(default_factory=Counter)
     cases: int = 0
+    copied: int = 0  # models with layers copied at capture
     seconds: float = 0.0
 
     def summary(self) -> str:
-        lines = [f"{self.cases} modules in {self.seconds:.1f} s"]
+        lines = [f"{self.cases} modules in {self.seconds:.1f} s ({self.copied} with repeated layers copied)"]
         for tp in sorted(self.counts):
             c = self.counts[tp]
             lines.append(f"  tp {tp}: " + ", ".join(f"{c[k]} {k}" for k in CLASSES)
@@ -201,6 +210,7 @@ def fuzz(seeds: Iterable[int], tps: Sequence[int] = (2, 3, 4), *, shrink_failure
         spec = random_spec(seed)
         outcomes = check(spec, (tp_of(seed),) if tp_of else tps)
         report.cases += 1
+        report.copied += any(out.copied for out in outcomes)
         for out in outcomes:
             report.counts[out.tp][out.kind] += 1
             if out.kind == "exact" and out.sharded:
