@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import enum
-import functools
 from typing import Any, Callable, Iterator, Optional
 
 import torch
@@ -41,137 +39,10 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
+from autotp.layer_state import (MISSING, PLAIN, LayerState, Watch, differing, hooked, layer_state,
+                                tensor_meta, unchanged)
+
 __all__ = ["share_repeated_layers", "graph_signature"]
-
-_MODULE_INTERNALS = frozenset({"_parameters", "_buffers", "_modules"})
-_PLAIN = (int, float, str, bool, type(None), complex, bytes, torch.dtype, torch.device, torch.layout,
-          torch.memory_format, enum.Enum, type)
-_MISSING = object()
-
-
-# ---------------------------------------------------------------------------------------------
-# state: what a layer's forward could read
-
-
-def _same(a: Any, b: Any, paths: tuple[dict[int, str], dict[int, str]]) -> bool:
-    """Whether two attribute values would steer a forward the same way: equal in type and value,
-    containers element by element, modules by their path inside the layer (else by identity),
-    tensors by metadata and data, anything else only if it is the same object."""
-    if a is b:
-        return True
-    if type(a) is not type(b):
-        return False
-    if isinstance(a, _PLAIN):
-        return a == b or (a != a and b != b)  # nan == nan here: the same value steers the same way
-    if isinstance(a, (tuple, list)):
-        return len(a) == len(b) and all(_same(x, y, paths) for x, y in zip(a, b))
-    if isinstance(a, dict):
-        return list(a) == list(b) and all(_same(a[k], b[k], paths) for k in a)
-    if isinstance(a, (set, frozenset)):
-        return all(isinstance(x, _PLAIN) for x in a) and a == b
-    if isinstance(a, nn.Module):
-        path_a, path_b = paths[0].get(id(a)), paths[1].get(id(b))
-        return path_a is not None and path_a == path_b
-    if isinstance(a, functools.partial):
-        return _same(a.func, b.func, paths) and _same(a.args, b.args, paths) and _same(a.keywords, b.keywords, paths)
-    if callable(a) and hasattr(a, "__func__") and hasattr(a, "__self__"):  # a bound method
-        return a.__func__ is b.__func__ and _same(a.__self__, b.__self__, paths)
-    if isinstance(a, torch.Tensor):
-        return (not isinstance(a, nn.Parameter) and a.device.type != "meta" and a.shape == b.shape
-                and a.dtype == b.dtype and a.stride() == b.stride() and torch.equal(a, b))
-    return False
-
-
-@dataclasses.dataclass
-class _State:
-    """A layer's attributes (by relative module path) and tensors (by relative name)."""
-
-    paths: dict[int, str]  # id(module) -> relative path, for every module in the layer
-    attrs: dict[tuple[str, str], Any]  # (relative path, name) -> value
-    classes: tuple  # (relative path, class) in order
-    tensors: dict[str, torch.Tensor]  # relative name -> tensor (as the forward sees it now)
-    tying: tuple  # for each tensor name, the first name holding the same tensor
-
-
-def _state(layer: nn.Module) -> _State:
-    paths, attrs, classes = {}, {}, []
-    for path, module in layer.named_modules(remove_duplicate=False):
-        paths.setdefault(id(module), path)
-        classes.append((path, type(module)))
-        for name, value in vars(module).items():
-            if name not in _MODULE_INTERNALS and not getattr(value, "_autotp_routing", False):
-                attrs[(path, name)] = value
-    tensors: dict[str, torch.Tensor] = {}
-    for kind in ("named_parameters", "named_buffers"):
-        for name, tensor in getattr(layer, kind)(remove_duplicate=False):
-            tensors[name] = tensor
-    first: dict[int, str] = {}
-    tying = tuple((name, first.setdefault(id(t), name)) for name, t in tensors.items())
-    return _State(paths, attrs, tuple(classes), tensors, tying)
-
-
-def _hooked(layer: nn.Module) -> bool:
-    """Whether a call of a module inside ``layer`` would run hooks (its own, or global ones): a
-    copy runs none of them."""
-    from torch.nn.modules import module as torch_module
-
-    hook_stores = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-    if any(getattr(torch_module, f"_global{store}", None) for store in hook_stores):
-        return True
-    return any(getattr(m, store, None) for _, m in list(layer.named_modules())[1:] for store in hook_stores)
-
-
-def _tensor_meta(t: torch.Tensor) -> tuple:
-    return (tuple(map(str, t.shape)), str(t.dtype), t.requires_grad, isinstance(t, nn.Parameter))
-
-
-def _differing(rep: _State, member: _State) -> Optional[set[tuple[str, str]]]:
-    """The attributes in which ``member`` differs from ``rep``; None if they differ in structure
-    (classes, attribute names, tensors), which no watching can excuse."""
-    if rep.classes != member.classes or rep.attrs.keys() != member.attrs.keys() or rep.tying != member.tying:
-        return None
-    if any(_tensor_meta(rep.tensors[n]) != _tensor_meta(member.tensors[n]) for n in rep.tensors):
-        return None
-    paths = (rep.paths, member.paths)
-    return {key for key, value in rep.attrs.items() if not _same(value, member.attrs[key], paths)}
-
-
-def _unchanged(before: _State, after: _State) -> bool:
-    """Nothing written during a forward: the same attribute objects and tensors."""
-    return (before.attrs.keys() == after.attrs.keys() and before.classes == after.classes
-            and all(before.attrs[k] is after.attrs[k] for k in before.attrs)
-            and all(before.tensors[n] is after.tensors.get(n) for n in before.tensors))
-
-
-class _Watch:
-    """A data descriptor put on a class for the capture: reads and writes of one attribute name
-    go to the instance's ``__dict__`` as before, and are recorded while a layer is watched."""
-
-    def __init__(self, name: str, previous: Any, recorder: "_Sharing") -> None:
-        self.name, self.previous, self.recorder = name, previous, recorder
-
-    def __get__(self, obj: Any, owner: Any = None) -> Any:
-        if obj is None:
-            if self.previous is _MISSING:
-                raise AttributeError(self.name)
-            return self.previous
-        self.recorder.touched(obj, self.name)
-        try:
-            return obj.__dict__[self.name]
-        except KeyError:
-            pass
-        if self.previous is _MISSING:
-            raise AttributeError(self.name)
-        getter = getattr(type(self.previous), "__get__", None)
-        return getter(self.previous, obj, type(obj)) if getter else self.previous
-
-    def __set__(self, obj: Any, value: Any) -> None:
-        self.recorder.touched(obj, self.name)
-        obj.__dict__[self.name] = value
-
-    def __delete__(self, obj: Any) -> None:
-        self.recorder.touched(obj, self.name)
-        del obj.__dict__[self.name]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,7 +65,7 @@ class _Call:
                     return None
                 out.append(("t", tuple(map(str, leaf.shape)), tuple(map(str, leaf.stride())), str(leaf.dtype),
                             str(leaf.device), leaf.requires_grad, str(leaf.storage_offset())))
-            elif isinstance(leaf, _PLAIN) and not isinstance(leaf, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+            elif isinstance(leaf, PLAIN) and not isinstance(leaf, (torch.SymInt, torch.SymFloat, torch.SymBool)):
                 out.append(("v", type(leaf), leaf))
             else:
                 return None
@@ -208,7 +79,7 @@ class _Traced:
     """A layer traced as usual: its state, call, reads and the nodes it added."""
 
     path: str
-    state: _State
+    state: LayerState
     call_key: tuple
     reads: set[tuple[str, str]]
     nodes: list[fx.Node]
@@ -249,7 +120,8 @@ def _unshareable_node(nodes: list[fx.Node], constants: dict[str, tuple]) -> Opti
                     return f"{node.name} ({node.target}) mutates what the layer did not make"
         for name, value in node.kwargs.items():
             arg = next((a for a in schema.arguments if a.name == name), None)
-            if arg is not None and arg.alias_info is not None and arg.alias_info.is_write and value not in made:
+            if (arg is not None and arg.alias_info is not None and arg.alias_info.is_write
+                    and not (isinstance(value, fx.Node) and value in made)):
                 return f"{node.name} ({node.target}) mutates what the layer did not make"
     return None
 
@@ -338,7 +210,7 @@ def _renamed_stack(stack: dict, rep_path: str, member_path: str, outer: dict, ke
     return out
 
 
-def _input_nodes(call: _Call, state: _State, tracer: Any) -> Optional[dict[fx.Node, tuple]]:
+def _input_nodes(call: _Call, state: LayerState, tracer: Any) -> Optional[dict[fx.Node, tuple]]:
     """The node of each tensor a layer is given or holds: ("arg", leaf index) or ("tensor", name)."""
     inputs: dict[fx.Node, tuple] = {}
     for i, leaf in enumerate(call.leaves):
@@ -353,7 +225,7 @@ def _input_nodes(call: _Call, state: _State, tracer: Any) -> Optional[dict[fx.No
     return inputs
 
 
-def _record(path: str, state: _State, call_key: tuple, reads: set[tuple[str, str]],
+def _record(path: str, state: LayerState, call_key: tuple, reads: set[tuple[str, str]],
             inputs: dict[fx.Node, tuple], last: fx.Node, tracer: Any, out: Any) -> "_Traced | str":
     """The record of a layer just traced, whose nodes follow ``last``; None where they cannot be
     copied."""
@@ -381,7 +253,7 @@ def _record(path: str, state: _State, call_key: tuple, reads: set[tuple[str, str
             if found is None or (found in made and _views_an_input(found, made)):
                 return "an output is an input, or a view of one"
             outputs.append(found)
-        elif isinstance(leaf, _PLAIN) and not isinstance(leaf, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        elif isinstance(leaf, PLAIN) and not isinstance(leaf, (torch.SymInt, torch.SymFloat, torch.SymBool)):
             outputs.append(leaf)
         else:
             return f"an output is a {type(leaf).__name__}"
@@ -421,14 +293,14 @@ class _Sharing:
         leaves, spec = pytree.tree_flatten((args, kwargs))
         call = _Call(spec, leaves)
         call_key = call.key()
-        state = _state(layer)
-        if call_key is not None and _hooked(layer):
+        state = layer_state(layer)
+        if call_key is not None and hooked(layer):
             call_key = None  # a copy would not run the hooks of the modules inside it
         reps = self.traced.setdefault(group, [])
         rep = next((r for r in reps if self._may_take(r, group, state, call_key)), None) if call_key else None
         if rep is not None and rep.confirmed:
             copied = self._copy(rep, path, state, call, tracer)
-            if copied is not _MISSING:
+            if copied is not MISSING:
                 self.notes.append((path, f"copied from {rep.path}"))
                 return copied
         mine, out = self._trace(layer, state, call, call_key, tracer, original, args, kwargs)
@@ -453,14 +325,14 @@ class _Sharing:
     def copied(self) -> int:
         return sum(note.startswith("copied") for _, note in self.notes)
 
-    def _may_take(self, rep: _Traced, group: int, state: _State, call_key: tuple) -> bool:
+    def _may_take(self, rep: _Traced, group: int, state: LayerState, call_key: tuple) -> bool:
         """Whether a layer in ``state``, called as ``call_key``, would trace as ``rep`` did."""
         if rep.failed or rep.call_key != call_key:
             return False
-        differ = _differing(rep.state, state)
+        differ = differing(rep.state, state)
         return differ is not None and differ <= self.watched[group] and not differ & rep.reads
 
-    def _trace(self, layer: nn.Module, state: _State, call: _Call, call_key: Optional[tuple], tracer: Any,
+    def _trace(self, layer: nn.Module, state: LayerState, call: _Call, call_key: Optional[tuple], tracer: Any,
                original: Callable[..., Any], args: tuple, kwargs: dict) -> tuple["_Traced | str", Any]:
         """Trace ``layer`` as usual, recording what it read and the nodes it added: (the record, or
         why these nodes can never be copied; the layer's output)."""
@@ -483,11 +355,11 @@ class _Sharing:
             return "an argument or parameter has no node", out
         if shape_env is None or len(shape_env.var_to_range) != symbols:
             return "it made a new symbol (a data-dependent size)", out
-        if not _unchanged(state, _state(layer)):
+        if not unchanged(state, layer_state(layer)):
             return "it wrote an attribute", out
         return _record("", state, call_key, reads, inputs, last, tracer, out), out
 
-    def _copy(self, rep: _Traced, path: str, state: _State, call: _Call, tracer: Any) -> Any:
+    def _copy(self, rep: _Traced, path: str, state: LayerState, call: _Call, tracer: Any) -> Any:
         """The member's nodes: the representative's, copied with the member's inputs."""
         from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing, track_tensor_tree
 
@@ -496,7 +368,7 @@ class _Sharing:
             obj = call.leaves[where] if kind == "arg" else state.tensors[where]
             found = _proxy_node(obj, tracer)
             if found is None:
-                return _MISSING
+                return MISSING
             given[node] = (found, obj)
         env = {node: found for node, (found, _) in given.items()}
         graph = tracer.graph
@@ -554,12 +426,12 @@ def _groups(root: nn.Module) -> list[list[tuple[str, nn.Module]]]:
             continue
         by_shape: dict[tuple, list[tuple[str, nn.Module]]] = {}
         for name, child in container.named_children():
-            state = _state(child)
+            state = layer_state(child)
             if any(owners[id(m)] > 1 for _, m in child.named_modules(remove_duplicate=False)):
                 continue
             if any(tensor_owners[id(t)] > 1 for t in state.tensors.values()):
                 continue
-            shape = (state.classes, state.tying, tuple((n, _tensor_meta(t)) for n, t in state.tensors.items()))
+            shape = (state.classes, state.tying, tuple((n, tensor_meta(t)) for n, t in state.tensors.items()))
             by_shape.setdefault(shape, []).append((f"{prefix}.{name}" if prefix else name, child))
         groups.extend(members for members in by_shape.values() if len(members) >= 3)
     return groups
@@ -577,18 +449,18 @@ def share_repeated_layers(skeleton: nn.Module, enabled: bool = True) -> Iterator
     sharing = _Sharing(groups)
     watches: dict[tuple[type, str], Any] = {}
     for index, members in enumerate(groups):  # watch every attribute that differs within a group
-        states = [_state(layer) for _, layer in members]
-        differ = set().union(*(_differing(states[0], state) or set() for state in states[1:]))
+        states = [layer_state(layer) for _, layer in members]
+        differ = set().union(*(differing(states[0], state) or set() for state in states[1:]))
         sharing.watched[index] = differ
         for rel, name in differ:
             watches.setdefault((type(members[0][1].get_submodule(rel)), name), None)
     installed = []
     try:
         for (cls, name) in watches:
-            if isinstance(cls.__dict__.get(name), _Watch):
+            if isinstance(cls.__dict__.get(name), Watch):
                 continue
-            previous = cls.__dict__.get(name, _MISSING)
-            setattr(cls, name, _Watch(name, previous, sharing))
+            previous = cls.__dict__.get(name, MISSING)
+            setattr(cls, name, Watch(name, previous, sharing))
             installed.append((cls, name, previous))
         for index, members in enumerate(groups):
             for path, layer in members:
@@ -600,7 +472,7 @@ def share_repeated_layers(skeleton: nn.Module, enabled: bool = True) -> Iterator
             for _, layer in members:
                 layer.__dict__.pop("forward", None)
         for cls, name, previous in reversed(installed):
-            if previous is _MISSING:
+            if previous is MISSING:
                 delattr(cls, name)
             else:
                 setattr(cls, name, previous)
