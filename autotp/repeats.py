@@ -31,7 +31,6 @@ A member takes the representative's graph only if all of these hold (else it is 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from typing import Any, Callable, Iterator, Optional
 
 import torch
@@ -39,225 +38,12 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
-from autotp.layer_state import (MISSING, PLAIN, LayerState, Watch, differing, hooked, layer_state,
-                                tensor_meta, unchanged)
+from autotp.layer_state import (MISSING, LayerState, Watch, differing, hooked, layer_state, tensor_meta,
+                                unchanged)
+from autotp.layer_trace import (LayerCall, TracedLayer, canonical, graph_signature, input_nodes, is_sym, own_copy,
+                                proxy_node, record, renamed_stack)
 
 __all__ = ["share_repeated_layers", "graph_signature"]
-
-
-# ---------------------------------------------------------------------------------------------
-# the trace: recording a layer's nodes and copying them
-
-
-@dataclasses.dataclass
-class _Call:
-    """How a layer was called: argument structure, and per leaf its tensor metadata or value."""
-
-    spec: Any
-    leaves: list[Any]
-
-    def key(self) -> Optional[tuple]:
-        """What must match between two calls; None where a call can never share."""
-        out = []
-        for leaf in self.leaves:
-            if isinstance(leaf, torch.Tensor):
-                if getattr(leaf, "constant", None) is not None or not hasattr(leaf, "fake_mode"):
-                    return None
-                out.append(("t", tuple(map(str, leaf.shape)), tuple(map(str, leaf.stride())), str(leaf.dtype),
-                            str(leaf.device), leaf.requires_grad, str(leaf.storage_offset())))
-            elif isinstance(leaf, PLAIN) and not isinstance(leaf, (torch.SymInt, torch.SymFloat, torch.SymBool)):
-                out.append(("v", type(leaf), leaf))
-            else:
-                return None
-        aliases = tuple(next(j for j, other in enumerate(self.leaves) if other is leaf)
-                        for leaf in self.leaves if isinstance(leaf, torch.Tensor))
-        return (str(self.spec), tuple(out), aliases)
-
-
-@dataclasses.dataclass
-class _Traced:
-    """A layer traced as usual: its state, call, reads and the nodes it added."""
-
-    path: str
-    state: LayerState
-    call_key: tuple
-    reads: set[tuple[str, str]]
-    nodes: list[fx.Node]
-    inputs: dict[fx.Node, tuple]  # a node the layer's nodes read from outside -> ("arg", i) / ("tensor", name)
-    outputs: list[Any]  # per output leaf: a node, or the leaf itself (a plain value)
-    out_spec: Any
-    constants: dict[str, tuple]  # a constant tensor the layer made (get_attr target) -> its value
-    confirmed: bool = False
-    failed: bool = False
-
-
-def _is_sym(node: Any) -> bool:
-    return isinstance(node, fx.Node) and isinstance(node.meta.get("val"), (torch.SymInt, torch.SymFloat, torch.SymBool))
-
-
-def _proxy_node(tensor: torch.Tensor, tracer: Any) -> Optional[fx.Node]:
-    from torch.fx.experimental.proxy_tensor import get_proxy_slot
-
-    slot = get_proxy_slot(tensor, tracer, None)
-    return None if slot is None else slot.proxy.node
-
-
-def _unshareable_node(nodes: list[fx.Node], constants: dict[str, tuple]) -> Optional[str]:
-    """Why a layer's nodes cannot be copied (None if they can): they must be plain calls (no
-    higher-order op) or reads of small constants, mutating only what they made."""
-    made = set(nodes)
-    for node in nodes:
-        if node.op == "get_attr" and node.target in constants:
-            continue
-        if node.op != "call_function" or isinstance(node.target, torch._ops.HigherOrderOperator):
-            return f"{node.name} is a {node.op} of {node.target}"
-        schema = getattr(node.target, "_schema", None)
-        if schema is None:
-            continue  # a Python function on SymInts (operator.mul, sym_size): no mutation
-        for arg, value in zip(schema.arguments, node.args):
-            if arg.alias_info is not None and arg.alias_info.is_write:
-                if not (isinstance(value, fx.Node) and value in made):
-                    return f"{node.name} ({node.target}) mutates what the layer did not make"
-        for name, value in node.kwargs.items():
-            arg = next((a for a in schema.arguments if a.name == name), None)
-            if (arg is not None and arg.alias_info is not None and arg.alias_info.is_write
-                    and not (isinstance(value, fx.Node) and value in made)):
-                return f"{node.name} ({node.target}) mutates what the layer did not make"
-    return None
-
-
-def _views_an_input(node: fx.Node, made: set[fx.Node]) -> bool:
-    """Whether ``node`` may share memory with something the layer did not make (its outputs are
-    given to members as fresh tensors, which would break that aliasing)."""
-    seen = set()
-    stack = [node]
-    while stack:
-        current = stack.pop()
-        if current in seen:
-            continue
-        seen.add(current)
-        if current not in made:
-            return True
-        schema = getattr(current.target, "_schema", None)
-        if schema is None or not any(r.alias_info is not None for r in schema.returns):
-            continue
-        for arg, value in zip(schema.arguments, current.args):
-            if arg.alias_info is not None and isinstance(value, fx.Node):
-                stack.append(value)
-    return False
-
-
-def _canonical(traced: _Traced) -> tuple:
-    """The layer's nodes with their references resolved relative to the layer: what two traces
-    of equal layers must agree on."""
-    index = {node: i for i, node in enumerate(n for n in traced.nodes if not _is_sym(n))}
-
-    def ref(value: Any) -> Any:
-        if isinstance(value, fx.Node):
-            if _is_sym(value):
-                return ("sym", str(value.meta["val"]))
-            if value in index:
-                return ("node", index[value])
-            return ("in", traced.inputs.get(value, ("outside", value.name)))
-        return value
-
-    rows = []
-    for node in traced.nodes:
-        if _is_sym(node):
-            continue
-        if node.op == "get_attr":
-            rows.append(("constant", traced.constants[node.target]))
-            continue
-        val = node.meta.get("val")
-        meta = pytree.tree_map(lambda v: (tuple(map(str, v.shape)), str(v.dtype), tuple(map(str, v.stride())))
-                               if isinstance(v, torch.Tensor) else v, val)
-        rows.append((node.op, str(node.target), pytree.tree_map(ref, node.args), pytree.tree_map(ref, node.kwargs),
-                     str(meta)))
-    return tuple(rows), tuple(ref(o) for o in traced.outputs), str(traced.out_spec)
-
-
-def _constant_value(value: Any) -> Optional[tuple]:
-    """A small constant tensor's metadata and values (what two traces' constants must agree on);
-    None for anything else."""
-    if (not isinstance(value, torch.Tensor) or hasattr(value, "fake_mode") or value.device.type == "meta"
-            or value.numel() > 64):
-        return None
-    return (tuple(value.shape), str(value.dtype), tuple(value.flatten().tolist()))
-
-
-def _own_copy(constant: torch.Tensor) -> torch.Tensor:
-    """A constant of a copied layer is its own object, as each trace makes one: export lifts
-    constants by identity, under the path of the layer that uses them."""
-    return constant.clone()  # real data (_constant_value)
-
-
-def _renamed_stack(stack: dict, rep_path: str, member_path: str, outer: dict, keys: dict[str, str],
-                   num_calls: dict[str, int]) -> dict:
-    """A copied node's ``nn_module_stack``: the member's call stack, then the representative's
-    frames inside the layer with the member's paths. A frame's key is its path, with ``@n`` from
-    the second call of that module on: ``keys`` (the representative's key -> the member's, for
-    this copy) and the tracer's ``num_calls`` are kept as the tracer's own module calls keep them."""
-    out = dict(outer)
-    for key, (fqn, cls) in stack.items():
-        if not fqn.startswith(rep_path + "."):
-            continue  # a frame around the layer, or the layer's own: ``outer`` has the member's
-        if key not in keys:
-            new_fqn = member_path + fqn[len(rep_path):]
-            calls = num_calls.get(new_fqn, 0)
-            keys[key] = f"{new_fqn}@{calls}" if calls else new_fqn
-            num_calls[new_fqn] = calls + 1
-        out[keys[key]] = (member_path + fqn[len(rep_path):], cls)
-    return out
-
-
-def _input_nodes(call: _Call, state: LayerState, tracer: Any) -> Optional[dict[fx.Node, tuple]]:
-    """The node of each tensor a layer is given or holds: ("arg", leaf index) or ("tensor", name)."""
-    inputs: dict[fx.Node, tuple] = {}
-    for i, leaf in enumerate(call.leaves):
-        if isinstance(leaf, torch.Tensor):
-            if (found := _proxy_node(leaf, tracer)) is None:
-                return None
-            inputs.setdefault(found, ("arg", i))
-    for name, tensor in state.tensors.items():
-        if (found := _proxy_node(tensor, tracer)) is None:
-            return None
-        inputs.setdefault(found, ("tensor", name))
-    return inputs
-
-
-def _record(path: str, state: LayerState, call_key: tuple, reads: set[tuple[str, str]],
-            inputs: dict[fx.Node, tuple], last: fx.Node, tracer: Any, out: Any) -> "_Traced | str":
-    """The record of a layer just traced, whose nodes follow ``last``; None where they cannot be
-    copied."""
-    nodes = []
-    node = last.next
-    while node.op != "root":
-        nodes.append(node)
-        node = node.next
-    made = set(nodes)
-    for node in nodes:  # every outside tensor a node reads is an argument or the layer's own
-        for used in node.all_input_nodes:
-            if used not in made and used not in inputs and not _is_sym(used) and not _is_sym(node):
-                return f"{node.name} reads {used.name}, neither an argument nor the layer's own"
-    constants = {}
-    for node in nodes:
-        if node.op == "get_attr" and (value := _constant_value(getattr(tracer.root, node.target, None))) is not None:
-            constants[node.target] = value
-    if (refusal := _unshareable_node(nodes, constants)) is not None:
-        return refusal
-    out_leaves, out_spec = pytree.tree_flatten(out)
-    outputs: list[Any] = []
-    for leaf in out_leaves:
-        if isinstance(leaf, torch.Tensor):
-            found = _proxy_node(leaf, tracer)
-            if found is None or (found in made and _views_an_input(found, made)):
-                return "an output is an input, or a view of one"
-            outputs.append(found)
-        elif isinstance(leaf, PLAIN) and not isinstance(leaf, (torch.SymInt, torch.SymFloat, torch.SymBool)):
-            outputs.append(leaf)
-        else:
-            return f"an output is a {type(leaf).__name__}"
-    return _Traced(path, state, call_key, reads, nodes, inputs, outputs, out_spec, constants)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,7 +55,7 @@ class _Sharing:
 
     def __init__(self, groups: list[list[tuple[str, nn.Module]]]) -> None:
         self.groups = groups
-        self.traced: dict[int, list[_Traced]] = {}  # group index -> representatives
+        self.traced: dict[int, list[TracedLayer]] = {}  # group index -> representatives
         self.watched: dict[int, set[tuple[str, str]]] = {}  # group index -> attributes watched
         self.watching: Optional[tuple[dict[int, str], set[tuple[str, str]]]] = None
         self.notes: list[tuple[str, str]] = []  # (layer path, what was done and why), in call order
@@ -291,7 +77,7 @@ class _Sharing:
         if frames:  # the layer's own frame: its path as the tracer names it in nn_module_stack
             path = next(reversed(frames.values()))[0]
         leaves, spec = pytree.tree_flatten((args, kwargs))
-        call = _Call(spec, leaves)
+        call = LayerCall(spec, leaves)
         call_key = call.key()
         state = layer_state(layer)
         if call_key is not None and hooked(layer):
@@ -309,7 +95,7 @@ class _Sharing:
         elif rep is None:
             note = "traced: the first of its kind"
             reps.append(mine)
-        elif _canonical(mine) == _canonical(rep):
+        elif canonical(mine) == canonical(rep):
             note = f"traced: confirms {rep.path}"
             rep.confirmed = True
         else:  # neither is copied; this one may be confirmed by a later layer
@@ -325,21 +111,21 @@ class _Sharing:
     def copied(self) -> int:
         return sum(note.startswith("copied") for _, note in self.notes)
 
-    def _may_take(self, rep: _Traced, group: int, state: LayerState, call_key: tuple) -> bool:
+    def _may_take(self, rep: TracedLayer, group: int, state: LayerState, call_key: tuple) -> bool:
         """Whether a layer in ``state``, called as ``call_key``, would trace as ``rep`` did."""
         if rep.failed or rep.call_key != call_key:
             return False
         differ = differing(rep.state, state)
         return differ is not None and differ <= self.watched[group] and not differ & rep.reads
 
-    def _trace(self, layer: nn.Module, state: LayerState, call: _Call, call_key: Optional[tuple], tracer: Any,
-               original: Callable[..., Any], args: tuple, kwargs: dict) -> tuple["_Traced | str", Any]:
+    def _trace(self, layer: nn.Module, state: LayerState, call: LayerCall, call_key: Optional[tuple], tracer: Any,
+               original: Callable[..., Any], args: tuple, kwargs: dict) -> tuple["TracedLayer | str", Any]:
         """Trace ``layer`` as usual, recording what it read and the nodes it added: (the record, or
         why these nodes can never be copied; the layer's output)."""
         graph = tracer.graph
         last = next(iter(reversed(graph.nodes)))
         # the inputs' nodes before the call: an op such as a no-op .to() tracks the same tensor again
-        inputs = _input_nodes(call, state, tracer) if call_key is not None else None
+        inputs = input_nodes(call, state, tracer) if call_key is not None else None
         shape_env = next((leaf.fake_mode.shape_env for leaf in call.leaves if hasattr(leaf, "fake_mode")), None)
         symbols = len(shape_env.var_to_range) if shape_env is not None else None
         reads: set[tuple[str, str]] = set()
@@ -357,16 +143,16 @@ class _Sharing:
             return "it made a new symbol (a data-dependent size)", out
         if not unchanged(state, layer_state(layer)):
             return "it wrote an attribute", out
-        return _record("", state, call_key, reads, inputs, last, tracer, out), out
+        return record("", state, call_key, reads, inputs, last, tracer, out), out
 
-    def _copy(self, rep: _Traced, path: str, state: LayerState, call: _Call, tracer: Any) -> Any:
+    def _copy(self, rep: TracedLayer, path: str, state: LayerState, call: LayerCall, tracer: Any) -> Any:
         """The member's nodes: the representative's, copied with the member's inputs."""
         from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing, track_tensor_tree
 
         given: dict[fx.Node, Any] = {}  # representative's input node -> the member's (node, object)
         for node, (kind, where) in rep.inputs.items():
             obj = call.leaves[where] if kind == "arg" else state.tensors[where]
-            found = _proxy_node(obj, tracer)
+            found = proxy_node(obj, tracer)
             if found is None:
                 return MISSING
             given[node] = (found, obj)
@@ -376,19 +162,19 @@ class _Sharing:
                        for key, (fqn, cls) in tracer.module_stack.items()}  # as the tracer's create_node writes it
         keys: dict[str, str] = {}
         for node in rep.nodes:
-            if _is_sym(node):
+            if is_sym(node):
                 env[node] = node  # a symbolic size is the same value wherever it was computed
                 continue
             if node.op == "get_attr":
                 name = tracer.get_fresh_qualname("_tensor_constant")
-                setattr(tracer.root, name, _own_copy(getattr(tracer.root, node.target)))
+                setattr(tracer.root, name, own_copy(getattr(tracer.root, node.target)))
                 copy = graph.get_attr(name)
                 tracer.tensor_attrs[getattr(tracer.root, name)] = name
             else:
                 copy = graph.node_copy(node, lambda n: env.get(n, n))
             copy.meta = dict(node.meta)
             if "nn_module_stack" in node.meta:
-                copy.meta["nn_module_stack"] = _renamed_stack(node.meta["nn_module_stack"], rep.path, path, outer_stack,
+                copy.meta["nn_module_stack"] = renamed_stack(node.meta["nn_module_stack"], rep.path, path, outer_stack,
                                                               keys, tracer.num_calls)
             env[node] = copy
         results = []
@@ -483,23 +269,3 @@ def _bind(forward: Callable[..., Any], *bound: Any) -> Callable[..., Any]:
         return forward(*bound, *args, **kwargs)
     call._autotp_routing = True  # type: ignore[attr-defined]  # not layer state: each layer has its own
     return call
-
-
-def graph_signature(graph: fx.Graph) -> list[tuple]:
-    """A graph as a run and the planner read it: per node, in order, its op, target, arguments
-    (nodes as their positions), module stack (keys and paths) and output shape. Copied layers give the
-    signature of tracing every layer; node *names* may differ (a copy reuses the
-    representative's size reads, so later names are numbered lower)."""
-    index = {node: i for i, node in enumerate(graph.nodes)}
-
-    def ref(value: Any) -> Any:
-        return ("node", index[value]) if isinstance(value, fx.Node) else value
-
-    rows = []
-    for node in graph.nodes:
-        stack = node.meta.get("nn_module_stack") or {}
-        val = node.meta.get("val")
-        rows.append((node.op, node.name if node.op == "placeholder" else str(node.target),
-                     str(pytree.tree_map(ref, node.args)), str(pytree.tree_map(ref, node.kwargs)),
-                     tuple((key, path) for key, (path, _) in stack.items()), str(getattr(val, "shape", type(val).__name__))))
-    return rows

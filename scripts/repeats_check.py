@@ -34,7 +34,7 @@ def check(arch: str, layers: int, tp: int) -> dict[str, Any]:
     from arch_configs import _LAYER_COUNTS, _instantiate, ARCHS, config_candidates
 
     from autotp.capture import capture
-    from autotp.repeats import graph_signature
+    from autotp.layer_trace import graph_signature
     from autotp.module import placements
     from autotp.planner import plan_graph
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from autotp.capture import capture
-from autotp.repeats import graph_signature
+from autotp.layer_trace import graph_signature
 from models import simulated_exactly
 
 WIDTH = 16
