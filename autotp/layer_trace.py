@@ -59,6 +59,7 @@ class TracedLayer:
     outputs: list[Any]  # per output leaf: a node, or the leaf itself (a plain value)
     out_spec: Any
     constants: dict[str, tuple]  # a constant tensor the layer made (get_attr target) -> its value
+    retracked: dict[tuple, fx.Node]  # an input ("arg", i) / ("tensor", name) -> the node it is tracked under after
     confirmed: bool = False
     failed: bool = False
 
@@ -197,10 +198,10 @@ def input_nodes(call: LayerCall, state: LayerState, tracer: Any) -> Optional[dic
     return inputs
 
 
-def record(path: str, state: LayerState, call_key: tuple, reads: set[tuple[str, str]],
-            inputs: dict[fx.Node, tuple], last: fx.Node, tracer: Any, out: Any) -> "TracedLayer | str":
-    """The record of a layer just traced, whose nodes follow ``last``; None where they cannot be
-    copied."""
+def record(path: str, state: LayerState, call: LayerCall, call_key: tuple, reads: set[tuple[str, str]],
+           inputs: dict[fx.Node, tuple], last: fx.Node, tracer: Any, out: Any) -> "TracedLayer | str":
+    """The record of a layer just traced, whose nodes follow ``last``; why they cannot be copied
+    where they cannot."""
     nodes = []
     node = last.next
     while node.op != "root":
@@ -217,6 +218,15 @@ def record(path: str, state: LayerState, call_key: tuple, reads: set[tuple[str, 
             constants[node.target] = value
     if (refusal := _unshareable_node(nodes, constants)) is not None:
         return refusal
+    retracked = {}  # an input a no-op (``x.to(x.dtype)``) returned as itself is tracked under the new node
+    given = [(("arg", i), leaf) for i, leaf in enumerate(call.leaves) if isinstance(leaf, torch.Tensor)]
+    before = {where: node for node, where in inputs.items()}
+    for where, tensor in given + [(("tensor", name), t) for name, t in state.tensors.items()]:
+        now = proxy_node(tensor, tracer)
+        if now in made:
+            retracked[where] = now
+        elif where in before and now is not before[where]:
+            return f"an input is tracked under another node after the call ({now})"
     out_leaves, out_spec = pytree.tree_flatten(out)
     outputs: list[Any] = []
     for leaf in out_leaves:
@@ -229,7 +239,7 @@ def record(path: str, state: LayerState, call_key: tuple, reads: set[tuple[str, 
             outputs.append(leaf)
         else:
             return f"an output is a {type(leaf).__name__}"
-    return TracedLayer(path, state, call_key, reads, nodes, inputs, outputs, out_spec, constants)
+    return TracedLayer(path, state, call_key, reads, nodes, inputs, outputs, out_spec, constants, retracked)
 
 
 def graph_signature(graph: fx.Graph) -> list[tuple]:

@@ -143,7 +143,7 @@ class _Sharing:
             return "it made a new symbol (a data-dependent size)", out
         if not unchanged(state, layer_state(layer)):
             return "it wrote an attribute", out
-        return record("", state, call_key, reads, inputs, last, tracer, out), out
+        return record("", state, call, call_key, reads, inputs, last, tracer, out), out
 
     def _copy(self, rep: TracedLayer, path: str, state: LayerState, call: LayerCall, tracer: Any) -> Any:
         """The member's nodes: the representative's, copied with the member's inputs."""
@@ -177,6 +177,9 @@ class _Sharing:
                 copy.meta["nn_module_stack"] = renamed_stack(node.meta["nn_module_stack"], rep.path, path, outer_stack,
                                                               keys, tracer.num_calls)
             env[node] = copy
+        for (kind, where), node in rep.retracked.items():  # as the trace would have left them
+            obj = call.leaves[where] if kind == "arg" else state.tensors[where]
+            track_tensor_tree(obj, fx.Proxy(env[node], tracer), constant=None, tracer=tracer)
         results = []
         made = {}
         for out in rep.outputs:
