@@ -17,12 +17,13 @@ import torch
 import torch.nn as nn
 
 __all__ = ["LayerState", "layer_state", "same_value", "differing", "unchanged", "hooked", "tensor_meta", "Watch",
-           "PLAIN", "MISSING"]
+           "module_class", "PLAIN", "MISSING", "ROUTE_PREFIX"]
 
 _MODULE_INTERNALS = frozenset({"_parameters", "_buffers", "_modules"})
 PLAIN = (int, float, str, bool, type(None), complex, bytes, torch.dtype, torch.device, torch.layout,
          torch.memory_format, enum.Enum, type)
 MISSING = object()
+ROUTE_PREFIX = "_autotp_"  # attributes autotp itself puts on a layer for the capture: not its state
 
 
 def same_value(a: Any, b: Any, paths: tuple[dict[int, str], dict[int, str]]) -> bool:
@@ -42,7 +43,7 @@ def same_value(a: Any, b: Any, paths: tuple[dict[int, str], dict[int, str]]) -> 
     if isinstance(a, (set, frozenset)):
         return all(isinstance(x, PLAIN) for x in a) and a == b
     if isinstance(a, nn.Module):
-        path_a, path_b = paths[0].get(id(a)), paths[1].get(id(b))
+        path_a, path_b = paths[0].get(id(vars(a))), paths[1].get(id(vars(b)))
         return path_a is not None and path_a == path_b
     if isinstance(a, functools.partial):
         return same_value(a.func, b.func, paths) and same_value(a.args, b.args, paths) and same_value(a.keywords, b.keywords, paths)
@@ -58,7 +59,9 @@ def same_value(a: Any, b: Any, paths: tuple[dict[int, str], dict[int, str]]) -> 
 class LayerState:
     """A layer's attributes (by relative module path) and tensors (by relative name)."""
 
-    paths: dict[int, str]  # id(module) -> relative path, for every module in the layer
+    # id(vars(module)) -> relative path, for every module in the layer: by its __dict__, which
+    # export's attribute proxies of a module share with it
+    paths: dict[int, str]
     attrs: dict[tuple[str, str], Any]  # (relative path, name) -> value
     classes: tuple  # (relative path, class) in order
     tensors: dict[str, torch.Tensor]  # relative name -> tensor (as the forward sees it now)
@@ -68,10 +71,10 @@ class LayerState:
 def layer_state(layer: nn.Module) -> LayerState:
     paths, attrs, classes = {}, {}, []
     for path, module in layer.named_modules(remove_duplicate=False):
-        paths.setdefault(id(module), path)
-        classes.append((path, type(module)))
+        paths.setdefault(id(vars(module)), path)
+        classes.append((path, module_class(module)))
         for name, value in vars(module).items():
-            if name not in _MODULE_INTERNALS and not getattr(value, "_autotp_routing", False):
+            if name not in _MODULE_INTERNALS and not name.startswith(ROUTE_PREFIX):
                 attrs[(path, name)] = value
     tensors: dict[str, torch.Tensor] = {}
     for kind in ("named_parameters", "named_buffers"):
@@ -80,6 +83,16 @@ def layer_state(layer: nn.Module) -> LayerState:
     first: dict[int, str] = {}
     tying = tuple((name, first.setdefault(id(t), name)) for name, t in tensors.items())
     return LayerState(paths, attrs, tuple(classes), tensors, tying)
+
+
+def module_class(module: nn.Module) -> type:
+    """The module's own class: for one of export's attribute proxies (a subclass made per proxy,
+    sharing the module's ``__dict__``), the proxied module's."""
+    try:
+        from torch.fx.experimental.proxy_tensor import _AttrProxy
+    except ImportError:  # a torch without them
+        return type(module)
+    return type(module.get_base()) if isinstance(module, _AttrProxy) else type(module)
 
 
 def hooked(layer: nn.Module) -> bool:

@@ -31,6 +31,7 @@ A member takes the representative's graph only if all of these hold (else it is 
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any, Callable, Iterator, Optional
 
 import torch
@@ -38,12 +39,14 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
-from autotp.layer_state import (MISSING, LayerState, Watch, differing, hooked, layer_state, tensor_meta,
-                                unchanged)
+from autotp.layer_state import (MISSING, ROUTE_PREFIX, LayerState, Watch, differing, hooked, layer_state,
+                                tensor_meta, unchanged)
 from autotp.layer_trace import (LayerCall, TracedLayer, canonical, graph_signature, input_nodes, is_sym, own_copy,
                                 proxy_node, record, renamed_stack)
 
 __all__ = ["share_repeated_layers", "graph_signature"]
+
+_ROUTE = ROUTE_PREFIX + "route"  # on a layer that may share: (group index, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -58,10 +61,11 @@ class _Sharing:
         self.traced: dict[int, list[TracedLayer]] = {}  # group index -> representatives
         self.watched: dict[int, set[tuple[str, str]]] = {}  # group index -> attributes watched
         self.watching: Optional[tuple[dict[int, str], set[tuple[str, str]]]] = None
-        self.notes: list[tuple[str, str]] = []  # (layer path, what was done and why), in call order
+        self.notes: list[tuple[str, str]] = []
+        self.active: set[int] = set()  # layers (by id(vars(layer))) whose call is being handled  # (layer path, what was done and why), in call order
 
     def touched(self, obj: Any, name: str) -> None:
-        if self.watching is not None and (path := self.watching[0].get(id(obj))) is not None:
+        if self.watching is not None and (path := self.watching[0].get(id(vars(obj)))) is not None:
             self.watching[1].add((path, name))
 
     def forward(self, group: int, path: str, layer: nn.Module, original: Callable[..., Any],
@@ -251,15 +255,18 @@ def share_repeated_layers(skeleton: nn.Module, enabled: bool = True) -> Iterator
             previous = cls.__dict__.get(name, MISSING)
             setattr(cls, name, Watch(name, previous, sharing))
             installed.append((cls, name, previous))
-        for index, members in enumerate(groups):
+        for index, members in enumerate(groups):  # each layer's class routes the calls of the marked ones
             for path, layer in members:
-                original = type(layer).forward.__get__(layer)
-                layer.__dict__["forward"] = _bind(sharing.forward, index, path, layer, original)
+                layer.__dict__[_ROUTE] = (index, path)
+                cls = type(layer)
+                if cls.__dict__.get("forward") is None or not getattr(cls.__dict__["forward"], "_autotp_routed", False):
+                    installed.append((cls, "forward", cls.__dict__.get("forward", MISSING)))
+                    setattr(cls, "forward", _routed(cls.forward, sharing))
         yield sharing
     finally:
-        for _, members in enumerate(groups):
+        for members in groups:
             for _, layer in members:
-                layer.__dict__.pop("forward", None)
+                layer.__dict__.pop(_ROUTE, None)
         for cls, name, previous in reversed(installed):
             if previous is MISSING:
                 delattr(cls, name)
@@ -267,8 +274,22 @@ def share_repeated_layers(skeleton: nn.Module, enabled: bool = True) -> Iterator
                 setattr(cls, name, previous)
 
 
-def _bind(forward: Callable[..., Any], *bound: Any) -> Callable[..., Any]:
-    def call(*args: Any, **kwargs: Any) -> Any:
-        return forward(*bound, *args, **kwargs)
-    call._autotp_routing = True  # type: ignore[attr-defined]  # not layer state: each layer has its own
-    return call
+def _routed(original: Callable[..., Any], sharing: _Sharing) -> Callable[..., Any]:
+    """A class's ``forward`` for the capture: a marked layer's call goes to ``sharing``. It is
+    put on the class, not the instance, so that ``self`` is what the tracer called (export's
+    attribute proxy of the layer, where it makes them), and the module paths stay its."""
+    original = getattr(original, "__wrapped__", original) if getattr(original, "_autotp_routed", False) else original
+
+    @functools.wraps(original)
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        route = vars(self).get(_ROUTE)
+        if route is None or id(vars(self)) in sharing.active:  # not a layer, or a super() call inside one
+            return original(self, *args, **kwargs)
+        sharing.active.add(id(vars(self)))
+        try:
+            return sharing.forward(route[0], route[1], self, functools.partial(original, self), *args, **kwargs)
+        finally:
+            sharing.active.discard(id(vars(self)))
+
+    forward._autotp_routed = True  # type: ignore[attr-defined]
+    return forward

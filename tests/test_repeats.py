@@ -136,3 +136,22 @@ def test_a_layer_with_hooks_inside_is_traced() -> None:
         layer.up.register_forward_hook(lambda module, args, out, i=i: seen.append(f"up {i}"))
     assert _both(model, x).copied_layers == 0
     assert seen[-5:] == [f"up {i}" for i in range(5)]  # every layer's hook ran in the last capture
+
+
+class SharedHead(Stack):
+    """One module under two names: export then calls modules through attribute proxies."""
+
+    def __init__(self, blocks: list[nn.Module]) -> None:
+        super().__init__(blocks)
+        self.norm = nn.LayerNorm(WIDTH)
+        self.same_norm = self.norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.same_norm(self.norm(super().forward(x)))
+
+
+def test_layers_are_copied_when_export_proxies_module_attributes() -> None:
+    torch.manual_seed(0)
+    model, x = SharedHead([Block(i) for i in range(6)]).eval(), torch.randn(2, 8, WIDTH)
+    assert _both(model, x).copied_layers == 3  # module paths as traced (graph_signature compares them)
+    simulated_exactly(model, x)
