@@ -18,8 +18,12 @@ A member takes the representative's graph only if all of these hold (else it is 
 - **Inputs**: the same argument structure; tensors with the same fake metadata (symbolic sizes,
   strides, dtype, device), none a constant; other values equal in type and value.
 - **The representative's trace**: made no new symbol (a data-dependent size), read no constant
-  tensor, called no higher-order op, wrote no attribute, mutated nothing it did not create, and
-  returned no view of an input.
+  tensor but small ones (each copy gets its own, equal by value), called no higher-order op,
+  wrote no attribute, mutated nothing it did not create, and returned no view of an input. No
+  module inside the layer has hooks (a copy calls none of them).
+- **Routing**: the calls reach this module through the layer's class ``forward``, replaced for
+  the capture, so that ``self`` is what the tracer called (export's attribute proxy, where it
+  makes them) and module paths are the tracer's own.
 - **Confirmation**: the first member that qualifies is also traced as usual, and its nodes must
   be the representative's (op by op, with the same arguments and output metadata). Only later
   members are copied. This catches what the rules cannot see: a forward that reads global state
@@ -49,10 +53,6 @@ __all__ = ["share_repeated_layers", "graph_signature"]
 _ROUTE = ROUTE_PREFIX + "route"  # on a layer that may share: (group index, path)
 
 
-# ---------------------------------------------------------------------------------------------
-# the sharing itself
-
-
 class _Sharing:
     """For one capture: which layers may share, what each traced, and the watches on classes."""
 
@@ -60,13 +60,17 @@ class _Sharing:
         self.groups = groups
         self.traced: dict[int, list[TracedLayer]] = {}  # group index -> representatives
         self.watched: dict[int, set[tuple[str, str]]] = {}  # group index -> attributes watched
-        self.watching: Optional[tuple[dict[int, str], set[tuple[str, str]]]] = None
-        self.notes: list[tuple[str, str]] = []
-        self.active: set[int] = set()  # layers (by id(vars(layer))) whose call is being handled  # (layer path, what was done and why), in call order
+        # the layers being traced, innermost last: (their modules' paths, the watched reads so far)
+        self.watching: list[tuple[dict[int, str], set[tuple[str, str]]]] = []
+        self.notes: list[tuple[str, str]] = []  # (layer path, what was done and why), in call order
+        self.active: set[int] = set()  # layers (by id(vars(layer))) whose call is being handled
 
     def touched(self, obj: Any, name: str) -> None:
-        if self.watching is not None and (path := self.watching[0].get(id(vars(obj)))) is not None:
-            self.watching[1].add((path, name))
+        """A watched attribute was read or written: a read of every layer being traced that
+        holds ``obj`` (a layer inside a layer reads for both)."""
+        for paths, reads in self.watching:
+            if (path := paths.get(id(vars(obj)))) is not None:
+                reads.add((path, name))
 
     def forward(self, group: int, path: str, layer: nn.Module, original: Callable[..., Any],
                 *args: Any, **kwargs: Any) -> Any:
@@ -91,6 +95,8 @@ class _Sharing:
         if rep is not None and rep.confirmed:
             copied = self._copy(rep, path, state, call, tracer)
             if copied is not MISSING:
+                for rel, name in rep.reads:  # the reads its forward would have made, for a layer around it
+                    self.touched(layer.get_submodule(rel) if rel else layer, name)
                 self.notes.append((path, f"copied from {rep.path}"))
                 return copied
         mine, out = self._trace(layer, state, call, call_key, tracer, original, args, kwargs)
@@ -133,11 +139,11 @@ class _Sharing:
         shape_env = next((leaf.fake_mode.shape_env for leaf in call.leaves if hasattr(leaf, "fake_mode")), None)
         symbols = len(shape_env.var_to_range) if shape_env is not None else None
         reads: set[tuple[str, str]] = set()
-        outer, self.watching = self.watching, (state.paths, reads)
+        self.watching.append((state.paths, reads))
         try:
             out = original(*args, **kwargs)
         finally:
-            self.watching = outer
+            self.watching.pop()
         if call_key is None:
             return ("a module inside it has hooks, or an argument is a symbolic number, a constant tensor or an "
                     "object"), out

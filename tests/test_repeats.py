@@ -155,3 +155,35 @@ def test_layers_are_copied_when_export_proxies_module_attributes() -> None:
     model, x = SharedHead([Block(i) for i in range(6)]).eval(), torch.randn(2, 8, WIDTH)
     assert _both(model, x).copied_layers == 3  # module paths as traced (graph_signature compares them)
     simulated_exactly(model, x)
+
+
+class Inner(nn.Module):
+    def __init__(self, doubled: bool) -> None:
+        super().__init__()
+        self.doubled = doubled
+        self.proj = nn.Linear(WIDTH, WIDTH)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.proj(x)
+        return x + (2 * y if self.doubled else y)
+
+
+class Outer(nn.Module):
+    """Layers of layers: the attribute that tells outer layer 4 apart is read inside its inner
+    layers, some of which are copies."""
+
+    def __init__(self, doubled: bool) -> None:
+        super().__init__()
+        self.inner = nn.ModuleList(Inner(doubled) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.inner:
+            x = layer(x)
+        return x
+
+
+def test_a_read_inside_a_copied_inner_layer_counts_for_the_outer_layer() -> None:
+    torch.manual_seed(0)
+    model, x = Stack([Outer(doubled=i == 4) for i in range(6)]).eval(), torch.randn(2, 8, WIDTH)
+    _both(model, x)  # outer layer 4 is traced, not copied: its inner layers read `doubled`
+    simulated_exactly(model, x)
