@@ -182,7 +182,8 @@ class _Sharing:
                 tracer.tensor_attrs[getattr(tracer.root, name)] = name
             else:
                 copy = graph.node_copy(node, lambda n: env.get(n, n))
-            copy.meta = dict(node.meta)
+            copy.meta = {key: list(value) if isinstance(value, list) else value  # no list shared with the original
+                         for key, value in node.meta.items()}
             if "nn_module_stack" in node.meta:
                 copy.meta["nn_module_stack"] = renamed_stack(node.meta["nn_module_stack"], rep.path, path, outer_stack,
                                                               keys, tracer.num_calls)
