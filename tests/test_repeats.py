@@ -3,6 +3,9 @@ layer gives, and a layer that would trace differently is traced."""
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 import torch
 import torch.nn as nn
@@ -106,6 +109,22 @@ def test_global_state_changed_by_a_layer_fails_the_confirmation() -> None:
 def test_a_layer_that_mutates_its_buffer_is_traced() -> None:
     model, x = _stack(5, per_layer={i: {"bump": True} for i in range(5)}), torch.randn(2, 8, WIDTH)
     assert _both(model, x).copied_layers == 0
+
+
+@pytest.mark.parametrize("arch", [
+    "falcon",  # a small constant tensor in each layer: each copy gets its own
+    "dory",  # the layers run twice: module frames keyed @1 on the second call
+    "llama4",  # a no-op .to() tracks its input under a new node that a later layer reads
+    "phi4_multimodal",  # a shared module: export calls modules through attribute proxies
+])
+def test_families_whose_copies_once_differed_capture_as_traced(arch: str) -> None:
+    """Each of these gave a graph other than tracing every layer gives, until the fix its
+    comment names (scripts/repeats_check.py over every family found them)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "scripts"))
+    from repeats_check import check
+
+    row = check(arch, layers=5, tp=2)
+    assert row.get("copied", 0) > 0 and row["same_graph"] and row["same_plan"], row
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gemma2"])
