@@ -40,16 +40,17 @@ def check(arch: str, layers: int, tp: int) -> dict[str, Any]:
 
     row: dict[str, Any] = {"arch": arch}
     model = None
-    for how, make in config_candidates(arch, **{k: layers for k in _LAYER_COUNTS}):
-        try:
+    candidates = config_candidates(arch, **{k: layers for k in _LAYER_COUNTS})
+    while model is None:
+        try:  # making the next config can raise too (a config class's own validator)
+            how, make = next(candidates)
             with torch.device("meta"):
                 model = _instantiate(make(), 0, ARCHS.get(arch, (arch,))[0])
             row["config"] = how
-            break
+        except StopIteration:
+            return row
         except Exception as exc:  # noqa: BLE001  the next config may build
             row.setdefault("error", f"build: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}")
-    if model is None:
-        return row
     row.pop("error", None)
     captured = {}
     for share in (False, True):
