@@ -27,6 +27,7 @@ import copy
 import functools
 import inspect
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Optional
 
@@ -229,29 +230,45 @@ def capture(
     """
     inputs = normalise_example_inputs(model, example_inputs)
     device = device or model_device(model)
-    skeleton, mode = fake_skeleton(model, device)
-    passed = graph_inputs(skeleton, inputs)
-    if len(passed) < len(inputs):  # bake the flags **kwargs would take (see graph_inputs)
-        skeleton.__dict__["forward"] = functools.partial(skeleton.forward, **{k: v for k, v in inputs.items()
-                                                                             if k not in passed})
-    fake_inputs = {k: _as_fake(v, mode, device, bump_unit_dims) for k, v in passed.items()}
     name = type(model).__name__
     share = _share_layers(share_layers)
     try:
-        with hf.capture_settings(skeleton), _no_stack_traces(), torch.no_grad(), _deferred_codegen(), \
-                share_repeated_layers(skeleton, share) as sharing:
-            exported = torch.export.export(
-                skeleton, (), fake_inputs, dynamic_shapes=_dynamic_shapes(skeleton, fake_inputs), strict=False
-            )
+        exported, sharing = _export(model, inputs, device, bump_unit_dims, share)
     except Exception as exc:  # export raises many types; one clear error names the model
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CaptureError(f"torch.export could not capture {name}: {type(exc).__name__}: {first}") from exc
+        failure = CaptureError(f"torch.export could not capture {name}: {type(exc).__name__}: {first}")
+        if not share:
+            raise failure from exc
+        try:  # the trusted path decides, on a fresh copy: every layer traced
+            exported, sharing = _export(model, inputs, device, bump_unit_dims, False)
+        except Exception:  # noqa: BLE001  the model's own failure, reported as it was the first time
+            raise failure from exc
+        warnings.warn(f"autotp: copying {name}'s repeated layers failed ({type(exc).__name__}: {first}); every "
+                      "layer was traced instead (AUTOTP_SHARE_LAYERS=0 skips the attempt)")
     with _recorded_guards() as guards:  # not deferred: unlifting reads the signature of the code
         gm = _drop_unused_tensors(exported.module())
     gm.recompile()  # dead code dropped
     tensors = [str(n.target) for n in gm.graph.nodes if n.op == "get_attr"]
     return Captured(gm, list(inputs), structure_key(inputs), name, tensors, guards[-1] if guards else None,
                     sharing.copied if sharing is not None else 0)
+
+
+def _export(model: nn.Module, inputs: dict[str, Any], device: torch.device, bump_unit_dims: bool,
+            share: bool) -> tuple[Any, Any]:
+    """torch.export of a fresh fake skeleton of ``model`` (its own shape environment): the
+    exported program, and the layer sharing used (None when nothing was shared)."""
+    skeleton, mode = fake_skeleton(model, device)
+    passed = graph_inputs(skeleton, inputs)
+    if len(passed) < len(inputs):  # bake the flags **kwargs would take (see graph_inputs)
+        skeleton.__dict__["forward"] = functools.partial(skeleton.forward, **{k: v for k, v in inputs.items()
+                                                                             if k not in passed})
+    fake_inputs = {k: _as_fake(v, mode, device, bump_unit_dims) for k, v in passed.items()}
+    with hf.capture_settings(skeleton), _no_stack_traces(), torch.no_grad(), _deferred_codegen(), \
+            share_repeated_layers(skeleton, share) as sharing:
+        exported = torch.export.export(
+            skeleton, (), fake_inputs, dynamic_shapes=_dynamic_shapes(skeleton, fake_inputs), strict=False
+        )
+    return exported, sharing
 
 
 def _share_layers(asked: Optional[bool]) -> bool:

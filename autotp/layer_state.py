@@ -8,16 +8,17 @@ any of it (:func:`unchanged`), whether hooks would run inside it (:func:`hooked`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import functools
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.nn as nn
 
 __all__ = ["LayerState", "layer_state", "same_value", "differing", "unchanged", "hooked", "tensor_meta", "Watch",
-           "module_class", "PLAIN", "MISSING", "ROUTE_PREFIX"]
+           "module_class", "outside_the_trace", "PLAIN", "MISSING", "ROUTE_PREFIX"]
 
 _MODULE_INTERNALS = frozenset({"_parameters", "_buffers", "_modules"})
 PLAIN = (int, float, str, bool, type(None), complex, bytes, torch.dtype, torch.device, torch.layout,
@@ -50,8 +51,12 @@ def same_value(a: Any, b: Any, paths: tuple[dict[int, str], dict[int, str]]) -> 
     if callable(a) and hasattr(a, "__func__") and hasattr(a, "__self__"):  # a bound method
         return a.__func__ is b.__func__ and same_value(a.__self__, b.__self__, paths)
     if isinstance(a, torch.Tensor):
-        return (not isinstance(a, nn.Parameter) and a.device.type != "meta" and a.shape == b.shape
-                and a.dtype == b.dtype and a.stride() == b.stride() and torch.equal(a, b))
+        if isinstance(a, nn.Parameter) or a.device.type == "meta" or hasattr(a, "fake_mode") or hasattr(b, "fake_mode"):
+            return False
+        if a.shape != b.shape or a.dtype != b.dtype or a.stride() != b.stride():
+            return False
+        with outside_the_trace():
+            return torch.equal(a, b)
     return False
 
 
@@ -83,6 +88,16 @@ def layer_state(layer: nn.Module) -> LayerState:
     first: dict[int, str] = {}
     tying = tuple((name, first.setdefault(id(t), name)) for name, t in tensors.items())
     return LayerState(paths, attrs, tuple(classes), tensors, tying)
+
+
+@contextlib.contextmanager
+def outside_the_trace() -> Iterator[None]:
+    """Torch calls made here for autotp's own bookkeeping, on real tensors: neither recorded in
+    the graph being traced nor run on fake tensors (every dispatch and torch-function mode off)."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    with _disable_current_modes(), torch._C.DisableTorchFunction():
+        yield
 
 
 def module_class(module: nn.Module) -> type:

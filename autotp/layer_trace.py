@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-from autotp.layer_state import PLAIN, LayerState
+from autotp.layer_state import PLAIN, LayerState, outside_the_trace
 
 __all__ = ["LayerCall", "TracedLayer", "is_sym", "proxy_node", "input_nodes", "record", "canonical", "own_copy",
            "renamed_stack", "graph_signature"]
@@ -155,13 +155,18 @@ def _constant_value(value: Any) -> Optional[tuple]:
     if (not isinstance(value, torch.Tensor) or hasattr(value, "fake_mode") or value.device.type == "meta"
             or value.numel() > 64):
         return None
-    return (tuple(value.shape), str(value.dtype), tuple(value.flatten().tolist()))
+    with outside_the_trace():
+        values = value.flatten().tolist()
+    if not all(type(v) in (bool, int, float, complex) for v in values):  # symbolic (torch.tensor(u0 == 1))
+        return None
+    return (tuple(value.shape), str(value.dtype), tuple(values))
 
 
 def own_copy(constant: torch.Tensor) -> torch.Tensor:
     """A constant of a copied layer is its own object, as each trace makes one: export lifts
     constants by identity, under the path of the layer that uses them."""
-    return constant.clone()  # real data (_constant_value)
+    with outside_the_trace():
+        return constant.clone()  # real data (_constant_value)
 
 
 def renamed_stack(stack: dict, rep_path: str, member_path: str, outer: dict, keys: dict[str, str],

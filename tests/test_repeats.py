@@ -206,3 +206,14 @@ def test_a_read_inside_a_copied_inner_layer_counts_for_the_outer_layer() -> None
     model, x = Stack([Outer(doubled=i == 4) for i in range(6)]).eval(), torch.randn(2, 8, WIDTH)
     _both(model, x)  # outer layer 4 is traced, not copied: its inner layers read `doubled`
     simulated_exactly(model, x)
+
+
+def test_cpmant_captures_with_its_layers_copied() -> None:
+    """CpmAnt's layers make a small constant tensor from a comparison: reading its values for
+    autotp's bookkeeping once ran under the trace, made data-dependent symbols, and the
+    capture failed."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "scripts"))
+    from repeats_check import check
+
+    row = check("cpmant", layers=5, tp=2)
+    assert row.get("copied", 0) > 0 and row["same_graph"] and row["same_plan"], row
