@@ -217,3 +217,17 @@ def test_cpmant_captures_with_its_layers_copied() -> None:
 
     row = check("cpmant", layers=5, tp=2)
     assert row.get("copied", 0) > 0 and row["same_graph"] and row["same_plan"], row
+
+
+def test_a_failure_while_copying_falls_back_to_tracing_every_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    import autotp.repeats as repeats
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug in the copying")
+
+    monkeypatch.setattr(repeats._Sharing, "_copy", broken)
+    model, x = _stack(6), torch.randn(2, 8, WIDTH)
+    with pytest.warns(UserWarning, match="every layer was traced instead"):
+        captured = capture(model, (x,))
+    assert captured.copied_layers == 0
+    assert graph_signature(captured.graph) == graph_signature(capture(model, (x,), share_layers=False).graph)
