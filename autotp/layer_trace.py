@@ -237,8 +237,10 @@ def record(path: str, state: LayerState, call: LayerCall, call_key: tuple, reads
     for leaf in out_leaves:
         if isinstance(leaf, torch.Tensor):
             found = proxy_node(leaf, tracer)
-            if found is None or (found in made and _views_an_input(found, made)):
-                return "an output is an input, or a view of one"
+            if found is None or (found not in made and found not in inputs):
+                return "an output is neither an input nor made by the layer"
+            if found in made and _views_an_input(found, made):
+                return "an output is a view of an input"
             outputs.append(found)
         elif isinstance(leaf, PLAIN) and not isinstance(leaf, (torch.SymInt, torch.SymFloat, torch.SymBool)):
             outputs.append(leaf)
