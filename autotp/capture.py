@@ -247,7 +247,6 @@ def capture(
                       "layer was traced instead (AUTOTP_SHARE_LAYERS=0 skips the attempt)")
     with _recorded_guards() as guards:  # not deferred: unlifting reads the signature of the code
         gm = _drop_unused_tensors(exported.module())
-    gm.recompile()  # dead code dropped
     tensors = [str(n.target) for n in gm.graph.nodes if n.op == "get_attr"]
     return Captured(gm, list(inputs), structure_key(inputs), name, tensors, guards[-1] if guards else None,
                     sharing.copied if sharing is not None else 0)
@@ -372,14 +371,16 @@ def _drop_unused_tensors(gm: fx.GraphModule) -> fx.GraphModule:
     reads (a tied weight's second name): loading them would hold a full copy of what is
     sharded under the other name. Ops that mutate or assert stay (fx counts them impure)."""
     held = {str(node.target) for node in gm.graph.nodes if node.op == "get_attr"}
-    gm.graph.eliminate_dead_code()  # unread get_attr nodes go too
+    changed = gm.graph.eliminate_dead_code()  # unread get_attr nodes go too
     unused = held - {str(node.target) for node in gm.graph.nodes if node.op == "get_attr"}
     for target in unused:
         owner_name, _, attr = target.rpartition(".")
         owner = gm.get_submodule(owner_name) if owner_name else gm
         for store in (owner._parameters, owner._buffers):
             store.pop(attr, None)
-    return gm  # compiled by the caller
+    if changed:  # export's module is compiled already; compiling ~700 nodes again costs ~10 ms
+        gm.recompile()
+    return gm
 
 
 def normalise_example_inputs(model: nn.Module, example_inputs: Any) -> dict[str, Any]:
