@@ -17,8 +17,8 @@ from torch.utils import _pytree as pytree
 
 from autotp.layer_state import PLAIN, LayerState, outside_the_trace
 
-__all__ = ["LayerCall", "TracedLayer", "is_sym", "proxy_node", "input_nodes", "record", "canonical", "own_copy",
-           "renamed_stack", "graph_signature"]
+__all__ = ["LayerCall", "TracedLayer", "is_sym", "proxy_node", "tensor_inputs", "input_object", "input_nodes",
+           "record", "canonical", "own_copy", "renamed_stack", "graph_signature"]
 
 
 @dataclasses.dataclass
@@ -188,18 +188,27 @@ def renamed_stack(stack: dict, rep_path: str, member_path: str, outer: dict, key
     return out
 
 
+def tensor_inputs(call: LayerCall, state: LayerState) -> list[tuple[tuple, torch.Tensor]]:
+    """Each tensor a layer is given or holds, by where it is: ("arg", leaf index) or ("tensor",
+    relative name)."""
+    given = [(("arg", i), leaf) for i, leaf in enumerate(call.leaves) if isinstance(leaf, torch.Tensor)]
+    return given + [(("tensor", name), tensor) for name, tensor in state.tensors.items()]
+
+
+def input_object(call: LayerCall, state: LayerState, where: tuple) -> torch.Tensor:
+    """The tensor at ``where`` (a key of :func:`tensor_inputs`)."""
+    kind, at = where
+    return call.leaves[at] if kind == "arg" else state.tensors[at]
+
+
 def input_nodes(call: LayerCall, state: LayerState, tracer: Any) -> Optional[dict[fx.Node, tuple]]:
-    """The node of each tensor a layer is given or holds: ("arg", leaf index) or ("tensor", name)."""
+    """The node of each tensor a layer is given or holds -> where it is (the first place, for a
+    tensor given twice); None if one has no node."""
     inputs: dict[fx.Node, tuple] = {}
-    for i, leaf in enumerate(call.leaves):
-        if isinstance(leaf, torch.Tensor):
-            if (found := proxy_node(leaf, tracer)) is None:
-                return None
-            inputs.setdefault(found, ("arg", i))
-    for name, tensor in state.tensors.items():
+    for where, tensor in tensor_inputs(call, state):
         if (found := proxy_node(tensor, tracer)) is None:
             return None
-        inputs.setdefault(found, ("tensor", name))
+        inputs.setdefault(found, where)
     return inputs
 
 
@@ -224,9 +233,8 @@ def record(path: str, state: LayerState, call: LayerCall, call_key: tuple, reads
     if (refusal := _unshareable_node(nodes, constants)) is not None:
         return refusal
     retracked = {}  # an input a no-op (``x.to(x.dtype)``) returned as itself is tracked under the new node
-    given = [(("arg", i), leaf) for i, leaf in enumerate(call.leaves) if isinstance(leaf, torch.Tensor)]
     before = {where: node for node, where in inputs.items()}
-    for where, tensor in given + [(("tensor", name), t) for name, t in state.tensors.items()]:
+    for where, tensor in tensor_inputs(call, state):
         now = proxy_node(tensor, tracer)
         if now in made:
             retracked[where] = now

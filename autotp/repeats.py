@@ -45,8 +45,8 @@ from torch.utils import _pytree as pytree
 
 from autotp.layer_state import (MISSING, ROUTE_PREFIX, LayerState, Watch, differing, hooked, layer_state,
                                 tensor_meta, unchanged)
-from autotp.layer_trace import (LayerCall, TracedLayer, canonical, graph_signature, input_nodes, is_sym, own_copy,
-                                proxy_node, record, renamed_stack)
+from autotp.layer_trace import (LayerCall, TracedLayer, canonical, graph_signature, input_nodes, input_object,
+                                is_sym, own_copy, proxy_node, record, renamed_stack)
 
 __all__ = ["share_repeated_layers", "graph_signature"]
 
@@ -56,8 +56,7 @@ _ROUTE = ROUTE_PREFIX + "route"  # on a layer that may share: (group index, path
 class _Sharing:
     """For one capture: which layers may share, what each traced, and the watches on classes."""
 
-    def __init__(self, groups: list[list[tuple[str, nn.Module]]]) -> None:
-        self.groups = groups
+    def __init__(self) -> None:
         self.traced: dict[int, list[TracedLayer]] = {}  # group index -> representatives
         self.watched: dict[int, set[tuple[str, str]]] = {}  # group index -> attributes watched
         # the layers being traced, innermost last: (their modules' paths, the watched reads so far)
@@ -88,8 +87,11 @@ class _Sharing:
         call = LayerCall(spec, leaves)
         call_key = call.key()
         state = layer_state(layer)
-        if call_key is not None and hooked(layer):
-            call_key = None  # a copy would not run the hooks of the modules inside it
+        refusal = None
+        if call_key is None:
+            refusal = "an argument is a symbolic number, a constant tensor or an object"
+        elif hooked(layer):
+            refusal, call_key = "a module inside it has hooks (a copy would call none of them)", None
         reps = self.traced.setdefault(group, [])
         rep = next((r for r in reps if self._may_take(r, group, state, call_key)), None) if call_key else None
         if rep is not None and rep.confirmed:
@@ -99,7 +101,7 @@ class _Sharing:
                     self.touched(layer.get_submodule(rel) if rel else layer, name)
                 self.notes.append((path, f"copied from {rep.path}"))
                 return copied
-        mine, out = self._trace(layer, state, call, call_key, tracer, original, args, kwargs)
+        mine, out = self._trace(layer, state, call, call_key, refusal, tracer, original, args, kwargs)
         if isinstance(mine, str):
             note = f"traced: {mine}"
         elif rep is None:
@@ -128,10 +130,12 @@ class _Sharing:
         differ = differing(rep.state, state)
         return differ is not None and differ <= self.watched[group] and not differ & rep.reads
 
-    def _trace(self, layer: nn.Module, state: LayerState, call: LayerCall, call_key: Optional[tuple], tracer: Any,
-               original: Callable[..., Any], args: tuple, kwargs: dict) -> tuple["TracedLayer | str", Any]:
+    def _trace(self, layer: nn.Module, state: LayerState, call: LayerCall, call_key: Optional[tuple],
+               refusal: Optional[str], tracer: Any, original: Callable[..., Any], args: tuple,
+               kwargs: dict) -> tuple["TracedLayer | str", Any]:
         """Trace ``layer`` as usual, recording what it read and the nodes it added: (the record, or
-        why these nodes can never be copied; the layer's output)."""
+        why these nodes can never be copied (``refusal``, if the caller knows already); the
+        layer's output)."""
         graph = tracer.graph
         last = next(iter(reversed(graph.nodes)))
         # the inputs' nodes before the call: an op such as a no-op .to() tracks the same tensor again
@@ -144,9 +148,8 @@ class _Sharing:
             out = original(*args, **kwargs)
         finally:
             self.watching.pop()
-        if call_key is None:
-            return ("a module inside it has hooks, or an argument is a symbolic number, a constant tensor or an "
-                    "object"), out
+        if refusal is not None:
+            return refusal, out
         if inputs is None:
             return "an argument or parameter has no node", out
         if shape_env is None or len(shape_env.var_to_range) != symbols:
@@ -160,8 +163,8 @@ class _Sharing:
         from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing, track_tensor_tree
 
         given: dict[fx.Node, Any] = {}  # representative's input node -> the member's (node, object)
-        for node, (kind, where) in rep.inputs.items():
-            obj = call.leaves[where] if kind == "arg" else state.tensors[where]
+        for node, where in rep.inputs.items():
+            obj = input_object(call, state, where)
             found = proxy_node(obj, tracer)
             if found is None:
                 return MISSING
@@ -188,9 +191,9 @@ class _Sharing:
                 copy.meta["nn_module_stack"] = renamed_stack(node.meta["nn_module_stack"], rep.path, path, outer_stack,
                                                               keys, tracer.num_calls)
             env[node] = copy
-        for (kind, where), node in rep.retracked.items():  # as the trace would have left them
-            obj = call.leaves[where] if kind == "arg" else state.tensors[where]
-            track_tensor_tree(obj, fx.Proxy(env[node], tracer), constant=None, tracer=tracer)
+        for where, node in rep.retracked.items():  # as the trace would have left them
+            proxy = fx.Proxy(env[node], tracer)
+            track_tensor_tree(input_object(call, state, where), proxy, constant=None, tracer=tracer)
         results = []
         made = {}
         for out in rep.outputs:
@@ -210,9 +213,10 @@ class _Sharing:
         return pytree.tree_unflatten(results, rep.out_spec)
 
 
-def _groups(root: nn.Module) -> list[list[tuple[str, nn.Module]]]:
-    """Layers that may share: the children of one container with the same classes and tensor
-    shapes, none of whose modules or tensors is also reached from outside the layer."""
+def _groups(root: nn.Module) -> list[list[tuple[str, nn.Module, LayerState]]]:
+    """Layers that may share, with their states: the children of one container with the same
+    classes and tensor shapes, none of whose modules or tensors is also reached from outside the
+    layer."""
     owners: dict[int, int] = {}
     for _, module in root.named_modules(remove_duplicate=False):
         owners[id(module)] = owners.get(id(module), 0) + 1
@@ -224,7 +228,7 @@ def _groups(root: nn.Module) -> list[list[tuple[str, nn.Module]]]:
     for prefix, container in root.named_modules():
         if not isinstance(container, (nn.ModuleList, nn.Sequential, nn.ModuleDict)):
             continue
-        by_shape: dict[tuple, list[tuple[str, nn.Module]]] = {}
+        by_shape: dict[tuple, list[tuple[str, nn.Module, LayerState]]] = {}
         for name, child in container.named_children():
             state = layer_state(child)
             if any(owners[id(m)] > 1 for _, m in child.named_modules(remove_duplicate=False)):
@@ -232,7 +236,7 @@ def _groups(root: nn.Module) -> list[list[tuple[str, nn.Module]]]:
             if any(tensor_owners[id(t)] > 1 for t in state.tensors.values()):
                 continue
             shape = (state.classes, state.tying, tuple((n, tensor_meta(t)) for n, t in state.tensors.items()))
-            by_shape.setdefault(shape, []).append((f"{prefix}.{name}" if prefix else name, child))
+            by_shape.setdefault(shape, []).append((f"{prefix}.{name}" if prefix else name, child, state))
         groups.extend(members for members in by_shape.values() if len(members) >= 3)
     return groups
 
@@ -246,10 +250,10 @@ def share_repeated_layers(skeleton: nn.Module, enabled: bool = True) -> Iterator
     if not groups:
         yield None
         return
-    sharing = _Sharing(groups)
+    sharing = _Sharing()
     watches: dict[tuple[type, str], Any] = {}
     for index, members in enumerate(groups):  # watch every attribute that differs within a group
-        states = [layer_state(layer) for _, layer in members]
+        states = [state for _, _, state in members]
         differ = set().union(*(differing(states[0], state) or set() for state in states[1:]))
         sharing.watched[index] = differ
         for rel, name in differ:
@@ -263,7 +267,7 @@ def share_repeated_layers(skeleton: nn.Module, enabled: bool = True) -> Iterator
             setattr(cls, name, Watch(name, previous, sharing))
             installed.append((cls, name, previous))
         for index, members in enumerate(groups):  # each layer's class routes the calls of the marked ones
-            for path, layer in members:
+            for path, layer, _ in members:
                 layer.__dict__[_ROUTE] = (index, path)
                 cls = type(layer)
                 if cls.__dict__.get("forward") is None or not getattr(cls.__dict__["forward"], "_autotp_routed", False):
@@ -272,7 +276,7 @@ def share_repeated_layers(skeleton: nn.Module, enabled: bool = True) -> Iterator
         yield sharing
     finally:
         for members in groups:
-            for _, layer in members:
+            for _, layer, _ in members:
                 layer.__dict__.pop(_ROUTE, None)
         for cls, name, previous in reversed(installed):
             if previous is MISSING:

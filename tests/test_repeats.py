@@ -70,6 +70,16 @@ def _both(model: nn.Module, x, before=lambda: None):
     return shared
 
 
+def _copies_and_captures_as_traced(arch: str) -> None:
+    """The family, built with 5 layers as the coverage sweep builds it, copies layers, and its
+    graph and plan at tp 2 are those of tracing every layer (scripts/repeats_check.py)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "scripts"))
+    from repeats_check import check
+
+    row = check(arch, layers=5, tp=2)
+    assert row.get("copied", 0) > 0 and row["same_graph"] and row["same_plan"], row
+
+
 def _stack(n: int, block=Block, per_layer: dict[int, dict] | None = None) -> Stack:
     torch.manual_seed(0)
     return Stack([block(i, **(per_layer or {}).get(i, {})) for i in range(n)]).eval()
@@ -120,11 +130,7 @@ def test_a_layer_that_mutates_its_buffer_is_traced() -> None:
 def test_families_whose_copies_once_differed_capture_as_traced(arch: str) -> None:
     """Each of these gave a graph other than tracing every layer gives, until the fix its
     comment names (scripts/repeats_check.py over every family found them)."""
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "scripts"))
-    from repeats_check import check
-
-    row = check(arch, layers=5, tp=2)
-    assert row.get("copied", 0) > 0 and row["same_graph"] and row["same_plan"], row
+    _copies_and_captures_as_traced(arch)
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gemma2"])
@@ -212,11 +218,7 @@ def test_cpmant_captures_with_its_layers_copied() -> None:
     """CpmAnt's layers make a small constant tensor from a comparison: reading its values for
     autotp's bookkeeping once ran under the trace, made data-dependent symbols, and the
     capture failed."""
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "scripts"))
-    from repeats_check import check
-
-    row = check("cpmant", layers=5, tp=2)
-    assert row.get("copied", 0) > 0 and row["same_graph"] and row["same_plan"], row
+    _copies_and_captures_as_traced("cpmant")
 
 
 def test_a_failure_while_copying_falls_back_to_tracing_every_layer(monkeypatch: pytest.MonkeyPatch) -> None:
