@@ -40,6 +40,7 @@ from torch.utils import _pytree as pytree
 
 from autotp.errors import AutotpError
 from autotp import hf
+from autotp.heap import old_objects_frozen
 from autotp.repeats import share_repeated_layers
 
 __all__ = ["capture", "Captured", "bind_inputs", "forward_signature", "structure_key", "fake_skeleton", "meta_twin",
@@ -228,6 +229,12 @@ def capture(
         >>> captured = capture(model)                       # doctest: +SKIP
         >>> captured.graph_module.graph.print_tabular()     # doctest: +SKIP
     """
+    with old_objects_frozen():
+        return _capture(model, example_inputs, device, bump_unit_dims, share_layers)
+
+
+def _capture(model: nn.Module, example_inputs: Any, device: Optional[torch.device], bump_unit_dims: bool,
+             share_layers: Optional[bool]) -> Captured:
     inputs = normalise_example_inputs(model, example_inputs)
     device = device or model_device(model)
     name = type(model).__name__

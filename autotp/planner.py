@@ -39,6 +39,7 @@ import torch
 import torch.fx as fx
 
 from autotp.errors import AutotpError
+from autotp.heap import old_objects_frozen
 from autotp.local_ops import LOOKUPS
 from autotp.placement import Partial, Placement, Replicate, Shard
 from autotp.plan import ArgEdit, Collective, LocalOp, LocalSlice, ParamSpec, Plan, Region, ShardedInput, ShardedOutput
@@ -176,6 +177,12 @@ def plan_graph(
     """
     if world_size < 1:
         raise ValueError(f"tp_size must be >= 1, got {world_size}")
+    with old_objects_frozen():
+        return _plan(graph, world_size, model, inputs, gather_outputs, local_inputs, local_outputs)
+
+
+def _plan(graph: fx.Graph, world_size: int, model: str, inputs: Optional[list[str]], gather_outputs: bool,
+          local_inputs: Iterable[str], local_outputs: Iterable[int]) -> Plan:
     planner = RegionGrower(graph, world_size, local_inputs)
     state = _Accepted()
     # Two passes. The first takes the regions that need no all-reduced statistic: Megatron's
