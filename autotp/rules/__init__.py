@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional, Un
 
 import torch
 import torch.fx as fx
-from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 from autotp.placement import Placement, Replicate, Shard
 
@@ -237,11 +236,19 @@ def apply_rule(node: fx.Node, inputs: Inputs) -> Out | Cannot:
         result = fn(node, inputs)
     except (IndexError, KeyError, TypeError, ValueError) as exc:  # malformed args: shard less
         return Cannot(f"rule for {_op_name(node)} failed: {exc}")
-    except GuardOnDataDependentSymNode:  # a size only the data decides (tokens routed to an expert)
+    except _data_dependent_guard():  # a size only the data decides (tokens routed to an expert)
         return Cannot(f"{_op_name(node)}: a size that depends on the data")
     if isinstance(result, (Out, Cannot)):
         return result
     return Out(result)
+
+
+def _data_dependent_guard() -> type[Exception]:
+    """torch's exception for a guard on a data-dependent size. Looked up only when a rule has
+    raised: its module imports sympy, which a run from the graph cache never needs."""
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
+    return GuardOnDataDependentSymNode
 
 
 def finest(shards: list[Shard]) -> Union[Shard, Cannot]:

@@ -16,7 +16,6 @@ from typing import Any, Optional, Union
 
 import torch
 import torch.fx as fx
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from autotp.placement import Placement, Replicate, Shard, block_sizes, divides, local_size
 from autotp.rules import ArgEdit, Cannot, Inputs, Out, Redistribute, Result, ndim, norm_dim, rule, sizes
@@ -200,6 +199,8 @@ def getitem_rule(node: fx.Node, inputs: Inputs) -> Result:
 
 
 def _empty_1d(t: fx.Node) -> bool:
+    from torch.fx.experimental.symbolic_shapes import statically_known_true  # sympy: planning only
+
     shape = t.meta["val"].shape
     return len(shape) == 1 and statically_known_true(shape[0] == 0)
 
