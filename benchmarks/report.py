@@ -40,6 +40,7 @@ def enrich(rows: list[dict]) -> list[dict]:
             row[key + "_speedup"] = _speedup(ref.get(speed), row.get(speed), speed)
             row[key + "_tp_scaling"] = _speedup(tp1.get(speed), row.get(speed), speed)
         row["ready_vs_hf"] = _ratio(row.get("ready_s"), hf.get("ready_s"))
+        row["first_run_vs_hf"] = _ratio(row.get("ready_first_run_s"), hf.get("ready_s"))
     return rows
 
 
@@ -60,8 +61,8 @@ def kernel_effect(rows: list[dict]) -> Optional[str]:
 
 # figures whose median over rounds is reported, with their range: timings and ratios taken
 # within each round (the machine drifts between rounds; a ratio of one round's figures does not)
-_TIMED = ("prefill_b1_s", "prefill_b4_s", "decode_tok_s")
-_RATIOS = tuple(f"{k}_{kind}" for kind in ("tp_scaling", "vs_hf", "speedup") for k in _SPEEDS)
+_TIMED = ("prefill_b1_s", "prefill_b4_s", "decode_tok_s", "ready_first_run_s")
+_RATIOS = tuple(f"{k}_{kind}" for kind in ("tp_scaling", "vs_hf", "speedup") for k in _SPEEDS) + ("first_run_vs_hf",)
 
 
 def merge(rounds: list[list[dict]]) -> list[dict]:
@@ -91,14 +92,16 @@ def spread_table(rows: list[dict], rounds: int) -> list[str]:
     """The range over rounds of each timed figure and TP scaling (a row per implementation)."""
     lines = [f"Range over {rounds} rounds (each round launches every implementation once, in turn):", "",
              "| implementation | prefill 1x128 (ms) | prefill 4x128 (ms) | decode (tok/s) | TP scaling 1x128 "
-             "| TP scaling 4x128 | TP scaling decode | x HF 1x128 | x HF 4x128 |", "|---" * 9 + "|"]
+             "| TP scaling 4x128 | TP scaling decode | x HF 1x128 | x HF 4x128 | first run (s) | first run x HF ready |",
+             "|---" * 11 + "|"]
     for r in rows:
         if "error" in r:
             continue
         lines.append(f"| {r['implementation']} | {_spread(r, 'prefill_b1_s', '{:.0f}', 1e3)} "
                      f"| {_spread(r, 'prefill_b4_s', '{:.0f}', 1e3)} | {_spread(r, 'decode_tok_s', '{:.1f}')} "
                      + "".join(f"| {_spread(r, k + '_tp_scaling', '{:.2f}')} " for k in _SPEEDS)
-                     + f"| {_spread(r, 'prefill_b1_vs_hf', '{:.2f}')} | {_spread(r, 'prefill_b4_vs_hf', '{:.2f}')} |")
+                     + f"| {_spread(r, 'prefill_b1_vs_hf', '{:.2f}')} | {_spread(r, 'prefill_b4_vs_hf', '{:.2f}')} "
+                     f"| {_spread(r, 'ready_first_run_s', '{:.2f}')} | {_spread(r, 'first_run_vs_hf', '{:.2f}')} |")
     return lines
 
 
@@ -126,7 +129,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "",
         f"*ready*: seconds from nothing imported but transformers to a model ready to call, on its slowest "
         f"rank (median of {meta.get('ready_launches', 1)} launches); *first run*: the same "
-        "for autotp with an empty graph cache (a launch of its own). *GEMM*: what runs the linear layers: "
+        "for autotp with an empty graph cache (a launch of its own, one per round; over HF's *ready* in "
+        "the spread table). *GEMM*: what runs the linear layers: "
         "`aten` is PyTorch's default (MKL on CPU); `onednn` is oneDNN's GEMM on the same dense weights, which "
         "autotp picks when a probe measures it at least 1.2x faster (`autotp.kernels`; made once for the run: "
         f"probe {meta.get('kernel_probe', 0):.2f}x, so `{meta.get('auto_kernels', 'aten')}`); the `_aten` rows are autotp on "

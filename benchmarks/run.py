@@ -13,7 +13,7 @@ checkpoint, and measures on every rank:
   ``--ready-launches`` launches) and peak RSS at load, and over the whole run
   (weights mapped from the checkpoint are read when first used, after load); for autotp also on a
   first run, a launch of its own with an empty graph cache (``autotp.cache``), as the first
-  start on a machine is;
+  start on a machine is, one per round (the median, its range, and its ratio to HF's ready);
 - this rank's parameter bytes and KV-cache bytes (batch 1 x 128 tokens);
 - forward (prefill) latency for batch 1 x 128 and 4 x 128: median of ``--repeats`` after
   warm-up, ranks aligned by a barrier before each;
@@ -243,15 +243,17 @@ def _ready_rounds(rows: list[dict], args: argparse.Namespace, checkpoint: Path, 
 
 def _measure_round(args: argparse.Namespace, checkpoint: Path, tmp: Path, envs: dict[str, dict[str, str]],
                    first: bool) -> list[dict]:
-    """One launch of every implementation, measured; in the first round, autotp's first run
-    (empty graph cache) is launched on its own before its measured run."""
+    """One launch of every implementation, measured, each of autotp's after a launch of its own
+    with an empty graph cache (its first run). In the first round that launch fills the cache the
+    measured runs use; later rounds give it a new empty folder, so every round has a first run."""
     tmp.mkdir()
     rows = []
     for name in args.impls:
         start = time.perf_counter()
         first_run = None
-        if first and name in CACHED:
-            first_run = _launch(name, args.tp, checkpoint, tmp / f"{name}-first", 1, ready_only=True, env=envs[name])
+        if name in CACHED:
+            env = envs[name] if first else {**envs[name], "AUTOTP_CACHE_DIR": str(tmp / f"{name}-first-cache")}
+            first_run = _launch(name, args.tp, checkpoint, tmp / f"{name}-first", 1, ready_only=True, env=env)
         ranks = _launch(name, args.tp, checkpoint, tmp / name, args.repeats, env=envs[name])
         rows.append(summarise(name, ranks))
         if first_run and "error" not in rows[-1]:

@@ -41,3 +41,22 @@ def test_benchmark_entry_point_writes_its_reports(tmp_path):
     assert results[1]["prefill_b1_tp_scaling"] == results[2]["prefill_b1_s"] / results[1]["prefill_b1_s"]
     assert results[0]["decode_tp_scaling"] == 1.0
     assert f"| autotp_gloo | gloo | {results[1]['kernels']} |" in (tmp_path / "llama-tiny-tp2.md").read_text()
+
+
+def test_first_run_is_a_median_over_rounds_with_its_range():
+    from benchmarks.report import enrich, merge, spread_table
+
+    def round_(hf_ready: float, first: float) -> list[dict]:
+        figures = {"prefill_b1_s": 0.3, "prefill_b4_s": 1.0, "decode_tok_s": 20.0}
+        return [{"implementation": "hf_tp_plan", "tp1": "hf_tp_plan", "ready_s": hf_ready, **figures},
+                {"implementation": "autotp_gloo", "tp1": "autotp_gloo", "ready_s": 1.8,
+                 "ready_first_run_s": first, **figures}]
+
+    rounds = [enrich(round_(1.6, 3.2)), enrich(round_(1.5, 3.3)), enrich(round_(1.6, 3.6))]
+    merged = merge(rounds)
+    autotp = merged[1]
+    assert autotp["ready_first_run_s"] == 3.3 and autotp["ready_first_run_s_range"] == [3.2, 3.6]
+    assert autotp["first_run_vs_hf"] == 3.3 / 1.5  # ratios within a round, then their median
+    assert autotp["first_run_vs_hf_range"] == [3.2 / 1.6, 3.6 / 1.6]
+    assert "ready_first_run_s" not in merged[0]
+    assert "| 3.20-3.60 | 2.00-2.25 |" in "\n".join(spread_table(merged, 3))
