@@ -199,6 +199,7 @@ def _dynamic_shapes(model: nn.Module, inputs: Mapping[str, Any]) -> dict[str, An
     return shapes
 
 
+@old_objects_frozen()
 def capture(
     model: nn.Module,
     example_inputs: Any = None,
@@ -229,12 +230,6 @@ def capture(
         >>> captured = capture(model)                       # doctest: +SKIP
         >>> captured.graph_module.graph.print_tabular()     # doctest: +SKIP
     """
-    with old_objects_frozen():
-        return _capture(model, example_inputs, device, bump_unit_dims, share_layers)
-
-
-def _capture(model: nn.Module, example_inputs: Any, device: Optional[torch.device], bump_unit_dims: bool,
-             share_layers: Optional[bool]) -> Captured:
     inputs = normalise_example_inputs(model, example_inputs)
     device = device or model_device(model)
     name = type(model).__name__

@@ -155,6 +155,7 @@ def _lone_rowwise_pass(planner: RegionGrower, state: _Accepted) -> None:
             state.lone[cand.param] = why
 
 
+@old_objects_frozen()
 def plan_graph(
     graph: fx.Graph, world_size: int, *, model: str = "", inputs: Optional[list[str]] = None,
     gather_outputs: bool = True, local_inputs: Iterable[str] = (), local_outputs: Iterable[int] = (),
@@ -177,12 +178,6 @@ def plan_graph(
     """
     if world_size < 1:
         raise ValueError(f"tp_size must be >= 1, got {world_size}")
-    with old_objects_frozen():
-        return _plan(graph, world_size, model, inputs, gather_outputs, local_inputs, local_outputs)
-
-
-def _plan(graph: fx.Graph, world_size: int, model: str, inputs: Optional[list[str]], gather_outputs: bool,
-          local_inputs: Iterable[str], local_outputs: Iterable[int]) -> Plan:
     planner = RegionGrower(graph, world_size, local_inputs)
     state = _Accepted()
     # Two passes. The first takes the regions that need no all-reduced statistic: Megatron's
