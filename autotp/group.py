@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from autotp.collectives import Communicator, reduce_dtype_from_env, select_all_reduce
+from autotp.collectives import Communicator, polling_pays, reduce_dtype_from_env, select_all_reduce
 from autotp.errors import AutotpError
 from autotp.health import register
 from autotp.kernels import choose_kernels
@@ -79,7 +79,8 @@ def init_tp(tp_size: Optional[int] = None, device: Optional[torch.device] = None
         fast, name = None, "process group"
     if len(set(widths)) != 1:
         raise AutotpError(f"AUTOTP_REDUCE_DTYPE differs across ranks: {list(widths)}")
-    ctx.comm = Communicator(ctx.group, tp, fast, name, wide)
+    poll = fast is None and polling_pays(ctx.group, device)
+    ctx.comm = Communicator(ctx.group, tp, fast, name, wide, poll)
     ctx.kernels = kernels if len(set(choices)) == 1 else "aten"  # replicated layers must agree bit for bit
     return ctx
 

@@ -1,0 +1,92 @@
+"""The process group's all-reduce waited for by polling (``autotp.collectives.wait_polled``):
+the same sums as a blocking wait, on real gloo ranks, and the choice of when to poll."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from autotp.collectives import Communicator, polling_pays, wait_polled
+from tests.distributed import run_ranks
+
+
+class _Work:
+    """A collective's handle that completes after ``polls`` calls of ``is_completed``."""
+
+    def __init__(self, polls: float, error: Exception | None = None) -> None:
+        self.polls, self.asked, self.waited, self.error = polls, 0, 0, error
+
+    def is_completed(self) -> bool:
+        self.asked += 1
+        return self.asked > self.polls
+
+    def wait(self) -> bool:
+        self.waited += 1
+        if self.error is not None:
+            raise self.error
+        return True
+
+
+def test_polled_wait_polls_until_done_then_waits_once() -> None:
+    work = _Work(polls=5)
+    wait_polled(work, limit_s=10.0)
+    assert work.asked == 6 and work.waited == 1
+
+
+def test_polled_wait_blocks_after_its_limit() -> None:
+    work = _Work(polls=float("inf"))
+    wait_polled(work, limit_s=0.002)
+    assert work.asked > 0 and work.waited == 1  # a work that never completes is left to wait()
+
+
+def test_polled_wait_raises_what_the_work_raised() -> None:
+    with pytest.raises(RuntimeError, match="peer gone"):
+        wait_polled(_Work(polls=0, error=RuntimeError("peer gone")), limit_s=0.01)
+
+
+def _sums(rank: int, world: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    polled, blocking = Communicator(None, world, poll=True), Communicator(None, world)
+    out = []
+    for shape, dtype in [((4,), torch.float32), ((2, 128, 1024), torch.float32), ((3, 5), torch.bfloat16),
+                         ((7,), torch.int64)]:
+        gen = torch.Generator().manual_seed(100 * rank + len(out))
+        x = (torch.randn(shape, generator=gen) * 100).to(dtype)
+        out.append((polled.all_reduce_(x.clone()), blocking.all_reduce_(x.clone())))
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_polled_all_reduce_equals_the_blocking_one_on_every_rank(world: int) -> None:
+    by_rank = run_ranks(_sums, world)
+    for polled, blocking in by_rank[0]:
+        assert polled.abs().sum() > 0
+    for sums in by_rank:
+        for (polled, blocking), (first, _) in zip(sums, by_rank[0]):
+            assert torch.equal(polled, blocking)
+            assert torch.equal(polled, first)  # replicated: bit for bit the same on every rank
+
+
+def _decisions(rank: int, world: int) -> dict[str, bool]:
+    real = os.sched_getaffinity
+    try:
+        os.sched_getaffinity = lambda pid: set(range(world))  # type: ignore[assignment]
+        own_cores = polling_pays(None, torch.device("cpu"))
+        os.sched_getaffinity = lambda pid: set(range(world - 1))  # type: ignore[assignment]
+        shared_cores = polling_pays(None, torch.device("cpu"))
+        os.sched_getaffinity = lambda pid: set(range(world))  # type: ignore[assignment]
+        cuda = polling_pays(None, torch.device("cuda"))
+    finally:
+        os.sched_getaffinity = real  # type: ignore[assignment]
+    return {"own cores": own_cores, "fewer cores than ranks": shared_cores, "cuda": cuda}
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="the core count comes from os.cpu_count() here")
+def test_ranks_poll_only_on_gloo_with_a_core_each() -> None:
+    for decisions in run_ranks(_decisions, 2):
+        assert decisions == {"own cores": True, "fewer cores than ranks": False, "cuda": False}
+
+
+def test_no_process_group_no_polling() -> None:
+    assert not polling_pays(None, torch.device("cpu"))
