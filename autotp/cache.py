@@ -69,7 +69,8 @@ from autotp.collectives import ALL_GATHER, ALL_REDUCE, AllGather, AllReduce, Com
 from autotp.errors import AutotpError
 from autotp.plan import Plan
 
-__all__ = ["GraphCache", "CachedGraph", "CacheSlot", "Uncacheable", "cache_dir", "graph_key", "slot", "prune",
+__all__ = ["GraphCache", "CachedGraph", "CacheSlot", "Uncacheable", "cache_dir", "cache_off", "user_cache_dir",
+           "graph_key", "slot", "prune",
            "max_bytes", "encode_guards", "decode_guards"]
 
 FORMAT = 1  # bump when the entry layout changes
@@ -93,12 +94,23 @@ def cache_dir() -> Optional[Path]:
     """Where entries live, or ``None`` when ``AUTOTP_CACHE_DIR=off`` (or no folder is known)."""
     configured = os.environ.get("AUTOTP_CACHE_DIR")
     if configured is not None:
-        return None if configured.strip().lower() in ("off", "0", "false", "") else Path(configured)
+        return None if cache_off() else Path(configured)
+    return user_cache_dir()
+
+
+def cache_off() -> bool:
+    """Whether ``AUTOTP_CACHE_DIR`` says autotp keeps nothing on disk."""
+    return os.environ.get("AUTOTP_CACHE_DIR", "x").strip().lower() in ("off", "0", "false", "")
+
+
+def user_cache_dir() -> Optional[Path]:
+    """autotp's folder in the user's cache: ``$XDG_CACHE_HOME/autotp``, else ``~/.cache/autotp``
+    (``None`` with no home directory, as in some containers)."""
     base = os.environ.get("XDG_CACHE_HOME")
     if not base:
         try:
             base = str(Path.home() / ".cache")
-        except (RuntimeError, KeyError):  # no home directory (some containers): no cache
+        except (RuntimeError, KeyError):
             return None
     return Path(base) / "autotp"
 

@@ -4,8 +4,8 @@ DeepSpeed compiles the kernel (``csrc/cpu/comm``) with torch's extension builder
 and loads it through its op builder. Doing that on every start costs 0.25-0.35 s here: importing
 DeepSpeed takes 0.14 s and its builder re-checks the build with ninja, while loading the library
 itself takes 1 ms. So once DeepSpeed's builder has loaded the kernel, autotp writes down where
-the library is and what it was built from (a *record*, in autotp's cache folder), and later
-processes load the library directly while the record still holds:
+the library is and what it was built from (a *record*), and later processes load the library
+directly while the record still holds:
 
 - the same Python and torch (the record is per interpreter and names torch's version);
 - the library and each of the kernel's source and header files unchanged, by size and
@@ -13,9 +13,13 @@ processes load the library directly while the record still holds:
   environment rebuilding the library, breaks the record: the builder runs again, rebuilding
   if it must, and the record is rewritten.
 
-With no cache folder (``AUTOTP_CACHE_DIR=off``) the builder runs every time, as before. The
-record is trusted as torch's extensions folder is, where the library lives: both are the
-user's own, and whoever can write one can write the other.
+The record describes the machine's build of the kernel, not a model, so it lives in the user's
+cache folder (``~/.cache/autotp/kernels``, or under ``$XDG_CACHE_HOME``) wherever
+``AUTOTP_CACHE_DIR`` puts the graph cache: a model's first run, with no graph cache yet, still
+finds the kernel as the earlier runs left it. With ``AUTOTP_CACHE_DIR=off`` autotp keeps
+nothing on disk and the builder runs every time. The record is trusted as torch's extensions
+folder is, where the library lives: both are the user's own, and whoever can write one can
+write the other.
 """
 
 from __future__ import annotations
@@ -58,14 +62,14 @@ def load_kernel() -> types.ModuleType:
 
 
 def record_path() -> Optional[Path]:
-    """Where this interpreter's record lives, or ``None`` without a cache folder."""
-    from autotp.cache import cache_dir  # autotp.cache imports autotp.collectives, which imports this
+    """Where this interpreter's record lives, or ``None`` (``AUTOTP_CACHE_DIR=off``, or no home)."""
+    from autotp.cache import cache_off, user_cache_dir  # autotp.cache imports autotp.collectives, which imports this
 
-    root = cache_dir()
-    if root is None:
+    root = user_cache_dir()
+    if root is None or cache_off():
         return None
     interpreter = hashlib.sha256(f"{sys.prefix}\0{sys.version}\0{torch.__file__}".encode()).hexdigest()[:16]
-    return root / f"{_NAME}-{interpreter}.json"
+    return root / "kernels" / f"{_NAME}-{interpreter}.json"
 
 
 def _stat(path: str) -> Optional[list[int]]:

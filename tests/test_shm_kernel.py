@@ -20,26 +20,29 @@ import pytest
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
                                 reason="DeepSpeed (autotp[fast]) is not installed")
 
+# The record is put where the test says (a record in the user's real cache folder would be
+# shared with every other run; moving the whole cache folder would move torch's extensions
+# folder too, and DeepSpeed would compile the kernel again there).
 _LOAD = """
 import json, sys, torch
-from autotp.shm_kernel import load_kernel
-kernel = load_kernel()
+from pathlib import Path
+import autotp.shm_kernel as shm_kernel
+shm_kernel.record_path = lambda: Path(sys.argv[1])
+kernel = shm_kernel.load_kernel()
 print(json.dumps({"imported_deepspeed": "deepspeed" in sys.modules, "level": kernel.vector_kernel_level(),
                   "op": hasattr(torch.ops.deepspeed, "inference_all_reduce_")}))
 """
 
 
-def _load_in_a_fresh_process(cache: Path) -> dict:
-    done = subprocess.run([sys.executable, "-c", _LOAD], env={**os.environ, "AUTOTP_CACHE_DIR": str(cache)},
-                          capture_output=True, text=True, timeout=600)
+def _load_in_a_fresh_process(folder: Path) -> dict:
+    done = subprocess.run([sys.executable, "-c", _LOAD, str(_record(folder))], capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _record(cache: Path) -> Path:
-    records = list(cache.glob("deepspeed_shm_comm-*.json"))
-    assert len(records) == 1, records
-    return records[0]
+def _record(folder: Path) -> Path:
+    return folder / "deepspeed_shm_comm-record.json"
 
 
 def test_the_builder_runs_once_then_the_record_loads_the_kernel(tmp_path):
@@ -78,6 +81,23 @@ def test_without_a_cache_folder_there_is_no_record(monkeypatch):
 
     monkeypatch.setenv("AUTOTP_CACHE_DIR", "off")
     assert record_path() is None
+
+
+def test_the_record_stays_in_the_user_cache_wherever_the_graph_cache_goes(monkeypatch, tmp_path):
+    """A model's first run (an empty graph cache, in a folder of its own) still finds the
+    record the machine's earlier runs left."""
+    from autotp.shm_kernel import record_path
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user"))
+    paths = set()
+    for graphs in ("graphs-a", "graphs-b", None):
+        if graphs is None:
+            monkeypatch.delenv("AUTOTP_CACHE_DIR", raising=False)
+        else:
+            monkeypatch.setenv("AUTOTP_CACHE_DIR", str(tmp_path / graphs))
+        paths.add(record_path())
+    (path,) = paths
+    assert path.parent == tmp_path / "user" / "autotp" / "kernels" and path.name.startswith("deepspeed_shm_comm-")
 
 
 def _one_rank_cannot_worker(rank: int, world: int) -> tuple[str, list[str], float]:
