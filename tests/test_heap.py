@@ -23,7 +23,9 @@ def test_a_process_freeze_is_left_alone():
         frozen = gc.get_freeze_count()
         with old_objects_frozen():
             pass
-        assert gc.get_freeze_count() == frozen  # not thawed by autotp
+        # not thawed by autotp (a thaw empties the frozen generation; an object freed while
+        # frozen leaves it too, so the count may fall by a few: it fell by 3 in one full run)
+        assert gc.get_freeze_count() > 0.99 * frozen
     finally:
         gc.unfreeze()
 
