@@ -34,7 +34,8 @@ from autotp.health import PeerFailure, Watchdog, describe_failure
 from autotp.shm_kernel import KernelUnavailable, load_kernel
 
 __all__ = ["Communicator", "AllReduce", "AllGather", "ALL_REDUCE", "ALL_GATHER", "count_collectives",
-           "select_all_reduce", "reduce_dtype_from_env", "polling_pays", "wait_polled"]
+           "select_all_reduce", "reduce_dtype_from_env", "polling_pays", "wait_polled", "usable_cores",
+           "cgroup_cpu_limit"]
 
 ALL_REDUCE = "autotp_all_reduce"
 ALL_GATHER = "autotp_all_gather"
@@ -170,7 +171,8 @@ def select_all_reduce(group: Optional[dist.ProcessGroup], world_size: int,
 
 def polling_pays(group: Optional[dist.ProcessGroup], device: torch.device) -> bool:
     """Whether this rank should wait for the process group's all-reduces by polling: gloo on
-    CPU, with no more ranks on this machine than cores this process may run on.
+    CPU, with no more ranks on this machine than cores this process may run on
+    (:func:`usable_cores`).
 
     A blocking wait sleeps until gloo's worker thread signals the end of the work, and on this
     2-core machine waking a sleeping rank costs more than the sum itself: an all-reduce of 4
@@ -182,11 +184,29 @@ def polling_pays(group: Optional[dist.ProcessGroup], device: torch.device) -> bo
     if device.type != "cpu" or not dist.is_initialized() or dist.get_backend(group) != "gloo":
         return False
     local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    return local <= usable_cores()
+
+
+def usable_cores() -> float:
+    """The cores this process may run on: its CPU affinity, capped by a container's CPU quota
+    (a container limited to 2 CPUs on a 64-core host still sees 64 in its affinity)."""
     try:
-        cores = len(os.sched_getaffinity(0))
+        cores: float = len(os.sched_getaffinity(0))
     except AttributeError:  # no affinity call (macOS): the machine's count
         cores = os.cpu_count() or 1
-    return local <= cores
+    quota = cgroup_cpu_limit()
+    return min(cores, quota) if quota is not None else cores
+
+
+def cgroup_cpu_limit(path: str = "/sys/fs/cgroup/cpu.max") -> Optional[float]:
+    """cgroup v2's CPU limit, in cores (``"200000 100000"``: 2.0), or ``None`` where there is
+    none (``"max ..."``) or the file cannot be read."""
+    try:
+        with open(path) as limits:
+            quota, period = limits.read().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError, ZeroDivisionError):
+        return None
 
 
 def wait_polled(work: Any, limit_s: float = POLL_LIMIT_S) -> None:

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from autotp.collectives import Communicator, polling_pays, wait_polled
+from autotp.collectives import Communicator, cgroup_cpu_limit, polling_pays, usable_cores, wait_polled
 from tests.distributed import run_ranks
 
 
@@ -90,3 +90,22 @@ def test_ranks_poll_only_on_gloo_with_a_core_each() -> None:
 
 def test_no_process_group_no_polling() -> None:
     assert not polling_pays(None, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("text, cores", [("200000 100000\n", 2.0), ("50000 100000", 0.5), ("max 100000\n", None),
+                                         ("", None), ("x y", None), ("100 0", None)])
+def test_a_container_cpu_quota_is_read_in_cores(tmp_path, text: str, cores: float | None) -> None:
+    limits = tmp_path / "cpu.max"
+    limits.write_text(text)
+    assert cgroup_cpu_limit(str(limits)) == cores
+    assert cgroup_cpu_limit(str(tmp_path / "missing")) is None
+
+
+def test_usable_cores_are_capped_by_the_quota(monkeypatch) -> None:
+    import autotp.collectives as collectives
+
+    monkeypatch.setattr(collectives, "cgroup_cpu_limit", lambda: 1.5)
+    capped = usable_cores()
+    monkeypatch.setattr(collectives, "cgroup_cpu_limit", lambda: None)
+    uncapped = usable_cores()  # the affinity (or the machine's count)
+    assert uncapped >= 1 and capped == min(1.5, uncapped)
