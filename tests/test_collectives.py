@@ -69,6 +69,9 @@ def test_polled_all_reduce_equals_the_blocking_one_on_every_rank(world: int) -> 
 
 
 def _decisions(rank: int, world: int) -> dict[str, bool]:
+    import autotp.collectives as collectives
+
+    collectives.cgroup_cpu_limit = lambda: None  # this spawned rank's own copy: whatever the host's quota
     real = os.sched_getaffinity
     try:
         os.sched_getaffinity = lambda pid: set(range(world))  # type: ignore[assignment]
