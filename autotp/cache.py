@@ -99,8 +99,10 @@ def cache_dir() -> Optional[Path]:
 
 
 def cache_off() -> bool:
-    """Whether ``AUTOTP_CACHE_DIR`` says autotp keeps nothing on disk."""
-    return os.environ.get("AUTOTP_CACHE_DIR", "x").strip().lower() in ("off", "0", "false", "")
+    """Whether ``AUTOTP_CACHE_DIR`` says autotp keeps nothing on disk (``off``, ``0``, ``false``
+    or empty; unset means the default folder)."""
+    configured = os.environ.get("AUTOTP_CACHE_DIR")
+    return configured is not None and configured.strip().lower() in ("off", "0", "false", "")
 
 
 def user_cache_dir() -> Optional[Path]:
