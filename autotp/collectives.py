@@ -149,8 +149,7 @@ def select_all_reduce(group: Optional[dist.ProcessGroup], world_size: int,
     if choice not in ("auto", "deepspeed", "gloo"):
         raise AutotpError(f"AUTOTP_ALLREDUCE={choice!r}: expected auto, deepspeed or gloo")
     backend = dist.get_backend(group) if dist.is_initialized() else "none"
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
-    usable = world_size > 1 and group is None and device.type == "cpu" and local == dist.get_world_size()
+    usable = world_size > 1 and group is None and device.type == "cpu" and _local_ranks() == dist.get_world_size()
     if choice == "gloo" or not usable:
         if choice == "deepspeed" and not usable:
             raise AutotpError("AUTOTP_ALLREDUCE=deepspeed needs CPU tensors and every rank of the world on this machine")
@@ -183,8 +182,12 @@ def polling_pays(group: Optional[dist.ProcessGroup], device: torch.device) -> bo
     blocking: 2.2 ms, as it starved gloo's own threads of the core.)"""
     if device.type != "cpu" or not dist.is_initialized() or dist.get_backend(group) != "gloo":
         return False
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
-    return local <= usable_cores()
+    return _local_ranks() <= usable_cores()
+
+
+def _local_ranks() -> int:
+    """How many ranks run on this machine, as torchrun says (the world's size without it)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
 
 
 def usable_cores() -> float:

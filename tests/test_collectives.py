@@ -3,8 +3,6 @@ the same sums as a blocking wait, on real gloo ranks, and the choice of when to 
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -69,23 +67,15 @@ def test_polled_all_reduce_equals_the_blocking_one_on_every_rank(world: int) -> 
 
 
 def _decisions(rank: int, world: int) -> dict[str, bool]:
-    import autotp.collectives as collectives
+    import autotp.collectives as collectives  # this spawned rank's own copy: patched for it alone
 
-    collectives.cgroup_cpu_limit = lambda: None  # this spawned rank's own copy: whatever the host's quota
-    real = os.sched_getaffinity
-    try:
-        os.sched_getaffinity = lambda pid: set(range(world))  # type: ignore[assignment]
-        own_cores = polling_pays(None, torch.device("cpu"))
-        os.sched_getaffinity = lambda pid: set(range(world - 1))  # type: ignore[assignment]
-        shared_cores = polling_pays(None, torch.device("cpu"))
-        os.sched_getaffinity = lambda pid: set(range(world))  # type: ignore[assignment]
-        cuda = polling_pays(None, torch.device("cuda"))
-    finally:
-        os.sched_getaffinity = real  # type: ignore[assignment]
+    collectives.usable_cores = lambda: world
+    own_cores, cuda = polling_pays(None, torch.device("cpu")), polling_pays(None, torch.device("cuda"))
+    collectives.usable_cores = lambda: world - 0.5  # a quota of 1.5 CPUs for 2 ranks
+    shared_cores = polling_pays(None, torch.device("cpu"))
     return {"own cores": own_cores, "fewer cores than ranks": shared_cores, "cuda": cuda}
 
 
-@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="the core count comes from os.cpu_count() here")
 def test_ranks_poll_only_on_gloo_with_a_core_each() -> None:
     for decisions in run_ranks(_decisions, 2):
         assert decisions == {"own cores": True, "fewer cores than ranks": False, "cuda": False}
