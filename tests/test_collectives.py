@@ -1,5 +1,7 @@
-"""The process group's all-reduce waited for by polling (``autotp.collectives.wait_polled``):
-the same sums as a blocking wait, on real gloo ranks, and the choice of when to poll."""
+"""The process group's collectives on real gloo ranks: the all-reduce waited for by polling
+(``autotp.collectives.wait_polled``) gives the same sums as a blocking wait, the choice of when
+to poll, and the gather's direct sends (slab by slab where a piece is strided in the output)
+give what concatenating every rank's piece gives."""
 
 from __future__ import annotations
 
@@ -102,3 +104,42 @@ def test_usable_cores_are_capped_by_the_quota(monkeypatch) -> None:
     monkeypatch.setattr(collectives, "cgroup_cpu_limit", lambda: None)
     uncapped = usable_cores()  # the affinity (or the machine's count)
     assert uncapped >= 1 and capped == min(1.5, uncapped)
+
+
+# (shape of each rank's piece, gathered dim, dtype, how the piece is laid out)
+_GATHERS = [((5, 5, 7), 0, torch.float32, "contiguous"), ((5, 5, 7), 1, torch.float32, "contiguous"),
+            ((5, 5, 7), 2, torch.float32, "contiguous"), ((5, 5, 7), -1, torch.bfloat16, "contiguous"),
+            ((3, 40), 1, torch.int64, "contiguous"), ((1, 1, 9), 2, torch.float32, "contiguous"),
+            ((6, 7), 1, torch.float32, "transposed"), ((0, 4), 1, torch.float32, "contiguous"),
+            ((2, 300, 1000), 2, torch.float32, "contiguous")]
+
+
+def _piece(chunk: int, shape: tuple[int, ...], dtype: torch.dtype, layout: str) -> torch.Tensor:
+    """The piece of the gathered output that ranks holding ``chunk`` own; rebuilt the same
+    anywhere, so the test computes the expected output without the ranks."""
+    gen = torch.Generator().manual_seed(1000 + chunk)
+    if layout == "transposed":  # a non-contiguous view, as a graph may hand to the gather
+        return (torch.randn(shape[::-1], generator=gen) * 10).to(dtype).t()
+    return (torch.randn(shape, generator=gen) * 10).to(dtype)
+
+
+def _gathers(rank: int, world: int, replicas: int, slab_bytes: int) -> list[torch.Tensor]:
+    import autotp.collectives as collectives  # this spawned rank's own copy: patched for it alone
+
+    collectives.SLAB_BYTES = slab_bytes
+    comm = Communicator(None, world)  # the gloo process group's path, as without DeepSpeed
+    return [comm.all_gather(_piece(rank // replicas, shape, dtype, layout), dim, replicas)
+            for shape, dim, dtype, layout in _GATHERS]
+
+
+@pytest.mark.parametrize("world, replicas, slab_bytes", [(2, 1, 64), (2, 1, 100), (3, 1, 1 << 20), (4, 2, 100)])
+def test_gather_over_gloo_concatenates_every_chunk(world: int, replicas: int, slab_bytes: int) -> None:
+    """Slabs of 64 and 100 bytes split each strided piece into many, the last one short (100
+    bytes hold 3 rows of 7 fp32 values; 25 rows leave 1); 1 MiB sends the largest case, whose
+    rows are 4000 bytes, in 3 slabs. Ranks sharing a chunk (``replicas``) hold the same piece."""
+    by_rank = run_ranks(_gathers, world, replicas, slab_bytes)
+    for case, (shape, dim, dtype, layout) in enumerate(_GATHERS):
+        want = torch.cat([_piece(chunk, shape, dtype, layout) for chunk in range(world // replicas)], dim)
+        for rank, gathered in enumerate(by_rank):
+            assert gathered[case].dtype == dtype and gathered[case].is_contiguous()
+            assert torch.equal(gathered[case], want), (rank, shape, dim)
