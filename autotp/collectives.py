@@ -128,7 +128,8 @@ class Communicator:
             for send in sends:
                 send.wait()
 
-        _run(exchange, self.group)
+        with torch.profiler.record_function("autotp::all_gather"):  # one collective to a profiler, not its messages
+            _run(exchange, self.group)
         return whole
 
     def _gathered_shape(self, x: torch.Tensor, dim: int, replicas: int) -> list[int]:

@@ -53,8 +53,9 @@ PREFILL = {"prefill_b1": (1, 128), "prefill_b4": (4, 128)}
 DECODE_REPEATS = 3  # 64 greedy tokens each; the median is reported
 # dispatcher-level collective ops, recorded on the calling thread (gloo's own worker-thread
 # events are not counted: they would count each collective twice); sends and receives too, as
-# autotp's gather over gloo is made of them
-_COLLECTIVE = re.compile(r"^(c10d|deepspeed)::.*(all_?reduce|all_?gather|reduce_?scatter|broadcast|send|recv)", re.IGNORECASE)
+# autotp's gather over gloo is made of them (counted once: they run inside its own
+# "autotp::all_gather" event, so they are nested)
+_COLLECTIVE = re.compile(r"^(c10d|deepspeed|autotp)::.*(all_?reduce|all_?gather|reduce_?scatter|broadcast|send|recv)", re.IGNORECASE)
 # gloo's worker-thread events: the only ones over gloo that record the tensor's shape
 _GLOO = re.compile(r"^gloo:(all_?reduce|all_?gather|reduce_?scatter|broadcast|send|recv)", re.IGNORECASE)
 
