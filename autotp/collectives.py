@@ -149,16 +149,16 @@ def _slab_rows(x: torch.Tensor, dim: int) -> int:
     return max(1, SLAB_BYTES // max(1, math.prod(x.shape[dim:]) * x.element_size()))
 
 
+def _as_rows(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """``t`` (a contiguous piece, or its place: a slice along ``dim`` of a contiguous output) as
+    a 2-D view, one row per index of the dims before ``dim``, each row contiguous. A view, never
+    a copy: ``view`` raises where one is not possible, so nothing lands in a copy unseen."""
+    return t.view(math.prod(t.shape[:dim]), -1)
+
+
 def _slabs(x: torch.Tensor, dim: int, rows: int) -> tuple[torch.Tensor, ...]:
     """``x`` (contiguous) as consecutive slabs of ``rows`` rows, each contiguous: sent as views."""
-    return x.reshape(math.prod(x.shape[:dim]), -1).split(rows)
-
-
-def _rows(place: torch.Tensor, dim: int) -> torch.Tensor:
-    """``place``, a slice along ``dim`` of a contiguous tensor, as a 2-D view: one row per index
-    of the dims before ``dim``, each row contiguous."""
-    return place.as_strided((math.prod(place.shape[:dim]), math.prod(place.shape[dim:])),
-                            (place.stride(dim - 1), 1))
+    return _as_rows(x, dim).split(rows)
 
 
 def _receive_strided(place: torch.Tensor, dim: int, rows: int, group: Optional[dist.ProcessGroup],
@@ -166,7 +166,7 @@ def _receive_strided(place: torch.Tensor, dim: int, rows: int, group: Optional[d
     """Receive ``owner``'s piece into ``place``, a non-contiguous slice of the gathered output,
     slab by slab as :func:`_slabs` sends it: each slab lands in one of two staging buffers and
     is copied into place while the next one arrives."""
-    target = _rows(place, dim)
+    target = _as_rows(place, dim)
     staging = [place.new_empty(min(rows, target.shape[0]), target.shape[1]) for _ in range(2)]
     landing: Optional[tuple[Any, torch.Tensor, torch.Tensor]] = None
     for i, into in enumerate(target.split(rows)):
