@@ -184,8 +184,10 @@ def unbind_rule(node: fx.Node, inputs: Inputs) -> Result:
     if isinstance(src, Cannot):
         return src
     dim = norm_dim(node.args[1] if len(node.args) > 1 else 0, ndim(node.args[0]))
-    if dim == src.dim:
-        return Cannot("unbind along the sharded dim")
+    if dim == src.dim:  # as with select: each element a block of its own, a view may make it another dim
+        n = sizes(node.args[0])[dim]
+        hint = _refined(src, n, list(range(1, n))) if isinstance(n, int) else None
+        return Cannot("unbind along the sharded dim", hint)
     shifted = src.with_dim(src.dim - (1 if dim < src.dim else 0))
     return tuple([shifted] * len(node.meta["val"]))
 

@@ -179,12 +179,20 @@ def _reshape(node: fx.Node, inputs: Inputs, shape_path: Optional[tuple[int, ...]
     m = out_sizes[j]
     if not isinstance(m, int):
         return Cannot("sharded dim maps onto a dynamic size")
-    if _blocks_split_off(src, n, m, out_sizes[j + 1:j + 2]):
-        # gate|up viewed as [..., 2, inner]: the blocks become dim j, every rank holding its
-        # chunk of each: a plain shard of the next dim
-        j, placed = j + 1, Shard(j + 1, 1, src.replicas)
+    if _blocks_split_off(src, n, m, out_sizes[j + 1:]):
+        # gate|up viewed as [..., 2, inner], q|k|v as [..., 3, heads, head_dim]: the blocks
+        # become dim j, every rank holding its chunk of each: a plain shard of a block's dims,
+        # split from the next dim on as any plain shard is
+        j += 1
+        if not isinstance(out_sizes[j], int):
+            return Cannot("sharded dim maps onto a dynamic size")
+        placed = _resize(Shard(j, 1, src.replicas), n // m, out_sizes[j], j, inputs.world_size)
     else:
         placed = _resize(src, n, m, j, inputs.world_size)
+        # the other reading of the split: m fused blocks (q|k|v), unless ranks sharing a head would do
+        if isinstance(placed, Cannot) and placed.replicas is None and \
+                _fused_heads(src, n, m, out_sizes[j + 1:], inputs.world_size):
+            return Cannot(f"{placed.reason}; retried as {m} fused blocks of {n // m}", blocks=(n // m,) * m)
     if isinstance(placed, Cannot) or shape_path is None:
         return placed
     literals = node.args[shape_path[0]]
@@ -195,11 +203,23 @@ def _reshape(node: fx.Node, inputs: Inputs, shape_path: Optional[tuple[int, ...]
 
 
 def _blocks_split_off(src: Shard, n: int, m: int, after: tuple) -> bool:
-    """Whether a view splits a dim of ``n`` in equal blocks into ``(blocks, block size)``."""
+    """Whether a view splits a dim of ``n`` held in ``m`` equal blocks into ``(blocks, ...)``,
+    the dims after the blocks spanning one block: ``(blocks, block size)`` or ``(blocks,
+    heads, head_dim)``."""
     if src.num_blocks != m or m < 2 or src.whole or not after:
         return False
     parts = block_sizes(src, n)
-    return len(set(parts)) == 1 and _same(after[0], parts[0])
+    return len(set(parts)) == 1 and any(_same(_prod(after[:k]), parts[0]) for k in range(1, len(after) + 1))
+
+
+def _fused_heads(src: Shard, n: int, m: int, after: tuple, world: int) -> bool:
+    """Whether a view that cannot shard its leading factor ``m`` (the 3 of ``[..., 3, heads,
+    head_dim]``) would shard as ``m`` fused blocks: a one-block shard whose block size the
+    next dims span, the first of them dividing over the ranks."""
+    if src.num_blocks != 1 or src.whole or n % m or not after or not isinstance(after[0], int):
+        return False
+    spans = any(_same(_prod(after[:k]), n // m) for k in range(1, len(after) + 1))
+    return spans and after[0] % src.chunks(world) == 0
 
 
 @rule(aten.view.default, aten.reshape.default, aten._unsafe_view.default, reads=("self",), periodic=True)

@@ -1,0 +1,124 @@
+"""Fused projections that a view takes apart instead of a split: ``q|k|v`` viewed as ``[..., 3,
+heads, head_dim]`` (timm's and many hand-written attentions, ``nn.MultiheadAttention``) and
+``gate|up`` viewed as ``[..., 2, inner]``. The view alone cannot tell whether its leading 3 (or 2)
+counts heads or fused blocks; the planner tries the blocks where the heads do not split, and
+every rank's output is checked against the unsharded module's at each tp."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from autotp.placement import Shard
+from models import simulated_exactly
+
+DIM, HEADS = 48, 12  # 12 heads split over 2, 3 and 4 ranks
+HEAD_DIM = DIM // HEADS
+
+
+class ViewedQKV(nn.Module):
+    """``qkv(x).view(B, T, 3, heads, head_dim).unbind(2)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv, self.o = nn.Linear(DIM, 3 * DIM), nn.Linear(DIM, DIM)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, HEADS, HEAD_DIM).unbind(2)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        return self.o(y.transpose(1, 2).flatten(2))
+
+
+class PermutedQKV(nn.Module):
+    """timm's ``qkv(x).reshape(B, N, 3, heads, head_dim).permute(2, 0, 3, 1, 4)``, unpacked,
+    with attention written out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(DIM, 3 * DIM, bias=False), nn.Linear(DIM, DIM)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, HEADS, HEAD_DIM).permute(2, 0, 3, 1, 4)
+        attn = (q @ k.transpose(-2, -1) * HEAD_DIM ** -0.5).softmax(dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(B, N, DIM))
+
+
+class ViewedGLU(nn.Module):
+    """``w(x).unflatten(-1, (2, inner)).unbind(-2)``: gate and up fused, viewed apart."""
+
+    def __init__(self, inner: int = 96) -> None:
+        super().__init__()
+        self.w, self.o = nn.Linear(DIM, 2 * inner), nn.Linear(inner, DIM)
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w(x).unflatten(-1, (2, self.inner)).unbind(-2)
+        return self.o(F.silu(gate) * up)
+
+
+class TorchMHA(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mha = nn.MultiheadAttention(DIM, HEADS, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mha(x, x, x, need_weights=False)[0]
+
+
+def _megatron_pair(sim, column: str, row: str, blocks: int) -> None:
+    params = sim.plan.params
+    assert params[f"{column}.weight"].placement == Shard(0, blocks), params[f"{column}.weight"].reason
+    assert params[f"{row}.weight"].style == "rowwise", params[f"{row}.weight"].reason
+    assert [c.kind for c in sim.plan.collectives] == ["all_reduce"]
+
+
+@pytest.mark.parametrize("module", [ViewedQKV, PermutedQKV], ids=["view-unbind", "reshape-permute"])
+def test_a_fused_qkv_viewed_as_three_blocks_of_heads_is_column_parallel_blockwise(module) -> None:
+    torch.manual_seed(0)
+    for sim in simulated_exactly(module().eval(), torch.randn(2, 6, DIM), tps=(2, 3, 4)):
+        column, row = ("qkv", "o") if module is ViewedQKV else ("qkv", "proj")
+        _megatron_pair(sim, column, row, blocks=3)
+        if module is ViewedQKV:  # the view's literal head count is each rank's
+            heads = [e for e in sim.plan.edits if e.node.startswith("view") and e.old == HEADS]
+            assert [e.new for e in heads] == [HEADS // sim.plan.tp_size]
+
+
+def test_gate_and_up_viewed_apart_are_two_blocks() -> None:
+    torch.manual_seed(0)
+    for sim in simulated_exactly(ViewedGLU().eval(), torch.randn(2, 6, DIM), tps=(2, 3, 4)):
+        if sim.plan.tp_size == 4:
+            # [..., 2, 96] on 4 ranks reads first as 2 kv heads of 96, which pairs of ranks share
+            # (the view cannot tell them apart); the unbind then asks for 2 blocks: each pair
+            # holds its half of gate and of up
+            assert sim.plan.params["w.weight"].placement == Shard(0, 2, replicas=2)
+        else:
+            _megatron_pair(sim, "w", "o", blocks=2)
+
+
+def test_torch_multihead_attention_shards_its_packed_projection() -> None:
+    torch.manual_seed(0)
+    for sim in simulated_exactly(TorchMHA().eval(), torch.randn(2, 6, DIM), tps=(2, 4)):
+        assert sim.plan.params["mha.in_proj_weight"].placement == Shard(0, 3)
+        assert sim.plan.params["mha.out_proj.weight"].style == "rowwise"
+
+
+def test_a_leading_factor_that_counts_heads_still_shards_as_heads() -> None:
+    """``[..., 4 heads, 12]`` at tp 2: the heads split, so no block reading is tried."""
+
+    class Heads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q, self.o = nn.Linear(DIM, DIM), nn.Linear(DIM, DIM)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            B, T, _ = x.shape
+            q = self.q(x).view(B, T, 4, 12).transpose(1, 2)
+            return self.o(F.scaled_dot_product_attention(q, q, q).transpose(1, 2).reshape(B, T, DIM))
+
+    torch.manual_seed(0)
+    for sim in simulated_exactly(Heads().eval(), torch.randn(2, 6, DIM), tps=(2, 4)):
+        _megatron_pair(sim, "q", "o", blocks=1)
