@@ -7,7 +7,8 @@ which simpler configurations to try when shrinking a failure (``simpler(config)`
 configuration is a dict of JSON values, so a failing model is a few lines of JSON.
 
 The blocks cover, on purpose, what the rules must get right or refuse: fused projections
-split by ``split``/``chunk``/``unbind``/``narrow``/slicing; views with literal head counts or
+split by ``split``/``chunk``/``unbind``/``narrow``/slicing or viewed apart (``[..., 3, heads,
+head_dim]``, ``[..., 2, width]``); views with literal head counts or
 ``-1``; hand-written, SDPA and heads-folded-into-the-batch (Bloom's ``bmm`` over ``[batch * heads, ...]``)
 attention (causal, masks, grouped kv heads by ``enable_gqa``,
 ``repeat_interleave`` or ``expand``); rotary pairs by ``unflatten``; per-head and whole q/k

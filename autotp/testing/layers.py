@@ -55,6 +55,8 @@ class MLP(nn.Module):
                 gate, up = both.chunk(2, dim=-1)
             elif self.c["split"] == "split":
                 gate, up = both.split(self.c["width"], dim=-1)
+            elif self.c["split"] == "unflatten":
+                gate, up = both.unflatten(-1, (2, self.c["width"])).unbind(-2)
             else:
                 gate, up = both[..., : self.c["width"]], both[..., self.c["width"]:]
             return self.down(act(gate) * up)
@@ -65,7 +67,7 @@ class MLP(nn.Module):
 
 def sample_mlp(rng: random.Random, dim: int) -> Config:
     return dict(width=rng.choice(WIDTHS), gated=rng.random() < 0.5, fused=rng.random() < 0.5,
-                split=rng.choice(["chunk", "split", "slice"]), act=rng.choice(sorted(ACTIVATIONS)),
+                split=rng.choice(["chunk", "split", "slice", "unflatten"]), act=rng.choice(sorted(ACTIVATIONS)),
                 bias=rng.random() < 0.5, down_bias=rng.random() < 0.5)
 
 
@@ -107,6 +109,12 @@ class Attention(nn.Module):
         if c["split"] == "unbind" and h == kv:  # (B, T, 3, heads * hd): q, k, v interleaved per position
             q, k, v = qkv.view(*qkv.shape[:-1], 3, h * hd).unbind(-2)
             return q, k, v
+        if c["split"] == "view_heads" and h == kv:  # (B, T, 3, heads, hd), taken apart by unbind
+            q, k, v = qkv.view(*qkv.shape[:-1], 3, h, hd).unbind(-3)
+            return q.flatten(-2), k.flatten(-2), v.flatten(-2)
+        if c["split"] == "permute" and h == kv:  # timm: (B, T, 3, heads, hd) permuted to (3, B, T, heads, hd)
+            q, k, v = qkv.reshape(*qkv.shape[:-1], 3, h, hd).permute(2, 0, 1, 3, 4)
+            return q.flatten(-2), k.flatten(-2), v.flatten(-2)
         q, k, v = qkv.split([h * hd, kv * hd, kv * hd], dim=-1)
         return q, k, v
 
@@ -180,7 +188,7 @@ def sample_attention(rng: random.Random, dim: int) -> Config:
     divisors = [d for d in range(1, heads + 1) if heads % d == 0]
     kv = rng.choice(divisors + ([heads // 2] * 2 if heads % 2 == 0 else []))  # grouped kv heads often
     return dict(heads=heads, kv_heads=kv, head_dim=head_dim, fused=rng.random() < 0.5,
-                split=rng.choice(["split", "chunk", "narrow", "slice", "unbind"]), bias=rng.random() < 0.5,
+                split=rng.choice(["split", "chunk", "narrow", "slice", "unbind", "view_heads", "permute"]), bias=rng.random() < 0.5,
                 o_bias=rng.random() < 0.5, view=rng.choice(["literal", "minus_one"]),
                 merge=rng.choice(["literal", "minus_one", "shape"]), kind=rng.choice(["sdpa", "manual", "folded"]),
                 mask=rng.choice(["none", "causal", "additive"]), gqa=rng.choice(["enable_gqa", "repeat_interleave", "expand"]),
