@@ -69,7 +69,10 @@ def find_candidates(graph: fx.Graph) -> list[Candidate]:
     """Matmuls with a parameter operand of rank >= 2, and tables looked up by id, in graph order."""
     found, seen = [], set()
     for node in graph.nodes:
-        for operand in _candidate_operands(node):
+        # the weight's slot first (a linear's, the right operand of a matmul or einsum): where
+        # both operands are the module's own tensors (learned queries, a memory held in a
+        # buffer), the projection is the one worth sharding, not what it projects
+        for operand in reversed(_candidate_operands(node)):
             param = param_source(operand, CANDIDATE_CHAIN)
             if param is not None and param not in seen and ndim(param) >= 2:
                 found.append(Candidate(node, param))

@@ -1,8 +1,13 @@
-"""Fused projections that a view takes apart instead of a split: ``q|k|v`` viewed as ``[..., 3,
-heads, head_dim]`` (timm's and many hand-written attentions, ``nn.MultiheadAttention``) and
-``gate|up`` viewed as ``[..., 2, inner]``. The view alone cannot tell whether its leading 3 (or 2)
-counts heads or fused blocks; the planner tries the blocks where the heads do not split, and
-every rank's output is checked against the unsharded module's at each tp."""
+"""Hand-written module styles that the Hugging Face families do not show, each simulated at
+several tp and every rank's output checked against the unsharded module's.
+
+- Fused projections that a view takes apart instead of a split: ``q|k|v`` viewed as ``[..., 3,
+  heads, head_dim]`` (timm's and many hand-written attentions, ``nn.MultiheadAttention``) and
+  ``gate|up`` viewed as ``[..., 2, inner]``. The view alone cannot tell whether its leading 3
+  (or 2) counts heads or fused blocks; the planner tries the blocks where the heads do not split.
+- Projections of the module's own tensors: learned queries (Perceiver), a memory held in a
+  buffer. Both operands of the matmul are the module's; the projection is the one to shard.
+"""
 
 from __future__ import annotations
 
@@ -122,3 +127,47 @@ def test_a_leading_factor_that_counts_heads_still_shards_as_heads() -> None:
     torch.manual_seed(0)
     for sim in simulated_exactly(Heads().eval(), torch.randn(2, 6, DIM), tps=(2, 4)):
         _megatron_pair(sim, "q", "o", blocks=1)
+
+
+class LearnedQueries(nn.Module):
+    """Perceiver-style: a parameter of latent queries projected by ``to_q``."""
+
+    def __init__(self, latents: int = 5) -> None:
+        super().__init__()
+        self.latents = nn.Parameter(torch.randn(latents, DIM))
+        self.to_q, self.to_kv = nn.Linear(DIM, DIM, bias=False), nn.Linear(DIM, 2 * DIM, bias=False)
+        self.o = nn.Linear(DIM, DIM)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        (B, T, _), L = x.shape, self.latents.shape[0]
+        q = self.to_q(self.latents).view(1, L, HEADS, HEAD_DIM).transpose(1, 2).expand(B, HEADS, L, HEAD_DIM)
+        k, v = (t.view(B, T, HEADS, HEAD_DIM).transpose(1, 2) for t in self.to_kv(x).chunk(2, -1))
+        return self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, L, DIM))
+
+
+class MemoryInABuffer(nn.Module):
+    """Cross-attention to a memory the module holds as a buffer, projected by ``kv``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.kv, self.o = nn.Linear(DIM, DIM), nn.Linear(DIM, 2 * DIM), nn.Linear(DIM, DIM)
+        self.register_buffer("memory", torch.randn(2, 7, DIM))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        heads = lambda t: t.view(B, t.shape[1], HEADS, HEAD_DIM).transpose(1, 2)  # noqa: E731
+        k, v = self.kv(self.memory).chunk(2, -1)
+        y = F.scaled_dot_product_attention(heads(self.q(x)), heads(k), heads(v))
+        return self.o(y.transpose(1, 2).reshape(B, T, DIM))
+
+
+@pytest.mark.parametrize("module,projections", [(LearnedQueries, ("to_q", "to_kv")), (MemoryInABuffer, ("q", "kv"))],
+                         ids=["learned-queries", "memory-buffer"])
+def test_a_projection_of_the_modules_own_tensor_is_column_parallel(module, projections) -> None:
+    torch.manual_seed(0)
+    for sim in simulated_exactly(module().eval(), torch.randn(2, 6, DIM), tps=(2, 3, 4)):
+        params = sim.plan.params
+        assert [params[f"{p}.weight"].placement for p in projections] == [Shard(0), Shard(0, 2)], \
+            [params[f"{p}.weight"].reason for p in projections]
+        assert params["o.weight"].style == "rowwise"
+        assert not {"latents", "memory"} & {p.name for p in sim.plan.sharded_params()}
