@@ -209,7 +209,7 @@ def _blocks_split_off(src: Shard, n: int, m: int, after: tuple) -> bool:
     if src.num_blocks != m or m < 2 or src.whole or not after:
         return False
     parts = block_sizes(src, n)
-    return len(set(parts)) == 1 and any(_same(_prod(after[:k]), parts[0]) for k in range(1, len(after) + 1))
+    return len(set(parts)) == 1 and _spans(after, parts[0])
 
 
 def _fused_heads(src: Shard, n: int, m: int, after: tuple, world: int) -> bool:
@@ -218,8 +218,12 @@ def _fused_heads(src: Shard, n: int, m: int, after: tuple, world: int) -> bool:
     next dims span, the first of them dividing over the ranks."""
     if src.num_blocks != 1 or src.whole or n % m or not after or not isinstance(after[0], int):
         return False
-    spans = any(_same(_prod(after[:k]), n // m) for k in range(1, len(after) + 1))
-    return spans and after[0] % src.chunks(world) == 0
+    return _spans(after, n // m) and after[0] % src.chunks(world) == 0
+
+
+def _spans(after: tuple, size: Any) -> bool:
+    """Whether some leading dims of ``after`` hold exactly ``size`` elements: one block."""
+    return any(_same(_prod(after[:k]), size) for k in range(1, len(after) + 1))
 
 
 @rule(aten.view.default, aten.reshape.default, aten._unsafe_view.default, reads=("self",), periodic=True)

@@ -188,7 +188,8 @@ def sample_attention(rng: random.Random, dim: int) -> Config:
     divisors = [d for d in range(1, heads + 1) if heads % d == 0]
     kv = rng.choice(divisors + ([heads // 2] * 2 if heads % 2 == 0 else []))  # grouped kv heads often
     return dict(heads=heads, kv_heads=kv, head_dim=head_dim, fused=rng.random() < 0.5,
-                split=rng.choice(["split", "chunk", "narrow", "slice", "unbind", "view_heads", "permute"]), bias=rng.random() < 0.5,
+                split=rng.choice(["split", "chunk", "narrow", "slice", "unbind", "view_heads", "permute"]),
+                bias=rng.random() < 0.5,
                 o_bias=rng.random() < 0.5, view=rng.choice(["literal", "minus_one"]),
                 merge=rng.choice(["literal", "minus_one", "shape"]), kind=rng.choice(["sdpa", "manual", "folded"]),
                 mask=rng.choice(["none", "causal", "additive"]), gqa=rng.choice(["enable_gqa", "repeat_interleave", "expand"]),
