@@ -89,40 +89,47 @@ class MetaLlamaAttn(nn.Module):
         return self.wo(out)
 
 
-class Bmm(nn.Module):
-    def __init__(self):
+class SeparateQKVO(nn.Module):
+    """q, k, v and o projections of their own; ``heads`` views a projection as [B, H, T, HS]."""
+
+    def __init__(self, bias: bool = True) -> None:
         super().__init__()
-        self.q = nn.Linear(D, D)
-        self.k = nn.Linear(D, D)
-        self.v = nn.Linear(D, D)
-        self.o = nn.Linear(D, D)
+        self.q, self.k, self.v, self.o = (nn.Linear(D, D, bias=bias) for _ in range(4))
+
+    @staticmethod
+    def heads(t: torch.Tensor) -> torch.Tensor:
+        B, T, _ = t.shape
+        return t.view(B, T, H, HS).transpose(1, 2)
+
+    def merged(self, y: torch.Tensor) -> torch.Tensor:
+        """[B, H, T, HS] back to [B, T, D], through o."""
+        B, _, T, _ = y.shape
+        return self.o(y.transpose(1, 2).reshape(B, T, D))
+
+
+class Bmm(SeparateQKVO):
+    """Heads folded into the batch: [B * H, T, HS], scores by bmm."""
+
+    def scores(self, q, k):
+        return torch.bmm(q, k.transpose(1, 2))
 
     def forward(self, x):
         B, T, _ = x.shape
-        sh = lambda t: t.view(B, T, H, HS).transpose(1, 2).reshape(B * H, T, HS)
-        q, k, v = sh(self.q(x)), sh(self.k(x)), sh(self.v(x))
-        a = torch.bmm(q, k.transpose(1, 2)).softmax(-1)
-        o = torch.bmm(a, v).view(B, H, T, HS).transpose(1, 2).reshape(B, T, D)
-        return self.o(o)
+        q, k, v = (self.heads(p(x)).reshape(B * H, T, HS) for p in (self.q, self.k, self.v))
+        a = self.scores(q, k).softmax(-1)
+        return self.merged(torch.bmm(a, v).view(B, H, T, HS))
 
 
-class QKNormFull(nn.Module):
+class QKNormFull(SeparateQKVO):
     """OLMo2-style: RMS norm over the whole q projection (all heads) before splitting heads."""
     def __init__(self):
-        super().__init__()
-        self.q = nn.Linear(D, D, bias=False)
-        self.k = nn.Linear(D, D, bias=False)
-        self.v = nn.Linear(D, D, bias=False)
+        super().__init__(bias=False)
         self.qn = nn.RMSNorm(D)
         self.kn = nn.RMSNorm(D)
-        self.o = nn.Linear(D, D, bias=False)
 
     def forward(self, x):
-        B, T, _ = x.shape
-        q, k, v = self.qn(self.q(x)), self.kn(self.k(x)), self.v(x)
-        sh = lambda t: t.view(B, T, H, HS).transpose(1, 2)
-        y = F.scaled_dot_product_attention(sh(q), sh(k), sh(v), is_causal=True)
-        return self.o(y.transpose(1, 2).reshape(B, T, D))
+        q, k, v = self.heads(self.qn(self.q(x))), self.heads(self.kn(self.k(x))), self.heads(self.v(x))
+        return self.merged(F.scaled_dot_product_attention(q, k, v, is_causal=True))
 
 
 class ParallelBlock(nn.Module):
@@ -139,18 +146,27 @@ class ParallelBlock(nn.Module):
         return x + self.attn(h) + self.proj(F.gelu(self.fc(h)))
 
 
-class NeoXQKV(nn.Module):
-    def __init__(self):
+class FusedQKV(nn.Module):
+    """One q|k|v projection of 3 * D columns; subclasses take it apart their own way."""
+
+    def __init__(self) -> None:
         super().__init__()
-        self.qkv = nn.Linear(D, 3 * D)
-        self.o = nn.Linear(D, D)
+        self.qkv, self.o = nn.Linear(D, 3 * D), nn.Linear(D, D)
+
+    def attend(self, q, k, v, causal=True):
+        """q, k, v as [B, T, H, HS]; through SDPA and o."""
+        B, T = q.shape[:2]
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal)
+        return self.o(y.transpose(1, 2).reshape(B, T, D))
+
+
+class NeoXQKV(FusedQKV):
+    """GPT-NeoX: q|k|v interleaved per head, [B, T, H, 3 * HS]."""
 
     def forward(self, x):
         B, T, _ = x.shape
         qkv = self.qkv(x).view(B, T, H, 3 * HS)
-        q, k, v = qkv[..., :HS], qkv[..., HS:2 * HS], qkv[..., 2 * HS:]
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
-        return self.o(y.transpose(1, 2).reshape(B, T, D))
+        return self.attend(qkv[..., :HS], qkv[..., HS:2 * HS], qkv[..., 2 * HS:])
 
 
 class FalconMQA(nn.Module):
@@ -169,73 +185,49 @@ class FalconMQA(nn.Module):
         return self.o(y.transpose(1, 2).reshape(B, T, D))
 
 
-class BloomQKV(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.qkv = nn.Linear(D, 3 * D)
-        self.o = nn.Linear(D, D)
+class BloomQKV(FusedQKV):
+    """Bloom: [B, T, H, 3, HS], q, k and v selected from the 3."""
 
     def forward(self, x):
         B, T, _ = x.shape
         f = self.qkv(x).view(B, T, H, 3, HS)
-        q, k, v = f[..., 0, :], f[..., 1, :], f[..., 2, :]
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        return self.o(y.transpose(1, 2).reshape(B, T, D))
+        return self.attend(f[..., 0, :], f[..., 1, :], f[..., 2, :], causal=False)
 
 
-class T5Bias(nn.Module):
+class T5Bias(SeparateQKVO):
+    """T5's relative position bias: an embedding of buckets with one column per head."""
     def __init__(self):
-        super().__init__()
-        self.q = nn.Linear(D, D, bias=False)
-        self.k = nn.Linear(D, D, bias=False)
-        self.v = nn.Linear(D, D, bias=False)
-        self.o = nn.Linear(D, D, bias=False)
+        super().__init__(bias=False)
         self.rel = nn.Embedding(32, H)
 
     def forward(self, x):
-        B, T, _ = x.shape
-        sh = lambda t: t.view(B, T, H, HS).transpose(1, 2)
-        q, k, v = sh(self.q(x)), sh(self.k(x)), sh(self.v(x))
-        pos = torch.arange(T)[None, :] - torch.arange(T)[:, None]
-        bucket = pos.clamp(-15, 16) + 15
-        bias = self.rel(bucket).permute(2, 0, 1).unsqueeze(0)
-        scores = q @ k.transpose(-1, -2) + bias
-        return self.o((scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, D))
+        T = x.shape[1]
+        q, k, v = self.heads(self.q(x)), self.heads(self.k(x)), self.heads(self.v(x))
+        bucket = (torch.arange(T)[None, :] - torch.arange(T)[:, None]).clamp(-15, 16) + 15
+        scores = q @ k.transpose(-1, -2) + self.rel(bucket).permute(2, 0, 1).unsqueeze(0)
+        return self.merged(scores.softmax(-1) @ v)
 
 
-class Alibi(nn.Module):
+class Alibi(SeparateQKVO):
+    """ALiBi: a per-head slope times the distance, added to the scores."""
     def __init__(self):
         super().__init__()
-        self.q = nn.Linear(D, D)
-        self.k = nn.Linear(D, D)
-        self.v = nn.Linear(D, D)
-        self.o = nn.Linear(D, D)
         self.register_buffer("slopes", torch.tensor([2 ** (-8 * (i + 1) / H) for i in range(H)]))
 
     def forward(self, x):
-        B, T, _ = x.shape
-        sh = lambda t: t.view(B, T, H, HS).transpose(1, 2)
-        q, k, v = sh(self.q(x)), sh(self.k(x)), sh(self.v(x))
+        T = x.shape[1]
+        q, k, v = self.heads(self.q(x)), self.heads(self.k(x)), self.heads(self.v(x))
         dist = (torch.arange(T)[None, :] - torch.arange(T)[:, None]).float()
         scores = q @ k.transpose(-1, -2) / math.sqrt(HS) + self.slopes.view(1, H, 1, 1) * dist
-        return self.o((scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, D))
+        return self.merged(scores.softmax(-1) @ v)
 
 
-class Baddbmm(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.q = nn.Linear(D, D)
-        self.k = nn.Linear(D, D)
-        self.v = nn.Linear(D, D)
-        self.o = nn.Linear(D, D)
+class Baddbmm(Bmm):
+    """Bloom's scores: baddbmm onto a zero base, scaled by alpha."""
 
-    def forward(self, x):
-        B, T, _ = x.shape
-        sh = lambda t: t.view(B, T, H, HS).transpose(1, 2).reshape(B * H, T, HS)
-        q, k, v = sh(self.q(x)), sh(self.k(x)), sh(self.v(x))
-        base = torch.zeros(B * H, T, T)
-        sc = torch.baddbmm(base, q, k.transpose(1, 2), beta=1.0, alpha=1 / math.sqrt(HS))
-        return self.o(torch.bmm(sc.softmax(-1), v).view(B, H, T, HS).transpose(1, 2).reshape(B, T, D))
+    def scores(self, q, k):
+        base = torch.zeros(q.shape[0], q.shape[1], k.shape[1])
+        return torch.baddbmm(base, q, k.transpose(1, 2), beta=1.0, alpha=1 / math.sqrt(HS))
 
 
 class GatedAttnOut(nn.Module):
@@ -309,4 +301,5 @@ class MatmulHiddenSelf(nn.Module):
         return self.c(g.softmax(-1) @ x)
 
 
-MODULES = [NanoAttn, NanoGPT, MetaLlamaAttn, Bmm, QKNormFull, ParallelBlock, NeoXQKV, FalconMQA, BloomQKV, T5Bias, Alibi, Baddbmm, GatedAttnOut, MaskKwarg, HeadsFromShape, ChunkQK, MatmulHiddenSelf]
+MODULES = [NanoAttn, NanoGPT, MetaLlamaAttn, Bmm, QKNormFull, ParallelBlock, NeoXQKV, FalconMQA, BloomQKV,
+           T5Bias, Alibi, Baddbmm, GatedAttnOut, MaskKwarg, HeadsFromShape, ChunkQK, MatmulHiddenSelf]

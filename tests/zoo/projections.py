@@ -198,27 +198,29 @@ class PosFromMask(nn.Module):
         return h + self.pr(F.relu(self.fc(h)))
 
 
-class InplaceMLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(D, 256)
-        self.pr = nn.Linear(256, D)
+class UpDown(nn.Module):
+    """An MLP's two projections, ``a`` up to 256 columns and ``b`` back; subclasses write the rest."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(D, 256), nn.Linear(256, D)
+
+
+class InplaceMLP(UpDown):
     def forward(self, x):
-        h = self.fc(x)
+        h = self.a(x)
         h.relu_()
         h *= 2.0
         h.add_(1.0)
-        y = self.pr(h)
+        y = self.b(h)
         y += x
         return y
 
 
-class ShapeBranch(nn.Module):
+class ShapeBranch(UpDown):
+    """Python control flow on an input size."""
     def __init__(self):
         super().__init__()
-        self.a = nn.Linear(D, 256)
-        self.b = nn.Linear(256, D)
         self.c = nn.Linear(D, D)
 
     def forward(self, x):
@@ -228,11 +230,9 @@ class ShapeBranch(nn.Module):
         return h
 
 
-class DictOut(nn.Module):
+class DictOut(UpDown):
     def __init__(self):
         super().__init__()
-        self.a = nn.Linear(D, 256)
-        self.b = nn.Linear(256, D)
         self.head = nn.Linear(D, V)
 
     def forward(self, x):
@@ -240,23 +240,16 @@ class DictOut(nn.Module):
         return {"hidden": h, "logits": self.head(h), "aux": h.mean()}
 
 
-class Dropout(nn.Module):
+class Dropout(UpDown):
     def __init__(self):
         super().__init__()
-        self.a = nn.Linear(D, 256)
         self.d = nn.Dropout(0.1)
-        self.b = nn.Linear(256, D)
 
     def forward(self, x):
         return self.b(self.d(F.relu(self.a(x))))
 
 
-class NoGradBlock(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Linear(D, 256)
-        self.b = nn.Linear(256, D)
-
+class NoGradBlock(UpDown):
     def forward(self, x):
         with torch.no_grad():
             scale = self.a(x).abs().amax(-1, keepdim=True)
@@ -352,4 +345,7 @@ class CrossEntropyOut(nn.Module):
         return F.cross_entropy(logits.reshape(-1, V), tgt.reshape(-1))
 
 
-MODULES = [FusedSwiGLU, MoE, InterleavedGLU, Conv1dMix, LinearTranspose, TiedInOut, Cat2Proj, Lora, SeqMLP, SharedLayers, WeightSlice, EinsumExperts, SoftCapLM, PosFromMask, InplaceMLP, ShapeBranch, DictOut, Dropout, NoGradBlock, Sequential, ConvNet, Conv2dNet, GroupNormAfter, BatchNormAfter, ArgmaxHidden, LogSoftmaxHead, CrossEntropyOut]
+MODULES = [FusedSwiGLU, MoE, InterleavedGLU, Conv1dMix, LinearTranspose, TiedInOut, Cat2Proj, Lora, SeqMLP,
+           SharedLayers, WeightSlice, EinsumExperts, SoftCapLM, PosFromMask, InplaceMLP, ShapeBranch, DictOut,
+           Dropout, NoGradBlock, Sequential, ConvNet, Conv2dNet, GroupNormAfter, BatchNormAfter, ArgmaxHidden,
+           LogSoftmaxHead, CrossEntropyOut]
