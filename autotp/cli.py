@@ -179,9 +179,9 @@ def _verify_worker(rank: int, world: int, model_text: str, use_weights: bool, ba
 
 def load_full(model: Any, source: Any) -> None:
     """Fill a model built with parameters on meta from its whole checkpoint (the reference)."""
-    from autotp.loading import CheckpointSource, SafetensorsCheckpoint, aliases, check_checkpoint, materialize
+    from autotp.loading import CheckpointSource, aliases, check_checkpoint, materialize, open_checkpoint
 
-    files = SafetensorsCheckpoint(source.directory)
+    files = open_checkpoint(source.directory)
     check_checkpoint(files, model)
     materialize(model, CheckpointSource(files, aliases(model)))
 
@@ -215,13 +215,13 @@ def _flat_outputs(out: Any) -> dict:
 
 
 def _fits_in_memory(source: Any, copies: int) -> bool:
-    from autotp.loading import SafetensorsCheckpoint
+    from autotp.loading import open_checkpoint
 
     try:
         available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):
         return False
-    return SafetensorsCheckpoint(source.directory).nbytes() * (copies + 1) < 0.7 * available
+    return open_checkpoint(source.directory).nbytes() * (copies + 1) < 0.7 * available
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

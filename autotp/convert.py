@@ -31,7 +31,7 @@ import torch
 
 from autotp._version import __version__ as _version
 from autotp.errors import AutotpError
-from autotp.loading import CheckpointSource, SafetensorsCheckpoint, aliases, check_checkpoint
+from autotp.loading import CheckpointSource, aliases, check_checkpoint, open_checkpoint
 from autotp.plan import Plan
 from autotp.runtime import plan_model
 from autotp.safetensors_io import SafetensorsWriter
@@ -116,12 +116,12 @@ def convert(
     """
     source_model = resolve_model(str(model))
     if not source_model.has_checkpoint:
-        raise ConvertError(f"{model} has no *.safetensors weights to convert")
+        raise ConvertError(f"{model} has no weights to convert (*.safetensors or pytorch_model*.bin)")
     skeleton, _ = source_model.build("meta")
     plan = plan_model(skeleton, tp_size)
     if tp_size > 1 and not plan.sharded_params():
         raise ConvertError(f"tp={tp_size} divides no shardable dimension of {model}: nothing would be sharded")
-    checkpoint = SafetensorsCheckpoint(source_model.directory)
+    checkpoint = open_checkpoint(source_model.directory)
     check_checkpoint(checkpoint, skeleton)
     reader = CheckpointSource(checkpoint, aliases(skeleton))
     names = _stored_tensors(plan, reader)

@@ -9,8 +9,9 @@ reads only the slice it is asked for:
 
 - :class:`ModuleSource`: tensors of a module in memory (sliced copies; the full tensors can
   then be released);
-- :class:`CheckpointSource`: a Hugging Face checkpoint's ``*.safetensors`` files, read with
-  one contiguous read per run of its slice: a rank reads its bytes and nothing else;
+- :class:`CheckpointSource`: a Hugging Face checkpoint (:mod:`autotp.checkpoints`): its
+  ``*.safetensors`` files, read with one contiguous read per run of its slice (a rank reads its
+  bytes and nothing else), or its ``pytorch_model*.bin`` files, memory-mapped;
 - :class:`ShardFileSource`: one rank file written by :mod:`autotp.convert`;
 - :class:`FirstOf`: the first source that has the tensor (a checkpoint, then the model's own
   non-persistent buffers such as rotary frequencies, which checkpoints do not hold).
@@ -18,7 +19,6 @@ reads only the slice it is asked for:
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Protocol
@@ -28,19 +28,16 @@ import torch.fx as fx
 import torch.nn as nn
 from torch._subclasses.fake_tensor import FakeTensor
 
-from autotp.errors import AutotpError
-from autotp.placement import Placement, Replicate, Shard, local_chunk, padded_length, rank_ranges, zero_padded
+from autotp.checkpoints import Checkpoint, LoadError, SafetensorsCheckpoint, TorchCheckpoint, open_checkpoint
+from autotp.placement import Placement, Replicate, Shard, local_chunk
 from autotp.safetensors_io import SafetensorsReader
 from autotp.plan import Plan
 
 __all__ = [
     "TensorSource", "ModuleSource", "CheckpointSource", "ShardFileSource", "FirstOf", "SafetensorsCheckpoint",
-    "load_into", "LoadError", "named_tensors", "aliases", "check_checkpoint", "materialize",
+    "TorchCheckpoint", "Checkpoint", "open_checkpoint", "load_into", "LoadError", "named_tensors", "aliases",
+    "check_checkpoint", "materialize",
 ]
-
-
-class LoadError(AutotpError):
-    """A tensor the graph needs is missing from the source, or has the wrong shape."""
 
 
 class TensorSource(Protocol):
@@ -104,63 +101,6 @@ class ModuleSource:
         self.tensors = named_tensors(self.module)
 
 
-class SafetensorsCheckpoint:
-    """The ``*.safetensors`` files of a directory: sharded with ``model.safetensors.index.json``,
-    or single. Tensors are read slice by slice (see :mod:`autotp.safetensors_io`); ``mapped``:
-    contiguous slices are views of the mapped file (for loading weights that stay resident;
-    converting copies, so that its memory does not grow with every page it touched)."""
-
-    def __init__(self, directory: str | Path, *, mapped: bool = False) -> None:
-        self.directory = Path(directory)
-        self.mapped = mapped
-        self._readers: dict[Path, SafetensorsReader] = {}
-        index = self.directory / "model.safetensors.index.json"
-        if index.exists():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError, TypeError) as exc:
-                raise LoadError(f"{index}: not a safetensors index ({exc})") from None
-            self.weight_map = {k: self.directory / v for k, v in weight_map.items()}
-            for path in sorted(set(self.weight_map.values())):
-                if not path.exists():
-                    raise LoadError(f"{index} lists {path.name}, which is missing")
-        else:
-            files = sorted(self.directory.glob("*.safetensors"))
-            if not files:
-                raise LoadError(f"no *.safetensors files in {self.directory}")
-            self.weight_map = {k: f for f in files for k in self._reader(f).keys()}
-
-    def _reader(self, path: Path) -> SafetensorsReader:
-        if path not in self._readers:
-            self._readers[path] = SafetensorsReader(path)
-        return self._readers[path]
-
-    def keys(self) -> list[str]:
-        return list(self.weight_map)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.weight_map
-
-    def nbytes(self) -> int:
-        return sum(p.stat().st_size for p in set(self.weight_map.values()))
-
-    def read(self, name: str, placement: Placement, rank: int, world_size: int) -> torch.Tensor:
-        reader = self._reader(self.weight_map[name])
-        if not isinstance(placement, Shard):
-            return reader.read(name, mapped=self.mapped)
-        shape = reader.shape(name)
-        ranges = rank_ranges(placement, shape[placement.dim], rank, world_size)
-        piece = reader.read(name, placement.dim, ranges, mapped=self.mapped)
-        if placement.padded:  # the real rows read, zeros after the end
-            return zero_padded(piece, placement.dim, padded_length(shape[placement.dim], world_size))
-        return piece
-
-    def close(self) -> None:
-        for reader in self._readers.values():
-            reader.close()
-        self._readers.clear()
-
-
 def aliases(module: nn.Module) -> dict[str, list[str]]:
     """For each tensor name, the other names of the same tensor (tied weights)."""
     by_id: dict[int, list[str]] = {}
@@ -172,7 +112,7 @@ def aliases(module: nn.Module) -> dict[str, list[str]]:
 class CheckpointSource:
     """Tensors from a checkpoint under their own name or a tied alias."""
 
-    def __init__(self, checkpoint: SafetensorsCheckpoint, alias: dict[str, list[str]]) -> None:
+    def __init__(self, checkpoint: Checkpoint, alias: dict[str, list[str]]) -> None:
         self.checkpoint = checkpoint
         self.alias = alias
 
@@ -232,7 +172,7 @@ class FirstOf:
             getattr(source, "close", lambda: None)()
 
 
-def check_checkpoint(checkpoint: SafetensorsCheckpoint, model: nn.Module) -> None:
+def check_checkpoint(checkpoint: Checkpoint, model: nn.Module) -> None:
     """The checkpoint must hold every persistent tensor of ``model`` (under some tied name)
     and nothing else, except what the model class says to ignore."""
     state = set(model.state_dict(keep_vars=True))

@@ -27,12 +27,12 @@ from autotp.loading import (
     CheckpointSource,
     FirstOf,
     ModuleSource,
-    SafetensorsCheckpoint,
     ShardFileSource,
     aliases,
     check_checkpoint,
     load_into,
     named_tensors,
+    open_checkpoint,
 )
 from autotp.module import TensorParallelModule, placements
 from autotp.plan import Plan
@@ -197,7 +197,7 @@ def parallelize(
     in_memory = ModuleSource(model, device if moved else None)
     source: Any = in_memory
     if checkpoint is not None:
-        files = SafetensorsCheckpoint(checkpoint, mapped=True)
+        files = open_checkpoint(checkpoint, mapped=True)
         check_checkpoint(files, model)
         source = FirstOf(CheckpointSource(files, aliases(model)), in_memory)
     tp_model = _build(model, example_inputs, ctx, source, clock, gather_outputs=gather_outputs, cache=cache)

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from autotp import hf
+from autotp.checkpoints import has_weights
 from autotp.errors import AutotpError
 
 __all__ = ["ModelSource", "resolve_model", "ModelError"]
@@ -42,9 +43,7 @@ class ModelSource:
 
     @property
     def has_checkpoint(self) -> bool:
-        return self.directory is not None and (
-            any(self.directory.glob("*.safetensors")) or (self.directory / "model.safetensors.index.json").exists()
-        )
+        return self.directory is not None and has_weights(self.directory)
 
     @property
     def name(self) -> str:

@@ -151,7 +151,7 @@ def test_checkpoint_with_an_unexpected_parameter(capsys, llama_dir, tmp_path):
 def test_convert_without_weights(capsys, tmp_path):
     hf_model("llama").config.save_pretrained(tmp_path / "cfg")
     code, _, err = run_cli(capsys, "convert", tmp_path / "cfg", "--tp", "2", "-o", tmp_path / "o")
-    assert_one_line_error(code, err, "has no *.safetensors weights")
+    assert_one_line_error(code, err, "has no weights to convert (*.safetensors or pytorch_model*.bin)")
 
 
 def test_convert_refuses_existing_output(capsys, llama_dir, converted):

@@ -1,0 +1,121 @@
+"""Checkpoint formats (``autotp.checkpoints``): ``pytorch_model*.bin`` read slice by slice like
+``*.safetensors``, checked against the safetensors reader on the same weights, and on real ranks
+against the unsharded model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import autotp
+from autotp.checkpoints import LoadError, SafetensorsCheckpoint, TorchCheckpoint, has_weights, open_checkpoint
+from autotp.placement import Replicate, Shard
+from distributed import run_ranks
+from models import assert_close_to, hf_model, token_ids
+
+IDS = token_ids(2, 9, seed=5)
+
+
+def _save_bin(model: torch.nn.Module, directory: Path, files: int = 1) -> None:
+    """The state dict as ``torch.save`` wrote it for transformers before safetensors: one
+    ``pytorch_model.bin``, or ``files`` shards and their index."""
+    model.config.save_pretrained(directory)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if files == 1:
+        torch.save(state, directory / "pytorch_model.bin")
+        return
+    names, weight_map = sorted(state), {}
+    for i in range(files):
+        part = f"pytorch_model-{i + 1:05d}-of-{files:05d}.bin"
+        chunk = names[i::files]
+        torch.save({k: state[k] for k in chunk}, directory / part)
+        weight_map.update({k: part for k in chunk})
+    (directory / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+@pytest.fixture(scope="module")
+def gpt2_both(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """GPT-2 with an odd vocabulary (padded shards), saved as safetensors, as one .bin and as
+    three .bin shards with an index."""
+    model = hf_model("gpt2_odd_vocab", seed=3)
+    st, single, sharded = (tmp_path_factory.mktemp(n) for n in ("st", "bin", "bin3"))
+    model.save_pretrained(st)
+    _save_bin(model, single)
+    _save_bin(model, sharded, files=3)
+    return st, single, sharded
+
+
+PLACEMENTS = [Replicate(), Shard(0), Shard(1), Shard(0, padded=True), Shard(1, 3), Shard(0, replicas=2)]
+
+
+@pytest.mark.parametrize("which", ["single", "sharded"])
+def test_bin_slices_equal_the_safetensors_slices(gpt2_both, which) -> None:
+    st_dir, single, sharded = gpt2_both
+    st = SafetensorsCheckpoint(st_dir)
+    tb = TorchCheckpoint(single if which == "single" else sharded)
+    assert set(st.keys()) <= set(tb.keys())  # torch.save keeps a tied name that save_pretrained drops
+    checked = 0
+    for name in st.keys():
+        for placement in PLACEMENTS:
+            for rank in range(4):
+                try:
+                    theirs = st.read(name, placement, rank, 4)
+                except (ValueError, IndexError):  # a layout this tensor's shape does not take
+                    with pytest.raises((ValueError, IndexError)):
+                        tb.read(name, placement, rank, 4)
+                    continue
+                ours = tb.read(name, placement, rank, 4)
+                assert ours.shape == theirs.shape and torch.equal(ours, theirs), (name, placement, rank)
+                checked += 1
+    assert checked > 100
+
+
+def test_open_checkpoint_prefers_safetensors_and_names_what_is_missing(gpt2_both, tmp_path) -> None:
+    st_dir, single, _ = gpt2_both
+    assert isinstance(open_checkpoint(single), TorchCheckpoint)
+    both = tmp_path / "both"
+    both.mkdir()
+    for f in [*st_dir.iterdir(), single / "pytorch_model.bin"]:
+        (both / f.name).write_bytes(f.read_bytes())
+    assert isinstance(open_checkpoint(both), SafetensorsCheckpoint)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert not has_weights(empty) and has_weights(single)
+    with pytest.raises(LoadError, match="neither \\*.safetensors nor pytorch_model\\*.bin"):
+        open_checkpoint(empty)
+
+
+class _NotATensor:
+    pass
+
+
+def test_a_bin_that_holds_more_than_tensors_is_refused(tmp_path) -> None:
+    torch.save({"weight": torch.ones(2), "extra": _NotATensor()}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(LoadError, match="not a torch checkpoint autotp can read safely"):
+        TorchCheckpoint(tmp_path)
+    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {"w": "gone.bin"}}))
+    with pytest.raises(LoadError, match="lists gone.bin, which is missing"):
+        TorchCheckpoint(tmp_path)
+
+
+def _bin_worker(rank: int, world: int, directory: str) -> torch.Tensor:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with autotp.init_empty_weights():
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory))
+    tp_model = autotp.parallelize(model.eval(), checkpoint=directory)
+    with torch.no_grad():
+        return tp_model(IDS).logits
+
+
+@pytest.mark.distributed
+def test_parallelize_reads_a_sharded_bin_checkpoint(tmp_path) -> None:
+    model = hf_model("llama_gqa", seed=11)
+    with torch.no_grad():
+        reference = model(IDS).logits
+    _save_bin(model, tmp_path, files=2)
+    for logits in run_ranks(_bin_worker, 2, str(tmp_path)):
+        assert_close_to(reference, logits)
