@@ -36,7 +36,7 @@ from autotp.plan import Plan
 __all__ = [
     "TensorSource", "ModuleSource", "CheckpointSource", "ShardFileSource", "FirstOf", "SafetensorsCheckpoint",
     "TorchCheckpoint", "Checkpoint", "open_checkpoint", "load_into", "LoadError", "named_tensors", "aliases",
-    "check_checkpoint", "materialize",
+    "check_checkpoint", "checkpoint_names", "materialize",
 ]
 
 
@@ -109,15 +109,40 @@ def aliases(module: nn.Module) -> dict[str, list[str]]:
     return {n: [m for m in names if m != n] for names in by_id.values() for n in names}
 
 
-class CheckpointSource:
-    """Tensors from a checkpoint under their own name or a tied alias."""
+def checkpoint_names(module: nn.Module) -> dict[str, list[str]]:
+    """For each tensor name, the keys a checkpoint may hold it under, in the order tried: its
+    own, its tied names', and each of those without the base model's prefix.
 
-    def __init__(self, checkpoint: Checkpoint, alias: dict[str, list[str]]) -> None:
+    The last is how a checkpoint saved from the base model (``GPT2Model``: ``h.0.attn...``, as
+    the classic ``gpt2`` checkpoints are) names the weights of the model with a head
+    (``GPT2LMHeadModel``: ``transformer.h.0.attn...``), which transformers loads too. A model
+    that is a base model itself (whose prefix names no submodule) takes names with the prefix
+    added instead: a head model's checkpoint loaded into its base.
+    """
+    prefix = getattr(module, "base_model_prefix", "") or ""
+    has_base = bool(prefix) and isinstance(getattr(module, prefix, None), nn.Module)
+    names = {}
+    for name, tied in aliases(module).items():
+        own = [name, *tied]
+        if not prefix:
+            other: list[str] = []
+        elif has_base:
+            other = [n[len(prefix) + 1:] for n in own if n.startswith(prefix + ".")]
+        else:
+            other = [f"{prefix}.{n}" for n in own]
+        names[name] = own + other
+    return names
+
+
+class CheckpointSource:
+    """Tensors from a checkpoint under the keys :func:`checkpoint_names` gives for each name."""
+
+    def __init__(self, checkpoint: Checkpoint, keys: dict[str, list[str]]) -> None:
         self.checkpoint = checkpoint
-        self.alias = alias
+        self.keys = keys
 
     def _key(self, name: str) -> Optional[str]:
-        for key in [name, *self.alias.get(name, [])]:
+        for key in self.keys.get(name, [name]):
             if key in self.checkpoint:
                 return key
         return None
@@ -173,14 +198,17 @@ class FirstOf:
 
 
 def check_checkpoint(checkpoint: Checkpoint, model: nn.Module) -> None:
-    """The checkpoint must hold every persistent tensor of ``model`` (under some tied name)
-    and nothing else, except what the model class says to ignore."""
+    """The checkpoint must hold every persistent tensor of ``model`` (under one of the keys
+    :func:`checkpoint_names` gives) and nothing else, except what the model class says to
+    ignore (a checkpoint saved from the base model has no head; a tied head is saved once)."""
     state = set(model.state_dict(keep_vars=True))
-    alias = aliases(model)
-    missing = sorted(n for n in state if not any(k in checkpoint for k in [n, *alias.get(n, [])]))
-    # a tied tensor is saved once: missing under one name is fine if another name of it is there
+    keys = checkpoint_names(model)
+    missing = sorted(n for n in state if not any(k in checkpoint for k in keys.get(n, [n])))
     ignore = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
-    known = set(named_tensors(model))
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    if prefix and not isinstance(getattr(model, prefix, None), nn.Module):  # a base model: a head
+        ignore.append(re.compile(rf"^(?!{re.escape(prefix)}\.)"))  # model's checkpoint holds its head too
+    known = {k for names in keys.values() for k in names}
     unexpected = sorted(k for k in checkpoint.keys() if k not in known and not any(p.search(k) for p in ignore))
     where = checkpoint.directory
     if missing:

@@ -28,8 +28,8 @@ from autotp.loading import (
     FirstOf,
     ModuleSource,
     ShardFileSource,
-    aliases,
     check_checkpoint,
+    checkpoint_names,
     load_into,
     named_tensors,
     open_checkpoint,
@@ -199,7 +199,7 @@ def parallelize(
     if checkpoint is not None:
         files = open_checkpoint(checkpoint, mapped=True)
         check_checkpoint(files, model)
-        source = FirstOf(CheckpointSource(files, aliases(model)), in_memory)
+        source = FirstOf(CheckpointSource(files, checkpoint_names(model)), in_memory)
     tp_model = _build(model, example_inputs, ctx, source, clock, gather_outputs=gather_outputs, cache=cache)
     _hand_over(model, tp_model, list(named_tensors(model)) if moved or checkpoint is not None
                else [s.name for s in tp_model.plan.sharded_params()])

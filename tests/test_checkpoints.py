@@ -119,3 +119,34 @@ def test_parallelize_reads_a_sharded_bin_checkpoint(tmp_path) -> None:
     _save_bin(model, tmp_path, files=2)
     for logits in run_ranks(_bin_worker, 2, str(tmp_path)):
         assert_close_to(reference, logits)
+
+
+def _base_worker(rank: int, world: int, directory: str) -> torch.Tensor:
+    return _bin_worker(rank, world, directory)
+
+
+@pytest.mark.distributed
+def test_a_checkpoint_saved_from_the_base_model_loads_into_the_model_with_a_head(tmp_path) -> None:
+    """As the classic ``gpt2`` checkpoints are: ``GPT2Model``'s keys (``h.0.attn...``, no
+    ``lm_head``) for a ``GPT2LMHeadModel`` (``transformer.h.0.attn...``, its head tied)."""
+    model = hf_model("gpt2", seed=13)
+    with torch.no_grad():
+        reference = model(IDS).logits
+    model.transformer.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "architectures": ["GPT2LMHeadModel"]}))
+    for logits in run_ranks(_base_worker, 2, str(tmp_path)):
+        assert_close_to(reference, logits)
+
+
+def test_base_model_keys_are_matched_both_ways_and_a_missing_head_is_named(tmp_path) -> None:
+    from autotp.loading import check_checkpoint
+
+    from transformers import LlamaModel
+
+    head_model = hf_model("llama", seed=1)  # lm_head not tied
+    head_model.model.save_pretrained(tmp_path / "base")  # keys without "model.", no lm_head
+    with pytest.raises(LoadError, match="missing 1 tensor\\(s\\) the model needs: lm_head.weight"):
+        check_checkpoint(open_checkpoint(tmp_path / "base"), head_model)
+    head_model.save_pretrained(tmp_path / "full")  # a head model's checkpoint for the base model
+    check_checkpoint(open_checkpoint(tmp_path / "full"), LlamaModel(head_model.config))
