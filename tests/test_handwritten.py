@@ -26,13 +26,14 @@ HEAD_DIM = DIM // HEADS
 class ViewedQKV(nn.Module):
     """``qkv(x).view(B, T, 3, heads, head_dim).unbind(2)``."""
 
-    def __init__(self) -> None:
+    def __init__(self, heads: int = HEADS) -> None:
         super().__init__()
         self.qkv, self.o = nn.Linear(DIM, 3 * DIM), nn.Linear(DIM, DIM)
+        self.heads = heads
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, HEADS, HEAD_DIM).unbind(2)
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, DIM // self.heads).unbind(2)
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
         return self.o(y.transpose(1, 2).flatten(2))
 
@@ -90,6 +91,14 @@ def test_a_fused_qkv_viewed_as_three_blocks_of_heads_is_column_parallel_blockwis
         if module is ViewedQKV:  # the view's literal head count is each rank's
             heads = [e for e in sim.plan.edits if e.node.startswith("view") and e.old == HEADS]
             assert [e.new for e in heads] == [HEADS // sim.plan.tp_size]
+
+
+def test_fused_heads_that_do_not_split_over_the_ranks_are_shared_by_rank_pairs() -> None:
+    """6 heads in each of q, k, v on 4 ranks: each pair of ranks holds 3 heads of each block."""
+    torch.manual_seed(0)
+    sim, = simulated_exactly(ViewedQKV(heads=6).eval(), torch.randn(2, 6, DIM), tps=(4,))
+    assert sim.plan.params["qkv.weight"].placement == Shard(0, 3, replicas=2), sim.plan.params["qkv.weight"].reason
+    assert sim.plan.params["o.weight"].style == "rowwise"
 
 
 def test_gate_and_up_viewed_apart_are_two_blocks() -> None:

@@ -190,9 +190,11 @@ def _reshape(node: fx.Node, inputs: Inputs, shape_path: Optional[tuple[int, ...]
     else:
         placed = _resize(src, n, m, j, inputs.world_size)
         # the other reading of the split: m fused blocks (q|k|v), unless ranks sharing a head would do
-        if isinstance(placed, Cannot) and placed.replicas is None and \
-                _fused_heads(src, n, m, out_sizes[j + 1:], inputs.world_size):
-            return Cannot(f"{placed.reason}; retried as {m} fused blocks of {n // m}", blocks=(n // m,) * m)
+        shared = _fused_heads(src, n, m, out_sizes[j + 1:], inputs.world_size) \
+            if isinstance(placed, Cannot) and placed.replicas is None else None
+        if shared is not None:
+            return Cannot(f"{placed.reason}; retried as {m} fused blocks of {n // m}", blocks=(n // m,) * m,
+                          replicas=shared if shared > 1 else None)
     if isinstance(placed, Cannot) or shape_path is None:
         return placed
     literals = node.args[shape_path[0]]
@@ -212,13 +214,19 @@ def _blocks_split_off(src: Shard, n: int, m: int, after: tuple) -> bool:
     return len(set(parts)) == 1 and _spans(after, parts[0])
 
 
-def _fused_heads(src: Shard, n: int, m: int, after: tuple, world: int) -> bool:
+def _fused_heads(src: Shard, n: int, m: int, after: tuple, world: int) -> Optional[int]:
     """Whether a view that cannot shard its leading factor ``m`` (the 3 of ``[..., 3, heads,
     head_dim]``) would shard as ``m`` fused blocks: a one-block shard whose block size the
-    next dims span, the first of them dividing over the ranks."""
-    if src.num_blocks != 1 or src.whole or n % m or not after or not isinstance(after[0], int):
-        return False
-    return _spans(after, n // m) and after[0] % src.chunks(world) == 0
+    next dims span, the first of them (the heads) dividing over the ranks, or over groups of
+    ranks that share a head (6 heads on 4 ranks: pairs). Returns how many ranks would share
+    each head (1: none), or None where the blocks reading does not apply."""
+    if src.num_blocks != 1 or src.whole or n % m or not after or not isinstance(after[0], int) \
+            or not _spans(after, n // m):
+        return None
+    if after[0] % src.chunks(world) == 0:
+        return 1
+    shared = world // math.gcd(world, after[0])
+    return shared if shared < world and src.replicas == 1 else None
 
 
 def _spans(after: tuple, size: Any) -> bool:
