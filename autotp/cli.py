@@ -54,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--only-sharded", action="store_true", help="table: list sharded parameters only")
 
     convert = sub.add_parser("convert", help="write per-rank shard files from a checkpoint",
-                             description="Read MODEL's *.safetensors tensor by tensor and write OUT/autotp.json and "
+                             description="Read MODEL's weights (*.safetensors, else pytorch_model*.bin) tensor by tensor and "
+                                         "write OUT/autotp.json and "
                                          "one rank-XXXXX-of-YYYYY.safetensors per rank. OUT appears only when complete.")
     convert.add_argument("model", metavar="MODEL")
     convert.add_argument("--tp", type=int, required=True, help="tensor-parallel size")
