@@ -184,7 +184,7 @@ def load_full(model: Any, source: Any) -> None:
 
     files = open_checkpoint(source.directory)
     check_checkpoint(files, model)
-    materialize(model, CheckpointSource(files, checkpoint_names(model)))
+    materialize(model, CheckpointSource(files, checkpoint_names(model, files.keys())))
 
 
 def _inputs(model: Any, example: Any, batch: int, seq: int) -> dict:

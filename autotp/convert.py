@@ -123,7 +123,7 @@ def convert(
         raise ConvertError(f"tp={tp_size} divides no shardable dimension of {model}: nothing would be sharded")
     checkpoint = open_checkpoint(source_model.directory)
     check_checkpoint(checkpoint, skeleton)
-    reader = CheckpointSource(checkpoint, checkpoint_names(skeleton))
+    reader = CheckpointSource(checkpoint, checkpoint_names(skeleton, checkpoint.keys()))
     names = _stored_tensors(plan, reader)
     out = Path(out)
     tmp = _prepare_out(out, overwrite)

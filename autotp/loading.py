@@ -109,28 +109,29 @@ def aliases(module: nn.Module) -> dict[str, list[str]]:
     return {n: [m for m in names if m != n] for names in by_id.values() for n in names}
 
 
-def checkpoint_names(module: nn.Module) -> dict[str, list[str]]:
-    """For each tensor name, the keys a checkpoint may hold it under, in the order tried: its
-    own, its tied names', and each of those without the base model's prefix.
+def checkpoint_names(module: nn.Module, stored: Iterable[str]) -> dict[str, list[str]]:
+    """For each tensor name, the keys a checkpoint holding the keys ``stored`` may hold it
+    under, in the order tried: its own and its tied names', and, where the checkpoint was saved
+    from another level of the model, those names as that level spells them.
 
-    The last is how a checkpoint saved from the base model (``GPT2Model``: ``h.0.attn...``, as
-    the classic ``gpt2`` checkpoints are) names the weights of the model with a head
-    (``GPT2LMHeadModel``: ``transformer.h.0.attn...``), which transformers loads too. A model
-    that is a base model itself (whose prefix names no submodule) takes names with the prefix
-    added instead: a head model's checkpoint loaded into its base.
+    As transformers decides it, for the whole checkpoint at once: a model with a head whose
+    checkpoint has no key under the base model's prefix was saved from the base model
+    (``GPT2Model``: ``h.0.attn...``, as the classic ``gpt2`` checkpoints are) and its names
+    lose the prefix (``transformer.h.0.attn...`` is read as ``h.0.attn...``); a base model
+    (whose prefix names no submodule) whose checkpoint has keys under the prefix takes them
+    with it (a head model's checkpoint; its head is not read).
     """
     prefix = getattr(module, "base_model_prefix", "") or ""
+    under_prefix = bool(prefix) and any(k.startswith(prefix + ".") for k in stored)
     has_base = bool(prefix) and isinstance(getattr(module, prefix, None), nn.Module)
     names = {}
     for name, tied in aliases(module).items():
         own = [name, *tied]
-        if not prefix:
-            other: list[str] = []
-        elif has_base:
-            other = [n[len(prefix) + 1:] for n in own if n.startswith(prefix + ".")]
-        else:
-            other = [f"{prefix}.{n}" for n in own]
-        names[name] = own + other
+        if has_base and not under_prefix:
+            own += [n[len(prefix) + 1:] for n in own if n.startswith(prefix + ".")]
+        elif prefix and not has_base and under_prefix:
+            own = [f"{prefix}.{n}" for n in own] + own
+        names[name] = own
     return names
 
 
@@ -202,12 +203,13 @@ def check_checkpoint(checkpoint: Checkpoint, model: nn.Module) -> None:
     :func:`checkpoint_names` gives) and nothing else, except what the model class says to
     ignore (a checkpoint saved from the base model has no head; a tied head is saved once)."""
     state = set(model.state_dict(keep_vars=True))
-    keys = checkpoint_names(model)
+    keys = checkpoint_names(model, checkpoint.keys())
     missing = sorted(n for n in state if not any(k in checkpoint for k in keys.get(n, [n])))
     ignore = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
     prefix = getattr(model, "base_model_prefix", "") or ""
-    if prefix and not isinstance(getattr(model, prefix, None), nn.Module):  # a base model: a head
-        ignore.append(re.compile(rf"^(?!{re.escape(prefix)}\.)"))  # model's checkpoint holds its head too
+    if prefix and not isinstance(getattr(model, prefix, None), nn.Module) and \
+            any(k.startswith(prefix + ".") for k in checkpoint.keys()):  # a base model, a head model's
+        ignore.append(re.compile(rf"^(?!{re.escape(prefix)}\.)"))  # checkpoint: its head is not read
     known = {k for names in keys.values() for k in names}
     unexpected = sorted(k for k in checkpoint.keys() if k not in known and not any(p.search(k) for p in ignore))
     where = checkpoint.directory

@@ -199,7 +199,7 @@ def parallelize(
     if checkpoint is not None:
         files = open_checkpoint(checkpoint, mapped=True)
         check_checkpoint(files, model)
-        source = FirstOf(CheckpointSource(files, checkpoint_names(model)), in_memory)
+        source = FirstOf(CheckpointSource(files, checkpoint_names(model, files.keys())), in_memory)
     tp_model = _build(model, example_inputs, ctx, source, clock, gather_outputs=gather_outputs, cache=cache)
     _hand_over(model, tp_model, list(named_tensors(model)) if moved or checkpoint is not None
                else [s.name for s in tp_model.plan.sharded_params()])

@@ -12,6 +12,7 @@ import torch
 
 import autotp
 from autotp.checkpoints import LoadError, SafetensorsCheckpoint, TorchCheckpoint, has_weights, open_checkpoint
+from autotp.loading import check_checkpoint, checkpoint_names
 from autotp.placement import Replicate, Shard
 from distributed import run_ranks
 from models import assert_close_to, hf_model, token_ids
@@ -140,8 +141,6 @@ def test_a_checkpoint_saved_from_the_base_model_loads_into_the_model_with_a_head
 
 
 def test_base_model_keys_are_matched_both_ways_and_a_missing_head_is_named(tmp_path) -> None:
-    from autotp.loading import check_checkpoint
-
     from transformers import LlamaModel
 
     head_model = hf_model("llama", seed=1)  # lm_head not tied
@@ -150,3 +149,19 @@ def test_base_model_keys_are_matched_both_ways_and_a_missing_head_is_named(tmp_p
         check_checkpoint(open_checkpoint(tmp_path / "base"), head_model)
     head_model.save_pretrained(tmp_path / "full")  # a head model's checkpoint for the base model
     check_checkpoint(open_checkpoint(tmp_path / "full"), LlamaModel(head_model.config))
+
+
+def test_keys_are_mapped_for_the_whole_checkpoint_at_once(tmp_path) -> None:
+    """A checkpoint with the base model's prefix on its keys is read by name only: a key
+    missing there is missing, not looked for without the prefix (as transformers decides)."""
+    from safetensors.torch import save_file
+
+    model = hf_model("llama", seed=1)
+    names = checkpoint_names(model, ["model.norm.weight"])
+    assert names["model.norm.weight"] == ["model.norm.weight"]
+    assert checkpoint_names(model, ["norm.weight"])["model.norm.weight"] == ["model.norm.weight", "norm.weight"]
+    state = model.state_dict()
+    save_file({**{k: v.contiguous() for k, v in state.items() if k != "model.norm.weight"},
+               "norm.weight": state["model.norm.weight"].contiguous()}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(LoadError, match="missing 1 tensor\\(s\\) the model needs: model.norm.weight"):
+        check_checkpoint(open_checkpoint(tmp_path), model)
