@@ -167,15 +167,17 @@ class TorchCheckpoint:
             tensor = self._state(path)[name]
         except KeyError:
             raise LoadError(f"{path} has no tensor {name!r}, which its index lists there") from None
-        if not isinstance(placement, Shard):
-            return tensor if self.mapped else tensor.clone()
-        size = tensor.shape[placement.dim]
-        pieces = [tensor.narrow(placement.dim, start, end - start)
-                  for start, end in rank_ranges(placement, size, rank, world_size)]
-        piece = pieces[0] if len(pieces) == 1 else torch.cat(pieces, placement.dim)
-        if placement.padded:  # the real rows read, zeros after the end
-            return zero_padded(piece, placement.dim, padded_length(size, world_size))
-        return piece if self.mapped and len(pieces) == 1 else piece.contiguous().clone()
+        fresh = False  # whether tensor is a new tensor rather than a view of the map
+        if isinstance(placement, Shard):
+            size = tensor.shape[placement.dim]
+            pieces = [tensor.narrow(placement.dim, start, end - start)
+                      for start, end in rank_ranges(placement, size, rank, world_size)]
+            tensor, fresh = (pieces[0], False) if len(pieces) == 1 else (torch.cat(pieces, placement.dim), True)
+            if placement.padded and tensor.shape[placement.dim] < padded_length(size, world_size):
+                tensor, fresh = zero_padded(tensor, placement.dim, padded_length(size, world_size)), True
+        if fresh or (self.mapped and tensor.is_contiguous()):  # a contiguous run of the map stays a view
+            return tensor
+        return tensor.clone(memory_format=torch.contiguous_format)
 
     def close(self) -> None:
         self._states.clear()

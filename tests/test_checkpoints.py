@@ -52,11 +52,12 @@ def gpt2_both(tmp_path_factory) -> tuple[Path, Path, Path]:
 PLACEMENTS = [Replicate(), Shard(0), Shard(1), Shard(0, padded=True), Shard(1, 3), Shard(0, replicas=2)]
 
 
+@pytest.mark.parametrize("mapped", [False, True], ids=["copied", "mapped"])
 @pytest.mark.parametrize("which", ["single", "sharded"])
-def test_bin_slices_equal_the_safetensors_slices(gpt2_both, which) -> None:
+def test_bin_slices_equal_the_safetensors_slices(gpt2_both, which, mapped) -> None:
     st_dir, single, sharded = gpt2_both
     st = SafetensorsCheckpoint(st_dir)
-    tb = TorchCheckpoint(single if which == "single" else sharded)
+    tb = TorchCheckpoint(single if which == "single" else sharded, mapped=mapped)
     assert set(st.keys()) <= set(tb.keys())  # torch.save keeps a tied name that save_pretrained drops
     checked = 0
     for name in st.keys():
@@ -70,6 +71,7 @@ def test_bin_slices_equal_the_safetensors_slices(gpt2_both, which) -> None:
                     continue
                 ours = tb.read(name, placement, rank, 4)
                 assert ours.shape == theirs.shape and torch.equal(ours, theirs), (name, placement, rank)
+                assert ours.is_contiguous(), (name, placement, rank)
                 checked += 1
     assert checked > 100
 
