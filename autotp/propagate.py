@@ -39,6 +39,7 @@ class Failure:
     reason: str
     blocks: Optional[tuple[int, ...]] = None  # layout hints from the rule, see rules.Cannot
     replicas: Optional[int] = None
+    alternative: bool = False  # the hints are another reading of the op, see rules.Cannot
     # an input or parameter an in-place op would slice, and the layout that would serve it
     wants: Optional[tuple[fx.Node, Placement]] = None
 
@@ -161,7 +162,7 @@ def propagate(
             return result
         answer = apply_rule(node, inputs)
         if isinstance(answer, Cannot):
-            result.failure = Failure(node, answer.reason, answer.blocks, answer.replicas)
+            result.failure = Failure(node, answer.reason, answer.blocks, answer.replicas, answer.alternative)
             return result
         if answer.statistic and not statistics:
             result.failure = Failure(node, f"{node.target} sums over the sharded dim: a statistic to all-reduce, "

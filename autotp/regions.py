@@ -250,6 +250,7 @@ class RegionGrower:
         dim = shard.dim
         size = sizes(param)[dim]
         tried = []
+        standing = None  # the failure that asked for another reading: its reason stands if that fails
         for _ in range(_MAX_LAYOUT_RETRIES):
             seeds, prop = self.settle({**base, param: shard})
             if prop.ok:
@@ -257,6 +258,8 @@ class RegionGrower:
             failure = prop.failure
             if shard.padded:
                 return str(failure)
+            if failure.alternative and standing is None:
+                standing = failure
             tried.append(shard)
             blocks = _blocks_for(failure.blocks, size, shard) if failure.blocks else shard.blocks
             hinted = Shard(dim, blocks or shard.blocks, failure.replicas or shard.replicas)
@@ -272,7 +275,7 @@ class RegionGrower:
             found = self._with_whole_blocks(base, param, layout)
             if found is not None:
                 return found
-        return str(prop.failure)
+        return str(standing or prop.failure)
 
     def _with_whole_blocks(self, base: dict[fx.Node, Placement], param: fx.Node, shard: Shard):
         """A fused layout that failed, retried with some of its blocks held whole by every rank

@@ -60,12 +60,15 @@ class Cannot:
 
     ``blocks`` is a hint: the global part sizes along the input's sharded dim with which the op
     *would* work (a ``split`` of a fused ``q|k|v`` output). The planner retries the seed laid
-    out that way.
+    out that way. ``alternative``: the hint is another reading of the op (a view's leading 3
+    as fused blocks rather than heads), not a refinement of this one; if it fails too, this
+    reason is the one the plan gives.
     """
 
     reason: str
     blocks: Optional[tuple[int, ...]] = None
     replicas: Optional[int] = None  # a hint: the op would work with the dim shared by this many ranks
+    alternative: bool = False
 
 
 @dataclass(frozen=True)

@@ -193,8 +193,8 @@ def _reshape(node: fx.Node, inputs: Inputs, shape_path: Optional[tuple[int, ...]
         shared = _fused_heads(src, n, m, out_sizes[j + 1:], inputs.world_size) \
             if isinstance(placed, Cannot) and placed.replicas is None else None
         if shared is not None:
-            return Cannot(f"{placed.reason}; retried as {m} fused blocks of {n // m}", blocks=(n // m,) * m,
-                          replicas=shared if shared > 1 else None)
+            return Cannot(f"{placed.reason}; also tried as {m} fused blocks of {n // m}", blocks=(n // m,) * m,
+                          replicas=shared if shared > 1 else None, alternative=True)
     if isinstance(placed, Cannot) or shape_path is None:
         return placed
     literals = node.args[shape_path[0]]
