@@ -70,11 +70,23 @@ def _weight_map(directory: Path, index_name: str) -> Optional[dict[str, Path]]:
     return found
 
 
-def _file_bytes(weight_map: dict[str, Path]) -> int:
-    return sum(p.stat().st_size for p in set(weight_map.values()))
+class _Files:
+    """What both formats share: a directory and the file each tensor lives in."""
+
+    directory: Path
+    weight_map: dict[str, Path]
+
+    def keys(self) -> list[str]:
+        return list(self.weight_map)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def nbytes(self) -> int:
+        return sum(p.stat().st_size for p in set(self.weight_map.values()))
 
 
-class SafetensorsCheckpoint:
+class SafetensorsCheckpoint(_Files):
     """The ``*.safetensors`` files of a directory: sharded with ``model.safetensors.index.json``,
     or single. Tensors are read slice by slice (see :mod:`autotp.safetensors_io`); ``mapped``:
     contiguous slices are views of the mapped file (for loading weights that stay resident;
@@ -97,15 +109,6 @@ class SafetensorsCheckpoint:
             self._readers[path] = SafetensorsReader(path)
         return self._readers[path]
 
-    def keys(self) -> list[str]:
-        return list(self.weight_map)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.weight_map
-
-    def nbytes(self) -> int:
-        return _file_bytes(self.weight_map)
-
     def read(self, name: str, placement: Placement, rank: int, world_size: int) -> torch.Tensor:
         reader = self._reader(self.weight_map[name])
         if not isinstance(placement, Shard):
@@ -123,7 +126,7 @@ class SafetensorsCheckpoint:
         self._readers.clear()
 
 
-class TorchCheckpoint:
+class TorchCheckpoint(_Files):
     """The ``pytorch_model*.bin`` files of a directory: sharded with
     ``pytorch_model.bin.index.json``, or single. ``mapped``: a slice that is one contiguous run
     stays a view of the file's private memory map (else every slice is a copy of its own)."""
@@ -151,15 +154,6 @@ class TorchCheckpoint:
                 raise LoadError(f"{path}: not a state dict (a mapping of names to tensors)")
             self._states[path] = state
         return self._states[path]
-
-    def keys(self) -> list[str]:
-        return list(self.weight_map)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.weight_map
-
-    def nbytes(self) -> int:
-        return _file_bytes(self.weight_map)
 
     def read(self, name: str, placement: Placement, rank: int, world_size: int) -> torch.Tensor:
         path = self.weight_map[name]
