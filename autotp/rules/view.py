@@ -89,14 +89,20 @@ def _resize(src: Shard, n: int, m: int, j: int, world: int) -> Union[Shard, Cann
         parts = [p // inner for p in parts]
         if any(p % chunks for p in parts):
             counts = parts if len(parts) > 1 else parts[0]
-            shared = world // math.gcd(world, *parts)
             return Cannot(f"view splits dim of {n} into {m} heads of {inner}: {counts} heads not divisible by tp={world}",
-                          replicas=shared if shared < world else None)
+                          replicas=_ranks_per_head(world, *parts))
     elif m % n == 0:
         parts = [p * (m // n) for p in parts]
     else:
         return Cannot(f"view maps a sharded dim of {n} onto {m}")
     return Shard(j, src.blocks if isinstance(src.blocks, int) else tuple(parts), src.replicas)
+
+
+def _ranks_per_head(world: int, *heads: int) -> Optional[int]:
+    """How many ranks would share each head where ``heads`` (per block) do not divide over the
+    ranks but share a divisor with them (2 kv heads on 4 ranks: 2); None where they share none."""
+    shared = world // math.gcd(world, *heads)
+    return shared if shared < world else None
 
 
 def _size_edit(path: tuple[int, ...], literal: Any, chunks: int) -> Union[tuple, Cannot]:
@@ -225,8 +231,7 @@ def _fused_heads(src: Shard, n: int, m: int, after: tuple, world: int) -> Option
         return None
     if after[0] % src.chunks(world) == 0:
         return 1
-    shared = world // math.gcd(world, after[0])
-    return shared if shared < world and src.replicas == 1 else None
+    return _ranks_per_head(world, after[0]) if src.replicas == 1 else None
 
 
 def _spans(after: tuple, size: Any) -> bool:
