@@ -158,18 +158,19 @@ class TorchCheckpoint(_Files):
     def read(self, name: str, placement: Placement, rank: int, world_size: int) -> torch.Tensor:
         path = self.weight_map[name]
         try:
-            tensor = self._state(path)[name]
+            stored = self._state(path)[name]
         except KeyError:
             raise LoadError(f"{path} has no tensor {name!r}, which its index lists there") from None
-        fresh = False  # whether tensor is a new tensor rather than a view of the map
+        tensor = stored
         if isinstance(placement, Shard):
-            size = tensor.shape[placement.dim]
-            pieces = [tensor.narrow(placement.dim, start, end - start)
+            size = stored.shape[placement.dim]
+            pieces = [stored.narrow(placement.dim, start, end - start)
                       for start, end in rank_ranges(placement, size, rank, world_size)]
-            tensor, fresh = (pieces[0], False) if len(pieces) == 1 else (torch.cat(pieces, placement.dim), True)
-            if placement.padded and tensor.shape[placement.dim] < padded_length(size, world_size):
-                tensor, fresh = zero_padded(tensor, placement.dim, padded_length(size, world_size)), True
-        if fresh or (self.mapped and tensor.is_contiguous()):  # a contiguous run of the map stays a view
+            tensor = pieces[0] if len(pieces) == 1 else torch.cat(pieces, placement.dim)
+            if placement.padded:  # the real rows read, zeros after the end
+                tensor = zero_padded(tensor, placement.dim, padded_length(size, world_size))
+        in_map = tensor.untyped_storage().data_ptr() == stored.untyped_storage().data_ptr()
+        if not in_map or (self.mapped and tensor.is_contiguous()):  # a contiguous run of the map stays a view
             return tensor
         return tensor.clone(memory_format=torch.contiguous_format)
 

@@ -109,27 +109,37 @@ def aliases(module: nn.Module) -> dict[str, list[str]]:
     return {n: [m for m in names if m != n] for names in by_id.values() for n in names}
 
 
+def _saved_level(module: nn.Module, stored: Iterable[str]) -> tuple[str, Optional[str]]:
+    """The base model's prefix, and how a checkpoint holding the keys ``stored`` spells the
+    module's names, decided for the whole checkpoint at once as transformers decides it:
+    ``"without"`` the prefix (a model with a head, its checkpoint saved from the base model),
+    ``"with"`` it (a base model, a head model's checkpoint), or None (as the module does)."""
+    prefix = getattr(module, "base_model_prefix", "") or ""
+    if not prefix:
+        return prefix, None
+    under_prefix = any(k.startswith(prefix + ".") for k in stored)
+    has_base = isinstance(getattr(module, prefix, None), nn.Module)
+    if has_base and not under_prefix:
+        return prefix, "without"
+    if not has_base and under_prefix:
+        return prefix, "with"
+    return prefix, None
+
+
 def checkpoint_names(module: nn.Module, stored: Iterable[str]) -> dict[str, list[str]]:
     """For each tensor name, the keys a checkpoint holding the keys ``stored`` may hold it
     under, in the order tried: its own and its tied names', and, where the checkpoint was saved
-    from another level of the model, those names as that level spells them.
-
-    As transformers decides it, for the whole checkpoint at once: a model with a head whose
-    checkpoint has no key under the base model's prefix was saved from the base model
-    (``GPT2Model``: ``h.0.attn...``, as the classic ``gpt2`` checkpoints are) and its names
-    lose the prefix (``transformer.h.0.attn...`` is read as ``h.0.attn...``); a base model
-    (whose prefix names no submodule) whose checkpoint has keys under the prefix takes them
-    with it (a head model's checkpoint; its head is not read).
-    """
-    prefix = getattr(module, "base_model_prefix", "") or ""
-    under_prefix = bool(prefix) and any(k.startswith(prefix + ".") for k in stored)
-    has_base = bool(prefix) and isinstance(getattr(module, prefix, None), nn.Module)
+    from another level of the model (:func:`_saved_level`), those names as that level spells
+    them: ``transformer.h.0.attn...`` read as ``h.0.attn...`` from a checkpoint saved from
+    ``GPT2Model`` (as the classic ``gpt2`` checkpoints are); a base model's names with the
+    prefix from a head model's checkpoint (its head is not read)."""
+    prefix, level = _saved_level(module, stored)
     names = {}
     for name, tied in aliases(module).items():
         own = [name, *tied]
-        if has_base and not under_prefix:
+        if level == "without":
             own += [n[len(prefix) + 1:] for n in own if n.startswith(prefix + ".")]
-        elif prefix and not has_base and under_prefix:
+        elif level == "with":
             own = [f"{prefix}.{n}" for n in own] + own
         names[name] = own
     return names
@@ -206,10 +216,9 @@ def check_checkpoint(checkpoint: Checkpoint, model: nn.Module) -> None:
     keys = checkpoint_names(model, checkpoint.keys())
     missing = sorted(n for n in state if not any(k in checkpoint for k in keys.get(n, [n])))
     ignore = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
-    prefix = getattr(model, "base_model_prefix", "") or ""
-    if prefix and not isinstance(getattr(model, prefix, None), nn.Module) and \
-            any(k.startswith(prefix + ".") for k in checkpoint.keys()):  # a base model, a head model's
-        ignore.append(re.compile(rf"^(?!{re.escape(prefix)}\.)"))  # checkpoint: its head is not read
+    prefix, level = _saved_level(model, checkpoint.keys())
+    if level == "with":  # a base model, a head model's checkpoint: its head is not read
+        ignore.append(re.compile(rf"^(?!{re.escape(prefix)}\.)"))
     known = {k for names in keys.values() for k in names}
     unexpected = sorted(k for k in checkpoint.keys() if k not in known and not any(p.search(k) for p in ignore))
     where = checkpoint.directory
