@@ -29,7 +29,7 @@ from autotp.errors import AutotpError
 from autotp.placement import Placement, Shard, padded_length, rank_ranges, zero_padded
 from autotp.safetensors_io import SafetensorsReader
 
-__all__ = ["LoadError", "Checkpoint", "SafetensorsCheckpoint", "TorchCheckpoint", "open_checkpoint", "has_weights"]
+__all__ = ["LoadError", "Checkpoint", "Sliced", "ranges_of", "SafetensorsCheckpoint", "TorchCheckpoint", "open_checkpoint", "has_weights"]
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_INDEX = "pytorch_model.bin.index.json"
@@ -47,6 +47,8 @@ class Checkpoint(Protocol):
     def __contains__(self, name: str) -> bool: ...
 
     def nbytes(self) -> int: ...
+
+    def shape(self, name: str) -> list[int]: ...
 
     def read(self, name: str, placement: Placement, rank: int, world_size: int) -> torch.Tensor: ...
 
@@ -70,7 +72,29 @@ def _weight_map(directory: Path, index_name: str) -> Optional[dict[str, Path]]:
     return found
 
 
-class _Files:
+class Sliced:
+    """``read`` for a checkpoint that can give a tensor's shape and ``read_ranges(name, dim,
+    ranges)``: the concatenation of index ``ranges`` of it along ``dim`` (``dim`` None: the
+    whole tensor). A rank's part of a layout is the ranges :func:`rank_ranges` gives, with zeros
+    after the end of a padded one."""
+
+    def shape(self, name: str) -> list[int]:
+        raise NotImplementedError
+
+    def read_ranges(self, name: str, dim: Optional[int], ranges: Optional[list[tuple[int, int]]]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def read(self, name: str, placement: Placement, rank: int, world_size: int) -> torch.Tensor:
+        if not isinstance(placement, Shard):
+            return self.read_ranges(name, None, None)
+        size = self.shape(name)[placement.dim]
+        piece = self.read_ranges(name, placement.dim, rank_ranges(placement, size, rank, world_size))
+        if placement.padded:  # the real rows read, zeros after the end
+            return zero_padded(piece, placement.dim, padded_length(size, world_size))
+        return piece
+
+
+class _Files(Sliced):
     """What both formats share: a directory and the file each tensor lives in."""
 
     directory: Path
@@ -109,16 +133,11 @@ class SafetensorsCheckpoint(_Files):
             self._readers[path] = SafetensorsReader(path)
         return self._readers[path]
 
-    def read(self, name: str, placement: Placement, rank: int, world_size: int) -> torch.Tensor:
-        reader = self._reader(self.weight_map[name])
-        if not isinstance(placement, Shard):
-            return reader.read(name, mapped=self.mapped)
-        shape = reader.shape(name)
-        ranges = rank_ranges(placement, shape[placement.dim], rank, world_size)
-        piece = reader.read(name, placement.dim, ranges, mapped=self.mapped)
-        if placement.padded:  # the real rows read, zeros after the end
-            return zero_padded(piece, placement.dim, padded_length(shape[placement.dim], world_size))
-        return piece
+    def shape(self, name: str) -> list[int]:
+        return self._reader(self.weight_map[name]).shape(name)
+
+    def read_ranges(self, name: str, dim: Optional[int], ranges: Optional[list[tuple[int, int]]]) -> torch.Tensor:
+        return self._reader(self.weight_map[name]).read(name, dim or 0, ranges, mapped=self.mapped)
 
     def close(self) -> None:
         for reader in self._readers.values():
@@ -155,20 +174,19 @@ class TorchCheckpoint(_Files):
             self._states[path] = state
         return self._states[path]
 
-    def read(self, name: str, placement: Placement, rank: int, world_size: int) -> torch.Tensor:
+    def _stored(self, name: str) -> torch.Tensor:
         path = self.weight_map[name]
         try:
-            stored = self._state(path)[name]
+            return self._state(path)[name]
         except KeyError:
             raise LoadError(f"{path} has no tensor {name!r}, which its index lists there") from None
-        tensor = stored
-        if isinstance(placement, Shard):
-            size = stored.shape[placement.dim]
-            pieces = [stored.narrow(placement.dim, start, end - start)
-                      for start, end in rank_ranges(placement, size, rank, world_size)]
-            tensor = pieces[0] if len(pieces) == 1 else torch.cat(pieces, placement.dim)
-            if placement.padded:  # the real rows read, zeros after the end
-                tensor = zero_padded(tensor, placement.dim, padded_length(size, world_size))
+
+    def shape(self, name: str) -> list[int]:
+        return list(self._stored(name).shape)
+
+    def read_ranges(self, name: str, dim: Optional[int], ranges: Optional[list[tuple[int, int]]]) -> torch.Tensor:
+        stored = self._stored(name)
+        tensor = stored if dim is None else ranges_of(stored, dim, ranges)
         in_map = tensor.untyped_storage().data_ptr() == stored.untyped_storage().data_ptr()
         if not in_map or (self.mapped and tensor.is_contiguous()):  # a contiguous run of the map stays a view
             return tensor
@@ -176,6 +194,12 @@ class TorchCheckpoint(_Files):
 
     def close(self) -> None:
         self._states.clear()
+
+
+def ranges_of(tensor: torch.Tensor, dim: int, ranges: list[tuple[int, int]]) -> torch.Tensor:
+    """The concatenation of index ``ranges`` of ``tensor`` along ``dim`` (a view for one range)."""
+    pieces = [tensor.narrow(dim, start, end - start) for start, end in ranges]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
 
 
 def _has_safetensors(directory: Path) -> bool:

@@ -180,11 +180,9 @@ def _verify_worker(rank: int, world: int, model_text: str, use_weights: bool, ba
 
 def load_full(model: Any, source: Any) -> None:
     """Fill a model built with parameters on meta from its whole checkpoint (the reference)."""
-    from autotp.loading import CheckpointSource, check_checkpoint, checkpoint_names, materialize, open_checkpoint
+    from autotp.loading import checkpoint_source, materialize
 
-    files = open_checkpoint(source.directory)
-    check_checkpoint(files, model)
-    materialize(model, CheckpointSource(files, checkpoint_names(model, files.keys())))
+    materialize(model, checkpoint_source(source.directory, model))
 
 
 def _inputs(model: Any, example: Any, batch: int, seq: int) -> dict:

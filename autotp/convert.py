@@ -31,7 +31,7 @@ import torch
 
 from autotp._version import __version__ as _version
 from autotp.errors import AutotpError
-from autotp.loading import CheckpointSource, check_checkpoint, checkpoint_names, open_checkpoint
+from autotp.loading import CheckpointSource, checkpoint_source
 from autotp.plan import Plan
 from autotp.runtime import plan_model
 from autotp.safetensors_io import SafetensorsWriter
@@ -121,9 +121,7 @@ def convert(
     plan = plan_model(skeleton, tp_size)
     if tp_size > 1 and not plan.sharded_params():
         raise ConvertError(f"tp={tp_size} divides no shardable dimension of {model}: nothing would be sharded")
-    checkpoint = open_checkpoint(source_model.directory)
-    check_checkpoint(checkpoint, skeleton)
-    reader = CheckpointSource(checkpoint, checkpoint_names(skeleton, checkpoint.keys()))
+    reader = checkpoint_source(source_model.directory, skeleton)
     names = _stored_tensors(plan, reader)
     out = Path(out)
     tmp = _prepare_out(out, overwrite)

@@ -11,7 +11,8 @@ reads only the slice it is asked for:
   then be released);
 - :class:`CheckpointSource`: a Hugging Face checkpoint (:mod:`autotp.checkpoints`): its
   ``*.safetensors`` files, read with one contiguous read per run of its slice (a rank reads its
-  bytes and nothing else), or its ``pytorch_model*.bin`` files, memory-mapped;
+  bytes and nothing else), or its ``pytorch_model*.bin`` files, memory-mapped; under the names
+  transformers loads them as (:mod:`autotp.conversions`), built by :func:`checkpoint_source`;
 - :class:`ShardFileSource`: one rank file written by :mod:`autotp.convert`;
 - :class:`FirstOf`: the first source that has the tensor (a checkpoint, then the model's own
   non-persistent buffers such as rotary frequencies, which checkpoints do not hold).
@@ -29,6 +30,7 @@ import torch.nn as nn
 from torch._subclasses.fake_tensor import FakeTensor
 
 from autotp.checkpoints import Checkpoint, LoadError, SafetensorsCheckpoint, TorchCheckpoint, open_checkpoint
+from autotp.conversions import converted
 from autotp.placement import Placement, Replicate, Shard, local_chunk
 from autotp.safetensors_io import SafetensorsReader
 from autotp.plan import Plan
@@ -36,7 +38,7 @@ from autotp.plan import Plan
 __all__ = [
     "TensorSource", "ModuleSource", "CheckpointSource", "ShardFileSource", "FirstOf", "SafetensorsCheckpoint",
     "TorchCheckpoint", "Checkpoint", "open_checkpoint", "load_into", "LoadError", "named_tensors", "aliases",
-    "check_checkpoint", "checkpoint_names", "materialize",
+    "check_checkpoint", "checkpoint_names", "checkpoint_source", "materialize",
 ]
 
 
@@ -228,6 +230,19 @@ def check_checkpoint(checkpoint: Checkpoint, model: nn.Module) -> None:
     if unexpected:
         raise LoadError(f"checkpoint {where} holds {len(unexpected)} tensor(s) the model does not have: "
                         f"{', '.join(unexpected[:3])}" + (" ..." if len(unexpected) > 3 else ""))
+
+
+def checkpoint_source(directory: str | Path, model: nn.Module, *, mapped: bool = False) -> CheckpointSource:
+    """The checkpoint in ``directory`` as a source of ``model``'s tensors: read under the names
+    transformers loads them as (:func:`autotp.conversions.converted`: renamed, experts merged),
+    checked to hold every tensor the model needs and nothing else (:func:`check_checkpoint`).
+
+    Raises:
+        LoadError: no checkpoint there, or it does not match the model.
+    """
+    checkpoint = converted(open_checkpoint(directory, mapped=mapped), model)
+    check_checkpoint(checkpoint, model)
+    return CheckpointSource(checkpoint, checkpoint_names(model, checkpoint.keys()))
 
 
 def materialize(module: nn.Module, source: Any) -> nn.Module:

@@ -23,17 +23,7 @@ from autotp.capture import capture, forward_signature, model_device, normalise_e
 from autotp.errors import AutotpError
 from autotp.group import TPContext, agree, check_same_plan, init_tp
 from autotp.kernels import kernel_pass
-from autotp.loading import (
-    CheckpointSource,
-    FirstOf,
-    ModuleSource,
-    ShardFileSource,
-    check_checkpoint,
-    checkpoint_names,
-    load_into,
-    named_tensors,
-    open_checkpoint,
-)
+from autotp.loading import FirstOf, ModuleSource, ShardFileSource, checkpoint_source, load_into, named_tensors
 from autotp.module import TensorParallelModule, placements
 from autotp.plan import Plan
 from autotp.planner import plan_graph
@@ -197,9 +187,7 @@ def parallelize(
     in_memory = ModuleSource(model, device if moved else None)
     source: Any = in_memory
     if checkpoint is not None:
-        files = open_checkpoint(checkpoint, mapped=True)
-        check_checkpoint(files, model)
-        source = FirstOf(CheckpointSource(files, checkpoint_names(model, files.keys())), in_memory)
+        source = FirstOf(checkpoint_source(checkpoint, model, mapped=True), in_memory)
     tp_model = _build(model, example_inputs, ctx, source, clock, gather_outputs=gather_outputs, cache=cache)
     _hand_over(model, tp_model, list(named_tensors(model)) if moved or checkpoint is not None
                else [s.name for s in tp_model.plan.sharded_params()])

@@ -49,11 +49,19 @@ HF_CONFIGS = {
                    num_key_value_heads=4, vocab_size=128, max_position_embeddings=128),
     "diffllama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=4, vocab_size=128, max_position_embeddings=128),
+    # mixture of experts: transformers holds the experts stacked and gate|up fused, and its
+    # save_pretrained stores each expert's projections apart (converted back on load)
+    "mixtral": dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=128, max_position_embeddings=128, num_local_experts=4,
+                    num_experts_per_tok=2),
+    "qwen2_moe": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=128, num_experts=4,
+                      num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32),
 }
 MODEL_TYPE = {"llama": "llama", "llama_gqa": "llama", "qwen2": "qwen2", "qwen2_kv2": "qwen2", "gpt2": "gpt2",
               "llama_6heads": "llama", "llama_5heads": "llama", "mistral": "mistral", "gemma2": "gemma2",
               "cohere2": "cohere2", "bitnet": "bitnet", "diffllama": "diffllama",
-              "gpt2_odd_vocab": "gpt2", "gpt_bigcode": "gpt_bigcode"}
+              "gpt2_odd_vocab": "gpt2", "gpt_bigcode": "gpt_bigcode", "mixtral": "mixtral", "qwen2_moe": "qwen2_moe"}
 
 
 def hf_model(name: str, seed: int = 0, device: str | None = None) -> nn.Module:

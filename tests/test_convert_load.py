@@ -34,9 +34,10 @@ IDS = token_ids(2, 9, seed=5)
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory) -> dict[str, tuple[Path, torch.Tensor]]:
-    """Saved checkpoints of two architectures and their unsharded logits on IDS."""
+    """Saved checkpoints and their unsharded logits on IDS (the mixtures of experts' stored as
+    transformers saves them: each expert's projections apart, converted back on load)."""
     out = {}
-    for name in ("llama_gqa", "gpt2", "gpt2_odd_vocab"):
+    for name in ("llama_gqa", "gpt2", "gpt2_odd_vocab", "mixtral", "qwen2_moe"):
         model = hf_model(name, seed=7)
         directory = tmp_path_factory.mktemp(name)
         model.save_pretrained(directory)
@@ -52,7 +53,7 @@ def load_worker(rank: int, world: int, out_dir: str) -> dict:
     return dict(logits=logits, bytes=tp_model.local_bytes())
 
 
-@pytest.mark.parametrize("name", ["llama_gqa", "gpt2", "gpt2_odd_vocab"])
+@pytest.mark.parametrize("name", ["llama_gqa", "gpt2", "gpt2_odd_vocab", "mixtral"])
 @pytest.mark.parametrize("tp", [2, 4])
 def test_convert_then_load_matches_unsharded(saved, tmp_path, name, tp):
     directory, reference = saved[name]
@@ -64,10 +65,10 @@ def test_convert_then_load_matches_unsharded(saved, tmp_path, name, tp):
         with safe_open(str(out / rank_file(r, tp)), framework="pt") as f:
             for key in f.keys():
                 assert list(f.get_slice(key).get_shape()) == plan.params[key].local_shape(tp), key
-    for p in plan.sharded_params():  # tp pieces make the whole (a padded dim rounded up to tp's multiple)
-        rows = p.shape[p.placement.dim]
+    for p in plan.sharded_params():  # tp pieces make the whole (a padded dim rounded up to tp's
+        rows = p.shape[p.placement.dim]  # multiple), each held by `replicas` ranks (kv heads shared)
         rounded = -(-rows // tp) * tp if p.placement.padded else rows
-        assert p.local_nbytes(tp) * tp == p.nbytes // rows * rounded, p.name
+        assert p.local_nbytes(tp) * tp == p.nbytes // rows * rounded * p.placement.replicas, p.name
     if name == "gpt2_odd_vocab":
         assert plan.params["lm_head.weight"].placement == Shard(0, padded=True)
     assert (out / "config.json").exists() and (out / "generation_config.json").exists()
@@ -89,7 +90,7 @@ def checkpoint_worker(rank: int, world: int, directory: str) -> torch.Tensor:
         return tp_model(IDS).logits
 
 
-@pytest.mark.parametrize("name", ["llama_gqa", "gpt2", "gpt2_odd_vocab"])
+@pytest.mark.parametrize("name", ["llama_gqa", "gpt2", "gpt2_odd_vocab", "mixtral", "qwen2_moe"])
 def test_parallelize_reads_slices_from_the_checkpoint(saved, name):
     directory, reference = saved[name]
     for logits in run_ranks(checkpoint_worker, 2, str(directory)):
