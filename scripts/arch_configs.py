@@ -21,6 +21,11 @@ that flag: a causal LM that refuses to be built as an encoder); then all of them
 config class the family's causal-LM class takes, where it differs from the one the model type
 names (a text decoder's config inside a composite one, as for musicgen).
 
+In every way, expert counts a config's defaults leave unset (None) get COMMON's (4 experts, top 2,
+1 shared); and a family outside the matrix whose config class's defaults build no model that runs
+on token ids at any size (a field its model reads that the class leaves undeclared or unset) gets
+the few fields it needs (``FIELDS``).
+
 The coverage table names the config of every family not built the first way.
 """
 
@@ -38,7 +43,10 @@ COMMON = dict(
     decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, num_decoder_layers=2,
     rotary_dim=8, partial_rotary_factor=0.5, pad_token_id=0, bos_token_id=1, eos_token_id=2,
     decoder_start_token_id=0, tie_word_embeddings=False,
-    sliding_window=8,  # where the config has one: generation in the coverage run fills it
+    sliding_window=8, local_attention_window_len=8,  # where the config has one: generation in the coverage run fills it
+    # the same sizes under the names one model gives them (reformer's head and feed-forward widths, the global
+    # transformer's width as BLT's byte-level stacks see it, its hash embeddings' vocabulary)
+    attention_head_size=16, feed_forward_size=128, hidden_size_global=64, encoder_hash_byte_group_vocab=128,
 )
 
 # per architecture: the model type and the few fields its config needs besides COMMON
@@ -83,6 +91,37 @@ ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
     "bart": ("bart", {}),
 }
 
+# per model type outside the matrix (``--all``): the fields its config needs besides sizes, where the config
+# class's own defaults build no model that runs on token ids at any size: a field the model reads that the
+# class does not declare or leaves unset (as its released checkpoints' configs set it), a relation between
+# fields that fixed sizes break, or counts scaled defaults keep too large. A field holding a sub-config's
+# fields is merged into that sub-config's sizes.
+FIELDS: dict[str, dict[str, Any]] = {
+    # Hugging Face's forward sizes its cache from a layer count BltConfig does not have (its encoder, global and
+    # decoder stacks would share one cache's layers): uncached
+    "blt": {"use_cache": False},
+    # rope parameters per layer type (the model reads no others)
+    "cohere_compass_text": {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 10000.0}}},
+    # the attention reads rope_theta (undeclared by DbrxAttentionConfig) and clamps q, k, v to clip_qkv (its
+    # default None fails torch.clamp), both as dbrx-instruct sets them; COMMON's kv heads and expert sizes by
+    # their names in its sub-configs
+    "dbrx": {"attn_config": {"rope_theta": 500000.0, "clip_qkv": 8.0, "kv_n_heads": 2},
+             "ffn_config": {"ffn_hidden_size": 128, "moe_top_k": 2}},
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"], "num_dense_layers": 1},  # its default is None
+    # multi-head latent attention at COMMON's sizes: rope dims = head_dim (which sizes its rotary embedding), one
+    # kv head per head (None: the class's default; COMMON's 2 would repeat them), low ranks 32; 2 zero-computation
+    # experts to the 4 routed ones (its defaults: 256 to 512); 2 layers of two sublayers each
+    "longcat_flash": {"num_key_value_heads": None, "qk_rope_head_dim": 16, "qk_nope_head_dim": 16, "v_head_dim": 16,
+                      "q_lora_rank": 32, "kv_lora_rank": 32, "zero_expert_num": 2, "num_hidden_layers": 4},
+    # token ids are (batch x codebooks, length): the coverage run's batch of 2 is one sequence of 2 codebooks
+    "musicgen": {"num_codebooks": 2},
+    "musicgen_melody": {"num_codebooks": 2},
+    # axial position embeddings (a shape of max_position_embeddings, widths summing to hidden); a local and an
+    # LSH attention layer
+    "reformer": {"axial_pos_shape": [8, 16], "axial_pos_embds_dim": [16, 48], "attn_layers": ["local", "lsh"]},
+    "xmod": {"default_language": "en_XX"},  # its adapter's language (set_default_language sets this field)
+}
+
 
 def causal_lm_types() -> list[str]:
     """Every model type transformers maps to a causal LM (``--all`` in scripts/coverage.py)."""
@@ -98,6 +137,10 @@ _WIDTH = re.compile(r"^(hidden_size|n_embd|d_model|d_ff|d_kv|d_inner|n_inner|hid
                     r"[a-z_]*intermediate_size|[a-z_]*ffn_dim|[a-z_]*head_dim|[a-z_]*lora_rank)$")
 _SECTION = re.compile(r"^(n|num)_[a-z_]+_layers$")
 _TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=0, tie_word_embeddings=False)
+# expert counts, by the names configs give them, for those a config's defaults leave unset (a mixture of
+# experts built on a subclass's numbers)
+_EXPERT_COUNTS = dict(num_local_experts=4, num_experts=4, n_routed_experts=4, num_experts_per_tok=2,
+                      n_shared_experts=1)
 
 
 _MISSING = object()
@@ -143,9 +186,23 @@ def _per_layer_cut(values: dict[str, Any], layers: int) -> dict[str, Any]:
     return cut
 
 
+def _unset_experts(config: Any) -> dict[str, Any]:
+    """Expert counts for those ``config`` leaves unset."""
+    return {k: v for k, v in _EXPERT_COUNTS.items() if k in config.to_dict() and _get(config, k) is None}
+
+
+def _merged(fields: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
+    """``fields`` updated with ``more``: a sub-config's fields (a dict on both sides) are merged."""
+    merged = dict(fields)
+    for k, v in more.items():
+        merged[k] = _merged(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
+    return merged
+
+
 def _small(config: Any, fields: dict[str, Any]) -> dict[str, Any]:
-    """``fields`` that ``config`` has, and its sub-configs made small the same way."""
-    chosen = {k: v for k, v in fields.items() if _has(config, k) and v is not None}
+    """``fields`` that ``config`` has, expert counts it leaves unset, and its sub-configs made small the
+    same way."""
+    chosen = {**_unset_experts(config), **{k: v for k, v in fields.items() if _has(config, k) and v is not None}}
     for name, sub in _sub_configs(config).items():
         chosen[name] = {**_per_layer_cut(sub.to_dict(), fields["num_hidden_layers"]), **_small(sub, fields)}
     return chosen
@@ -171,8 +228,7 @@ def _scaled(config: Any, layers: int) -> dict[str, Any]:
         chosen.update({k: max(1, v * layers // count) for k, v in values.items()
                        if _SECTION.match(k) and k not in _LAYER_COUNTS and isinstance(v, int) and v > 0})
     chosen.update({k: v for k, v in {"vocab_size": 128, **_TOKENS}.items() if k in values})
-    # expert counts a default leaves unset (a mixture of experts built on a subclass's numbers)
-    chosen.update({k: COMMON[k] for k, v in values.items() if v is None and "experts" in k and k in COMMON})
+    chosen.update(_unset_experts(config))
     for name, sub in _sub_configs(config).items():
         chosen[name] = {**_per_layer_cut(sub.to_dict(), layers), **_scaled(sub, layers)}
     return chosen
@@ -203,7 +259,7 @@ def _config_makers(model_type: str) -> dict[str, Callable[..., Any]]:
 def config_candidates(arch: str, **overrides: Any) -> Iterator[tuple[str, Callable[[], Any]]]:
     """The configs ``build_checked`` tries for ``arch``, in order: how each is made, and a
     function that makes it (which raises where the config class refuses the sizes)."""
-    model_type, extra = ARCHS.get(arch, (arch, {}))  # any other model type: sizes alone
+    model_type, extra = ARCHS.get(arch, (arch, FIELDS.get(arch, {})))  # any other model type: sizes, and FIELDS
     for label, make in _config_makers(model_type).items():
         yield from _candidates(make, label, arch in ARCHS, {**extra, **overrides})
         if arch in ARCHS:  # a family of the matrix is built the one way its results were recorded for
@@ -215,12 +271,11 @@ def _candidates(make: Callable[..., Any], label: str, small_only: bool,
     def small(**more: Any) -> Callable[[], Any]:
         def config() -> Any:
             fields = _small(make(), {**COMMON, **given})
-            fields.update({k: v for k, v in {**more, **given}.items() if v is not None})
-            return make(**fields)
+            return make(**_merged(fields, {k: v for k, v in {**more, **given}.items() if v is not None}))
         return config
 
     def scaled(layers: int, **more: Any) -> Callable[[], Any]:
-        return lambda: make(**{**_scaled(make(), layers), **more, **given})
+        return lambda: make(**_merged(_scaled(make(), layers), {**more, **given}))
 
     yield f"small{label}", small()
     if small_only:
