@@ -1,8 +1,10 @@
 """Hugging Face checkpoint directories, read one rank's slice at a time.
 
-Two formats, the same interface (:class:`Checkpoint`): ``keys()``, ``in``, ``nbytes()`` and
+Two formats, the same interface (:class:`Checkpoint`): ``keys()``, ``in``, ``nbytes()``,
+``shape(name)``, ``read_ranges(name, dim, ranges)`` (index ranges along one dim) and
 ``read(name, placement, rank, world_size)``, which returns this rank's part of a tensor laid out
-as ``placement`` (the whole tensor for ``Replicate``):
+as ``placement`` (the whole tensor for ``Replicate``; :class:`Sliced` derives it from the two
+before):
 
 - :class:`SafetensorsCheckpoint`: ``*.safetensors``, single or sharded with
   ``model.safetensors.index.json``; each slice is read with one contiguous read per run
@@ -49,6 +51,8 @@ class Checkpoint(Protocol):
     def nbytes(self) -> int: ...
 
     def shape(self, name: str) -> list[int]: ...
+
+    def read_ranges(self, name: str, dim: Optional[int], ranges: Optional[list[tuple[int, int]]]) -> torch.Tensor: ...
 
     def read(self, name: str, placement: Placement, rank: int, world_size: int) -> torch.Tensor: ...
 

@@ -43,6 +43,30 @@ class MoE(nn.Module):
         return out.view(B, T, D)
 
 
+class DispatchMoE(nn.Module):
+    """Each expert runs on only the tokens routed to it (``torch.where`` of the routing mask,
+    ``index_add_`` back), as the older transformers Mixtral wrote it: data-dependent sizes."""
+    def __init__(self, E=4, k=2):
+        super().__init__()
+        self.k = k
+        self.gate = nn.Linear(D, E, bias=False)
+        self.w1 = nn.ModuleList(nn.Linear(D, 128, bias=False) for _ in range(E))
+        self.w3 = nn.ModuleList(nn.Linear(D, 128, bias=False) for _ in range(E))
+        self.w2 = nn.ModuleList(nn.Linear(128, D, bias=False) for _ in range(E))
+
+    def forward(self, x):
+        h = x.reshape(-1, D)
+        w, chosen = self.gate(h).softmax(-1).topk(self.k, dim=-1)
+        w = w / w.sum(-1, keepdim=True)
+        mask = F.one_hot(chosen, num_classes=len(self.w1)).permute(2, 1, 0)
+        out = torch.zeros_like(h)
+        for e, (w1, w3, w2) in enumerate(zip(self.w1, self.w3, self.w2)):
+            slot, token = torch.where(mask[e])
+            picked = h[token]
+            out.index_add_(0, token, w2(F.silu(w1(picked)) * w3(picked)) * w[token, slot, None])
+        return out.view_as(x)
+
+
 class InterleavedGLU(nn.Module):
     """gate/up interleaved: even columns gate, odd columns up."""
     def __init__(self):
@@ -345,7 +369,7 @@ class CrossEntropyOut(nn.Module):
         return F.cross_entropy(logits.reshape(-1, V), tgt.reshape(-1))
 
 
-MODULES = [FusedSwiGLU, MoE, InterleavedGLU, Conv1dMix, LinearTranspose, TiedInOut, Cat2Proj, Lora, SeqMLP,
+MODULES = [FusedSwiGLU, MoE, DispatchMoE, InterleavedGLU, Conv1dMix, LinearTranspose, TiedInOut, Cat2Proj, Lora, SeqMLP,
            SharedLayers, WeightSlice, EinsumExperts, SoftCapLM, PosFromMask, InplaceMLP, ShapeBranch, DictOut,
            Dropout, NoGradBlock, Sequential, ConvNet, Conv2dNet, GroupNormAfter, BatchNormAfter, ArgmaxHidden,
            LogSoftmaxHead, CrossEntropyOut]
