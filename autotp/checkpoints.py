@@ -137,11 +137,17 @@ class SafetensorsCheckpoint(_Files):
             self._readers[path] = SafetensorsReader(path)
         return self._readers[path]
 
+    def _holding(self, name: str) -> SafetensorsReader:
+        reader = self._reader(self.weight_map[name])
+        if name not in reader:
+            raise LoadError(f"{self.weight_map[name]} has no tensor {name!r}, which its index lists there")
+        return reader
+
     def shape(self, name: str) -> list[int]:
-        return self._reader(self.weight_map[name]).shape(name)
+        return self._holding(name).shape(name)
 
     def read_ranges(self, name: str, dim: Optional[int], ranges: Optional[list[tuple[int, int]]]) -> torch.Tensor:
-        return self._reader(self.weight_map[name]).read(name, dim or 0, ranges, mapped=self.mapped)
+        return self._holding(name).read(name, dim or 0, ranges, mapped=self.mapped)
 
     def close(self) -> None:
         for reader in self._readers.values():

@@ -17,6 +17,12 @@ Qwen-MoE checkpoint stores every expert's ``w1`` / ``w3`` / ``w2`` (``gate_proj`
 - any other conversion (transposes, permutations, quantisation) runs transformers' own
   operations on the whole stored tensors, then the rank keeps its slice: right, at the cost of
   holding one whole converted tensor at a time.
+
+Every conversion is first run on meta tensors of the stored shapes (names and shapes, no data);
+a description as slices is used only where it gives the same. A checkpoint that holds a model
+tensor twice (whole, and inside a fused tensor) is refused: which copy transformers loads
+depends on the order it meets them. Whole shapes are checked against the model's by
+:func:`autotp.loading.check_checkpoint`.
 """
 
 from __future__ import annotations
@@ -110,7 +116,9 @@ class _Narrowed:
         own = [(self.start, self.start + self.length)]
         if dim is None:
             return self.part.read(self.dim, own)
-        return ranges_of(self.part.read(dim, ranges), self.dim, own)
+        # ranges of another dim are read across every chunk, then this chunk's copied out (so
+        # that the others' are freed): one read per range, at the cost of reading the other chunks'
+        return ranges_of(self.part.read(dim, ranges), self.dim, own).clone()
 
 
 class _Group:
@@ -172,6 +180,9 @@ class _Converted:
 
     def read(self, dim: Optional[int], ranges: Ranges) -> torch.Tensor:
         whole = self.view.run(self.group)[self.name]
+        if list(whole.shape) != self.shape:  # the slices are cut by the shape the meta run gave
+            raise LoadError(f"checkpoint {self.view.directory}: transformers' conversion gave {self.name} the shape "
+                            f"{list(whole.shape)} on the stored tensors, {self.shape} on their shapes alone")
         return whole if dim is None else ranges_of(whole, dim, ranges).clone()
 
 
@@ -179,8 +190,9 @@ class ConvertedCheckpoint(Sliced):
     """``checkpoint`` under the model's names (see the module's docstring). Keys transformers
     would not load into the model keep their stored names, so a check reports them."""
 
-    def __init__(self, checkpoint: Checkpoint, model: nn.Module, tensors: dict[str, Any]) -> None:
-        self.checkpoint, self.model, self.tensors = checkpoint, model, tensors
+    def __init__(self, checkpoint: Checkpoint, model: nn.Module) -> None:
+        self.checkpoint, self.model = checkpoint, model
+        self.tensors: dict[str, Any] = {}  # name -> how it is read (a stored tensor, or stacks, ... of them)
         self.directory: Path = checkpoint.directory
         self._last: tuple[Optional[_Group], dict[str, torch.Tensor]] = (None, {})
 
@@ -212,14 +224,41 @@ class ConvertedCheckpoint(Sliced):
         self.checkpoint.close()
 
 
+def _why_not(group: _Group, checkpoint: Checkpoint, exc: Exception) -> str:
+    """Why the stored tensors of a group do not convert, in the checkpoint's terms where it can."""
+    unmatched = [p for p in group.converter.source_patterns if p not in group.sources]
+    if unmatched:
+        return f"no stored tensor matches {', '.join(unmatched)}"
+    for keys in group.sources.values():
+        odd = next((k for k in keys if checkpoint.shape(k) != checkpoint.shape(keys[0])), None)
+        if odd is not None:
+            return f"{odd} has shape {checkpoint.shape(odd)}, {keys[0]} {checkpoint.shape(keys[0])}"
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
 def _meta_outputs(group: _Group, checkpoint: Checkpoint, model: nn.Module) -> dict[str, torch.Tensor]:
     """The group's conversion run on meta tensors of the stored shapes: names and shapes, no data."""
     try:
         return group.run(lambda key: torch.empty(checkpoint.shape(key), device="meta"), model)
+    except LoadError:
+        raise
     except Exception as exc:  # noqa: BLE001  an operation transformers defines, on any input
-        keys = [k for ks in group.sources.values() for k in ks]
-        raise LoadError(f"checkpoint {checkpoint.directory}: transformers' conversion {group.converter!r} of "
-                        f"{keys[0]} ... ({len(keys)} tensors) failed: {exc}") from None
+        count = sum(len(keys) for keys in group.sources.values())
+        raise LoadError(f"checkpoint {checkpoint.directory}: cannot convert {count} stored tensor(s) into "
+                        f"{group.first_name} as transformers does: {_why_not(group, checkpoint, exc)}") from None
+
+
+def _group_tensors(view: "ConvertedCheckpoint", group: _Group) -> dict[str, Any]:
+    """How each model tensor a group gives is read: as slices of the stored tensors where the
+    conversion is described so (and gives the shapes transformers' own run gives), else whole."""
+    expected = {n: list(t.shape) for n, t in _meta_outputs(group, view.checkpoint, view.model).items()}
+    try:
+        described = group.described(view.checkpoint, view.model)
+    except ValueError:  # shapes the description cannot combine: converted whole instead
+        described = None
+    if described is not None and {n: list(v.shape) for n, v in described.items()} == expected:
+        return described
+    return {n: _Converted(view, group, n, shape) for n, shape in expected.items()}
 
 
 def _transforms(model: nn.Module) -> Optional[tuple[list[Any], list[Any]]]:
@@ -240,10 +279,13 @@ def _transforms(model: nn.Module) -> Optional[tuple[list[Any], list[Any]]]:
 
 def converted(checkpoint: Checkpoint, model: nn.Module) -> Checkpoint:
     """``checkpoint`` under the names ``model`` gives its tensors, where transformers renames or
-    merges any of its keys when loading it into ``model``; else ``checkpoint`` itself.
+    converts any of its keys when loading it into ``model`` (beyond adding or dropping the base
+    model's prefix); else ``checkpoint`` itself.
 
     Raises:
-        LoadError: a conversion transformers defines fails on the stored tensors' shapes.
+        LoadError: a conversion transformers defines fails on the stored tensors' shapes, or the
+            checkpoint holds a model tensor twice (stored whole and in a fused tensor, say),
+            where which one transformers loads depends on the order it meets them.
     """
     rules = _transforms(model)
     if rules is None:
@@ -251,38 +293,38 @@ def converted(checkpoint: Checkpoint, model: nn.Module) -> Checkpoint:
     from transformers.core_model_loading import dot_natural_key, rename_source_key
 
     renamings, converters = rules
-    stored = sorted(checkpoint.keys(), key=dot_natural_key)  # transformers' order: experts 0, 1, ..., 10
-    if all(rename_source_key(k, renamings, converters)[0] == k for k in stored):
-        return checkpoint
     names = {n: True for n in model.state_dict(keep_vars=True)}
     prefix = getattr(model, "base_model_prefix", None)
-    by_pattern = {pattern: c for c in converters for pattern in c.source_patterns}
-    renamed: dict[str, str] = {}
-    groups: dict[str, _Group] = {}
-    for key in stored:  # as transformers' convert_and_load_state_dict_in_model matches them
+    matched, changed = [], False
+    # as transformers' convert_and_load_state_dict_in_model matches keys, in its order (experts
+    # 0, 1, ..., 10), each key once (some renamings keep state from one key to the next)
+    for key in sorted(checkpoint.keys(), key=dot_natural_key):
         name, pattern = rename_source_key(key, renamings, converters, prefix, names)
         if name not in names and key in names:
             name, pattern = rename_source_key(key, [], [], prefix, names)
-        if name not in names:
-            renamed.setdefault(key, key)  # not the model's: the check names it
+        changed = changed or pattern is not None or name != rename_source_key(key, [], [], prefix, names)[0]
+        matched.append((key, name, pattern))
+    if not changed:  # names as stored, but for the prefix: read as they are (loading.checkpoint_names)
+        return checkpoint
+    by_pattern = {pattern: c for c in converters for pattern in c.source_patterns}
+    view = ConvertedCheckpoint(checkpoint, model)
+    origin: dict[str, str] = {}
+    groups: dict[str, _Group] = {}
+    for key, name, pattern in matched:
+        if name not in names:  # not the model's: kept under its stored name, for the check to name
+            view.tensors[key], origin[key] = _Stored(checkpoint, key), key
         elif pattern is None:
-            renamed.setdefault(name, key)
+            _add(view, origin, name, _Stored(checkpoint, key), key)
         else:
             groups.setdefault(name, _Group(by_pattern[pattern], name)).sources.setdefault(pattern, []).append(key)
-    view = ConvertedCheckpoint(checkpoint, model, {})
-    view.tensors = {name: _Stored(checkpoint, key) for name, key in renamed.items()}
     for group in groups.values():
-        expected = {n: list(t.shape) for n, t in _meta_outputs(group, checkpoint, model).items()}
-        described = _described_or_none(group, checkpoint, model)
-        if described is not None and {n: list(v.shape) for n, v in described.items()} == expected:
-            view.tensors.update(described)
-        else:
-            view.tensors.update({n: _Converted(view, group, n, shape) for n, shape in expected.items()})
+        first = next(iter(group.sources.values()))[0]
+        for name, tensor in _group_tensors(view, group).items():
+            _add(view, origin, name, tensor, f"part of what transformers converts from {first} ...")
     return view
 
 
-def _described_or_none(group: _Group, checkpoint: Checkpoint, model: nn.Module) -> Optional[dict[str, Any]]:
-    try:
-        return group.described(checkpoint, model)
-    except ValueError:  # shapes the slicing description cannot combine: converted whole instead
-        return None
+def _add(view: ConvertedCheckpoint, origin: dict[str, str], name: str, tensor: Any, source: str) -> None:
+    if name in origin:
+        raise LoadError(f"checkpoint {view.directory} holds {name} twice: as {origin[name]} and as {source}")
+    view.tensors[name], origin[name] = tensor, source

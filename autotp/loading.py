@@ -210,15 +210,23 @@ class FirstOf:
             getattr(source, "close", lambda: None)()
 
 
-def check_checkpoint(checkpoint: Checkpoint, model: nn.Module) -> None:
+def check_checkpoint(checkpoint: Checkpoint, model: nn.Module, stored: Optional[Iterable[str]] = None) -> None:
     """The checkpoint must hold every persistent tensor of ``model`` (under one of the keys
-    :func:`checkpoint_names` gives) and nothing else, except what the model class says to
-    ignore (a checkpoint saved from the base model has no head; a tied head is saved once)."""
-    state = set(model.state_dict(keep_vars=True))
+    :func:`checkpoint_names` gives), each of the model's shape, and nothing else, except what
+    the model class says to ignore (a checkpoint saved from the base model has no head; a tied
+    head is saved once). ``stored``: the keys in the files, where ``checkpoint`` reads them under
+    other names (:func:`autotp.conversions.converted`); whether they were saved from a model
+    with a head is decided on them.
+
+    Shapes are checked whole, as transformers checks them: a rank's slice alone can hide a
+    short tensor (a padded shard of 129 rows has the local shape of one of 131).
+    """
+    state = model.state_dict(keep_vars=True)
     keys = checkpoint_names(model, checkpoint.keys())
-    missing = sorted(n for n in state if not any(k in checkpoint for k in keys.get(n, [n])))
+    found = {n: next((k for k in keys.get(n, [n]) if k in checkpoint), None) for n in state}
+    missing = sorted(n for n, k in found.items() if k is None)
     ignore = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
-    prefix, level = _saved_level(model, checkpoint.keys())
+    prefix, level = _saved_level(model, checkpoint.keys() if stored is None else stored)
     if level == "with":  # a base model, a head model's checkpoint: its head is not read
         ignore.append(re.compile(rf"^(?!{re.escape(prefix)}\.)"))
     known = {k for names in keys.values() for k in names}
@@ -230,6 +238,11 @@ def check_checkpoint(checkpoint: Checkpoint, model: nn.Module) -> None:
     if unexpected:
         raise LoadError(f"checkpoint {where} holds {len(unexpected)} tensor(s) the model does not have: "
                         f"{', '.join(unexpected[:3])}" + (" ..." if len(unexpected) > 3 else ""))
+    wrong = [(n, k) for n, k in found.items() if list(checkpoint.shape(k)) != list(state[n].shape)]
+    if wrong:
+        name, key = wrong[0]
+        raise LoadError(f"checkpoint {where}: {key} has shape {list(checkpoint.shape(key))}, the model's {name} "
+                        f"{list(state[name].shape)}" + (f" ({len(wrong) - 1} more differ)" if len(wrong) > 1 else ""))
 
 
 def checkpoint_source(directory: str | Path, model: nn.Module, *, mapped: bool = False) -> CheckpointSource:
@@ -240,8 +253,9 @@ def checkpoint_source(directory: str | Path, model: nn.Module, *, mapped: bool =
     Raises:
         LoadError: no checkpoint there, or it does not match the model.
     """
-    checkpoint = converted(open_checkpoint(directory, mapped=mapped), model)
-    check_checkpoint(checkpoint, model)
+    files = open_checkpoint(directory, mapped=mapped)
+    checkpoint = converted(files, model)
+    check_checkpoint(checkpoint, model, stored=files.keys())
     return CheckpointSource(checkpoint, checkpoint_names(model, checkpoint.keys()))
 
 

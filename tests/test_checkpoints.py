@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import autotp
 from autotp.checkpoints import LoadError, SafetensorsCheckpoint, TorchCheckpoint, has_weights, open_checkpoint
-from autotp.loading import check_checkpoint, checkpoint_names
+from autotp.loading import check_checkpoint, checkpoint_names, checkpoint_source
 from autotp.placement import Replicate, Shard
 from distributed import run_ranks
 from models import assert_close_to, hf_model, token_ids
@@ -156,8 +157,6 @@ def test_base_model_keys_are_matched_both_ways_and_a_missing_head_is_named(tmp_p
 def test_keys_are_mapped_for_the_whole_checkpoint_at_once(tmp_path) -> None:
     """A checkpoint with the base model's prefix on its keys is read by name only: a key
     missing there is missing, not looked for without the prefix (as transformers decides)."""
-    from safetensors.torch import save_file
-
     model = hf_model("llama", seed=1)
     names = checkpoint_names(model, ["model.norm.weight"])
     assert names["model.norm.weight"] == ["model.norm.weight"]
@@ -167,3 +166,25 @@ def test_keys_are_mapped_for_the_whole_checkpoint_at_once(tmp_path) -> None:
                "norm.weight": state["model.norm.weight"].contiguous()}, str(tmp_path / "model.safetensors"))
     with pytest.raises(LoadError, match="missing 1 tensor\\(s\\) the model needs: model.norm.weight"):
         check_checkpoint(open_checkpoint(tmp_path), model)
+
+
+def test_a_short_tensor_is_refused_though_a_padded_slice_would_hide_it(tmp_path) -> None:
+    """131 vocabulary rows planned, 129 stored: at 4 ranks, rank 3's padded slice of either is 33
+    rows, so only the whole shape tells (transformers refuses it too)."""
+    model = hf_model("gpt2_odd_vocab", seed=3)
+    model.save_pretrained(tmp_path)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    state["transformer.wte.weight"] = state["transformer.wte.weight"][:129].contiguous()
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(LoadError, match=r"transformer.wte.weight has shape \[129, 64\], the model's .* \[131, 64\]"):
+        checkpoint_source(tmp_path, model)
+
+
+def test_an_index_that_lists_a_tensor_its_file_lacks_is_refused(tmp_path) -> None:
+    model = hf_model("llama", seed=1)
+    model.save_pretrained(tmp_path)
+    names = list(load_file(str(tmp_path / "model.safetensors")))
+    index = {"weight_map": {**{k: "model.safetensors" for k in names}, "model.extra.weight": "model.safetensors"}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(LoadError, match="has no tensor 'model.extra.weight', which its index lists there"):
+        SafetensorsCheckpoint(tmp_path).shape("model.extra.weight")

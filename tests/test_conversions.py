@@ -87,7 +87,7 @@ def test_a_conversion_run_whole_equals_the_sliced_one(saved, monkeypatch) -> Non
     whole tensors; the rank's slice of that is the same."""
     directory, model = saved["qwen2_moe"]
     sliced = checkpoint_source(directory, model)
-    monkeypatch.setattr(conversions, "_described_or_none", lambda *args: None)
+    monkeypatch.setattr(conversions._Group, "described", lambda *args: None)
     whole = checkpoint_source(directory, model)
     assert any(isinstance(t, conversions._Converted) for t in whole.checkpoint.tensors.values())
     for tensor_name in model.state_dict():
@@ -125,3 +125,61 @@ def test_an_expert_missing_from_the_checkpoint_is_refused(saved, tmp_path) -> No
     save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(LoadError, match="experts"):
         checkpoint_source(tmp_path, model)
+
+
+def test_a_converter_that_keeps_the_name_is_applied(tmp_path) -> None:
+    """Qwen3-VL-MoE's experts keep their names and are transposed from the original layout: no
+    key is renamed, yet transformers converts them, and so must autotp."""
+    from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+
+    config = Qwen3VLMoeConfig(
+        text_config=dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=48, num_experts=4,
+                         num_experts_per_tok=2, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=16, vocab_size=128, rope_scaling={"rope_type": "default", "mrope_section": [2, 3, 3]}),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                           deepstack_visual_indexes=[]))
+    torch.manual_seed(0)
+    model = Qwen3VLMoeForConditionalGeneration(config).eval()
+    model.save_pretrained(tmp_path)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    experts = [k for k in state if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]
+    assert experts
+    save_file({k: v.transpose(1, 2).contiguous() if k in experts else v for k, v in state.items()},
+              str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    theirs = _loaded_by_transformers(tmp_path, model)
+    source = checkpoint_source(tmp_path, model)
+    for key in experts:
+        name = next(n for n in theirs if n.endswith(key.split("layers.", 1)[1]))
+        assert torch.equal(source.read(name, Replicate(), 0, 1), theirs[name]), name
+        assert torch.equal(source.read(name, Shard(0), 1, 2), local_chunk(theirs[name], Shard(0), 1, 2)), name
+
+
+def test_a_tensor_stored_twice_is_refused(saved, tmp_path) -> None:
+    """Stored whole and as experts apart: which one transformers loads depends on the order it
+    meets them, so autotp reads neither."""
+    directory, model = saved["mixtral"]
+    state = load_file(str(directory / "model.safetensors"))
+    state["model.layers.0.mlp.experts.down_proj"] = model.state_dict()["model.layers.0.mlp.experts.down_proj"].contiguous()
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(LoadError, match="holds model.layers.0.mlp.experts.down_proj twice"):
+        checkpoint_source(tmp_path, model)
+
+
+def test_a_missing_expert_is_refused_by_shape(saved, tmp_path) -> None:
+    """Every projection of expert 3 gone: the stack holds 3 experts where the model has 4."""
+    directory, model = saved["mixtral"]
+    state = load_file(str(directory / "model.safetensors"))
+    state = {k: v for k, v in state.items() if ".layers.0.block_sparse_moe.experts.3." not in k}
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(LoadError, match=r"has shape \[3, .*the model's model.layers.0.mlp.experts.* \[4, "):
+        checkpoint_source(tmp_path, model)
+
+
+def test_a_head_checkpoint_loads_into_the_base_model(saved) -> None:
+    from transformers import MixtralModel
+
+    directory, model = saved["mixtral"]
+    base = MixtralModel(model.config).eval()
+    source = checkpoint_source(directory, base)  # its head is not read
+    for name, expected in model.model.state_dict().items():
+        assert torch.equal(source.read(name, Replicate(), 0, 1), expected), name
