@@ -66,7 +66,10 @@ def _parser() -> argparse.ArgumentParser:
     verify = sub.add_parser("verify", help="compare sharded and unsharded outputs on N local ranks",
                             description="Start N local ranks (gloo), run MODEL sharded and unsharded on the same random "
                                         "inputs and print the max difference per output. Weights are MODEL's own when it "
-                                        "has them and N copies fit in memory, random (seeded) otherwise.")
+                                        "has them and N copies fit in memory, random (seeded) otherwise. With its own, "
+                                        "the unsharded model is loaded by transformers' from_pretrained and each rank of "
+                                        "the sharded one reads its slices of the checkpoint, as parallelize(..., "
+                                        "checkpoint=DIR) does: the check covers reading the checkpoint too.")
     verify.add_argument("model", metavar="MODEL")
     verify.add_argument("--tp", type=int, required=True, help="number of local ranks")
     verify.add_argument("--batch", type=int, default=2)
@@ -159,15 +162,17 @@ def _verify_worker(rank: int, world: int, model_text: str, use_weights: bool, ba
     from autotp.source import resolve_model
 
     source = resolve_model(model_text)
-    if use_weights:
+    if use_weights:  # the sharded model reads its slices of the checkpoint, as a user's does
         model, example = source.build("empty")
-        load_full(model, source)
+        reference_model = _reference(source)
+        checkpoint = source.directory
     else:
         model, example = source.build("random", seed=0)
+        reference_model, checkpoint = model, None
     inputs = _inputs(model, example, batch, seq)
     with torch.no_grad():
-        reference = _flat_outputs(model(**inputs))
-        tp_model = autotp.parallelize(model, example)
+        reference = _flat_outputs(reference_model(**inputs))
+        tp_model = autotp.parallelize(model, example, checkpoint=checkpoint)
         outputs = _flat_outputs(tp_model(**inputs))
     rows = []
     for name, ref in reference.items():
@@ -178,11 +183,17 @@ def _verify_worker(rank: int, world: int, model_text: str, use_weights: bool, ba
     return dict(rows=rows, sharded=len(tp_model.plan.sharded_params()), bytes=tp_model.local_bytes())
 
 
-def load_full(model: Any, source: Any) -> None:
-    """Fill a model built with parameters on meta from its whole checkpoint (the reference)."""
-    from autotp.loading import checkpoint_source, materialize
+def _reference(source: Any) -> Any:
+    """The unsharded model with its checkpoint's weights as transformers' ``from_pretrained``
+    loads them, in the dtype autotp builds it in: independent of autotp's own checkpoint
+    reading (key matching, expert merging, slicing), which the sharded model goes through."""
+    import torch
 
-    materialize(model, checkpoint_source(source.directory, model))
+    from autotp import hf
+
+    cls = hf.model_class(source.config)
+    dtype = hf.config_dtype(source.config) or torch.get_default_dtype()
+    return cls.from_pretrained(str(source.directory), config=source.config, dtype=dtype).eval()
 
 
 def _inputs(model: Any, example: Any, batch: int, seq: int) -> dict:
@@ -230,7 +241,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     tp = _positive(args.tp, "--tp")
     source = resolve_model(args.model)
     use_weights = source.has_checkpoint and not args.random_weights and _fits_in_memory(source, tp)
-    weights = "its own weights" if use_weights else "random weights (seed 0)"
+    weights = ("its own weights (unsharded: from_pretrained; sharded: each rank reads its slices)" if use_weights
+               else "random weights (seed 0)")
     if source.has_checkpoint and not use_weights and not args.random_weights:
         weights += f": {tp} copies of the checkpoint do not fit in memory"
     print(f"verify {source.name} at tp={tp} on {tp} local ranks (gloo), {weights}", flush=True)

@@ -96,6 +96,17 @@ def test_verify_reports_parity(capsys, llama_dir):
     assert [line.split()[-1] for line in out.splitlines() if line.startswith("logits")] == ["OK"]
 
 
+@pytest.mark.distributed
+def test_verify_reads_the_checkpoint_against_transformers_loading(capsys, tmp_path):
+    """A mixture of experts saved with its experts apart: transformers' from_pretrained loads
+    the reference, each rank reads and merges its slices of the experts."""
+    hf_model("mixtral", seed=2).save_pretrained(tmp_path)
+    code, out, _ = run_cli(capsys, "verify", str(tmp_path), "--tp", "2")
+    assert code == 0, out
+    assert "from_pretrained" in out
+    assert [line.split()[-1] for line in out.splitlines() if line.startswith("logits")] == ["OK"]
+
+
 def _write_config(directory: Path, text: str | None = None, **fields) -> Path:
     directory.mkdir(exist_ok=True)
     (directory / "config.json").write_text(json.dumps(fields) if text is None else text)
