@@ -31,14 +31,14 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from autotp.checkpoints import Checkpoint, LoadError, SafetensorsCheckpoint, TorchCheckpoint, open_checkpoint
 from autotp.conversions import converted
-from autotp.placement import Placement, Replicate, Shard, local_chunk
+from autotp.placement import Placement, Shard, local_chunk
 from autotp.safetensors_io import SafetensorsReader
 from autotp.plan import Plan
 
 __all__ = [
     "TensorSource", "ModuleSource", "CheckpointSource", "ShardFileSource", "FirstOf", "SafetensorsCheckpoint",
     "TorchCheckpoint", "Checkpoint", "open_checkpoint", "load_into", "LoadError", "named_tensors", "aliases",
-    "check_checkpoint", "checkpoint_names", "checkpoint_source", "materialize",
+    "check_checkpoint", "checkpoint_names", "checkpoint_source",
 ]
 
 
@@ -257,22 +257,6 @@ def checkpoint_source(directory: str | Path, model: nn.Module, *, mapped: bool =
     checkpoint = converted(files, model)
     check_checkpoint(checkpoint, model, stored=files.keys())
     return CheckpointSource(checkpoint, checkpoint_names(model, checkpoint.keys()))
-
-
-def materialize(module: nn.Module, source: Any) -> nn.Module:
-    """Replace every ``meta`` parameter and buffer of ``module`` by its full tensor from
-    ``source`` (an unsharded reference model built from a checkpoint)."""
-    done: dict[int, torch.Tensor] = {}  # tied tensors stay tied
-    for prefix, owner in module.named_modules(remove_duplicate=False):
-        for store in (owner._parameters, owner._buffers):
-            for key, t in list(store.items()):
-                if t is None or t.device.type != "meta":
-                    continue
-                if id(t) not in done:
-                    value = source.read(f"{prefix}.{key}" if prefix else key, Replicate(), 0, 1).to(t.dtype)
-                    done[id(t)] = nn.Parameter(value, requires_grad=False) if isinstance(t, nn.Parameter) else value
-                store[key] = done[id(t)]
-    return module
 
 
 def _set_tensor(gm: fx.GraphModule, name: str, value: torch.Tensor) -> None:
