@@ -28,6 +28,7 @@ depends on the order it meets them. Whole shapes are checked against the model's
 from __future__ import annotations
 
 import copy
+import inspect
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -263,14 +264,17 @@ def _group_tensors(view: "ConvertedCheckpoint", group: _Group) -> dict[str, Any]
 
 def _transforms(model: nn.Module) -> Optional[tuple[list[Any], list[Any]]]:
     """transformers' renamings and converters for ``model`` (None: not a transformers model, or a
-    transformers without load-time conversions)."""
+    transformers without load-time conversions or with another way of matching keys)."""
     try:
         from transformers import PreTrainedModel
         from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, WeightRenaming
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
     except ImportError:
         return None
-    if not isinstance(model, PreTrainedModel):
+    # the matching this module mirrors (transformers 5.2x): another version's may differ, and a
+    # checkpoint is then read under its stored names (a mismatch is a LoadError, not a guess)
+    matching = inspect.signature(rename_source_key).parameters
+    if not isinstance(model, PreTrainedModel) or "meta_state_dict" not in matching:
         return None
     transforms = get_model_conversion_mapping(model)
     return ([t for t in transforms if isinstance(t, WeightRenaming)],
