@@ -31,7 +31,7 @@ from autotp.errors import AutotpError
 from autotp.placement import Placement, Shard, padded_length, rank_ranges, zero_padded
 from autotp.safetensors_io import SafetensorsReader
 
-__all__ = ["LoadError", "Checkpoint", "Sliced", "ranges_of", "SafetensorsCheckpoint", "TorchCheckpoint", "open_checkpoint", "has_weights"]
+__all__ = ["LoadError", "Checkpoint", "Sliced", "joined", "ranges_of", "SafetensorsCheckpoint", "TorchCheckpoint", "open_checkpoint", "has_weights"]
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_INDEX = "pytorch_model.bin.index.json"
@@ -206,10 +206,14 @@ class TorchCheckpoint(_Files):
         self._states.clear()
 
 
+def joined(pieces: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """``pieces`` concatenated along ``dim``; the piece itself where there is one (no copy)."""
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
+
+
 def ranges_of(tensor: torch.Tensor, dim: int, ranges: list[tuple[int, int]]) -> torch.Tensor:
     """The concatenation of index ``ranges`` of ``tensor`` along ``dim`` (a view for one range)."""
-    pieces = [tensor.narrow(dim, start, end - start) for start, end in ranges]
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
+    return joined([tensor.narrow(dim, start, end - start) for start, end in ranges], dim)
 
 
 def _has_safetensors(directory: Path) -> bool:

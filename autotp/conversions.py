@@ -35,7 +35,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn as nn
 
-from autotp.checkpoints import Checkpoint, LoadError, Sliced, ranges_of
+from autotp.checkpoints import Checkpoint, LoadError, Sliced, joined, ranges_of
 
 __all__ = ["converted", "ConvertedCheckpoint"]
 
@@ -51,10 +51,6 @@ class _Stored:
 
     def read(self, dim: Optional[int], ranges: Ranges) -> torch.Tensor:
         return self.checkpoint.read_ranges(self.key, dim, ranges)
-
-
-def _cat(pieces: list[torch.Tensor], dim: int) -> torch.Tensor:
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
 
 
 class _Stacked:
@@ -73,8 +69,11 @@ class _Stacked:
         if dim != self.dim:
             return torch.stack([p.read(dim if dim < self.dim else dim - 1, ranges) for p in self.parts], self.dim)
         picked = [i for a, b in ranges for i in range(a, b)]
-        if not picked:  # an empty range (a padded rank past the end)
-            return self.parts[0].read(None, None).unsqueeze(self.dim)[(slice(None),) * self.dim + (slice(0, 0),)]
+        if not picked:  # an empty range (a padded rank past the end): no part is read, only its dtype
+            empty = list(self.shape)
+            empty[self.dim] = 0
+            first = self.parts[0]
+            return (first.read(0, [(0, 0)]) if first.shape else first.read(None, None)).new_empty(empty)
         return torch.stack([self.parts[i].read(None, None) for i in picked], self.dim)
 
 
@@ -91,7 +90,7 @@ class _Concatenated:
 
     def read(self, dim: Optional[int], ranges: Ranges) -> torch.Tensor:
         if dim != self.dim:
-            return _cat([p.read(dim, ranges) for p in self.parts], self.dim)
+            return joined([p.read(dim, ranges) for p in self.parts], self.dim)
         pieces = []
         for a, b in ranges:
             start = 0
@@ -100,7 +99,7 @@ class _Concatenated:
                 if max(a, start) < min(b, end):
                     pieces.append(part.read(dim, [(max(a, start) - start, min(b, end) - start)]))
                 start = end
-        return _cat(pieces, dim) if pieces else self.parts[0].read(dim, [(0, 0)])
+        return joined(pieces, dim) if pieces else self.parts[0].read(dim, [(0, 0)])
 
 
 class _Narrowed:
@@ -303,10 +302,11 @@ def converted(checkpoint: Checkpoint, model: nn.Module) -> Checkpoint:
     # as transformers' convert_and_load_state_dict_in_model matches keys, in its order (experts
     # 0, 1, ..., 10), each key once (some renamings keep state from one key to the next)
     for key in sorted(checkpoint.keys(), key=dot_natural_key):
+        plain = rename_source_key(key, [], [], prefix, names)[0]  # the base model's prefix alone
         name, pattern = rename_source_key(key, renamings, converters, prefix, names)
         if name not in names and key in names:
-            name, pattern = rename_source_key(key, [], [], prefix, names)
-        changed = changed or pattern is not None or name != rename_source_key(key, [], [], prefix, names)[0]
+            name, pattern = plain, None
+        changed = changed or pattern is not None or name != plain
         matched.append((key, name, pattern))
     if not changed:  # names as stored, but for the prefix: read as they are (loading.checkpoint_names)
         return checkpoint
