@@ -39,7 +39,8 @@ from autotp.plan import Plan
 from autotp.planner import plan_graph
 from autotp.rewrite import rewrite
 
-__all__ = ["simulate", "Simulation", "SimulatedCommunicator", "rank_graphs", "run_ranks_in_threads", "copy_graph_module"]
+__all__ = ["simulate", "Simulation", "SimulatedCommunicator", "rank_graphs", "run_ranks_in_threads", "copy_graph_module",
+           "written_tensors"]
 
 
 class _Meeting:
@@ -102,13 +103,66 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
 
 def rank_graphs(captured: Captured, plan: Plan, model: nn.Module,
                 comms: Optional[Sequence[Communicator]] = None) -> list[fx.GraphModule]:
-    """Every rank's rewritten graph, loaded with its slices of ``model``'s tensors."""
+    """Every rank's rewritten graph, loaded with its slices of ``model``'s tensors. A tensor the
+    graph writes into (a running statistic, a cache buffer) is each rank's own copy, as on real
+    ranks: shared, every rank's write would land in the one tensor (and in ``model``'s)."""
     comms = comms or communicators(plan.tp_size)
+    written = written_tensors(captured.graph_module.graph)
     graphs = []
     for rank in range(plan.tp_size):
         gm = rewrite(copy_graph_module(captured.graph_module), plan, rank, comm=comms[rank])
-        graphs.append(load_into(gm, plan, rank, ModuleSource(model)))
+        graphs.append(load_into(gm, plan, rank, _OwnCopies(ModuleSource(model), written)))
     return graphs
+
+
+class _OwnCopies:
+    """A tensor source that copies the ``written`` tensors it reads."""
+
+    def __init__(self, source: ModuleSource, written: set[str]) -> None:
+        self.source, self.written = source, written
+
+    def has(self, name: str) -> bool:
+        return self.source.has(name)
+
+    def read(self, name: str, *args: Any) -> torch.Tensor:
+        value = self.source.read(name, *args)
+        return value.clone() if name in self.written else value
+
+
+def written_tensors(graph: fx.Graph) -> set[str]:
+    """The parameters and buffers ``graph`` writes into, directly or through a view: an op whose
+    schema marks an argument written (``Tensor(a!)``) takes the tensor or a value its schema says
+    aliases it (``Tensor(a)``, a view)."""
+    written: set[str] = set()
+    for node in graph.nodes:
+        if node.op != "get_attr":
+            continue
+        aliases, frontier = {node}, [node]
+        while frontier:
+            value = frontier.pop()
+            for user, argument in _uses(value):
+                info = argument.alias_info
+                if info is not None and info.is_write:
+                    written.add(str(node.target))
+                elif info is not None and user not in aliases:
+                    aliases.add(user)
+                    frontier.append(user)
+    return written
+
+
+def _uses(value: fx.Node) -> list[tuple[fx.Node, Any]]:
+    """(user, the schema argument ``value`` is passed as) for each use of ``value`` by an op with
+    a schema."""
+    uses = []
+    for user in value.users:
+        schema = getattr(user.target, "_schema", None)
+        if user.op != "call_function" or schema is None:
+            continue
+        passed = list(zip(schema.arguments, user.args)) + [(a, user.kwargs[a.name]) for a in schema.arguments
+                                                             if a.name in user.kwargs]
+        uses += [(user, argument) for argument, given in passed
+                 if given is value or (isinstance(given, (list, tuple)) and value in given)]
+    return uses
 
 
 def run_ranks_in_threads(fn: Callable[[int], Any], world_size: int,

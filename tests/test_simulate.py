@@ -9,15 +9,18 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 
 import pytest
 import torch
+import torch.nn as nn
 
 import autotp
+from autotp.capture import capture
 from autotp.placement import Shard
-from autotp.simulate import communicators, run_ranks_in_threads, simulate
+from autotp.simulate import communicators, run_ranks_in_threads, simulate, written_tensors
 from distributed import run_ranks
 from models import assert_close_to, hf_model, token_ids
 
@@ -84,3 +87,32 @@ def test_collectives_sum_in_rank_order_and_gather_chunks() -> None:
     assert all(torch.equal(s, torch.full((2,), 10.0)) for s in summed)
     gathered = run_ranks_in_threads(lambda r: comms[r].all_gather(pieces[r], 0, replicas=2), 4, comms)
     assert all(torch.equal(g, torch.tensor([1.0, 1.0, 3.0, 3.0])) for g in gathered)  # one piece per pair
+
+
+class _RunningStatistic(nn.Module):
+    """Keeps a running mean of its hidden activations in a buffer, updated in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(48, 96), nn.Linear(96, 48)
+        self.register_buffer("running", torch.zeros(96))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        self.running.mul_(0.5).add_(h.mean((0, 1)) * 0.5)
+        return self.b(h - self.running)
+
+
+@pytest.mark.parametrize("tp", [2, 3])
+def test_a_buffer_the_graph_writes_is_each_simulated_rank_s_own(tp: int) -> None:
+    """Each real rank holds its own copy of a replicated buffer; simulated ranks once shared one
+    (the model's), so an in-place update landed tp times and every rank's output was wrong."""
+    torch.manual_seed(0)
+    model = _RunningStatistic().eval()
+    x = torch.randn(2, 8, 48)
+    with torch.no_grad():
+        reference = copy.deepcopy(model)(x)
+    sim = simulate(model, (x,), tp)
+    for out in sim.outputs:
+        assert_close_to(reference, out)
+    assert written_tensors(capture(model, (x,)).graph) == {"running"}  # from the schemas: mul_'s Tensor(a!)
