@@ -22,14 +22,15 @@ Invariants:
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import inspect
 import os
+import re
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 import torch.fx as fx
@@ -40,7 +41,9 @@ from torch.utils import _pytree as pytree
 
 from autotp.errors import AutotpError
 from autotp import hf
+from autotp.export_settings import deferred_codegen, no_stack_traces, partial_graph_unprinted, recorded_guards
 from autotp.heap import old_objects_frozen
+from autotp.opaque import OpaqueCall, install_opaque_calls, opaque_calls, untraceable_module
 from autotp.repeats import share_repeated_layers
 
 __all__ = ["capture", "Captured", "bind_inputs", "forward_signature", "structure_key", "fake_skeleton", "meta_twin",
@@ -235,41 +238,101 @@ def capture(
     name = type(model).__name__
     share = _share_layers(share_layers)
     try:
-        exported, sharing = _export(model, inputs, device, bump_unit_dims, share)
+        exported, sharing, records = _export_making_opaque(model, inputs, device, bump_unit_dims, share)
     except Exception as exc:  # export raises many types; one clear error names the model
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        failure = CaptureError(f"torch.export could not capture {name}: {type(exc).__name__}: {first}")
+        failure = _capture_error(name, exc)
         if not share:
             raise failure from exc
         try:  # the trusted path decides, on a fresh copy: every layer traced
-            exported, sharing = _export(model, inputs, device, bump_unit_dims, False)
+            exported, sharing, records = _export_making_opaque(model, inputs, device, bump_unit_dims, False)
         except Exception:  # noqa: BLE001  the model's own failure, reported as it was the first time
             raise failure from exc
-        warnings.warn(f"autotp: copying {name}'s repeated layers failed ({type(exc).__name__}: {first}); every "
+        warnings.warn(f"autotp: copying {name}'s repeated layers failed ({str(failure).split(': ', 1)[1]}); every "
                       "layer was traced instead (AUTOTP_SHARE_LAYERS=0 skips the attempt)")
-    with _recorded_guards() as guards:  # not deferred: unlifting reads the signature of the code
-        gm = _drop_unused_tensors(exported.module())
+    with recorded_guards() as guards:  # not deferred: unlifting reads the signature of the code
+        gm = exported.module()
+    install_opaque_calls(gm, records)
+    _warn_opaque(gm)
+    gm = _drop_unused_tensors(gm)
     tensors = [str(n.target) for n in gm.graph.nodes if n.op == "get_attr"]
     return Captured(gm, list(inputs), structure_key(inputs), name, tensors, guards[-1] if guards else None,
                     sharing.copied if sharing is not None else 0)
 
 
+def _capture_error(name: str, exc: BaseException) -> CaptureError:
+    if isinstance(exc, CaptureError):
+        return exc
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return CaptureError(f"torch.export could not capture {name}: {type(exc).__name__}: {first}")
+
+
+class _Untraceable(Exception):
+    """Export failed on a data-dependent guard inside a submodule of this class."""
+
+    def __init__(self, cls: type, why: str) -> None:
+        super().__init__(why)
+        self.cls, self.why = cls, why
+
+
+_MOST_OPAQUE_CLASSES = 4
+
+
+def _export_making_opaque(model: nn.Module, inputs: dict[str, Any], device: torch.device, bump_unit_dims: bool,
+                          share: bool) -> tuple[Any, Any, dict]:
+    """:func:`_export`, making opaque (:mod:`autotp.opaque`: run whole, in eager PyTorch) the
+    class of each submodule in which export fails on a data-dependent size, then again. Layers
+    are not shared once a class is opaque: a shared layer's opaque call would run layer 0's
+    module."""
+    opaque: dict[type, str] = {}
+    while True:
+        try:
+            return _export(model, inputs, device, bump_unit_dims, share and not opaque, opaque)
+        except _Untraceable as found:
+            if found.cls in opaque or len(opaque) >= _MOST_OPAQUE_CLASSES:
+                raise _capture_error(type(model).__name__, found.__cause__ or found) from found.__cause__
+            opaque[found.cls] = found.why
+        except Exception as exc:
+            if not opaque:
+                raise
+            names = ", ".join(cls.__name__ for cls in opaque)
+            raise CaptureError(f"torch.export could not capture {type(model).__name__}: {next(iter(opaque.values()))}; "
+                               f"running {names} whole instead failed: {type(exc).__name__}: "
+                               f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc
+
+
 def _export(model: nn.Module, inputs: dict[str, Any], device: torch.device, bump_unit_dims: bool,
-            share: bool) -> tuple[Any, Any]:
+            share: bool, opaque: dict[type, str]) -> tuple[Any, Any, dict]:
     """torch.export of a fresh fake skeleton of ``model`` (its own shape environment): the
-    exported program, and the layer sharing used (None when nothing was shared)."""
+    exported program, the layer sharing used (None when nothing was shared) and the records of
+    the calls of ``opaque`` classes (class -> why)."""
     skeleton, mode = fake_skeleton(model, device)
     passed = graph_inputs(skeleton, inputs)
     if len(passed) < len(inputs):  # bake the flags **kwargs would take (see graph_inputs)
         skeleton.__dict__["forward"] = functools.partial(skeleton.forward, **{k: v for k, v in inputs.items()
                                                                              if k not in passed})
     fake_inputs = {k: _as_fake(v, mode, device, bump_unit_dims) for k, v in passed.items()}
-    with hf.capture_settings(skeleton), _no_stack_traces(), torch.no_grad(), _deferred_codegen(), \
-            share_repeated_layers(skeleton, share) as sharing:
-        exported = torch.export.export(
-            skeleton, (), fake_inputs, dynamic_shapes=_dynamic_shapes(skeleton, fake_inputs), strict=False
-        )
-    return exported, sharing
+    try:
+        with hf.capture_settings(skeleton), no_stack_traces(), torch.no_grad(), deferred_codegen(), \
+                partial_graph_unprinted(), share_repeated_layers(skeleton, share) as sharing, opaque_calls(skeleton, model, opaque) as records:
+            exported = torch.export.export(
+                skeleton, (), fake_inputs, dynamic_shapes=_dynamic_shapes(skeleton, fake_inputs), strict=False
+            )
+    except Exception as exc:
+        found = untraceable_module(exc, skeleton)
+        if found is None:
+            raise
+        guard = re.search(r"data-dependent expression (.+?) \(unhinted", str(exc))
+        why = f"it branches on a size known only from the data: {guard.group(1) if guard else str(exc).splitlines()[0]}"
+        raise _Untraceable(type(found[1]), why) from exc
+    return exported, sharing, records
+
+
+def _warn_opaque(gm: fx.GraphModule) -> None:
+    classes = Counter(type(m.record.module).__name__ for m in gm.children() if isinstance(m, OpaqueCall))
+    if classes:
+        warnings.warn(f"autotp: {', '.join(f'{c} ({n} call(s))' for c, n in sorted(classes.items()))} run(s) whole "
+                      "on every rank, since torch.export cannot trace it (a branch on the data); the plan lists "
+                      "its parameters")
 
 
 def _share_layers(asked: Optional[bool]) -> bool:
@@ -293,78 +356,6 @@ def graph_inputs(model: nn.Module, inputs: Mapping[str, Any],
     if len(named) == len(params):
         return dict(inputs)
     return {k: v for k, v in inputs.items() if k in named or any(isinstance(t, torch.Tensor) for t in pytree.tree_leaves(v))}
-
-
-@contextlib.contextmanager
-def _no_stack_traces() -> Iterator[None]:
-    """Trace without recording each node's Python stack (``node.meta["stack_trace"]``): autotp
-    never reads it, and extracting and formatting ~700 stacks took 0.12-0.4 s of a 1.3-1.6 s
-    capture of an 8-layer Llama. (A torch without the switch records them, as before.)"""
-    import torch.fx.config as fx_config
-
-    before = getattr(fx_config, "do_not_emit_stack_traces", None)
-    fx_config.do_not_emit_stack_traces = True
-    try:
-        yield
-    finally:
-        if before is None:
-            del fx_config.do_not_emit_stack_traces
-        else:
-            fx_config.do_not_emit_stack_traces = before
-
-
-_GENERATE_CODE = fx.GraphModule.recompile
-
-
-@contextlib.contextmanager
-def _deferred_codegen() -> Iterator[None]:
-    """Inside, ``GraphModule.recompile()`` only marks the module's code out of date; it is
-    generated when the module is first called (or recompiled outside). torch.export regenerates
-    the Python code of the whole graph after each of its passes, 9 times for one capture, and
-    keeps none of those modules: ~0.1 s each for an 80-layer graph of ~5000 nodes. ``.code`` of
-    a module left out of date raises rather than showing stale code; code that reads the
-    signature of ``forward`` (unlifting, ``ExportedProgram.module()``) must run outside."""
-    def deferred(self: fx.GraphModule) -> None:
-        codegen = self._graph._codegen
-        if isinstance(codegen, torch.fx.graph._PyTreeCodeGen):  # what recompile sets besides the code
-            self._in_spec, self._out_spec = codegen.pytree_info.in_spec, codegen.pytree_info.out_spec
-        self.__dict__.pop("_code", None)
-        type(self).forward = _generate_then_forward  # each GraphModule has a class of its own
-
-    fx.GraphModule.recompile = deferred  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        fx.GraphModule.recompile = _GENERATE_CODE  # type: ignore[method-assign]
-
-
-def _generate_then_forward(self: fx.GraphModule, *args: Any, **kwargs: Any) -> Any:
-    _GENERATE_CODE(self)
-    return self.forward(*args, **kwargs)
-
-
-@contextlib.contextmanager
-def _recorded_guards() -> Iterator[list[tuple[list[str], list[tuple]]]]:
-    """Record the guard code export compiles into the module's ``_guards_fn``, so that
-    :mod:`autotp.cache` can rebuild the same check. It is a private torch function: where it
-    does not exist nothing is recorded (and graphs with guards are not cached)."""
-    import torch.export._unlift as unlift
-
-    original = getattr(unlift, "_convert_guards_code_to_fn", None)
-    recorded: list[tuple[list[str], list[tuple]]] = []
-    if original is None:
-        yield recorded
-        return
-
-    def recording(codes: list[str], paths: list[tuple]) -> Any:
-        recorded.append((list(codes), [tuple(p) for p in paths]))
-        return original(codes, paths)
-
-    unlift._convert_guards_code_to_fn = recording
-    try:
-        yield recorded
-    finally:
-        unlift._convert_guards_code_to_fn = original
 
 
 def _drop_unused_tensors(gm: fx.GraphModule) -> fx.GraphModule:

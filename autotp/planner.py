@@ -364,6 +364,9 @@ def _replicated_reason(node: fx.Node, rejected: dict, final: Propagation) -> str
         bias = final.answers[user].bias_path
         if bias and arg_at(user, bias) is node:
             return "bias of a row-parallel matmul: added once, after the all-reduce"
+    opaque = [u.meta["autotp_opaque"] for u in node.users if "autotp_opaque" in u.meta]
+    if opaque:
+        return f"read by {opaque[0]}"
     if not any(matmul_spec(u.target) for u in node.users if u.op == "call_function"):
         kinds = sorted({str(getattr(u.target, "__name__", u.target)) for u in node.users})
         return f"used by {', '.join(kinds) or 'nothing'}: replicated"

@@ -15,10 +15,14 @@ import sys
 
 import pytest
 
+from autotp.placement import Shard
+from autotp.simulate import simulate
+
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "scripts"))
 
-from arch_configs import ARCHS  # noqa: E402
+from arch_configs import ARCHS, build_and_run, logits_of  # noqa: E402
 from coverage import check_simulated  # noqa: E402
+from models import assert_close_to  # noqa: E402
 
 TP4 = ["llama", "mixtral", "qwen3_moe", "phi3", "gpt2", "gpt_neox", "falcon", "bert", "t5", "mamba"]
 # Exact but under half sharded, for a cause issue 14 still has open (the cause must stay in the
@@ -78,3 +82,20 @@ def test_a_family_the_small_sizes_break_is_built_from_its_scaled_defaults(arch, 
     r = check_simulated(arch, 2)
     assert r["config"] == made
     assert r["exact"], f"max abs diff {r['diff']:.2e} > 1e-4 x {r['scale']:.2e}"
+
+
+
+@pytest.mark.parametrize("arch", ["dbrx", "longcat_flash"])
+def test_experts_that_loop_over_the_routed_experts_run_whole(arch):
+    """DBRX's and LongCat-Flash's experts loop over the experts a batch routes to, which
+    torch.export cannot trace: the experts run whole on every rank (autotp.opaque), the rest is
+    planned as before (attention sharded), and every rank matches the unsharded model."""
+    model, inputs, reference, _ = build_and_run(arch)
+    with pytest.warns(UserWarning, match="whole on every rank"):
+        sim = simulate(model, inputs, 2)
+    for rank, out in enumerate(sim.outputs):
+        assert_close_to(reference, logits_of(out))
+    whole = [s for s in sim.plan.params.values() if "runs whole on every rank" in s.reason]
+    assert whole and all(not isinstance(s.placement, Shard) for s in whole)
+    assert all(".experts." in s.name for s in whole), [s.name for s in whole]
+    assert any("attn" in p.name for p in sim.plan.sharded_params())

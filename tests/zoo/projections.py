@@ -1,5 +1,5 @@
 """MLPs, heads and whole small models written by hand: fused and interleaved gate|up, a mixture of
-experts by masks, LoRA adapters, layers applied repeatedly (ALBERT), parameters used directly or
+experts by masks or by a loop over the routed experts, LoRA adapters, layers applied repeatedly (ALBERT), parameters used directly or
 in slices, einsum experts, in-place ops, control flow on a size, dict outputs, convolutions."""
 
 from __future__ import annotations
@@ -65,6 +65,43 @@ class DispatchMoE(nn.Module):
             picked = h[token]
             out.index_add_(0, token, w2(F.silu(w1(picked)) * w3(picked)) * w[token, slot, None])
         return out.view_as(x)
+
+
+class _RoutedExperts(nn.Module):
+    """Runs only the experts the batch routes to, and skips one that got no token (remote-code
+    MoE, older Mixtral): a loop torch.export cannot trace, so autotp runs it whole."""
+    def __init__(self, E=4, k=2):
+        super().__init__()
+        self.k = k
+        self.gate = nn.Linear(D, E, bias=False)
+        self.w1 = nn.ModuleList(nn.Linear(D, 96, bias=False) for _ in range(E))
+        self.w2 = nn.ModuleList(nn.Linear(96, D, bias=False) for _ in range(E))
+
+    def forward(self, h):
+        w, chosen = self.gate(h).softmax(-1).topk(self.k, dim=-1)
+        mask = F.one_hot(chosen, num_classes=len(self.w1)).permute(2, 1, 0)
+        out = torch.zeros_like(h)
+        for e in (mask.sum((1, 2)) > 0).nonzero().flatten().tolist():
+            slot, token = torch.where(mask[e])
+            if token.shape[0] == 0:
+                continue
+            out.index_add_(0, token, self.w2[e](F.gelu(self.w1[e](h[token]))) * w[token, slot, None])
+        return out
+
+
+class RoutedMoEBlock(nn.Module):
+    """An MLP, then experts that loop over the routed experts only: the MLP still shards, the
+    experts run whole on every rank."""
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(D, 128)
+        self.down = nn.Linear(128, D)
+        self.norm = nn.LayerNorm(D)
+        self.experts = _RoutedExperts()
+
+    def forward(self, x):
+        x = x + self.down(F.gelu(self.up(x)))
+        return x + self.experts(self.norm(x).reshape(-1, D)).view_as(x)
 
 
 class InterleavedGLU(nn.Module):
@@ -369,7 +406,7 @@ class CrossEntropyOut(nn.Module):
         return F.cross_entropy(logits.reshape(-1, V), tgt.reshape(-1))
 
 
-MODULES = [FusedSwiGLU, MoE, DispatchMoE, InterleavedGLU, Conv1dMix, LinearTranspose, TiedInOut, Cat2Proj, Lora, SeqMLP,
+MODULES = [FusedSwiGLU, MoE, DispatchMoE, RoutedMoEBlock, InterleavedGLU, Conv1dMix, LinearTranspose, TiedInOut, Cat2Proj, Lora, SeqMLP,
            SharedLayers, WeightSlice, EinsumExperts, SoftCapLM, PosFromMask, InplaceMLP, ShapeBranch, DictOut,
            Dropout, NoGradBlock, Sequential, ConvNet, Conv2dNet, GroupNormAfter, BatchNormAfter, ArgmaxHidden,
            LogSoftmaxHead, CrossEntropyOut]
