@@ -159,6 +159,9 @@ def opaque_calls(skeleton: nn.Module, model: nn.Module, classes: dict[type, str]
     copied from (its submodules give the data-less copies the calls will run). Yields the call
     records, by key, for :func:`install_opaque_calls`."""
     records: dict[str, _Record] = {}
+    if not classes:  # the common case: nothing to patch
+        yield records
+        return
     probed: dict[tuple, tuple] = {}
     token = f"{id(records):x}"
     patched = []
