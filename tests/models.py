@@ -57,11 +57,17 @@ HF_CONFIGS = {
     "qwen2_moe": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=128, max_position_embeddings=128, num_experts=4,
                       num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32),
+    # experts that loop over only the routed experts (data-dependent): run whole (autotp.opaque);
+    # rope_theta and clip_qkv as dbrx-instruct sets them (the class leaves one undeclared, one None)
+    "dbrx": dict(d_model=64, n_heads=4, n_layers=2, max_seq_len=128, vocab_size=128,
+                 attn_config={"kv_n_heads": 2, "rope_theta": 500000.0, "clip_qkv": 8.0},
+                 ffn_config={"ffn_hidden_size": 128, "moe_num_experts": 4, "moe_top_k": 2}),
 }
 MODEL_TYPE = {"llama": "llama", "llama_gqa": "llama", "qwen2": "qwen2", "qwen2_kv2": "qwen2", "gpt2": "gpt2",
               "llama_6heads": "llama", "llama_5heads": "llama", "mistral": "mistral", "gemma2": "gemma2",
               "cohere2": "cohere2", "bitnet": "bitnet", "diffllama": "diffllama",
-              "gpt2_odd_vocab": "gpt2", "gpt_bigcode": "gpt_bigcode", "mixtral": "mixtral", "qwen2_moe": "qwen2_moe"}
+              "gpt2_odd_vocab": "gpt2", "gpt_bigcode": "gpt_bigcode", "mixtral": "mixtral", "qwen2_moe": "qwen2_moe",
+              "dbrx": "dbrx"}
 
 
 def hf_model(name: str, seed: int = 0, device: str | None = None) -> nn.Module:
