@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt torch==2.13.0
 	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev,fast,bench]"
 	# compile DeepSpeed's shared-memory all-reduce now rather than in the first parallelize (~25 s)
-	$(BIN)/python -c "from autotp.collectives import prebuild_fast_path; print('fast all-reduce built:', prebuild_fast_path())"
+	$(BIN)/python -c "from autotp.fast_allreduce import prebuild_fast_path; print('fast all-reduce built:', prebuild_fast_path())"
 	touch $@
 
 demo: venv

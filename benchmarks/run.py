@@ -289,7 +289,7 @@ def main() -> None:
     from benchmarks.report import write_reports
 
     import autotp
-    from autotp.collectives import prebuild_fast_path
+    from autotp.fast_allreduce import prebuild_fast_path
 
     # An editable install has no bytecode, and with PYTHONDONTWRITEBYTECODE (set here) none is
     # ever written: every launch compiled autotp's source, 32 of the 48 ms its import took,
