@@ -26,7 +26,6 @@ import copy
 import functools
 import inspect
 import os
-import re
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -321,9 +320,7 @@ def _export(model: nn.Module, inputs: dict[str, Any], device: torch.device, bump
         found = untraceable_module(exc, skeleton)
         if found is None:
             raise
-        guard = re.search(r"data-dependent expression (.+?) \(unhinted", str(exc))
-        why = f"it branches on a size known only from the data: {guard.group(1) if guard else str(exc).splitlines()[0]}"
-        raise _Untraceable(type(found[1]), why) from exc
+        raise _Untraceable(type(found[1]), found[2]) from exc
     return exported, sharing, records
 
 
@@ -331,8 +328,8 @@ def _warn_opaque(gm: fx.GraphModule) -> None:
     classes = Counter(type(m.record.module).__name__ for m in gm.children() if isinstance(m, OpaqueCall))
     if classes:
         warnings.warn(f"autotp: {', '.join(f'{c} ({n} call(s))' for c, n in sorted(classes.items()))} run(s) whole "
-                      "on every rank, since torch.export cannot trace it (a branch on the data); the plan lists "
-                      "its parameters")
+                      "on every rank, since torch.export cannot trace it (it branches on, or reads, the data); the "
+                      "plan lists its parameters")
 
 
 def _share_layers(asked: Optional[bool]) -> bool:

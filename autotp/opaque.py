@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
+import re
 import threading
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Sequence
@@ -119,19 +120,22 @@ def _size(rule: _Rule, tensors: Sequence[torch.Tensor]) -> Any:
     return tensors[i].shape[d] * tensors[j].shape[e]
 
 
-def untraceable_module(exc: BaseException, root: nn.Module) -> Optional[tuple[str, nn.Module]]:
-    """The innermost submodule of ``root`` (not ``root`` itself) running when export failed on a
-    guard on a data-dependent size, as (path, module); None for any other failure."""
-    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+# What a failure that comes from reading a tensor's values says, where its type does not:
+# numpy() and data_ptr() of the fake tensors export traces with.
+_READS_DATA = (".numpy() is not supported for tensor subclasses", "Cannot access data pointer of Tensor",
+               "Cannot access storage of")
 
-    seen: set[int] = set()
-    failure: Optional[BaseException] = exc
-    while failure is not None and not isinstance(failure, GuardOnDataDependentSymNode) and id(failure) not in seen:
-        seen.add(id(failure))
-        failure = failure.__cause__ or failure.__context__
-    if not isinstance(failure, GuardOnDataDependentSymNode):
+
+def untraceable_module(exc: BaseException, root: nn.Module) -> Optional[tuple[str, nn.Module, str]]:
+    """Where and why export failed on code that needs the data: the innermost submodule of
+    ``root`` (neither ``root`` itself nor one of torch.nn's own classes) running when it failed on
+    a guard on a data-dependent size or on reading a tensor's values, as (path, module, why);
+    None for any other failure."""
+    failure = _data_failure(exc)
+    if failure is None:
         return None
-    paths = {id(m): p for p, m in root.named_modules(remove_duplicate=False) if m is not root}
+    paths = {id(m): p for p, m in root.named_modules(remove_duplicate=False)
+             if m is not root and not type(m).__module__.startswith("torch.nn.")}
     found = None
     tb = failure.__traceback__
     while tb is not None:
@@ -139,7 +143,31 @@ def untraceable_module(exc: BaseException, root: nn.Module) -> Optional[tuple[st
         if id(owner) in paths:
             found = (paths[id(owner)], owner)
         tb = tb.tb_next
-    return found
+    if found is None:
+        return None
+    guard = re.search(r"data-dependent expression (.+?) \(unhinted", str(failure))
+    first = (str(failure).strip().splitlines() or [type(failure).__name__])[0]
+    why = (f"it branches on a size known only from the data: {guard.group(1)}" if guard
+           else f"it reads tensor data: {type(failure).__name__}: {first}")
+    return found[0], found[1], why
+
+
+def _data_failure(exc: BaseException) -> Optional[BaseException]:
+    """The exception in ``exc``'s chain that says the code needed the data, if one does."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
+    seen: set[int] = set()
+    failure: Optional[BaseException] = exc
+    while failure is not None and id(failure) not in seen:
+        if isinstance(failure, OpaqueModuleError):
+            return None  # a module made opaque could not be: reported as such
+        if isinstance(failure, (GuardOnDataDependentSymNode, DataDependentOutputException, DynamicOutputShapeException)) \
+                or any(text in str(failure) for text in _READS_DATA):
+            return failure
+        seen.add(id(failure))
+        failure = failure.__cause__ or failure.__context__
+    return None
 
 
 def opaque_paths(root: nn.Module, classes: frozenset[type]) -> list[str]:

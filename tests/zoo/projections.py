@@ -104,6 +104,48 @@ class RoutedMoEBlock(nn.Module):
         return x + self.experts(self.norm(x).reshape(-1, D)).view_as(x)
 
 
+class _SortedExperts(nn.Module):
+    """DeepSeek-V2's remote code: tokens sorted by expert, each expert's count read with
+    ``.cpu().numpy()`` (the data itself), experts with no token skipped, plus a shared expert."""
+    def __init__(self, E=4, k=2):
+        super().__init__()
+        self.k = k
+        self.gate = nn.Linear(D, E, bias=False)
+        self.experts = nn.ModuleList(nn.Sequential(nn.Linear(D, 64, bias=False), nn.SiLU(), nn.Linear(64, D, bias=False))
+                                     for _ in range(E))
+
+    def forward(self, x):
+        weights, ids = self.gate(x).softmax(-1).topk(self.k, dim=-1)
+        counts = ids.new_zeros((ids.shape[0], len(self.experts))).scatter_(1, ids, 1).sum(0).cpu().numpy()
+        order = ids.view(-1).argsort()
+        tokens = x[order // self.k]
+        outputs, start = [], 0
+        for e, count in enumerate(counts):
+            if count == 0:
+                continue
+            outputs.append(self.experts[e](tokens[start:start + count]))
+            start += count
+        placed = torch.empty_like(tokens)
+        placed[order] = torch.cat(outputs)
+        return (placed.view(*ids.shape, -1) * weights.unsqueeze(-1)).sum(1)
+
+
+class SortedMoEBlock(nn.Module):
+    """Attention-like projections, then DeepSeek-style sorted experts beside a shared expert:
+    the projections and the shared expert shard, the routed experts run whole."""
+    def __init__(self):
+        super().__init__()
+        self.q = nn.Linear(D, D)
+        self.o = nn.Linear(D, D)
+        self.shared = nn.Sequential(nn.Linear(D, 64), nn.GELU(), nn.Linear(64, D))
+        self.routed = _SortedExperts()
+
+    def forward(self, x):
+        x = x + self.o(torch.tanh(self.q(x)))
+        h = F.layer_norm(x, (D,))
+        return x + self.shared(h) + self.routed(h.reshape(-1, D)).view_as(x)
+
+
 class InterleavedGLU(nn.Module):
     """gate/up interleaved: even columns gate, odd columns up."""
     def __init__(self):
@@ -406,7 +448,7 @@ class CrossEntropyOut(nn.Module):
         return F.cross_entropy(logits.reshape(-1, V), tgt.reshape(-1))
 
 
-MODULES = [FusedSwiGLU, MoE, DispatchMoE, RoutedMoEBlock, InterleavedGLU, Conv1dMix, LinearTranspose, TiedInOut, Cat2Proj, Lora, SeqMLP,
+MODULES = [FusedSwiGLU, MoE, DispatchMoE, RoutedMoEBlock, SortedMoEBlock, InterleavedGLU, Conv1dMix, LinearTranspose, TiedInOut, Cat2Proj, Lora, SeqMLP,
            SharedLayers, WeightSlice, EinsumExperts, SoftCapLM, PosFromMask, InplaceMLP, ShapeBranch, DictOut,
            Dropout, NoGradBlock, Sequential, ConvNet, Conv2dNet, GroupNormAfter, BatchNormAfter, ArgmaxHidden,
            LogSoftmaxHead, CrossEntropyOut]
