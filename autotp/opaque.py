@@ -311,23 +311,42 @@ def _run(template: nn.Module, path: str, leaves: list[Any], in_spec: Any, activa
 
     with unset_fake_temporarily(), _disable_current_modes(), torch._C.DisableTorchFunction(), torch.no_grad():
         device = activations[0].device
-        state = {n: torch.zeros(t.shape, dtype=t.dtype, device=device) for n, t in _state(template).items()}
+        # a copy: what the forward leaves on its module (rotary tables computed from these zeros,
+        # say) must not stay on the module the graph will run
+        probe = copy.deepcopy(template)
+        state = {n: torch.zeros(t.shape, dtype=t.dtype, device=device) for n, t in _state(probe).items()}
         real = _filled(leaves, [_example(x, shape) for x, shape in zip(activations, sizes)])
         args, kwargs = pytree.tree_unflatten(real, in_spec)
-        versions = [t._version for t in (*[x for x in real if isinstance(x, torch.Tensor)], *state.values())]
         try:
-            out = torch.func.functional_call(template, state, tuple(args), kwargs)
+            out = _call_unchanging(probe, state, args, kwargs, path)
+        except OpaqueModuleError:
+            raise
         except Exception as exc:  # noqa: BLE001  the module's own failure on the probe, named
             raise OpaqueModuleError(f"{path} failed on a probe: {type(exc).__name__}: {exc}") from exc
-        after = [t._version for t in (*[x for x in real if isinstance(x, torch.Tensor)], *state.values())]
-        if after != versions:
-            raise OpaqueModuleError(f"{path} writes into its inputs or its own tensors")
     flat, out_spec = pytree.tree_flatten(out)
     tensors = [x for x in flat if isinstance(x, torch.Tensor)]
     if not tensors:
         raise OpaqueModuleError(f"{path} returns no tensor")
     return (out_spec, _holes(flat), [list(x.shape) for x in tensors],
             [x.dtype for x in tensors])
+
+
+def _call_unchanging(module: nn.Module, state: dict[str, torch.Tensor], args: Any, kwargs: dict[str, Any],
+                     path: str) -> Any:
+    """``module``'s forward on ``args``/``kwargs`` with ``state`` for its tensors; raises
+    OpaqueModuleError if it wrote into a tensor it was passed or holds, or changed an object it
+    was passed (a cache it updates): a graph node's inputs must come out as they went in."""
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    tensors = [x for x in leaves if isinstance(x, torch.Tensor)] + list(state.values())
+    versions = [t._version for t in tensors]
+    out = torch.func.functional_call(module, state, tuple(args), kwargs)
+    if [t._version for t in tensors] != versions:
+        raise OpaqueModuleError(f"{path} writes into its inputs or its own tensors")
+    now, spec_now = pytree.tree_flatten((args, kwargs))
+    if spec_now != spec or len(now) != len(leaves) \
+            or any(a is not b and (isinstance(a, torch.Tensor) or a != b) for a, b in zip(now, leaves)):
+        raise OpaqueModuleError(f"{path} changes an object it is passed (a cache it updates, say)")
+    return out
 
 
 def _example(like: torch.Tensor, shape: list[int]) -> torch.Tensor:
@@ -363,7 +382,10 @@ class OpaqueCall(nn.Module):
         args, kwargs = pytree.tree_unflatten(_filled(record.leaves, activations), record.in_spec)
         state = dict(zip(record.state_names, tensors[record.activations:]))
         with self._calling:
-            out = torch.func.functional_call(self.record.module, state, tuple(args), kwargs)
+            try:
+                out = _call_unchanging(record.module, state, args, kwargs, record.path)
+            except OpaqueModuleError as exc:
+                raise RuntimeError(f"autotp: {exc}, which the graph it runs in cannot carry") from None
         flat, spec = pytree.tree_flatten(out)
         outputs = [x for x in flat if isinstance(x, torch.Tensor)]
         expected = [[_size(rule, activations) for rule in rules] for rules in record.shapes]

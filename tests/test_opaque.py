@@ -8,6 +8,8 @@ a root that branches on the data is refused as before."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -74,6 +76,47 @@ class _ShapeFromData(nn.Module):
         return out
 
 
+class _CachedTable(nn.Module):
+    """Builds a table from its buffer on its first call and keeps it as a plain attribute (as
+    rotary embeddings once did), and branches on the data."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("freq", torch.linspace(0.5, 2.0, D))
+        self.table = None
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.table is None:
+            self.table = torch.cos(self.freq)
+        out = h * self.table
+        if _stands_out(h):
+            out = out / 1e3
+        return out
+
+
+class _UpdatesItsCache(nn.Module):
+    """Writes its keys into the dict it is passed (a cache), and branches on the data."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.k = nn.Linear(D, D)
+
+    def forward(self, h: torch.Tensor, cache: dict) -> torch.Tensor:
+        cache["keys"] = torch.cat([cache["keys"], self.k(h)], dim=1)
+        return h * 2 if _stands_out(h) else h
+
+
+class _PassesACache(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.inner = nn.Linear(D, D), _UpdatesItsCache()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cache = {"keys": x}
+        h = self.inner(self.up(x), cache)
+        return h.sum(1) + cache["keys"].sum(1)
+
+
 def test_a_module_that_branches_on_the_data_runs_whole_and_the_rest_is_sharded() -> None:
     torch.manual_seed(0)
     model = _Block(_Clamped()).eval()
@@ -93,6 +136,25 @@ def test_a_module_that_branches_on_the_data_runs_whole_and_the_rest_is_sharded()
     assert isinstance(params["up.weight"].placement, Shard) and isinstance(params["down.weight"].placement, Shard)
     assert not isinstance(params["inner.proj.weight"].placement, Shard)
     assert "read by inner (_Clamped), which runs whole on every rank" in params["inner.proj.weight"].reason
+
+
+def test_what_a_probe_leaves_on_its_module_does_not_reach_the_graph() -> None:
+    """The probes run on zeros for the module's tensors; a table the forward builds from them
+    and keeps would be zeros in every later call if the probes ran on the graph's module."""
+    model = _Block(_CachedTable()).eval()
+    x = torch.randn(2, 6, D)
+    with torch.no_grad():
+        reference = copy.deepcopy(model)(x)
+    with pytest.warns(UserWarning, match="whole on every rank"):
+        sim = simulate(model, (x,), 2)
+    for out in sim.outputs:
+        assert_close_to(reference, out)
+
+
+def test_a_module_that_updates_an_object_it_is_passed_is_refused() -> None:
+    """The graph would pass the node a rebuilt dict and keep the old keys: refused at capture."""
+    with pytest.raises(CaptureError, match="_UpdatesItsCache whole instead failed.*changes an object it is passed"):
+        capture(_PassesACache().eval(), (torch.randn(2, 6, D),))
 
 
 def test_a_module_that_writes_into_its_input_is_refused() -> None:
