@@ -266,7 +266,8 @@ def _capture_error(name: str, exc: BaseException) -> CaptureError:
 
 
 class _Untraceable(Exception):
-    """Export failed on a data-dependent guard inside a submodule of this class."""
+    """Export failed inside a submodule of this class on code that needs the data
+    (:func:`autotp.opaque.untraceable_module`)."""
 
     def __init__(self, cls: type, why: str) -> None:
         super().__init__(why)
@@ -279,7 +280,7 @@ _MOST_OPAQUE_CLASSES = 4
 def _export_making_opaque(model: nn.Module, inputs: dict[str, Any], device: torch.device, bump_unit_dims: bool,
                           share: bool) -> tuple[Any, Any, dict]:
     """:func:`_export`, making opaque (:mod:`autotp.opaque`: run whole, in eager PyTorch) the
-    class of each submodule in which export fails on a data-dependent size, then again. Layers
+    class of each submodule in which export fails on code that needs the data, then again. Layers
     are not shared once a class is opaque: a shared layer's opaque call would run layer 0's
     module."""
     opaque: dict[type, str] = {}
@@ -312,7 +313,8 @@ def _export(model: nn.Module, inputs: dict[str, Any], device: torch.device, bump
     fake_inputs = {k: _as_fake(v, mode, device, bump_unit_dims) for k, v in passed.items()}
     try:
         with hf.capture_settings(skeleton), no_stack_traces(), torch.no_grad(), deferred_codegen(), \
-                partial_graph_unprinted(), share_repeated_layers(skeleton, share) as sharing, opaque_calls(skeleton, model, opaque) as records:
+                partial_graph_unprinted(), share_repeated_layers(skeleton, share) as sharing, \
+                opaque_calls(skeleton, model, opaque) as records:
             exported = torch.export.export(
                 skeleton, (), fake_inputs, dynamic_shapes=_dynamic_shapes(skeleton, fake_inputs), strict=False
             )

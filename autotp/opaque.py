@@ -162,8 +162,8 @@ def _data_failure(exc: BaseException) -> Optional[BaseException]:
     while failure is not None and id(failure) not in seen:
         if isinstance(failure, OpaqueModuleError):
             return None  # a module made opaque could not be: reported as such
-        if isinstance(failure, (GuardOnDataDependentSymNode, DataDependentOutputException, DynamicOutputShapeException)) \
-                or any(text in str(failure) for text in _READS_DATA):
+        typed = (GuardOnDataDependentSymNode, DataDependentOutputException, DynamicOutputShapeException)
+        if isinstance(failure, typed) or any(text in str(failure) for text in _READS_DATA):
             return failure
         seen.add(id(failure))
         failure = failure.__cause__ or failure.__context__
@@ -268,8 +268,10 @@ def _probe(template: nn.Module, path: str, leaves: list[Any], in_spec: Any,
     output dim from the activations' dims. Returns (out_spec, out_leaves, shapes, dtypes)."""
     symbolic = [d for x in activations for d in x.shape if not isinstance(d, int)]
     first = [[_hint(d) for d in x.shape] for x in activations]
-    hints = {s: v for d in symbolic for s, v in _backed_hints(d.node.shape_env).items() if s in d.node.expr.free_symbols}
-    shift = {s: int(v) + _PROBE_STEP * (i + 1) for i, (s, v) in enumerate(sorted(hints.items(), key=lambda kv: str(kv[0])))}
+    hints = {s: v for d in symbolic for s, v in _backed_hints(d.node.shape_env).items()
+             if s in d.node.expr.free_symbols}
+    ordered = sorted(hints.items(), key=lambda kv: str(kv[0]))
+    shift = {s: int(v) + _PROBE_STEP * (i + 1) for i, (s, v) in enumerate(ordered)}
     second = [[d if isinstance(d, int) else int(d.node.expr.xreplace(shift)) for d in x.shape] for x in activations]
     runs = [_run(template, path, leaves, in_spec, activations, sizes) for sizes in (first, second)]
     (spec_a, leaves_a, shapes_a, dtypes_a), (spec_b, leaves_b, shapes_b, dtypes_b) = runs
@@ -413,8 +415,8 @@ def install_opaque_calls(gm: fx.GraphModule, records: dict[str, _Record]) -> lis
         with gm.graph.inserting_before(node):
             replacement = gm.graph.call_module(name, tuple(tensors))
         replacement.meta.update(node.meta)
-        replacement.meta["autotp_opaque"] = (f"{record.path} ({type(record.module).__name__}), which runs whole on every rank: "
-                                             f"torch.export cannot trace it ({record.why})")
+        replacement.meta["autotp_opaque"] = (f"{record.path} ({type(record.module).__name__}), which runs whole on "
+                                             f"every rank: torch.export cannot trace it ({record.why})")
         node.replace_all_uses_with(replacement)
         gm.graph.erase_node(node)
         paths.append(record.path)
