@@ -38,19 +38,17 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.export import Dim
 from torch.utils import _pytree as pytree
 
-from autotp.errors import AutotpError
+from autotp.errors import CaptureError
 from autotp import hf
-from autotp.export_settings import deferred_codegen, no_stack_traces, partial_graph_unprinted, recorded_guards
+from autotp.export_settings import (buffer_assignments, deferred_codegen, no_stack_traces, partial_graph_unprinted,
+                                    recorded_guards)
 from autotp.heap import old_objects_frozen
-from autotp.opaque import OpaqueCall, install_opaque_calls, opaque_calls, untraceable_module
+from autotp.opaque import (OpaqueCall, export_making_opaque, failures_read, first_line, install_opaque_calls,
+                           opaque_calls)
 from autotp.repeats import share_repeated_layers
 
 __all__ = ["capture", "Captured", "bind_inputs", "forward_signature", "structure_key", "fake_skeleton", "meta_twin",
            "model_device", "graph_inputs", "CaptureError"]
-
-
-class CaptureError(AutotpError):
-    """The model could not be exported to a graph."""
 
 
 @dataclass
@@ -237,13 +235,15 @@ def capture(
     name = type(model).__name__
     share = _share_layers(share_layers)
     try:
-        exported, sharing, records = _export_making_opaque(model, inputs, device, bump_unit_dims, share)
+        exported, sharing, records = export_making_opaque(
+            lambda opaque: _export(model, inputs, device, bump_unit_dims, share and not opaque, opaque), name)
     except Exception as exc:  # export raises many types; one clear error names the model
         failure = _capture_error(name, exc)
         if not share:
             raise failure from exc
         try:  # the trusted path decides, on a fresh copy: every layer traced
-            exported, sharing, records = _export_making_opaque(model, inputs, device, bump_unit_dims, False)
+            exported, sharing, records = export_making_opaque(
+                lambda opaque: _export(model, inputs, device, bump_unit_dims, False, opaque), name)
         except Exception:  # noqa: BLE001  the model's own failure, reported as it was the first time
             raise failure from exc
         warnings.warn(f"autotp: copying {name}'s repeated layers failed ({str(failure).split(': ', 1)[1]}); every "
@@ -261,43 +261,7 @@ def capture(
 def _capture_error(name: str, exc: BaseException) -> CaptureError:
     if isinstance(exc, CaptureError):
         return exc
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return CaptureError(f"torch.export could not capture {name}: {type(exc).__name__}: {first}")
-
-
-class _Untraceable(Exception):
-    """Export failed inside a submodule of this class on code that needs the data
-    (:func:`autotp.opaque.untraceable_module`)."""
-
-    def __init__(self, cls: type, why: str) -> None:
-        super().__init__(why)
-        self.cls, self.why = cls, why
-
-
-_MOST_OPAQUE_CLASSES = 4
-
-
-def _export_making_opaque(model: nn.Module, inputs: dict[str, Any], device: torch.device, bump_unit_dims: bool,
-                          share: bool) -> tuple[Any, Any, dict]:
-    """:func:`_export`, making opaque (:mod:`autotp.opaque`: run whole, in eager PyTorch) the
-    class of each submodule in which export fails on code that needs the data, then again. Layers
-    are not shared once a class is opaque: a shared layer's opaque call would run layer 0's
-    module."""
-    opaque: dict[type, str] = {}
-    while True:
-        try:
-            return _export(model, inputs, device, bump_unit_dims, share and not opaque, opaque)
-        except _Untraceable as found:
-            if found.cls in opaque or len(opaque) >= _MOST_OPAQUE_CLASSES:
-                raise _capture_error(type(model).__name__, found.__cause__ or found) from found.__cause__
-            opaque[found.cls] = found.why
-        except Exception as exc:
-            if not opaque:
-                raise
-            names = ", ".join(cls.__name__ for cls in opaque)
-            raise CaptureError(f"torch.export could not capture {type(model).__name__}: {next(iter(opaque.values()))}; "
-                               f"running {names} whole instead failed: {type(exc).__name__}: "
-                               f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc
+    return CaptureError(f"torch.export could not capture {name}: {first_line(exc)}")
 
 
 def _export(model: nn.Module, inputs: dict[str, Any], device: torch.device, bump_unit_dims: bool,
@@ -311,18 +275,16 @@ def _export(model: nn.Module, inputs: dict[str, Any], device: torch.device, bump
         skeleton.__dict__["forward"] = functools.partial(skeleton.forward, **{k: v for k, v in inputs.items()
                                                                              if k not in passed})
     fake_inputs = {k: _as_fake(v, mode, device, bump_unit_dims) for k, v in passed.items()}
-    try:
-        with hf.capture_settings(skeleton), no_stack_traces(), torch.no_grad(), deferred_codegen(), \
-                partial_graph_unprinted(), share_repeated_layers(skeleton, share) as sharing, \
-                opaque_calls(skeleton, model, opaque) as records:
-            exported = torch.export.export(
-                skeleton, (), fake_inputs, dynamic_shapes=_dynamic_shapes(skeleton, fake_inputs), strict=False
-            )
-    except Exception as exc:
-        found = untraceable_module(exc, skeleton)
-        if found is None:
-            raise
-        raise _Untraceable(type(found[1]), found[2]) from exc
+    with failures_read(skeleton), hf.capture_settings(skeleton), no_stack_traces(), torch.no_grad(), \
+            deferred_codegen(), partial_graph_unprinted(), buffer_assignments(skeleton) as assigned, \
+            share_repeated_layers(skeleton, share) as sharing, opaque_calls(skeleton, model, opaque) as records:
+        exported = torch.export.export(
+            skeleton, (), fake_inputs, dynamic_shapes=_dynamic_shapes(skeleton, fake_inputs), strict=False
+        )
+    if assigned:
+        raise CaptureError(f"{type(model).__name__}'s forward assigns a new tensor to the buffer(s) "
+                           f"{', '.join(assigned)}: state kept between calls, which a captured graph does not "
+                           "carry (it would compute with the loaded value on every call)")
     return exported, sharing, records
 
 

@@ -3,8 +3,12 @@ status 2; anything else escaping is a bug and keeps its traceback."""
 
 from __future__ import annotations
 
-__all__ = ["AutotpError"]
+__all__ = ["AutotpError", "CaptureError"]
 
 
 class AutotpError(Exception):
     """Bad input: a missing file, a model transformers does not know, a corrupt shard, ..."""
+
+
+class CaptureError(AutotpError):
+    """The model could not be exported to a graph."""

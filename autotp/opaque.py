@@ -13,12 +13,13 @@ the graph passes it. Everything else in the model is planned as before.
 Why this is sound: the planner sees a ``call_module``, which no rule covers, so no sharded value
 enters it (its inputs are whole, its outputs whole) and its parameters are graph inputs like any
 other (loaded whole on every rank, listed in the plan). What export needs to know about the call
-is the shapes it returns; those come from running the module twice on zeros for its weights and
-inputs of two sets of sizes, each output dim matched to an input dim (or a product of two, or a
-constant) that explains both runs. A module that writes into its inputs or buffers is refused
-(the node would hide the write). At run time each call checks that its outputs have the
-structure and the shapes the graph was captured with, so a module whose output shape depends on
-the data raises instead of feeding later ops a tensor of another shape.
+is the shapes it returns (:mod:`autotp.opaque_probe`: from running it on zeros at two sets of
+sizes). A module that writes into what it is passed or holds, or changes an object it is passed
+(a cache it updates), is refused: the node would hide the write. The module's own hooks run in
+the graph (export traced them around the node), not again inside it. At run time each call
+checks that its outputs have the structure and the shapes the graph was captured with, so a
+module whose output shape follows its inputs in a way the probes did not see raises instead of
+feeding later ops a tensor of another shape.
 """
 
 from __future__ import annotations
@@ -29,35 +30,35 @@ import itertools
 import re
 import threading
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, TypeVar
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
-__all__ = ["OpaqueCall", "OpaqueModuleError", "untraceable_module", "opaque_calls", "install_opaque_calls",
-           "opaque_paths"]
+from autotp.errors import CaptureError
+from autotp.opaque_probe import (OpaqueModuleError, Rule, call_sizes, call_unchanging, filled, holes, module_state,
+                                 probe_shapes, size_of)
 
-_PROBE_STEP = 3  # the second probe's sizes: each symbol's hint plus this times (its index + 1)
+__all__ = ["OpaqueCall", "OpaqueModuleError", "export_making_opaque", "failures_read", "untraceable_modules",
+           "opaque_failure", "opaque_calls", "install_opaque_calls", "opaque_paths", "first_line"]
 
-
-class OpaqueModuleError(Exception):
-    """A module could not be made opaque (its outputs' shapes cannot be derived, or it writes
-    into its inputs or buffers)."""
+_T = TypeVar("_T")
 
 
 @torch.library.custom_op("autotp::opaque", mutates_args=())
-def _opaque(inputs: list[torch.Tensor], call: str) -> list[torch.Tensor]:
+def _opaque(inputs: list[torch.Tensor], sizes: list[int], call: str) -> list[torch.Tensor]:
     raise RuntimeError("autotp::opaque stands for a module call only while a model is captured; "
                        "the captured graph calls the module itself")
 
 
 @_opaque.register_fake
-def _opaque_fake(inputs: list[torch.Tensor], call: str) -> list[torch.Tensor]:
+def _opaque_fake(inputs: list[torch.Tensor], sizes: list[int], call: str) -> list[torch.Tensor]:
     record = _RECORDS[call]
-    activations = inputs[:record.activations]
-    return [torch.empty([_size(rule, activations) for rule in rules], dtype=dtype, device=activations[0].device)
+    known = call_sizes(inputs[:record.activations], sizes)
+    device = inputs[0].device
+    return [torch.empty([size_of(rule, known) for rule in rules], dtype=dtype, device=device)
             for rules, dtype in zip(record.shapes, record.dtypes)]
 
 
@@ -65,59 +66,28 @@ def _opaque_fake(inputs: list[torch.Tensor], call: str) -> list[torch.Tensor]:
 # only be reached through the op's arguments. Entries live as long as their `opaque_calls`.
 _RECORDS: dict[str, "_Record"] = {}
 
-
-# An output dim, as a function of the call's activations' sizes:
-# ("const", n) | ("dim", i, d) | ("mul", (i, d), (j, e))
-_Rule = tuple
+# functional_call puts the graph's tensors on a call's data-less module and takes them off after:
+# two threads (the simulator's ranks) in calls of one module would run on each other's tensors,
+# or on none. Calls of opaque modules take turns, process-wide.
+_CALLING = threading.Lock()
 
 
 @dataclass
 class _Record:
-    """One traced call of an opaque module: how to rebuild its arguments from the tensors the
-    node passes, and what it returns."""
+    """One traced call of an opaque module: how to rebuild its arguments from what the node
+    passes (its tensor arguments, the module's tensors, its size arguments), and what it returns."""
     path: str
-    module: nn.Module              # a data-less (meta) copy of the module
+    module: nn.Module              # a data-less (meta) copy of the module, without its own hooks
     why: str
     in_spec: Any                   # pytree spec of (args, kwargs)
-    leaves: list[Any]              # their leaves, tensors as _Slot
-    activations: int               # how many of the node's tensors are arguments (the rest: state)
-    state_names: list[str]         # the module's own tensors, in the node's order
+    slots: list[Any]               # their leaves, tensors and sizes as Slots
+    activations: int               # how many tensor arguments the node passes first
+    state_names: list[str]         # the module's own tensors, passed next
+    sizes: int                     # how many size arguments come last
     out_spec: Any
-    out_leaves: list[Any]          # the output's leaves, tensors as _Slot
-    shapes: list[list[_Rule]]
+    out_slots: list[Any]           # the output's leaves, tensors as Slots
+    shapes: list[list[Rule]]
     dtypes: list[torch.dtype]
-
-
-class _Slot:
-    """Where a tensor was among a call's (or an output's) leaves. Equal to any other slot, so
-    that a record's deep copy compares equal."""
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _Slot)
-
-    def __hash__(self) -> int:
-        return 0
-
-    def __repr__(self) -> str:
-        return "<tensor>"
-
-
-def _holes(leaves: Sequence[Any]) -> list[Any]:
-    return [_Slot() if isinstance(x, torch.Tensor) else x for x in leaves]
-
-
-def _filled(holes: Sequence[Any], tensors: Sequence[torch.Tensor]) -> list[Any]:
-    given = iter(tensors)
-    return [next(given) if isinstance(x, _Slot) else x for x in holes]
-
-
-def _size(rule: _Rule, tensors: Sequence[torch.Tensor]) -> Any:
-    if rule[0] == "const":
-        return rule[1]
-    if rule[0] == "dim":
-        return tensors[rule[1]].shape[rule[2]]
-    (i, d), (j, e) = rule[1], rule[2]
-    return tensors[i].shape[d] * tensors[j].shape[e]
 
 
 # What a failure that comes from reading a tensor's values says, where its type does not:
@@ -126,30 +96,29 @@ _READS_DATA = (".numpy() is not supported for tensor subclasses", "Cannot access
                "Cannot access storage of")
 
 
-def untraceable_module(exc: BaseException, root: nn.Module) -> Optional[tuple[str, nn.Module, str]]:
-    """Where and why export failed on code that needs the data: the innermost submodule of
-    ``root`` (neither ``root`` itself nor one of torch.nn's own classes) running when it failed on
-    a guard on a data-dependent size or on reading a tensor's values, as (path, module, why);
-    None for any other failure."""
+def untraceable_modules(exc: BaseException, root: nn.Module) -> Optional[tuple[list[type], str]]:
+    """Where and why export failed on code that needs the data (a guard on a data-dependent
+    size, a read of a tensor's values): the classes of the submodules of ``root`` running when it
+    failed, innermost first (``root``'s own class and torch.nn's left out), and why; None for any
+    other failure. By class, not by object: export may trace a copy of ``root``'s modules (it
+    does when one is reachable at two paths)."""
     failure = _data_failure(exc)
     if failure is None:
         return None
-    paths = {id(m): p for p, m in root.named_modules(remove_duplicate=False)
-             if m is not root and not type(m).__module__.startswith("torch.nn.")}
-    found = None
+    inside = {type(m) for m in root.modules() if m is not root} - {type(root)}
+    running: list[type] = []
     tb = failure.__traceback__
     while tb is not None:
-        owner = tb.tb_frame.f_locals.get("self")
-        if id(owner) in paths:
-            found = (paths[id(owner)], owner)
+        cls = type(tb.tb_frame.f_locals.get("self"))
+        if cls in inside and not cls.__module__.startswith("torch.nn.") and cls not in running:
+            running.insert(0, cls)
         tb = tb.tb_next
-    if found is None:
+    if not running:
         return None
     guard = re.search(r"data-dependent expression (.+?) \(unhinted", str(failure))
-    first = (str(failure).strip().splitlines() or [type(failure).__name__])[0]
     why = (f"it branches on a size known only from the data: {guard.group(1)}" if guard
-           else f"it reads tensor data: {type(failure).__name__}: {first}")
-    return found[0], found[1], why
+           else f"it reads tensor data: {first_line(failure)}")
+    return running, why
 
 
 def _data_failure(exc: BaseException) -> Optional[BaseException]:
@@ -168,6 +137,99 @@ def _data_failure(exc: BaseException) -> Optional[BaseException]:
         seen.add(id(failure))
         failure = failure.__cause__ or failure.__context__
     return None
+
+
+def opaque_failure(exc: BaseException) -> Optional[OpaqueModuleError]:
+    """The :class:`OpaqueModuleError` in ``exc``'s chain, if any."""
+    seen: set[int] = set()
+    failure: Optional[BaseException] = exc
+    while failure is not None and id(failure) not in seen:
+        if isinstance(failure, OpaqueModuleError):
+            return failure
+        seen.add(id(failure))
+        failure = failure.__cause__ or failure.__context__
+    return None
+
+
+class _Untraceable(Exception):
+    """Export failed on code that needs the data inside submodules of these classes (innermost
+    first; :func:`autotp.opaque.untraceable_modules`)."""
+
+    def __init__(self, classes: list[type], why: str) -> None:
+        super().__init__(why)
+        self.classes, self.why = classes, why
+
+
+class _OpaqueFailed(Exception):
+    """A class made opaque could not be (:class:`autotp.opaque.OpaqueModuleError`)."""
+
+    def __init__(self, cls: type, why: str) -> None:
+        super().__init__(why)
+        self.cls, self.why = cls, why
+
+
+_MOST_OPAQUE_CLASSES = 4
+_MOST_ATTEMPTS = 8
+
+
+def export_making_opaque(attempt: Callable[[dict[type, str]], _T], name: str) -> _T:
+    """``attempt(opaque)`` (an export of model ``name`` with the classes of ``opaque`` made
+    opaque, its failures read by :func:`failures_read`), first with none, then making opaque the
+    class of the innermost submodule in which export failed on code that needs the data, and
+    again; where that class cannot be made opaque (its probes fail), the next one out.
+
+    Raises:
+        CaptureError: no class could be made opaque, or the export failed otherwise.
+    """
+    opaque: dict[type, str] = {}
+    refused: dict[type, str] = {}
+    first: Optional[_Untraceable] = None
+    for _ in range(_MOST_ATTEMPTS):
+        try:
+            return attempt(opaque)
+        except _Untraceable as found:
+            first = first or found
+            untried = [cls for cls in found.classes if cls not in opaque and cls not in refused]
+            if not untried or len(opaque) >= _MOST_OPAQUE_CLASSES:
+                break
+            opaque[untried[0]] = found.why
+        except _OpaqueFailed as failed:
+            refused[failed.cls] = failed.why
+            opaque.pop(failed.cls, None)
+        except Exception as exc:
+            if not opaque:
+                raise
+            names = ", ".join(cls.__name__ for cls in opaque)
+            raise CaptureError(f"torch.export could not capture {name}: {next(iter(opaque.values()))}; running "
+                               f"{names} whole instead failed: {first_line(exc)}") from exc
+    assert first is not None
+    if not refused:  # nothing could even be tried: the root itself needs the data
+        raise CaptureError(f"torch.export could not capture {name}: {first_line(first.__cause__ or first)}") \
+            from first.__cause__
+    raise CaptureError(f"torch.export could not capture {name}: {first.why}; running "
+                       f"{', '.join(cls.__name__ for cls in refused)} whole instead failed: "
+                       f"{'; '.join(refused.values())}") from first.__cause__
+
+
+def first_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+
+
+@contextlib.contextmanager
+def failures_read(skeleton: nn.Module) -> Iterator[None]:
+    """Around an export of ``skeleton``: a failure on code that needs the data becomes
+    ``_Untraceable`` (the classes of the submodules it happened in), one of a module made opaque
+    ``_OpaqueFailed``, for :func:`export_making_opaque`; others pass unchanged."""
+    try:
+        yield
+    except Exception as exc:
+        failed = opaque_failure(exc)
+        if failed is not None and failed.cls is not None:
+            raise _OpaqueFailed(failed.cls, str(failed)) from exc
+        found = untraceable_modules(exc, skeleton)
+        if found is None:
+            raise
+        raise _Untraceable(*found) from exc
 
 
 def opaque_paths(root: nn.Module, classes: frozenset[type]) -> list[str]:
@@ -208,41 +270,57 @@ def opaque_calls(skeleton: nn.Module, model: nn.Module, classes: dict[type, str]
             _RECORDS.pop(key, None)
 
 
+_OWN_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
+              "_forward_hooks_always_called")
+
+
 def _data_less(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` on ``meta``, without the forward hooks put on it (not on its
+    children): export traces those around the node, so they run in the graph already."""
     memo: dict[int, Any] = {}
     for tensor in itertools.chain(module.parameters(), module.buffers()):
         made = torch.empty_like(tensor, device="meta")
         memo[id(tensor)] = nn.Parameter(made, requires_grad=False) if isinstance(tensor, nn.Parameter) else made
     routed = [(m, m.__dict__.pop("forward")) for m in module.modules() if "forward" in m.__dict__]
     try:
-        return copy.deepcopy(module, memo)
+        made_module = copy.deepcopy(module, memo)
     finally:
         for owner, forward in routed:
             owner.__dict__["forward"] = forward
-
-
-def _state(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {**dict(module.named_parameters()), **dict(module.named_buffers())}
+    for hooks in _OWN_HOOKS:
+        getattr(made_module, hooks, {}).clear()
+    return made_module
 
 
 def _traced_forward(module: nn.Module, path: str, template: nn.Module, why: str, records: dict[str, _Record],
                     probed: dict[tuple, tuple], token: str):
     def forward(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return trace(args, kwargs)
+        except OpaqueModuleError as exc:
+            exc.cls = type(module)
+            raise
+
+    def trace(args: tuple, kwargs: dict[str, Any]) -> Any:
         leaves, in_spec = pytree.tree_flatten((args, kwargs))
         activations = [x for x in leaves if isinstance(x, torch.Tensor)]
+        counts = [x for x in leaves if isinstance(x, torch.SymInt)]
         if not activations:
             raise OpaqueModuleError(f"{path} ({type(module).__name__}) takes no tensor")
-        state = _state(module)
+        if any(isinstance(x, (torch.SymFloat, torch.SymBool)) for x in leaves):
+            raise OpaqueModuleError(f"{path} ({type(module).__name__}) is passed a symbolic float or bool")
+        state = module_state(module)
+        slots = holes(leaves)
         key = (path, in_spec, tuple(_signature(x) for x in leaves))  # per instance: its attributes may decide shapes
         if key not in probed:
-            probed[key] = _probe(template, path, _holes(leaves), in_spec, activations)
-        out_spec, out_leaves, shapes, dtypes = probed[key]
+            probed[key] = probe_shapes(template, path, slots, in_spec, activations, counts)
+        out_spec, out_slots, shapes, dtypes = probed[key]
         call = f"{token}:{len(records)}"
-        records[call] = _Record(path, template, why, in_spec, _holes(leaves),
-                                len(activations), list(state), out_spec, out_leaves, shapes, dtypes)
+        records[call] = _Record(path, template, why, in_spec, slots, len(activations), list(state), len(counts),
+                                out_spec, out_slots, shapes, dtypes)
         _RECORDS[call] = records[call]
-        outputs = _opaque(activations + list(state.values()), call)
-        return pytree.tree_unflatten(_filled(out_leaves, outputs), out_spec)
+        outputs = _opaque(activations + list(state.values()), counts, call)
+        return pytree.tree_unflatten(filled(out_slots, outputs), out_spec)
 
     return forward
 
@@ -253,154 +331,75 @@ def _signature(x: Any) -> Any:
     return ("value", repr(x))
 
 
-def _hint(size: Any) -> int:
-    if isinstance(size, int):
-        return size
-    hint = size.node.hint
-    if hint is None:
-        raise OpaqueModuleError("it is called with a size known only from the data")
-    return int(hint)
-
-
-def _probe(template: nn.Module, path: str, leaves: list[Any], in_spec: Any,
-           activations: list[torch.Tensor]) -> tuple:
-    """Run the module on zeros at the activations' example sizes and at other sizes; derive each
-    output dim from the activations' dims. Returns (out_spec, out_leaves, shapes, dtypes)."""
-    symbolic = [d for x in activations for d in x.shape if not isinstance(d, int)]
-    first = [[_hint(d) for d in x.shape] for x in activations]
-    hints = {s: v for d in symbolic for s, v in _backed_hints(d.node.shape_env).items()
-             if s in d.node.expr.free_symbols}
-    ordered = sorted(hints.items(), key=lambda kv: str(kv[0]))
-    shift = {s: int(v) + _PROBE_STEP * (i + 1) for i, (s, v) in enumerate(ordered)}
-    second = [[d if isinstance(d, int) else int(d.node.expr.xreplace(shift)) for d in x.shape] for x in activations]
-    runs = [_run(template, path, leaves, in_spec, activations, sizes) for sizes in (first, second)]
-    (spec_a, leaves_a, shapes_a, dtypes_a), (spec_b, leaves_b, shapes_b, dtypes_b) = runs
-    if spec_a != spec_b or leaves_a != leaves_b or dtypes_a != dtypes_b or len(shapes_a) != len(shapes_b):
-        raise OpaqueModuleError(f"{path}: its output's structure changes with its inputs' sizes")
-    return spec_a, leaves_a, [_dim_rules(a, b, first, second, path) for a, b in zip(shapes_a, shapes_b)], dtypes_a
-
-
-def _backed_hints(shape_env: Any) -> dict:
-    return getattr(shape_env, "backed_var_to_val", None) or shape_env.var_to_val  # renamed in torch 2.13
-
-
-def _dim_rules(out_a: list[int], out_b: list[int], first: list[list[int]], second: list[list[int]],
-               path: str) -> list[_Rule]:
-    """Each dim of one output, from its sizes in the two probes."""
-    if len(out_a) != len(out_b):
-        raise OpaqueModuleError(f"{path}: an output's rank changes with its inputs' sizes")
-    return [_rule(a, b, first, second, path) for a, b in zip(out_a, out_b)]
-
-
-def _rule(a: int, b: int, first: list[list[int]], second: list[list[int]], path: str) -> _Rule:
-    dims = [(i, d) for i, shape in enumerate(first) for d in range(len(shape))]
-    for i, d in dims:
-        if first[i][d] == a and second[i][d] == b and a != b:
-            return ("dim", i, d)
-    for (i, d), (j, e) in itertools.combinations_with_replacement(dims, 2):
-        if first[i][d] * first[j][e] == a and second[i][d] * second[j][e] == b and a != b:
-            return ("mul", (i, d), (j, e))
-    if a == b:
-        return ("const", a)
-    raise OpaqueModuleError(f"{path}: an output's size ({a}, then {b}) follows from no input size")
-
-
-def _run(template: nn.Module, path: str, leaves: list[Any], in_spec: Any, activations: list[torch.Tensor],
-         sizes: list[list[int]]) -> tuple:
-    """One probe, outside the trace: zeros for the module's tensors and its float inputs."""
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-    from torch.utils._python_dispatch import _disable_current_modes
-
-    with unset_fake_temporarily(), _disable_current_modes(), torch._C.DisableTorchFunction(), torch.no_grad():
-        device = activations[0].device
-        # a copy: what the forward leaves on its module (rotary tables computed from these zeros,
-        # say) must not stay on the module the graph will run
-        probe = copy.deepcopy(template)
-        state = {n: torch.zeros(t.shape, dtype=t.dtype, device=device) for n, t in _state(probe).items()}
-        real = _filled(leaves, [_example(x, shape) for x, shape in zip(activations, sizes)])
-        args, kwargs = pytree.tree_unflatten(real, in_spec)
-        try:
-            out = _call_unchanging(probe, state, args, kwargs, path)
-        except OpaqueModuleError:
-            raise
-        except Exception as exc:  # noqa: BLE001  the module's own failure on the probe, named
-            raise OpaqueModuleError(f"{path} failed on a probe: {type(exc).__name__}: {exc}") from exc
-    flat, out_spec = pytree.tree_flatten(out)
-    tensors = [x for x in flat if isinstance(x, torch.Tensor)]
-    if not tensors:
-        raise OpaqueModuleError(f"{path} returns no tensor")
-    return (out_spec, _holes(flat), [list(x.shape) for x in tensors],
-            [x.dtype for x in tensors])
-
-
-def _call_unchanging(module: nn.Module, state: dict[str, torch.Tensor], args: Any, kwargs: dict[str, Any],
-                     path: str) -> Any:
-    """``module``'s forward on ``args``/``kwargs`` with ``state`` for its tensors; raises
-    OpaqueModuleError if it wrote into a tensor it was passed or holds, or changed an object it
-    was passed (a cache it updates): a graph node's inputs must come out as they went in."""
-    leaves, spec = pytree.tree_flatten((args, kwargs))
-    tensors = [x for x in leaves if isinstance(x, torch.Tensor)] + list(state.values())
-    versions = [t._version for t in tensors]
-    out = torch.func.functional_call(module, state, tuple(args), kwargs)
-    if [t._version for t in tensors] != versions:
-        raise OpaqueModuleError(f"{path} writes into its inputs or its own tensors")
-    now, spec_now = pytree.tree_flatten((args, kwargs))
-    if spec_now != spec or len(now) != len(leaves) \
-            or any(a is not b and (isinstance(a, torch.Tensor) or a != b) for a, b in zip(now, leaves)):
-        raise OpaqueModuleError(f"{path} changes an object it is passed (a cache it updates, say)")
-    return out
-
-
-def _example(like: torch.Tensor, shape: list[int]) -> torch.Tensor:
-    if like.dtype.is_floating_point or like.dtype.is_complex:
-        return torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(like.dtype).to(like.device)
-    if like.dtype == torch.bool:
-        return torch.ones(shape, dtype=torch.bool, device=like.device)
-    return torch.zeros(shape, dtype=like.dtype, device=like.device)
-
-
 class OpaqueCall(nn.Module):
-    """A call of an opaque module in a captured graph: takes the call's activations then the
-    module's own tensors, runs the module's ``forward`` on them, returns the output's tensors
-    (checked against the structure and shapes the graph was captured with)."""
+    """A call of an opaque module in a captured graph: takes the call's tensor arguments, the
+    module's own tensors, then its size arguments; runs the module's ``forward`` on them; returns
+    the output's tensors, checked against the structure and shapes the graph was captured with."""
 
     def __init__(self, record: _Record) -> None:
         super().__init__()
         self.record = record  # its data-less module is no submodule: its meta tensors are no state
-        # functional_call puts the tensors on the module for the call and takes them off after:
-        # two threads (the simulator's ranks) in one call would run on each other's or on none
-        self._calling = threading.Lock()
+        self.called = False  # a first call may fill what the module keeps (a table built once)
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in super().__getstate__().items() if k != "_calling"}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        self._calling = threading.Lock()
-
-    def forward(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    def forward(self, *values: Any) -> list[torch.Tensor]:
         record = self.record
-        activations = tensors[:record.activations]
-        args, kwargs = pytree.tree_unflatten(_filled(record.leaves, activations), record.in_spec)
-        state = dict(zip(record.state_names, tensors[record.activations:]))
-        with self._calling:
+        activations = values[:record.activations]
+        state = dict(zip(record.state_names, values[record.activations:len(values) - record.sizes]))
+        counts = values[len(values) - record.sizes:]
+        args, kwargs = pytree.tree_unflatten(filled(record.slots, activations, counts), record.in_spec)
+        with _CALLING:
+            before = _kept_state(record.module)
             try:
-                out = _call_unchanging(record.module, state, args, kwargs, record.path)
+                out = call_unchanging(record.module, state, args, kwargs, record.path)
             except OpaqueModuleError as exc:
                 raise RuntimeError(f"autotp: {exc}, which the graph it runs in cannot carry") from None
+            if self.called and _kept_state(record.module) != before:
+                raise RuntimeError(f"autotp: {record.path} ({type(record.module).__name__}, run whole) changed what it "
+                                   "keeps between calls (an attribute or buffer it sets in forward): each captured "
+                                   "graph runs its own copy of the module, so that state would not be the eager "
+                                   "model's")
+            self.called = True
         flat, spec = pytree.tree_flatten(out)
         outputs = [x for x in flat if isinstance(x, torch.Tensor)]
-        expected = [[_size(rule, activations) for rule in rules] for rules in record.shapes]
-        if spec != record.out_spec or _holes(flat) != record.out_leaves \
+        known = call_sizes(activations, counts)
+        expected = [[size_of(rule, known) for rule in rules] for rules in record.shapes]
+        if spec != record.out_spec or holes(flat) != record.out_slots \
                 or [list(x.shape) for x in outputs] != expected or [x.dtype for x in outputs] != record.dtypes \
                 or any(x.device != activations[0].device for x in outputs):
-            raise RuntimeError(f"autotp: {record.path} ({type(self.record.module).__name__}, run whole) returned "
-                               f"{[list(x.shape) for x in outputs]}; the graph was captured for {expected} "
-                               "(its output depends on the data in a way the capture could not see)")
+            raise RuntimeError(f"autotp: {record.path} ({type(record.module).__name__}, run whole) returned "
+                               f"{[list(x.shape) for x in outputs]} for inputs of sizes "
+                               f"{[list(x.shape) for x in activations]}; the graph was captured for {expected}: "
+                               "its output follows its inputs' sizes or values in a way its probes did not see")
         return outputs
 
     def extra_repr(self) -> str:
         return f"{self.record.path}: {type(self.record.module).__name__}, run whole"
+
+
+# nn.Module's own attributes: what a module keeps of its own is anything else in its __dict__
+_MODULE_ATTRIBUTES = frozenset(vars(nn.Module())) - {"_parameters", "_buffers"}
+
+
+def _kept_state(module: nn.Module) -> list[tuple]:
+    """What ``module`` and its submodules hold between calls, by identity: their attributes, and
+    the names and objects of their parameters and buffers (functional_call puts the graph's
+    tensors there only for a call)."""
+    kept = []
+    for m in module.modules():
+        for name, value in vars(m).items():
+            if name in ("_parameters", "_buffers"):
+                kept.append((id(m), name, tuple((k, id(v)) for k, v in value.items())))
+            elif name not in _MODULE_ATTRIBUTES:
+                kept.append((id(m), name, _identity(value)))
+    return kept
+
+
+def _identity(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return ("tensor", id(value), value._version)
+    if isinstance(value, (int, float, str, bool, type(None))):
+        return ("value", value)
+    return ("object", id(value))
 
 
 def install_opaque_calls(gm: fx.GraphModule, records: dict[str, _Record]) -> list[str]:
@@ -408,12 +407,12 @@ def install_opaque_calls(gm: fx.GraphModule, records: dict[str, _Record]) -> lis
     :class:`OpaqueCall` (``autotp_opaque_<n>``). Returns the paths made opaque."""
     paths = []
     for index, node in enumerate([n for n in gm.graph.nodes if n.target is torch.ops.autotp.opaque.default]):
-        tensors, call = node.args
+        tensors, counts, call = node.args
         record = records[call]
         name = f"autotp_opaque_{index}"
         gm.add_submodule(name, OpaqueCall(record))
         with gm.graph.inserting_before(node):
-            replacement = gm.graph.call_module(name, tuple(tensors))
+            replacement = gm.graph.call_module(name, (*tensors, *counts))
         replacement.meta.update(node.meta)
         replacement.meta["autotp_opaque"] = (f"{record.path} ({type(record.module).__name__}), which runs whole on "
                                              f"every rank: torch.export cannot trace it ({record.why})")

@@ -35,6 +35,7 @@ import torch.nn as nn
 from autotp.capture import Captured, capture, graph_inputs, normalise_example_inputs
 from autotp.collectives import Communicator
 from autotp.loading import ModuleSource, load_into
+from autotp.opaque import OpaqueCall
 from autotp.plan import Plan
 from autotp.planner import plan_graph
 from autotp.rewrite import rewrite
@@ -105,12 +106,17 @@ def rank_graphs(captured: Captured, plan: Plan, model: nn.Module,
                 comms: Optional[Sequence[Communicator]] = None) -> list[fx.GraphModule]:
     """Every rank's rewritten graph, loaded with its slices of ``model``'s tensors. A tensor the
     graph writes into (a running statistic, a cache buffer) is each rank's own copy, as on real
-    ranks: shared, every rank's write would land in the one tensor (and in ``model``'s)."""
+    ranks: shared, every rank's write would land in the one tensor (and in ``model``'s). So is a
+    module run whole (:class:`autotp.opaque.OpaqueCall`), with what it keeps between calls."""
     comms = comms or communicators(plan.tp_size)
     written = written_tensors(captured.graph_module.graph)
     graphs = []
     for rank in range(plan.tp_size):
         gm = rewrite(copy_graph_module(captured.graph_module), plan, rank, comm=comms[rank])
+        memo: dict[int, Any] = {}  # one copy of a module its calls share
+        for name, child in list(gm.named_children()):
+            if isinstance(child, OpaqueCall):  # what its module keeps between calls is each rank's own too
+                setattr(gm, name, copy.deepcopy(child, memo))
         graphs.append(load_into(gm, plan, rank, _OwnCopies(ModuleSource(model), written)))
     return graphs
 

@@ -182,3 +182,151 @@ def test_an_output_shape_that_depends_on_the_data_raises_when_it_runs() -> None:
 def test_a_root_that_branches_on_the_data_is_refused() -> None:
     with pytest.raises(CaptureError, match="could not capture _Clamped: GuardOnDataDependentSymNode"):
         capture(_Clamped().eval(), (torch.randn(2, 6, D),))
+
+
+class _Routed(nn.Module):
+    """Runs each of 4 experts on only the tokens routed to it (a data-dependent loop)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.router = nn.Linear(D, 4, bias=False)
+        self.experts = nn.ModuleList(nn.Linear(D, D) for _ in range(4))
+
+    def forward(self, h: torch.Tensor, scale: torch.Tensor | int = 1) -> torch.Tensor:
+        flat = h.reshape(-1, D)
+        chosen = self.router(flat).argmax(-1)
+        out = torch.zeros_like(flat)
+        for e in range(4):
+            token = torch.nonzero(chosen == e).squeeze(-1)
+            if token.shape[0] == 0:
+                continue
+            out[token] = self.experts[e](flat[token])
+        return out.reshape(h.shape) / scale
+
+
+class _WithSize(_Block):
+    """Passes the opaque module a size: the sequence length."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.down(F.gelu(self.up(x)))
+        return x + self.inner(F.layer_norm(x, (D,)), x.shape[1])
+
+
+class _Masked(nn.Module):
+    """Takes hidden states and a mask straight from the model's inputs (separate sizes to export)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.inner = nn.Linear(D, D), _Routed()
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.inner(self.up(x)) * mask[..., None].to(x.dtype)
+
+
+class _Expert(nn.Module):
+    """Returns its input when it gets no token: the branch is here, the loop in its caller."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(D, D)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h if h.shape[0] == 0 else self.proj(h)
+
+
+class _CallsExperts(_Routed):
+    def __init__(self) -> None:
+        super().__init__()
+        self.experts = nn.ModuleList(_Expert() for _ in range(4))
+
+
+def _exact(model: nn.Module, inputs: tuple, capture_on: tuple | None = None, tp: int = 2) -> None:
+    with torch.no_grad():
+        reference = copy.deepcopy(model)(*inputs)
+    with pytest.warns(UserWarning, match="whole on every rank"):
+        sim = simulate(model, inputs, tp, example_inputs=capture_on)
+    for out in sim.outputs:
+        assert_close_to(reference, out)
+
+
+def test_hooks_on_an_opaque_module_run_once() -> None:
+    """export traces the module's own hooks around its node; they must not run again inside."""
+    torch.manual_seed(0)
+    model = _Block(_Routed()).eval()
+    model.inner.register_forward_hook(lambda module, args, out: out * 2)
+    model.inner.register_forward_pre_hook(lambda module, args: (args[0] + 1,))
+    _exact(model, (torch.randn(2, 6, D),))
+
+
+def test_a_size_passed_to_an_opaque_module_is_the_call_s_own() -> None:
+    """The sequence length passed in is a graph input of the node, not the value at capture."""
+    torch.manual_seed(0)
+    model = _WithSize(_Routed()).eval()
+    _exact(model, (torch.randn(2, 5, D),), capture_on=(torch.randn(2, 8, D),))
+
+
+def test_sizes_equal_in_the_trace_are_probed_together() -> None:
+    """The mask's batch and sequence are other symbols than the hidden states' until a traced op
+    compares them; the probes must keep them equal, or the module cannot broadcast them."""
+    torch.manual_seed(0)
+    _exact(_Masked().eval(), (torch.randn(2, 6, D), torch.rand(2, 6) > 0.3))
+
+
+def test_where_the_innermost_module_cannot_run_whole_the_next_one_out_does() -> None:
+    """The branch is in the expert, which the loop calls with a count of tokens known only from
+    the data: the expert cannot be probed, its caller can."""
+    torch.manual_seed(0)
+    _exact(_Block(_CallsExperts()).eval(), (torch.randn(2, 6, D),))
+
+
+class _Counts(_Routed):
+    """Keeps a count of its calls and scales by it: state between calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return super().forward(h) * self.calls
+
+
+def test_an_opaque_module_that_changes_what_it_keeps_raises_on_its_second_call() -> None:
+    """Each captured graph runs its own copy of the module, so a count it keeps would not be the
+    eager model's: the second call raises instead of computing with it."""
+    torch.manual_seed(0)
+    model = _Block(_Counts()).eval()
+    x = torch.randn(2, 6, D)
+    with pytest.warns(UserWarning, match="whole on every rank"):
+        captured = capture(model, (x,))
+    graph = captured.graph_module
+    loaded = {name: tensor for name, tensor in model.state_dict().items()}
+    for name in captured.tensor_names:
+        owner, _, attr = name.rpartition(".")
+        holder = graph.get_submodule(owner) if owner else graph
+        holder._parameters[attr] = nn.Parameter(loaded[name], requires_grad=False)
+    with torch.no_grad():
+        assert_close_to(copy.deepcopy(model)(x), graph(x=x))  # the first call may fill what it keeps
+        with pytest.raises(RuntimeError, match="changed what it keeps between calls"):
+            graph(x=x)
+
+
+class _RunningMean(nn.Module):
+    """Assigns a new tensor to its buffer in forward (an EMA), with no branch on the data."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(D, D)
+        self.register_buffer("mean", torch.zeros(D))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.proj(x)
+        self.mean = 0.9 * self.mean + 0.1 * out.mean((0, 1))
+        return out + self.mean
+
+
+def test_a_buffer_assigned_in_forward_is_refused() -> None:
+    """export traces ``self.mean = ...`` as nothing: the graph would read the loaded buffer on
+    every call (off from the second call on, with no error). Refused at capture."""
+    with pytest.raises(CaptureError, match=r"assigns a new tensor to the buffer\(s\) _RunningMean.mean"):
+        capture(_Block(_RunningMean()).eval(), (torch.randn(2, 6, D),))
