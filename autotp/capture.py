@@ -43,8 +43,8 @@ from autotp import hf
 from autotp.export_settings import (buffer_assignments, deferred_codegen, no_stack_traces, partial_graph_unprinted,
                                     recorded_guards)
 from autotp.heap import old_objects_frozen
-from autotp.opaque import (OpaqueCall, export_making_opaque, failures_read, first_line, install_opaque_calls,
-                           opaque_calls)
+from autotp.opaque import OpaqueCall, install_opaque_calls, opaque_calls
+from autotp.opaque_failures import export_making_opaque, failures_read, first_line
 from autotp.repeats import share_repeated_layers
 
 __all__ = ["capture", "Captured", "bind_inputs", "forward_signature", "structure_key", "fake_skeleton", "meta_twin",
