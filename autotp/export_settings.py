@@ -123,7 +123,8 @@ def buffer_assignments(root: nn.Module) -> Iterator[list[str]]:
     register = nn.Module.register_buffer
 
     def recording(self: nn.Module, name: str, tensor: Any, persistent: bool = True) -> None:
-        if type(self) in classes and f"{type(self).__name__}.{name}" not in assigned:
+        unchanged = tensor is self.__dict__.get("_buffers", {}).get(name)  # x = x.to(its own dtype): itself
+        if type(self) in classes and not unchanged and f"{type(self).__name__}.{name}" not in assigned:
             assigned.append(f"{type(self).__name__}.{name}")
         register(self, name, tensor, persistent)
 

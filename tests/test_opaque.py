@@ -330,3 +330,26 @@ def test_a_buffer_assigned_in_forward_is_refused() -> None:
     every call (off from the second call on, with no error). Refused at capture."""
     with pytest.raises(CaptureError, match=r"assigns a new tensor to the buffer\(s\) _RunningMean.mean"):
         capture(_Block(_RunningMean()).eval(), (torch.randn(2, 6, D),))
+
+
+class _CastsItsBuffer(nn.Module):
+    """Gives its buffer itself back (CTRL's ``self.pos_encoding = self.pos_encoding.to(...)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(D, D)
+        self.register_buffer("table", torch.linspace(0, 1, D))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.table = self.table.to(device=x.device, dtype=x.dtype)
+        return self.proj(x) + self.table
+
+
+def test_a_buffer_given_itself_back_is_no_assignment() -> None:
+    torch.manual_seed(0)
+    model = _Block(_CastsItsBuffer()).eval()
+    x = torch.randn(2, 6, D)
+    with torch.no_grad():
+        reference = model(x)
+    for out in simulate(model, (x,), 2).outputs:
+        assert_close_to(reference, out)
