@@ -62,12 +62,8 @@ class _WritesItsInput(nn.Module):
         return h
 
 
-class _ShapeFromData(nn.Module):
+class _ShapeFromData(_Clamped):
     """Returns its projection, or its first position alone when a value of its input stands out."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.proj = nn.Linear(D, D)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         out = self.proj(h)
