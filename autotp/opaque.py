@@ -259,8 +259,10 @@ def _identity(value: Any) -> Any:
 def install_opaque_calls(gm: fx.GraphModule, records: dict[str, _Record]) -> list[str]:
     """Replace every ``autotp::opaque`` node of ``gm`` by a ``call_module`` of an
     :class:`OpaqueCall` (``autotp_opaque_<n>``). Returns the paths made opaque."""
-    paths = []
-    for index, node in enumerate([n for n in gm.graph.nodes if n.target is torch.ops.autotp.opaque.default]):
+    if not records:
+        return []
+    paths, op = [], torch.ops.autotp.opaque.default
+    for index, node in enumerate([n for n in gm.graph.nodes if n.target is op]):
         tensors, counts, call = node.args
         record = records[call]
         name = f"autotp_opaque_{index}"
