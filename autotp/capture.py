@@ -83,16 +83,25 @@ def meta_twin(model: nn.Module) -> nn.Module:
     return _copy_with_tensors(model, lambda tensor: torch.empty_like(tensor, device="meta"))
 
 
+def routings(model: nn.Module) -> list[tuple[nn.Module, Any]]:
+    """Take off the routings of calls autotp put on ``model``'s modules (a parallelized model
+    routes its calls to its TensorParallelModule), as (module, routing) to put back. A forward
+    the user put on an instance (a patch, accelerate's hooks) is no routing: it stays, and a
+    copy computes with it as the model does."""
+    return [(m, m.__dict__.pop("forward")) for m in model.modules()
+            if getattr(m.__dict__.get("forward"), "_autotp_routing", False)]
+
+
 def _copy_with_tensors(model: nn.Module, make: Callable[[torch.Tensor], torch.Tensor]) -> nn.Module:
     """``deepcopy`` of ``model`` whose parameters and buffers are ``make(tensor)`` (tied tensors
-    stay tied), leaving out a routing of calls put on module instances: a parallelized model
-    routes its calls to its TensorParallelModule, the copy keeps the class's own forward."""
+    stay tied), without autotp's routings of calls (:func:`routings`): the copy keeps the
+    class's own forward."""
     memo: dict[int, Any] = {}
     for tensor in list(model.parameters()) + list(model.buffers()):
         if id(tensor) not in memo:
             made = make(tensor)
             memo[id(tensor)] = nn.Parameter(made, requires_grad=False) if isinstance(tensor, nn.Parameter) else made
-    routed = [(m, m.__dict__.pop("forward")) for m in model.modules() if "forward" in m.__dict__]
+    routed = routings(model)
     try:
         return copy.deepcopy(model, memo)
     finally:
@@ -118,8 +127,10 @@ def fake_skeleton(model: nn.Module, device: Optional[torch.device] = None) -> tu
 
 
 def forward_signature(model: nn.Module) -> inspect.Signature:
-    """The signature of the model's own ``forward`` (not of a routing put on the instance)."""
-    return inspect.signature(type(model).forward.__get__(model)) if "forward" in model.__dict__ else inspect.signature(model.forward)
+    """The signature of the model's own ``forward`` (not of autotp's routing put on the instance)."""
+    if getattr(model.__dict__.get("forward"), "_autotp_routing", False):
+        return inspect.signature(type(model).forward.__get__(model))
+    return inspect.signature(model.forward)
 
 
 def bind_inputs(model: nn.Module, args: tuple, kwargs: Mapping[str, Any],

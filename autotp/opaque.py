@@ -135,7 +135,9 @@ def _data_less(module: nn.Module) -> nn.Module:
     for tensor in itertools.chain(module.parameters(), module.buffers()):
         made = torch.empty_like(tensor, device="meta")
         memo[id(tensor)] = nn.Parameter(made, requires_grad=False) if isinstance(tensor, nn.Parameter) else made
-    routed = [(m, m.__dict__.pop("forward")) for m in module.modules() if "forward" in m.__dict__]
+    from autotp.capture import routings  # capture imports this module
+
+    routed = routings(module)
     try:
         made_module = copy.deepcopy(module, memo)
     finally:

@@ -111,6 +111,7 @@ def _route(module: nn.Module, call: Any) -> None:
 
     # generate() inspects forward's parameters (to pass position_ids, ...): show the module's own
     routed.__signature__ = forward_signature(module)  # type: ignore[attr-defined]
+    routed._autotp_routing = True  # type: ignore[attr-defined]  # what copies for capture leave out
     module.__dict__["forward"] = routed
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import os
 import time
+import types
 
 import pytest
 import torch
@@ -116,3 +117,25 @@ def test_a_buffer_the_graph_writes_is_each_simulated_rank_s_own(tp: int) -> None
     for out in sim.outputs:
         assert_close_to(reference, out)
     assert written_tensors(capture(model, (x,)).graph) == {"running"}  # from the schemas: mul_'s Tensor(a!)
+
+
+class _Doubled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(48, 96), nn.Linear(96, 48)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.relu(self.up(x)))
+
+
+def test_a_forward_put_on_an_instance_is_the_one_captured() -> None:
+    """A patch on one instance (``m.forward = MethodType(...)``, as accelerate's hooks do) is what
+    the model computes; capture once copied the model without it and computed the class's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_Doubled(), nn.Linear(48, 48)).eval()
+    model[0].forward = types.MethodType(lambda self, x: _Doubled.forward(self, x) * 2, model[0])
+    x = torch.randn(2, 8, 48)
+    with torch.no_grad():
+        reference = model(x)
+    for out in simulate(model, (x,), 2).outputs:
+        assert_close_to(reference, out)
