@@ -26,8 +26,6 @@ feeding later ops a tensor of another shape.
 from __future__ import annotations
 
 import contextlib
-import copy
-import itertools
 import threading
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -129,23 +127,15 @@ _OWN_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwarg
 
 
 def _data_less(module: nn.Module) -> nn.Module:
-    """A copy of ``module`` on ``meta``, without the forward hooks put on it (not on its
-    children): export traces those around the node, so they run in the graph already."""
-    memo: dict[int, Any] = {}
-    for tensor in itertools.chain(module.parameters(), module.buffers()):
-        made = torch.empty_like(tensor, device="meta")
-        memo[id(tensor)] = nn.Parameter(made, requires_grad=False) if isinstance(tensor, nn.Parameter) else made
-    from autotp.capture import routings  # capture imports this module
+    """A copy of ``module`` on ``meta`` (:func:`autotp.capture.meta_twin`), without the forward
+    hooks put on it (not on its children): export traces those around the node, so they run in
+    the graph already."""
+    from autotp.capture import meta_twin  # capture imports this module
 
-    routed = routings(module)
-    try:
-        made_module = copy.deepcopy(module, memo)
-    finally:
-        for owner, forward in routed:
-            owner.__dict__["forward"] = forward
+    made = meta_twin(module)
     for hooks in _OWN_HOOKS:
-        getattr(made_module, hooks, {}).clear()
-    return made_module
+        getattr(made, hooks, {}).clear()
+    return made
 
 
 def _traced_forward(module: nn.Module, path: str, template: nn.Module, why: str, records: dict[str, _Record],
