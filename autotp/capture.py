@@ -38,13 +38,13 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.export import Dim
 from torch.utils import _pytree as pytree
 
-from autotp.errors import CaptureError
+from autotp.errors import CaptureError, first_line
 from autotp import hf
 from autotp.export_settings import (buffer_assignments, deferred_codegen, no_stack_traces, partial_graph_unprinted,
                                     recorded_guards)
 from autotp.heap import old_objects_frozen
 from autotp.opaque import OpaqueCall, install_opaque_calls, opaque_calls
-from autotp.opaque_failures import export_making_opaque, failures_read, first_line
+from autotp.opaque_failures import export_making_opaque, failures_read
 from autotp.repeats import share_repeated_layers
 
 __all__ = ["capture", "Captured", "bind_inputs", "forward_signature", "structure_key", "fake_skeleton", "meta_twin",

@@ -3,7 +3,7 @@ status 2; anything else escaping is a bug and keeps its traceback."""
 
 from __future__ import annotations
 
-__all__ = ["AutotpError", "CaptureError"]
+__all__ = ["AutotpError", "CaptureError", "first_line"]
 
 
 class AutotpError(Exception):
@@ -12,3 +12,8 @@ class AutotpError(Exception):
 
 class CaptureError(AutotpError):
     """The model could not be exported to a graph."""
+
+
+def first_line(exc: BaseException) -> str:
+    """``Type: first line of the message``: an exception in one line of an error we raise."""
+    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"

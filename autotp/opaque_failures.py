@@ -15,10 +15,10 @@ from typing import Callable, Iterator, Optional, TypeVar
 
 import torch.nn as nn
 
-from autotp.errors import CaptureError
+from autotp.errors import CaptureError, first_line
 from autotp.opaque_probe import OpaqueModuleError
 
-__all__ = ["export_making_opaque", "failures_read", "untraceable_modules", "opaque_failure", "first_line"]
+__all__ = ["export_making_opaque", "failures_read", "untraceable_modules", "opaque_failure"]
 
 _T = TypeVar("_T")
 
@@ -140,10 +140,6 @@ def export_making_opaque(attempt: Callable[[dict[type, str]], _T], name: str) ->
     raise CaptureError(f"torch.export could not capture {name}: {first.why}; running "
                        f"{', '.join(cls.__name__ for cls in refused)} whole instead failed: "
                        f"{'; '.join(refused.values())}") from first.__cause__
-
-
-def first_line(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
 
 
 @contextlib.contextmanager

@@ -25,6 +25,8 @@ import torch
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
+from autotp.errors import first_line
+
 __all__ = ["OpaqueModuleError", "Slot", "holes", "filled", "probe_shapes", "size_of", "call_unchanging"]
 
 _STEP = 3  # the second probe's sizes: each group's value plus this times (its index + 1)
@@ -200,8 +202,7 @@ def _run(template: nn.Module, path: str, slots: list[Any], in_spec: Any, activat
         except OpaqueModuleError:
             raise
         except Exception as exc:  # noqa: BLE001  the module's own failure on the probe, named
-            first = (str(exc).strip().splitlines() or [""])[0]
-            raise OpaqueModuleError(f"{path} failed on a probe: {type(exc).__name__}: {first}") from exc
+            raise OpaqueModuleError(f"{path} failed on a probe: {first_line(exc)}") from exc
     flat, out_spec = pytree.tree_flatten(out)
     tensors = [x for x in flat if isinstance(x, torch.Tensor)]
     if not tensors:

@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import torch
 
 from autotp.capture import capture
-from autotp.errors import AutotpError
+from autotp.errors import AutotpError, first_line
 from autotp.planner import plan_graph
 from autotp.simulate import communicators, rank_graphs, run_ranks_in_threads
 from autotp.testing.blocks import KINDS, build_model
@@ -83,10 +83,10 @@ def _other_input(spec: dict[str, Any], inputs: torch.Tensor) -> torch.Tensor:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
+    """The exception in one line, with where it was raised."""
     where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
     at = f" ({where.filename.rsplit('/', 2)[-1]}:{where.lineno})" if where else ""
-    return f"{type(exc).__name__}: {text[0] if text else ''}{at}"
+    return f"{first_line(exc)}{at}"
 
 
 def _compare(references: list[torch.Tensor], per_call: list[list[Any]]) -> tuple[float, Optional[str]]:
