@@ -83,7 +83,7 @@ def meta_twin(model: nn.Module) -> nn.Module:
     return _copy_with_tensors(model, lambda tensor: torch.empty_like(tensor, device="meta"))
 
 
-def routings(model: nn.Module) -> list[tuple[nn.Module, Any]]:
+def _routings(model: nn.Module) -> list[tuple[nn.Module, Any]]:
     """Take off the routings of calls autotp put on ``model``'s modules (a parallelized model
     routes its calls to its TensorParallelModule), as (module, routing) to put back. A forward
     the user put on an instance (a patch, accelerate's hooks) is no routing: it stays, and a
@@ -94,14 +94,14 @@ def routings(model: nn.Module) -> list[tuple[nn.Module, Any]]:
 
 def _copy_with_tensors(model: nn.Module, make: Callable[[torch.Tensor], torch.Tensor]) -> nn.Module:
     """``deepcopy`` of ``model`` whose parameters and buffers are ``make(tensor)`` (tied tensors
-    stay tied), without autotp's routings of calls (:func:`routings`): the copy keeps the
+    stay tied), without autotp's routings of calls (:func:`_routings`): the copy keeps the
     class's own forward."""
     memo: dict[int, Any] = {}
     for tensor in list(model.parameters()) + list(model.buffers()):
         if id(tensor) not in memo:
             made = make(tensor)
             memo[id(tensor)] = nn.Parameter(made, requires_grad=False) if isinstance(tensor, nn.Parameter) else made
-    routed = routings(model)
+    routed = _routings(model)
     try:
         return copy.deepcopy(model, memo)
     finally:

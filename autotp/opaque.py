@@ -248,12 +248,12 @@ def _identity(value: Any) -> Any:
     return ("object", id(value))
 
 
-def install_opaque_calls(gm: fx.GraphModule, records: dict[str, _Record]) -> list[str]:
+def install_opaque_calls(gm: fx.GraphModule, records: dict[str, _Record]) -> None:
     """Replace every ``autotp::opaque`` node of ``gm`` by a ``call_module`` of an
-    :class:`OpaqueCall` (``autotp_opaque_<n>``). Returns the paths made opaque."""
+    :class:`OpaqueCall` (``autotp_opaque_<n>``)."""
     if not records:
-        return []
-    paths, op = [], torch.ops.autotp.opaque.default
+        return
+    op = torch.ops.autotp.opaque.default
     for index, node in enumerate([n for n in gm.graph.nodes if n.target is op]):
         tensors, counts, call = node.args
         record = records[call]
@@ -266,7 +266,4 @@ def install_opaque_calls(gm: fx.GraphModule, records: dict[str, _Record]) -> lis
                                              f"every rank: torch.export cannot trace it ({record.why})")
         node.replace_all_uses_with(replacement)
         gm.graph.erase_node(node)
-        paths.append(record.path)
-    if paths:
-        gm.recompile()
-    return paths
+    gm.recompile()
