@@ -16,6 +16,7 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from autotp.layer_state import PLAIN, LayerState, outside_the_trace
+from autotp.propagate import schema_arguments
 
 __all__ = ["LayerCall", "TracedLayer", "is_sym", "proxy_node", "tensor_inputs", "input_object", "input_nodes",
            "record", "canonical", "own_copy", "renamed_stack", "graph_signature"]
@@ -84,16 +85,9 @@ def _unshareable_node(nodes: list[fx.Node], constants: dict[str, tuple]) -> Opti
             continue
         if node.op != "call_function" or isinstance(node.target, torch._ops.HigherOrderOperator):
             return f"{node.name} is a {node.op} of {node.target}"
-        schema = getattr(node.target, "_schema", None)
-        if schema is None:
-            continue  # a Python function on SymInts (operator.mul, sym_size): no mutation
-        for arg, value in zip(schema.arguments, node.args):
-            if arg.alias_info is not None and arg.alias_info.is_write:
-                if not (isinstance(value, fx.Node) and value in made):
-                    return f"{node.name} ({node.target}) mutates what the layer did not make"
-        for name, value in node.kwargs.items():
-            arg = next((a for a in schema.arguments if a.name == name), None)
-            if (arg is not None and arg.alias_info is not None and arg.alias_info.is_write
+        # a Python function on SymInts (operator.mul, sym_size) has no schema, and mutates nothing
+        for arg, value in schema_arguments(node):
+            if (arg.alias_info is not None and arg.alias_info.is_write
                     and not (isinstance(value, fx.Node) and value in made)):
                 return f"{node.name} ({node.target}) mutates what the layer did not make"
     return None

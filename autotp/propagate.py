@@ -76,6 +76,16 @@ def arg_at(node: fx.Node, path: tuple[Union[int, str], ...]) -> Any:
     return value
 
 
+def schema_arguments(node: fx.Node) -> list[tuple[Any, Any]]:
+    """(schema argument, the value passed for it) for each argument a call of an op with a
+    schema is given, positional then keyword; none for a node without a schema."""
+    schema = getattr(node.target, "_schema", None)
+    if node.op != "call_function" or schema is None:
+        return []
+    return list(zip(schema.arguments, node.args)) + [(a, node.kwargs[a.name]) for a in schema.arguments
+                                                     if a.name in node.kwargs]
+
+
 def _sharded_outputs(node: fx.Node, inputs: Inputs, found: list, any_layout: bool) -> Optional[Failure]:
     """Record the graph outputs that are sharded; only plain shards can be gathered (a gather
     concatenates the ranks' pieces: not a fused or strided layout's), unless ``any_layout``."""

@@ -38,6 +38,7 @@ from autotp.loading import ModuleSource, load_into
 from autotp.opaque import OpaqueCall
 from autotp.plan import Plan
 from autotp.planner import plan_graph
+from autotp.propagate import schema_arguments
 from autotp.rewrite import rewrite
 
 __all__ = ["simulate", "Simulation", "SimulatedCommunicator", "rank_graphs", "run_ranks_in_threads", "copy_graph_module",
@@ -159,16 +160,8 @@ def written_tensors(graph: fx.Graph) -> set[str]:
 def _uses(value: fx.Node) -> list[tuple[fx.Node, Any]]:
     """(user, the schema argument ``value`` is passed as) for each use of ``value`` by an op with
     a schema."""
-    uses = []
-    for user in value.users:
-        schema = getattr(user.target, "_schema", None)
-        if user.op != "call_function" or schema is None:
-            continue
-        passed = list(zip(schema.arguments, user.args)) + [(a, user.kwargs[a.name]) for a in schema.arguments
-                                                             if a.name in user.kwargs]
-        uses += [(user, argument) for argument, given in passed
-                 if given is value or (isinstance(given, (list, tuple)) and value in given)]
-    return uses
+    return [(user, argument) for user in value.users for argument, given in schema_arguments(user)
+            if given is value or (isinstance(given, (list, tuple)) and value in given)]
 
 
 def run_ranks_in_threads(fn: Callable[[int], Any], world_size: int,
