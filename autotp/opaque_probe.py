@@ -153,13 +153,14 @@ def _second_probe(run: Callable[[Sequence[int]], tuple], groups: int) -> tuple:
         if groups <= 1:
             raise
     kept: list[int] = []
+    last = None  # the probe with the groups kept so far, not run again
     for group in range(groups):
         try:
-            run(kept + [group])
+            last = run(kept + [group])
             kept.append(group)
         except OpaqueModuleError:
             continue
-    return run(kept)
+    return last if last is not None else run(kept)
 
 
 def _rules(out_a: list[int], out_b: list[int], first: list[int], second: list[int], path: str) -> list[Rule]:
