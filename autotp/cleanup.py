@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from autotp.propagate import schema_arguments
+
 __all__ = ["cleanup"]
 
 aten = torch.ops.aten
@@ -26,7 +28,8 @@ def _is_noop_cast(node: fx.Node) -> bool:
     purpose: ``copy=True`` or a memory format change keep the node)."""
     if node.target not in _CASTS and node.target is not aten.alias.default:
         return False
-    if node.kwargs.get("copy") or node.kwargs.get("memory_format") not in (None, torch.preserve_format):
+    given = {argument.name: value for argument, value in schema_arguments(node)}  # export passes some by position
+    if given.get("copy") or given.get("memory_format") not in (None, torch.preserve_format):
         return False
     source, out = node.args[0], node.meta.get("val")
     before = source.meta.get("val") if isinstance(source, fx.Node) else None
