@@ -35,7 +35,7 @@ from typing import Any, Optional, Union
 import torch
 import torch.fx as fx
 
-from autotp.placement import Shard, block_sizes
+from autotp.placement import Shard, block_sizes, local_size
 from autotp.rules import ArgEdit, Cannot, Inputs, Out, Result, ndim, norm_dim, rule, sizes
 
 aten = torch.ops.aten
@@ -320,4 +320,18 @@ def squeeze_rule(node: fx.Node, inputs: Inputs) -> Result:
     else:
         asked = list(range(len(in_sizes)))
     removed = [d for d in asked if _same(in_sizes[d], 1)]
+    if src.dim in asked and not _never_one(src, in_sizes[src.dim], inputs.world_size):
+        return Cannot(f"squeeze names the sharded dim {src.dim} (of size {in_sizes[src.dim]}): a rank's piece of it "
+                      f"can be 1, which the op would remove on that rank only")
     return src.with_dim(src.dim - sum(1 for d in removed if d < src.dim))
+
+
+def _never_one(shard: Shard, size: Any, world_size: int) -> bool:
+    """Whether a rank's piece of a dim of ``size`` laid out as ``shard`` is longer than 1 (a
+    dynamic size, or a layout whose piece is unknown here, may not be)."""
+    if not isinstance(size, int) or shard.period:
+        return False
+    try:
+        return local_size(shard, size, world_size) > 1
+    except ValueError:
+        return False
