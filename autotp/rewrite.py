@@ -11,7 +11,9 @@ produces the same graph module, edited so that it computes this rank's part:
    matmul's bias, if any, is taken out of it and added once after the reduction
    (``addmm -> mm``, ``linear(x, W, b) -> linear(x, W) + b``);
 5. sharded model outputs are all-gathered before they are returned;
-6. what only export needed (assertions, no-op casts) is removed (:mod:`autotp.cleanup`).
+6. what only export needed (assertions, no-op casts) is removed (:mod:`autotp.cleanup`);
+7. an op that returns a view or a copy as its input's strides allow, where the graph writes in
+   place, returns on this rank what it returned in the capture (:mod:`autotp.aliasing`).
 
 Parameters are not touched here: their data is this rank's business and belongs to
 :mod:`autotp.loading`. The graph stays a plain fx graph (lint + recompile), so the result has
@@ -26,9 +28,10 @@ from typing import Any, Optional
 import torch
 import torch.fx as fx
 
-from autotp.errors import AutotpError
+from autotp.aliasing import captured_aliasing, keep_captured_aliasing
 from autotp.cleanup import cleanup
 from autotp.collectives import ALL_GATHER, ALL_REDUCE, AllGather, AllReduce, Communicator
+from autotp.errors import AutotpError
 from autotp.local_ops import LOCAL_OPS
 from autotp.placement import Shard, refine, valid_length
 from autotp.plan import Plan
@@ -212,6 +215,7 @@ def rewrite(
     if not 0 <= rank < plan.tp_size:
         raise ValueError(f"rank {rank} is outside tp_size {plan.tp_size}")
     by_name = _nodes(gm, plan)
+    aliasing = captured_aliasing(gm.graph)  # read from the capture's values, before any edit
     _apply_edits(by_name, plan)
     _apply_slices(gm, by_name, plan, rank)
     _apply_local_ops(by_name, plan, rank)
@@ -224,4 +228,5 @@ def rewrite(
     _apply_all_gathers(gm, by_name, plan)
     _cut_padding(gm, by_name, plan, rank)
     cleanup(gm)
+    keep_captured_aliasing(gm, aliasing)
     return gm
