@@ -13,10 +13,10 @@ import torch
 
 from autotp.simulate import simulate
 from models import assert_close_to
-from zoo import attention, hidden, projections
+from zoo import attention, hidden, one_per_rank, projections
 from zoo.sizes import DIM, VOCAB
 
-MODULES = attention.MODULES + projections.MODULES + hidden.MODULES
+MODULES = attention.MODULES + projections.MODULES + hidden.MODULES + one_per_rank.MODULES
 
 
 def _flat(out: Any) -> torch.Tensor:
