@@ -186,7 +186,29 @@ LAYOUTS: dict[str, tuple[Callable[..., torch.Tensor], Callable[[int], int], Call
     "topk": (lambda h, w: h.topk(2, -1).values, lambda w: 2, lambda w: w >= 2),
     "squeeze_unsqueeze": (lambda h, w: h.unsqueeze(0).unsqueeze(-1).squeeze(-1).squeeze(0), lambda w: w, lambda w: True),
     "transpose_seq": (lambda h, w: h.transpose(1, 2).softmax(-1).transpose(1, 2), lambda w: w, lambda w: True),
+    # a dim of 2 is one element a rank over 2 ranks: squeeze must not drop it, and a transposed
+    # piece counts as contiguous, so contiguous()/reshape return views where the whole value copies
+    "pair_squeeze": (lambda h, w: h.unflatten(-1, (2, w // 2)).squeeze(-2).flatten(-2), lambda w: w,
+                     lambda w: w % 2 == 0),
+    "written_contiguous": (lambda h, w: _written(h, _pairs(h, w).contiguous(), lambda a: a.transpose(-1, -2).flatten(-2)),
+                           lambda w: w, lambda w: w % 2 == 0),
+    "written_reshape": (lambda h, w: _written(h, _pairs(h, w).reshape(*h.shape[:2], w),
+                                              lambda a: a.unflatten(-1, (w // 2, 2)).transpose(-1, -2).flatten(-2)),
+                        lambda w: w, lambda w: w % 2 == 0),
+    "written_copy": (lambda h, w: _written(h, h.to(h.dtype, copy=True), lambda a: a), lambda w: w, lambda w: True),
 }
+
+
+def _pairs(h: torch.Tensor, w: int) -> torch.Tensor:
+    """``(B, T, W) -> (B, T, W/2, 2)``: the two halves of the columns side by side (a transposed view)."""
+    return h.unflatten(-1, (2, w // 2)).transpose(-1, -2)
+
+
+def _written(h: torch.Tensor, copy: torch.Tensor, undo: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``copy`` (``h``'s elements copied, reordered) doubled in place, put back in ``h``'s order by
+    ``undo``, plus ``h``, which the write must not reach."""
+    copy.mul_(2.0)
+    return undo(copy) + h
 
 
 class Layout(nn.Module):
