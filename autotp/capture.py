@@ -228,8 +228,9 @@ def capture(
         device: where the graph will run (default: where the model's weights are, else CPU).
         bump_unit_dims: use 2 where an example dim is 0 or 1, so that it stays dynamic.
         share_layers: trace a repeated layer once and copy its graph to the identical layers
-            after it (:mod:`autotp.repeats`, where the conditions are). Default: on, unless
-            ``AUTOTP_SHARE_LAYERS=0``.
+            after it (:mod:`autotp.repeats`, where the conditions are): True for any layer,
+            False for none. Default: ``AUTOTP_SHARE_LAYERS`` (1, 0, or unset: only layers whose
+            code is transformers' or torch's own, which are checked family by family).
 
     Returns:
         A :class:`Captured` whose graph module holds fake (data-less) parameters.
@@ -247,14 +248,14 @@ def capture(
     share = _share_layers(share_layers)
     try:
         exported, sharing, records = export_making_opaque(
-            lambda opaque: _export(model, inputs, device, bump_unit_dims, share and not opaque, opaque), name)
+            lambda opaque: _export(model, inputs, device, bump_unit_dims, "off" if opaque else share, opaque), name)
     except Exception as exc:  # export raises many types; one clear error names the model
         failure = _capture_error(name, exc)
-        if not share:
+        if share == "off":
             raise failure from exc
         try:  # the trusted path decides, on a fresh copy: every layer traced
             exported, sharing, records = export_making_opaque(
-                lambda opaque: _export(model, inputs, device, bump_unit_dims, False, opaque), name)
+                lambda opaque: _export(model, inputs, device, bump_unit_dims, "off", opaque), name)
         except Exception:  # noqa: BLE001  the model's own failure, reported as it was the first time
             raise failure from exc
         warnings.warn(f"autotp: copying {name}'s repeated layers failed ({str(failure).split(': ', 1)[1]}); every "
@@ -276,7 +277,7 @@ def _capture_error(name: str, exc: BaseException) -> CaptureError:
 
 
 def _export(model: nn.Module, inputs: dict[str, Any], device: torch.device, bump_unit_dims: bool,
-            share: bool, opaque: dict[type, str]) -> tuple[Any, Any, dict]:
+            share: str, opaque: dict[type, str]) -> tuple[Any, Any, dict]:
     """torch.export of a fresh fake skeleton of ``model`` (its own shape environment): the
     exported program, the layer sharing used (None when nothing was shared) and the records of
     the calls of ``opaque`` classes (class -> why)."""
@@ -307,13 +308,17 @@ def _warn_opaque(gm: fx.GraphModule) -> None:
                       "plan lists its parameters")
 
 
-def _share_layers(asked: Optional[bool]) -> bool:
+def _share_layers(asked: Optional[bool]) -> str:
+    """The layer sharing mode (autotp.repeats.SHARE_MODES) asked for, or set in the environment."""
     if asked is not None:
-        return asked
-    value = os.environ.get("AUTOTP_SHARE_LAYERS", "1").strip().lower()
-    if value not in ("0", "1", "off", "on", "false", "true", ""):
-        raise ValueError(f"AUTOTP_SHARE_LAYERS={value!r}: expected 1 (share repeated layers' traces) or 0")
-    return value not in ("0", "off", "false")
+        return "all" if asked else "off"
+    value = os.environ.get("AUTOTP_SHARE_LAYERS", "").strip().lower()
+    modes = {"0": "off", "off": "off", "false": "off", "1": "all", "on": "all", "true": "all", "": "checked",
+             "auto": "checked"}
+    if value not in modes:
+        raise ValueError(f"AUTOTP_SHARE_LAYERS={value!r}: expected 1 (share any repeated layer's trace), 0 (trace "
+                         "every layer) or auto (the default: share layers of transformers' and torch's own code)")
+    return modes[value]
 
 
 def graph_inputs(model: nn.Module, inputs: Mapping[str, Any],

@@ -26,10 +26,19 @@ A member takes the representative's graph only if all of these hold (else it is 
   makes them) and module paths are the tracer's own.
 - **Confirmation**: the first member that qualifies is also traced as usual, and its nodes must
   be the representative's (op by op, with the same arguments and output metadata). Only later
-  members are copied. This catches what the rules cannot see: a forward that reads global state
-  the previous layer changed, or reads an attribute through ``__dict__``.
+  members are copied. This catches what the rules cannot see, where it already shows in the first
+  member: a forward that reads global state the previous layer changed, or reads an attribute
+  through ``__dict__``. It cannot catch a difference that first shows in a later member (below).
 
-``AUTOTP_SHARE_LAYERS=0`` (or ``capture(..., share_layers=False)``) traces every layer.
+Copying a member without running its forward is sound only if nothing the member's forward reads
+differs from the representative's where the watch cannot see it: an attribute read through
+``self.__dict__`` or ``vars(self)``, a module global or a shared object that changes between layer
+calls. The confirmation catches such a change only when it already shows in the first member
+(state that differs from the third layer on is copied wrong). So by default only layers whose code
+is transformers' modeling code or torch's own modules share (``checked_code``): those are checked
+family by family (``scripts/repeats_check.py`` compares every family's graph and plan with and
+without copying). Other code shares when asked: ``AUTOTP_SHARE_LAYERS=1`` (or ``capture(...,
+share_layers=True)``); ``AUTOTP_SHARE_LAYERS=0`` (or ``share_layers=False``) traces every layer.
 """
 
 from __future__ import annotations
@@ -48,9 +57,13 @@ from autotp.layer_state import (MISSING, ROUTE_PREFIX, LayerState, Watch, differ
 from autotp.layer_trace import (LayerCall, TracedLayer, canonical, graph_signature, input_nodes, input_object,
                                 is_sym, own_copy, proxy_node, record, renamed_stack)
 
-__all__ = ["share_repeated_layers", "graph_signature"]
+__all__ = ["share_repeated_layers", "graph_signature", "checked_code", "SHARE_MODES"]
 
 _ROUTE = ROUTE_PREFIX + "route"  # on a layer that may share: (group index, path)
+# off: trace every layer; checked: share the layers whose code is checked_code's; all: any layer
+SHARE_MODES = ("off", "checked", "all")
+# The packages whose layers share by default: see the module docstring.
+_CHECKED_PACKAGES = frozenset({"transformers", "torch"})
 
 
 class _Sharing:
@@ -213,10 +226,23 @@ class _Sharing:
         return pytree.tree_unflatten(results, rep.out_spec)
 
 
-def _groups(root: nn.Module) -> list[list[tuple[str, nn.Module, LayerState]]]:
+def checked_code(layer: nn.Module) -> bool:
+    """Whether every module in ``layer`` runs code of transformers' or torch's own: its class,
+    the ``forward`` and ``__call__`` it runs, and no ``forward`` set on the instance."""
+    for module in layer.modules():
+        cls = type(module)
+        if "forward" in vars(module):
+            return False
+        for code in (cls, cls.forward, cls.__call__):
+            if (getattr(code, "__module__", None) or "").split(".")[0] not in _CHECKED_PACKAGES:
+                return False
+    return True
+
+
+def _groups(root: nn.Module, checked_only: bool) -> list[list[tuple[str, nn.Module, LayerState]]]:
     """Layers that may share, with their states: the children of one container with the same
     classes and tensor shapes, none of whose modules or tensors is also reached from outside the
-    layer."""
+    layer (and, if ``checked_only``, whose code is :func:`checked_code`)."""
     owners: dict[int, int] = {}
     for _, module in root.named_modules(remove_duplicate=False):
         owners[id(module)] = owners.get(id(module), 0) + 1
@@ -230,6 +256,8 @@ def _groups(root: nn.Module) -> list[list[tuple[str, nn.Module, LayerState]]]:
             continue
         by_shape: dict[tuple, list[tuple[str, nn.Module, LayerState]]] = {}
         for name, child in container.named_children():
+            if checked_only and not checked_code(child):
+                continue
             state = layer_state(child)
             if any(owners[id(m)] > 1 for _, m in child.named_modules(remove_duplicate=False)):
                 continue
@@ -242,11 +270,13 @@ def _groups(root: nn.Module) -> list[list[tuple[str, nn.Module, LayerState]]]:
 
 
 @contextlib.contextmanager
-def share_repeated_layers(skeleton: nn.Module, enabled: bool = True) -> Iterator[Optional[_Sharing]]:
+def share_repeated_layers(skeleton: nn.Module, mode: str = "checked") -> Iterator[Optional[_Sharing]]:
     """While this is entered, the layers of ``skeleton`` (a capture's own copy of the model) that
-    repeat take their representative's graph when exported. Yields the sharing (``.copied``
-    counts the layers copied), or None when nothing repeats."""
-    groups = _groups(skeleton) if enabled else []
+    repeat take their representative's graph when exported (``mode``: one of SHARE_MODES). Yields
+    the sharing (``.copied`` counts the layers copied), or None when nothing repeats."""
+    if mode not in SHARE_MODES:
+        raise ValueError(f"layer sharing mode {mode!r}: expected one of {', '.join(SHARE_MODES)}")
+    groups = _groups(skeleton, checked_only=mode == "checked") if mode != "off" else []
     if not groups:
         yield None
         return

@@ -145,6 +145,31 @@ def test_hf_decoder_layers_are_copied(model_type: str) -> None:
         model = AutoModelForCausalLM.from_config(config).eval()
     ids = torch.randint(0, 128, (2, 8))
     assert _both(model, {"input_ids": ids}).copied_layers == (4 if model_type == "llama" else 2)
+    assert capture(model, {"input_ids": ids}).copied_layers == (4 if model_type == "llama" else 2)  # by default too
+
+
+class ScaledBy(Block):
+    """A layer scaled by a per-layer value it reads through ``__dict__``, which the watch on its
+    class cannot see."""
+
+    def __init__(self, index: int, scale: float) -> None:
+        super().__init__(index)
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(torch.relu(self.up(x))) * self.__dict__["scale"]
+
+
+def test_hand_written_layers_are_traced_unless_sharing_is_asked_for() -> None:
+    """Scales 1, 2, 2, 3: layer 1 is the representative, 2 confirms it, and a copy of it for 3
+    would compute with 2. Only transformers' and torch's code shares by default (checked family
+    by family); code like this is traced layer by layer, and exact."""
+    torch.manual_seed(0)
+    model, x = Stack([ScaledBy(i, scale) for i, scale in enumerate([1.0, 2.0, 2.0, 3.0])]).eval(), torch.randn(2, 8, WIDTH)
+    assert capture(model, (x,)).copied_layers == 0
+    simulated_exactly(model, x)
+    assert capture(_stack(6), (x,)).copied_layers == 0  # even where a copy would be right
+    assert capture(_stack(6), (x,), share_layers=True).copied_layers == 3
 
 
 def test_share_layers_setting_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -230,6 +255,6 @@ def test_a_failure_while_copying_falls_back_to_tracing_every_layer(monkeypatch: 
     monkeypatch.setattr(repeats._Sharing, "_copy", broken)
     model, x = _stack(6), torch.randn(2, 8, WIDTH)
     with pytest.warns(UserWarning, match="every layer was traced instead"):
-        captured = capture(model, (x,))
+        captured = capture(model, (x,), share_layers=True)
     assert captured.copied_layers == 0
     assert graph_signature(captured.graph) == graph_signature(capture(model, (x,), share_layers=False).graph)

@@ -110,7 +110,9 @@ def check(spec: dict[str, Any], tps: Sequence[int] = (2, 3, 4)) -> list[Outcome]
     with torch.no_grad():
         references = [model(x) for x in calls]
     try:
-        captured = capture(model, (first,))
+        # share_layers: copying is asked for, as only transformers' and torch's code shares by default;
+        # these blocks keep no per-layer state outside their attributes, so copies must be exact
+        captured = capture(model, (first,), share_layers=True)
     except AutotpError as exc:
         return [Outcome(tp, "refused", str(exc).splitlines()[0]) for tp in tps]
     except Exception as exc:  # noqa: BLE001 - classified
