@@ -54,7 +54,14 @@ def partial_mean(x: torch.Tensor, dim: Optional[list[int]] = None, keepdim: bool
     and the whole count x r when r ranks share each chunk (and add it r times)."""
     reduced = range(x.dim()) if not dim else dim
     count = math.prod(x.shape[d] for d in reduced) * world_size
+    if x.dtype in _NARROW and dtype in (None, x.dtype):
+        # torch accumulates a half-precision mean in float32; so must a rank's piece of it: its chunk's
+        # sum can overflow float16 where the mean does not, but the sum over the count cannot
+        return (torch.sum(x, dim, keepdim, dtype=torch.float32) / count).to(x.dtype)
     return torch.sum(x, dim, keepdim, dtype=dtype) / count
+
+
+_NARROW = (torch.float16, torch.bfloat16)  # float types torch reduces in float32
 
 
 LOCAL_OPS: dict[str, Callable[..., torch.Tensor]] = {

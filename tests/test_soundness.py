@@ -205,3 +205,54 @@ def test_an_in_place_write_into_a_view_is_never_sliced() -> None:
     torch.manual_seed(0)
     for tp in (2, 4):
         assert _sharded_and_exact(WritesIntoAView(), torch.randn(2, 3, 16), tp) >= 2  # up and down stay sharded
+
+
+class HalfQueryNorm(nn.Module):
+    """An RMS norm of q over all heads (OLMo-2's), in float16, with q large: the mean of q**2
+    (~3000) fits float16, a rank's sum of its chunk of q**2 (~70000 at tp 2) does not."""
+
+    def __init__(self, dim: int = 48, heads: int = 12) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q, self.o = nn.Linear(dim, dim, bias=False), nn.Linear(dim, dim, bias=False)
+        with torch.no_grad():
+            self.q.weight.mul_(80.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.q(x)
+        q = q * torch.rsqrt(q.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return self.o(q)
+
+
+class HalfSum(nn.Module):
+    """A float16 sum over a projection whose halves are large and of opposite signs: the whole
+    (~10000) fits float16, each half's sum does not."""
+
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        self.up, self.o = nn.Linear(dim, 2 * dim, bias=False), nn.Linear(2 * dim, dim, bias=False)
+        with torch.no_grad():
+            self.up.weight.zero_()
+            self.up.weight[:dim, 0], self.up.weight[dim:, 0] = 9000.0, -8000.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(x)
+        return self.o(h) + h.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_half_precision_statistics_over_the_sharded_dim_stay_in_range(tp: int) -> None:
+    """A mean's piece is summed in float32 and divided before it is rounded (it cannot exceed
+    the mean); a float16 sum is refused. Both overflowed to inf on every rank before."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 48).half()
+    for module, x in ((HalfQueryNorm().half(), x), (HalfSum().half(), torch.ones(2, 3, 8).half())):
+        module.eval()
+        with torch.no_grad():
+            reference = module(x).float()
+        assert torch.isfinite(reference).all()
+        sim = simulate(module, x, tp)
+        assert sim.plan.sharded_params(), type(module).__name__
+        for rank, out in enumerate(sim.outputs):
+            torch.testing.assert_close(out.float(), reference, rtol=2e-3, atol=2e-3 * reference.abs().max().item(),
+                                       msg=lambda m: f"{type(module).__name__} rank {rank}/{tp}: {m}")

@@ -5,7 +5,9 @@ is. A ``sum`` or ``mean`` over the sharded dim is each rank's sum of its chunk: 
 all-reduced right after the node. For an RMS norm over a sharded projection (a q/k norm over
 all heads, a sub-norm after a projection) that is the statistic, ``[batch, seq, 1]``: far less
 than gathering the projection. A mean divides by the whole dim's count, not the chunk's (a
-rank-aware op, ``autotp.local_ops.partial_mean``). Any other reduction over the sharded dim
+rank-aware op, ``autotp.local_ops.partial_mean``, which also keeps a half-precision piece in range).
+A float16 ``sum`` is refused: torch rounds the whole sum once, and a rank's part of it can
+overflow where the whole does not. Any other reduction over the sharded dim
 (max, var, softmax, a fused layer norm, ...) would need a collective inside the op: ``Cannot``,
 and the planner shards less.
 """
@@ -59,6 +61,12 @@ def sum_rule(node: fx.Node, inputs: Inputs) -> Result:
     if src.replicas > 1 and node.target is not aten.mean.dim:
         return Cannot(f"{node.target} over a dim whose chunks {src.replicas} ranks share would count each "
                       f"{src.replicas} times")
+    out = node.meta.get("val")
+    if node.target is aten.sum.dim_IntList and getattr(out, "dtype", None) is torch.float16:
+        # torch sums float16 in float32 and rounds the whole once; a rank's sum of its chunk is rounded
+        # to float16 on its own, and can overflow where the whole does not (halves of opposite signs)
+        return Cannot("a float16 sum over the sharded dim: a rank's partial sum can overflow where the whole "
+                      "does not")
     return Out(Partial(), local_op="partial_mean" if node.target is aten.mean.dim else None, statistic=True)
 
 
