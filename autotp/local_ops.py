@@ -17,26 +17,39 @@ __all__ = ["LOCAL_OPS", "LOOKUPS", "vocab_parallel_embedding", "vocab_parallel_i
 
 def vocab_parallel_embedding(
     weight: torch.Tensor, indices: torch.Tensor, padding_idx: int = -1, scale_grad_by_freq: bool = False,
-    sparse: bool = False, *, rank: int, world_size: int,
+    sparse: bool = False, *, rank: int, world_size: int, whole_rows: Optional[int] = None,
 ) -> torch.Tensor:
     """Lookup in this rank's rows ``[rank * V/N, (rank + 1) * V/N)`` of a ``(V, H)`` table.
 
     Ids owned by other ranks read row 0 and are then zeroed, so summing over ranks (the
-    all-reduce the planner puts after this node) gives the full lookup.
+    all-reduce the planner puts after this node) gives the full lookup. An id outside the whole
+    table (``whole_rows``, V) raises, as the unsharded lookup does: no rank owns it, and the sum
+    would be a row of zeros.
     """
+    _check_ids(indices, 0, whole_rows)
     outside, local = _rows_held(indices, weight.shape[0], rank)
     out = torch.ops.aten.embedding.default(weight, local)
     return out.masked_fill_(outside.unsqueeze(-1), 0)
 
 
-def vocab_parallel_index(table: torch.Tensor, indices: list, *, rank: int, world_size: int) -> torch.Tensor:
+def vocab_parallel_index(table: torch.Tensor, indices: list, *, rank: int, world_size: int,
+                         whole_rows: Optional[int] = None) -> torch.Tensor:
     """``table[idx]`` on this rank's rows of a table sharded on dim 0 (``weight[position_ids]``):
     the rows of other ranks read row 0 and are zeroed, so the sum over ranks is the full lookup.
-    Negative ids count from the end of the whole table, as they do unsharded."""
+    Negative ids count from the end of the whole table, as they do unsharded; ids outside
+    ``[-V, V)`` raise, as they do unsharded."""
     (ids,) = indices
+    _check_ids(ids, -whole_rows if whole_rows is not None else 0, whole_rows)
     rows = table.shape[0]
     outside, local = _rows_held(torch.where(ids < 0, ids + rows * world_size, ids), rows, rank)
     return table[local].masked_fill_(outside.reshape(outside.shape + (1,) * (table.dim() - 1)), 0)
+
+
+def _check_ids(ids: torch.Tensor, low: int, high: Optional[int]) -> None:
+    """Raise (without a host sync on an accelerator) unless every id is in ``[low, high)``."""
+    if high is not None:
+        torch._assert_async(((ids >= low) & (ids < high)).all(),
+                            f"index out of range: a vocabulary-parallel lookup takes ids in [{low}, {high})")
 
 
 def _rows_held(ids: torch.Tensor, rows: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -32,7 +32,7 @@ from autotp.aliasing import captured_aliasing, keep_captured_aliasing
 from autotp.cleanup import cleanup
 from autotp.collectives import ALL_GATHER, ALL_REDUCE, AllGather, AllReduce, Communicator
 from autotp.errors import AutotpError
-from autotp.local_ops import LOCAL_OPS
+from autotp.local_ops import LOCAL_OPS, LOOKUPS
 from autotp.placement import Shard, refine, valid_length
 from autotp.plan import Plan
 from autotp.propagate import arg_at
@@ -124,7 +124,16 @@ def _apply_local_ops(by_name: dict[str, fx.Node], plan: Plan, rank: int) -> None
     for item in plan.local_ops:
         node = by_name[item.node]
         node.target = LOCAL_OPS[item.op]
-        node.kwargs = {**node.kwargs, "rank": rank, "world_size": plan.tp_size}
+        # a lookup checks its ids against the whole table (no rank owns an id outside it)
+        whole = {"whole_rows": _whole_rows(node.args[0])} if item.op in LOOKUPS else {}
+        node.kwargs = {**node.kwargs, **whole, "rank": rank, "world_size": plan.tp_size}
+
+
+def _whole_rows(table: Any) -> Optional[int]:
+    """The rows of the whole table a lookup reads (its captured size), if known and static."""
+    value = table.meta.get("val") if isinstance(table, fx.Node) else None
+    rows = value.shape[0] if isinstance(value, torch.Tensor) and value.dim() > 0 else None
+    return rows if isinstance(rows, int) else None
 
 
 def _apply_all_gathers(gm: fx.GraphModule, by_name: dict[str, fx.Node], plan: Plan) -> None:

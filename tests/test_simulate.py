@@ -62,6 +62,21 @@ def test_a_padded_vocabulary_computes_the_unsharded_logits(world: int) -> None:
         assert_close_to(reference, out.logits)
 
 
+@pytest.mark.parametrize("name", ["llama", "gpt2_odd_vocab"])
+@pytest.mark.parametrize("bad", [-1, 0, 1000])  # 0: the vocabulary's size (128, or 131 padded to 132 at tp 2)
+def test_a_token_id_outside_the_vocabulary_raises_as_unsharded(name: str, bad: int) -> None:
+    """No rank owns such an id: each zeroed its row, and the sum was a row of zeros (the model
+    computed on) where the unsharded lookup raises."""
+    model, ids = hf_model(name), token_ids(2, 8)
+    bad = bad or model.config.vocab_size
+    wrong = ids.clone()
+    wrong[1, 3] = bad
+    with pytest.raises(IndexError):
+        model(wrong)
+    with pytest.raises(Exception, match="index out of range"):  # captured with good ids, run with the bad
+        simulate(model, wrong, 2, example_inputs=ids)
+
+
 def test_replicated_results_are_identical_on_every_rank() -> None:
     sim = simulate(hf_model("qwen2"), token_ids(2, 8), 4)
     assert all(torch.equal(out.logits, sim.outputs[0].logits) for out in sim.outputs[1:])
