@@ -1,6 +1,7 @@
 """Rule conformance on PyTorch's OpInfo samples, from the command line.
 
-    python scripts/conformance.py                       # what CI runs (fp32 at tp 2, 3; fp64 at tp 2, no in-place)
+    python scripts/conformance.py                       # what CI runs (fp32 at tp 2, 3; fp64 at tp 2, no in-place;
+                                                        # fp32 again at sizes where a rank's piece is one element)
     python scripts/conformance.py --dtypes float32 float64 --tp 2 3 --shared-tp 4
     python scripts/conformance.py --only div add        # some OpInfos, every failure printed
 
@@ -33,7 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", help="OpInfo names to check (default: every one an op with a rule has)")
     parser.add_argument("--per-op", type=int, default=None, help="at most this many samples per OpInfo and dtype")
     parser.add_argument("--no-hand", action="store_true", help="skip the hand-written samples")
-    parser.add_argument("--pytorch-sizes", action="store_true", help="OpInfo's own sizes (5, 10, 20: few placements split)")
+    size_choice = parser.add_mutually_exclusive_group()
+    size_choice.add_argument("--pytorch-sizes", action="store_true", help="OpInfo's own sizes (5, 10, 20: few placements split)")
+    size_choice.add_argument("--unit-sizes", action="store_true",
+                       help="sizes 2, 3, 6 (S, M, L): a rank's piece of a split dim is often one element")
     parser.add_argument("--json", help="also write the report (counts per op, failures) to this file")
     parser.add_argument("--part", help="K/N: only every N-th sample from the K-th (0-based), to split a run over N "
                                        "processes (their --json reports add up to the whole run's)")
@@ -42,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from autotp.testing import conformance
 
-    sizes = None if args.pytorch_sizes else conformance.EVEN_SIZES
+    sizes = None if args.pytorch_sizes else conformance.UNIT_SIZES if args.unit_sizes else conformance.EVEN_SIZES
     k, n = (int(x) for x in args.part.split("/")) if args.part else (0, 1)
 
     def part(samples):  # this process's share of a sample stream
@@ -54,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
             (torch.float32,), args.per_op, args.only, sizes))), args.tp, args.shared_tp)
         report += conformance.run(part(conformance.opinfo_samples((torch.float64,), args.per_op, args.only, sizes,
                                                                   with_inplace=False)), args.tp[:1], ())
+        if sizes is conformance.EVEN_SIZES:  # and where a piece is one element (squeeze, contiguity, broadcasting)
+            report += conformance.run(part(conformance.opinfo_samples((torch.float32,), args.per_op, args.only,
+                                                                      conformance.UNIT_SIZES)), args.tp, args.shared_tp)
     else:
         dtypes = tuple(getattr(torch, d) for d in args.dtypes)
         report = conformance.run(part(itertools.chain(hand, conformance.opinfo_samples(dtypes, args.per_op, args.only,

@@ -39,10 +39,10 @@ from autotp.planner import add_rewrites
 from autotp.propagate import Propagation, propagate
 from autotp.rewrite import rewrite
 from autotp.simulate import communicators, copy_graph_module, run_ranks_in_threads
-from autotp.testing.samples import EVEN_SIZES, Sample, hand_samples, opinfo_samples
+from autotp.testing.samples import EVEN_SIZES, UNIT_SIZES, Sample, hand_samples, opinfo_samples
 
 __all__ = ["Report", "run", "seed_sets", "check_graph", "trace",
-           "Sample", "EVEN_SIZES", "opinfo_samples", "hand_samples"]  # the last four from autotp.testing.samples
+           "Sample", "EVEN_SIZES", "UNIT_SIZES", "opinfo_samples", "hand_samples"]  # the last five from autotp.testing.samples
 
 aten = torch.ops.aten
 
@@ -205,9 +205,10 @@ def _accepted(prop: Propagation) -> list[fx.Node]:
 
 
 def check_graph(gm: fx.GraphModule, tensors: Sequence[torch.Tensor], seeds: dict[fx.Node, Placement],
-                world: int) -> tuple[Propagation, list[fx.Node], Optional[str]]:
-    """Propagate ``seeds``; if accepted, run every rank's rewritten graph and compare.
-    Returns the propagation, the nodes checked, and the failure (None when it matched)."""
+                world: int, expected: Optional[Sequence[Any]] = None) -> tuple[Propagation, list[fx.Node], Optional[str]]:
+    """Propagate ``seeds``; if accepted, run every rank's rewritten graph and compare with
+    ``expected`` (default: ``gm`` run on ``tensors``). Returns the propagation, the nodes
+    checked, and the failure (None when it matched)."""
     prop = propagate(gm.graph, seeds, world, any_output_layout=True)
     accepted = _accepted(prop)
     if not prop.ok or not accepted:
@@ -223,7 +224,7 @@ def check_graph(gm: fx.GraphModule, tensors: Sequence[torch.Tensor], seeds: dict
         outputs = run_ranks_in_threads(lambda rank: graphs[rank](*local[rank]), world, comms)
     except Exception as exc:  # an accepted placement the rewritten graph cannot run
         return prop, accepted, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-    expected = gm(*tensors)
+    expected = gm(*tensors) if expected is None else expected
     output_node = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
     producers = list(output_node.args[0])
     sharded = {tuple(o.path): o.placement for o in plan.sharded_outputs}
@@ -238,6 +239,15 @@ def check_graph(gm: fx.GraphModule, tensors: Sequence[torch.Tensor], seeds: dict
             if why:
                 return prop, accepted, f"rank {rank} output {i} ({placement or 'whole'}): {why}"
     return prop, accepted, None
+
+
+def _unsharded(gm: fx.GraphModule, tensors: Sequence[Any]) -> Optional[Sequence[Any]]:
+    """``gm``'s outputs on (copies of) ``tensors``, or None where the sample cannot run at its
+    sizes (fake tensors traced it, but an index is out of range at small sizes, say)."""
+    try:
+        return gm(*[t.clone() if isinstance(t, torch.Tensor) else t for t in tensors])
+    except Exception:  # noqa: BLE001  the sample's own failure: nothing to compare with
+        return None
 
 
 def _describe(seeds: dict[fx.Node, Placement]) -> str:
@@ -265,7 +275,8 @@ def run(samples: Iterable[Sample], worlds: Sequence[int] = (2, 3), shared_worlds
             progress(sample.label)
         report.samples += 1
         gm = trace(sample)
-        if gm is None:
+        expected = _unsharded(gm, sample.tensors) if gm is not None else None
+        if expected is None:
             report.untraceable += 1
             continue
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -273,7 +284,7 @@ def run(samples: Iterable[Sample], worlds: Sequence[int] = (2, 3), shared_worlds
         tries += [(w, seeds) for w in shared_worlds for seeds in seed_sets(placeholders, w, shared_only=True)]
         for world, seeds in tries:
             report.placements += 1
-            prop, accepted, failure = check_graph(gm, sample.tensors, seeds, world)
+            prop, accepted, failure = check_graph(gm, sample.tensors, seeds, world, expected)
             if failure:
                 report.failures.append(f"{sample.label} tp={world} {{{_describe(seeds)}}}: {failure}")
             elif accepted:

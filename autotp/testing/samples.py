@@ -18,7 +18,7 @@ from torch.utils import _pytree as pytree
 
 from autotp.rules import RULES, rule_for
 
-__all__ = ["Sample", "EVEN_SIZES", "sample_sizes", "opinfo_samples", "hand_samples"]
+__all__ = ["Sample", "EVEN_SIZES", "UNIT_SIZES", "sample_sizes", "opinfo_samples", "hand_samples"]
 
 aten = torch.ops.aten
 
@@ -68,6 +68,10 @@ def _names_of(opinfo: Any) -> set[str]:
 # no world size, so most shape rules would only ever be seen refusing. With these sizes the
 # same samples split over 2, 3 and 4 ranks (M, L) or 2 and 3 (S).
 EVEN_SIZES = {"S": 6, "M": 12, "L": 24, "XS": 4}
+# Sizes at which a rank's piece of a split dim is one element (2 over 2 ranks, 3 over 3): torch
+# treats a dim of 1 apart (squeeze removes it, its stride does not count for contiguity, it
+# broadcasts), so a rule that is right at EVEN_SIZES can be wrong here.
+UNIT_SIZES = {"S": 2, "M": 3, "L": 6, "XS": 2}
 
 
 @contextlib.contextmanager
