@@ -65,6 +65,15 @@ def _stored_tensors(plan: Plan, source: CheckpointSource) -> list[str]:
     return [name for name in plan.params if source.has(name)]
 
 
+def _not_over_the_source(out: Path, source: Path) -> None:
+    """Refuse an output that is the checkpoint's directory or holds it: replacing it would delete
+    the weights being read."""
+    out, source = out.resolve(), source.resolve()
+    if out == source or out in source.parents:
+        raise ConvertError(f"the output {out} is (or holds) the model directory {source}: pick another output "
+                           "directory, replacing it would delete the weights")
+
+
 def _prepare_out(out: Path, overwrite: bool) -> Path:
     if out.exists() and not overwrite:
         raise ConvertError(f"{out} already exists (pass --overwrite to replace it)")
@@ -124,6 +133,7 @@ def convert(
     reader = checkpoint_source(source_model.directory, skeleton)
     names = _stored_tensors(plan, reader)
     out = Path(out)
+    _not_over_the_source(out, Path(source_model.directory))
     tmp = _prepare_out(out, overwrite)
     try:
         files = _write_ranks(tmp, plan, names, reader, progress)

@@ -144,3 +144,14 @@ def test_existing_output_is_refused_unless_overwrite(saved, tmp_path):
     autotp.convert(directory, 4, out, overwrite=True, progress=False)
     assert json.loads((out / MANIFEST).read_text())["tp_size"] == 4
     assert not list(tmp_path.glob(".out.autotp-*"))
+
+
+def test_an_output_over_the_model_directory_is_refused_even_with_overwrite(saved):
+    """Converting a checkpoint into its own directory (or one that holds it) with --overwrite
+    replaced the directory and deleted the weights it was reading."""
+    directory, _ = saved["llama_gqa"]
+    before = sorted(p.name for p in Path(directory).iterdir())
+    for out in (Path(directory), Path(directory).parent, Path(directory) / ".." / Path(directory).name):
+        with pytest.raises(AutotpError, match="is \\(or holds\\) the model directory"):
+            autotp.convert(directory, 2, out, overwrite=True, progress=False)
+    assert sorted(p.name for p in Path(directory).iterdir()) == before
