@@ -201,10 +201,14 @@ def _inputs(model: Any, example: Any, batch: int, seq: int) -> dict:
 
     from autotp import hf
     from autotp.capture import normalise_example_inputs
+    from autotp.errors import InputError
 
     if example is not None:
         return normalise_example_inputs(model, example)
-    vocab = hf.text_config(model.config).vocab_size
+    vocab = getattr(hf.text_config(model.config), "vocab_size", None)
+    if not vocab:
+        raise InputError(f"{type(model).__name__} has no vocab_size in its config (not a language model?): verify "
+                         "feeds token ids")
     ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(1234))
     inputs = {"input_ids": ids}
     if getattr(model.config, "is_encoder_decoder", False):
@@ -239,6 +243,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from autotp.source import resolve_model
 
     tp = _positive(args.tp, "--tp")
+    batch, seq = _positive(args.batch, "--batch"), _positive(args.seq, "--seq")
     source = resolve_model(args.model)
     use_weights = source.has_checkpoint and not args.random_weights and _fits_in_memory(source, tp)
     weights = ("its own weights (unsharded: from_pretrained; sharded: each rank reads its slices)" if use_weights
@@ -246,7 +251,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if source.has_checkpoint and not use_weights and not args.random_weights:
         weights += f": {tp} copies of the checkpoint do not fit in memory"
     print(f"verify {source.name} at tp={tp} on {tp} local ranks (gloo), {weights}", flush=True)
-    results = run_local(_verify_worker, tp, args.model, use_weights, args.batch, args.seq)
+    results = run_local(_verify_worker, tp, args.model, use_weights, batch, seq)
     failed = False
     print(f"{'output':<24} {'shape':<18} {'max|diff|':>10} {'max|ref|':>10} {'relative':>10}")
     names = [row[0] for row in results[0]["rows"]]
@@ -304,7 +309,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     import autotp
+    from autotp.errors import AutotpError
 
+    if args.do_sample and not args.temperature > 0:
+        raise AutotpError(f"--temperature must be > 0 to sample, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise AutotpError(f"--top-p must be in (0, 1], got {args.top_p}")
+    max_new_tokens = _positive(args.max_new_tokens, "--max-new-tokens")
     tp_model = autotp.load(args.out)
     ids, tokenizer = _prompt_ids(args, tp_model)
     prompt = torch.tensor([ids])
@@ -317,7 +328,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     warm = time.perf_counter() - start
     start = time.perf_counter()
     with torch.no_grad():
-        out = tp_model.generate(prompt, max_new_tokens=_positive(args.max_new_tokens, "--max-new-tokens"), **options)
+        out = tp_model.generate(prompt, max_new_tokens=max_new_tokens, **options)
     seconds = time.perf_counter() - start
     new = out[0, len(ids):].tolist()
     if tp_model.rank == 0:

@@ -35,11 +35,11 @@ from autotp.loading import CheckpointSource, checkpoint_source
 from autotp.plan import Plan
 from autotp.runtime import plan_model
 from autotp.safetensors_io import SafetensorsWriter
-from autotp.source import resolve_model
+from autotp.source import CONVERTED_MANIFEST, resolve_model
 
 __all__ = ["convert", "ConvertError", "MANIFEST", "rank_file", "read_manifest", "verify_rank_file"]
 
-MANIFEST = "autotp.json"
+MANIFEST = CONVERTED_MANIFEST
 FORMAT_VERSION = 1
 _COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
            "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",

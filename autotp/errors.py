@@ -3,7 +3,7 @@ status 2; anything else escaping is a bug and keeps its traceback."""
 
 from __future__ import annotations
 
-__all__ = ["AutotpError", "CaptureError", "first_line"]
+__all__ = ["AutotpError", "CaptureError", "InputError", "first_line"]
 
 
 class AutotpError(Exception):
@@ -12,6 +12,10 @@ class AutotpError(Exception):
 
 class CaptureError(AutotpError):
     """The model could not be exported to a graph."""
+
+
+class InputError(AutotpError, ValueError):
+    """An argument autotp cannot work with (a ValueError too, as it was before it had a class)."""
 
 
 def first_line(exc: BaseException) -> str:

@@ -10,6 +10,8 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.nn as nn
 
+from autotp.errors import InputError
+
 __all__ = ["is_hf_model", "example_inputs", "capture_settings", "text_config"]
 
 EXAMPLE_BATCH, EXAMPLE_SEQ = 2, 8  # not 0 or 1: export would specialise those sizes
@@ -30,9 +32,9 @@ def example_inputs(model: nn.Module, *, seed: int = 0) -> dict[str, torch.Tensor
     config = model.config
     vocab = getattr(text_config(config), "vocab_size", None)
     if not vocab:
-        raise ValueError(
+        raise InputError(
             f"cannot synthesise example inputs for {type(model).__name__}: its config has no "
-            "vocab_size; pass example_inputs=..."
+            "vocab_size (not a language model?); pass example_inputs=..."
         )
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, int(vocab), (EXAMPLE_BATCH, EXAMPLE_SEQ), generator=gen)
@@ -89,7 +91,8 @@ def params_on_meta() -> Iterator[None]:
 
 
 def config_dtype(config: Any) -> Optional[torch.dtype]:
-    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    # transformers 5 names it dtype (reading torch_dtype there prints a deprecation line); 4.x torch_dtype
+    dtype = getattr(config, "dtype", None) if hasattr(config, "dtype") else getattr(config, "torch_dtype", None)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
     return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
@@ -114,6 +117,9 @@ def model_class(config: Any) -> Any:
         cls = getattr(transformers, name, None)
         if cls is not None:
             return cls
+    if type(config) not in transformers.MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise InputError(f"model_type {getattr(config, 'model_type', '?')!r}: the config names no architectures "
+                         "and transformers has no causal-LM class for it")
     return transformers.AutoModelForCausalLM
 
 

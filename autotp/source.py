@@ -27,7 +27,9 @@ from autotp import hf
 from autotp.checkpoints import has_weights
 from autotp.errors import AutotpError
 
-__all__ = ["ModelSource", "resolve_model", "ModelError"]
+__all__ = ["ModelSource", "resolve_model", "ModelError", "CONVERTED_MANIFEST"]
+
+CONVERTED_MANIFEST = "autotp.json"  # what autotp.convert writes beside the rank files (autotp.convert.MANIFEST)
 
 
 class ModelError(AutotpError):
@@ -121,6 +123,9 @@ def resolve_model(text: str) -> ModelSource:
             raise ModelError(f"MODEL {text} is a file; expected a model directory holding config.json")
         if not os.access(path, os.R_OK | os.X_OK):
             raise ModelError(f"MODEL {text} is not readable")
+        if (path / CONVERTED_MANIFEST).is_file():
+            raise ModelError(f"MODEL {text} is a directory autotp convert wrote (it holds {CONVERTED_MANIFEST}); give the "
+                             "Hugging Face checkpoint it came from, or run it: torchrun -m autotp run|generate")
         return ModelSource(text, directory=path, config=_load_config(path))
     if ":" in text and not text.startswith((".", "/")):
         return ModelSource(text, factory=_load_factory(text))

@@ -113,6 +113,13 @@ def _write_config(directory: Path, text: str | None = None, **fields) -> Path:
     return directory
 
 
+def _saved_config(directory: Path, model_type: str, architectures: list[str], **fields) -> Path:
+    from transformers import AutoConfig
+
+    AutoConfig.for_model(model_type, architectures=architectures, **fields).save_pretrained(directory)
+    return directory
+
+
 BAD_PLAN_INPUTS = {
     "missing-model": (lambda tmp: tmp / "nope", "does not exist"),
     "model-is-a-file": (lambda tmp: _write_config(tmp / "d", model_type="llama") / "config.json", "is a file"),
@@ -121,6 +128,11 @@ BAD_PLAN_INPUTS = {
     "unknown-model-type": (lambda tmp: _write_config(tmp / "u", model_type="not_a_model"), "model_type 'not_a_model' is not one transformers"),
     "no-model-type": (lambda tmp: _write_config(tmp / "n", hidden_size=8), "has no model_type"),
     "factory-import": (lambda tmp: "no_such_module_xyz:make", "cannot import no_such_module_xyz"),
+    "not-a-causal-lm": (lambda tmp: _write_config(tmp / "t5", model_type="t5"),
+                        "transformers has no causal-LM class for it"),
+    "not-a-language-model": (lambda tmp: _saved_config(tmp / "vit", "vit", ["ViTForImageClassification"], hidden_size=32,
+                                                       num_hidden_layers=1, num_attention_heads=2, intermediate_size=64),
+                             "its config has no vocab_size"),
 }
 
 
@@ -168,6 +180,31 @@ def test_convert_without_weights(capsys, tmp_path):
 def test_convert_refuses_existing_output(capsys, llama_dir, converted):
     code, _, err = run_cli(capsys, "convert", llama_dir, "--tp", "2", "-o", converted)
     assert_one_line_error(code, err, "already exists (pass --overwrite")
+
+
+def test_convert_into_the_model_directory_is_refused(capsys, llama_dir):
+    before = sorted(p.name for p in llama_dir.iterdir())
+    code, _, err = run_cli(capsys, "convert", llama_dir, "--tp", "2", "-o", llama_dir, "--overwrite")
+    assert_one_line_error(code, err, "is (or holds) the model directory")
+    assert sorted(p.name for p in llama_dir.iterdir()) == before
+
+
+def test_a_converted_directory_is_not_a_model_argument(capsys, converted):
+    for command in ("plan", "verify"):
+        code, _, err = run_cli(capsys, command, converted, "--tp", "2")
+        assert_one_line_error(code, err, "is a directory autotp convert wrote")
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["verify", "{llama}", "--tp", "2", "--batch", "0"], "--batch must be >= 1"),
+    (["verify", "{llama}", "--tp", "2", "--seq", "-1"], "--seq must be >= 1"),
+    (["generate", "{converted}", "--input-ids", "1,2", "--do-sample", "--temperature", "0"],
+     "--temperature must be > 0 to sample"),
+    (["generate", "{converted}", "--input-ids", "1,2", "--top-p", "2"], "--top-p must be in (0, 1]"),
+])
+def test_bad_numeric_options(capsys, llama_dir, converted, argv, expected):
+    argv = [a.format(llama=llama_dir, converted=converted) for a in argv]
+    assert_one_line_error(*run_cli(capsys, *argv)[::2], expected)
 
 
 def test_run_on_missing_or_unconverted_output(capsys, tmp_path):
