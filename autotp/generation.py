@@ -45,6 +45,22 @@ def cache_argument(signature: inspect.Signature) -> Optional[str]:
     return next((name for name in CACHE_ARGUMENTS if name in signature.parameters), None)
 
 
+def cache_under_its_name(inputs: dict[str, Any], name: str) -> None:
+    """Move a cache passed under the other name (``past_key_values`` where the forward's argument
+    is ``cache``: transformers takes both) to ``name``, where the cached call looks for it."""
+    for other in CACHE_ARGUMENTS:
+        if other != name and is_cache(inputs.get(other)) and inputs.get(name) is None:
+            inputs[name] = inputs.pop(other)
+
+
+def fresh_cache(config: Any) -> Any:
+    """The cache a Hugging Face decoder makes for itself when called with ``use_cache=True`` and
+    none: a dynamic cache laid out by the config (sliding-window layers where it has them)."""
+    from transformers import DynamicCache
+
+    return DynamicCache(config=config)
+
+
 def is_cache(value: Any) -> bool:
     try:
         from transformers import Cache

@@ -29,8 +29,8 @@ from autotp import cache as graph_cache
 from autotp import hf
 from autotp.capture import bind_inputs, capture, forward_signature, graph_inputs, meta_twin, structure_key
 from autotp.errors import AutotpError
-from autotp.generation import (CacheIO, CacheSpec, cache_argument, cache_spec, call_tokens, example_like, is_cache,
-                               phase_of, read_cache, write_cache)
+from autotp.generation import (CacheIO, CacheSpec, cache_argument, cache_spec, cache_under_its_name, call_tokens,
+                               example_like, fresh_cache, is_cache, phase_of, read_cache, write_cache)
 from autotp.guards import Guards, Sized
 from autotp.group import TPContext, check_same_plan, share_rng
 from autotp.health import PeerFailure, clear_failed, mark_failed
@@ -112,8 +112,14 @@ class TensorParallelModule(nn.Module):
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
         inputs = bind_inputs(self._source, args, kwargs, self._signature)
-        if self._cache_arg and is_cache(inputs.get(self._cache_arg)):
-            return self._cached_call(inputs)
+        if self._cache_arg:
+            cache_under_its_name(inputs, self._cache_arg)
+            if inputs.get("use_cache") is True and inputs.get(self._cache_arg) is None and hf.is_hf_model(self._source):
+                # asked for a cache and given none: the model would make one and return it filled (a
+                # hand-written decode loop passes it back); a plain call returns none
+                inputs[self._cache_arg] = fresh_cache(self._source.config)
+            if is_cache(inputs.get(self._cache_arg)):
+                return self._cached_call(inputs)
         return self._plain_call("", inputs)
 
     def call_submodule(self, path: str, *args: Any, **kwargs: Any) -> Any:

@@ -9,6 +9,8 @@ one token (no prefix recompute).
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -46,7 +48,8 @@ def generate_worker(rank: int, world: int, names: list[str]) -> dict:
             ref_three = model.generate(three, attention_mask=mask, cache=ref_cache, **GREEDY)
             torch.manual_seed(5)
             ref_sampled = model.generate(three, attention_mask=mask, max_new_tokens=8, do_sample=True, pad_token_id=0)
-            tp_model = autotp.parallelize(model)
+            ref_manual = _manual_decode(model, one)
+            tp_model = autotp.parallelize(model)  # from here on, calling model runs tp_model
             got_one = tp_model.generate(one, **GREEDY)
             cache = DynamicCache(config=model.config)
             got_three = tp_model.generate(three, attention_mask=mask, cache=cache, **GREEDY)
@@ -56,9 +59,29 @@ def generate_worker(rank: int, world: int, names: list[str]) -> dict:
             greedy_one=torch.equal(ref_one, got_one), greedy_three=torch.equal(ref_three, got_three),
             sampled_same=torch.equal(ref_sampled, sampled), sampled=sampled.tolist(),
             cache_bytes=_cache_bytes(cache), ref_cache_bytes=_cache_bytes(ref_cache),
-            cached_calls=tp_model.cached_calls, tokens=got_three[:, -NEW:].tolist(),
+            cached_calls=copy.deepcopy(tp_model.cached_calls), tokens=got_three[:, -NEW:].tolist(),
+            manual_decode=_gap(ref_manual, _manual_decode(tp_model, one, [r[:, -1:].argmax(-1) for r in ref_manual])),
         )
     return out
+
+
+def _manual_decode(model, prompt: torch.Tensor, tokens: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """A decode loop written by hand: the prompt with ``use_cache=True``, then one token at a time
+    with the ``past_key_values`` the last call returned; the logits of every call. ``tokens``: what
+    to feed (default: the greedy ones, for the reference). The parallelized model once returned no
+    cache here, and the loop computed on without the context."""
+    logits = []
+    with torch.no_grad():
+        out = model(prompt, use_cache=True)
+        for step in range(3):
+            logits.append(out.logits)
+            token = tokens[step] if tokens else out.logits[:, -1:].argmax(-1)
+            out = model(token, past_key_values=out.past_key_values, use_cache=True)
+    return logits + [out.logits]
+
+
+def _gap(reference: list[torch.Tensor], got: list[torch.Tensor]) -> float:
+    return max(((g - r).abs().max() / r.abs().max()).item() for r, g in zip(reference, got))
 
 
 @pytest.mark.parametrize("world", [2, 4], ids=["tp2", "tp4"])
@@ -76,6 +99,7 @@ def test_generate_matches_unsharded_and_shards_the_cache(world):
             # 3 generate calls: a prefill each, then one token per step
             assert r["cached_calls"]["prefill"]["calls"] == 3
             assert r["cached_calls"]["decode"] == {"calls": 2 * (NEW - 1) + 7, "tokens": 2 * (NEW - 1) + 7}
+        assert all(r["manual_decode"] < 1e-4 for r in ranks), f"{name}: a hand-written decode loop differs"
         assert len({str(r["sampled"]) for r in ranks}) == 1, f"{name}: ranks sampled different tokens"
         assert len({str(r["tokens"]) for r in ranks}) == 1
 
