@@ -228,7 +228,7 @@ def load(directory: str | os.PathLike, *, device: Optional[torch.device | str] =
         raise AutotpError(f"{directory} was converted for tp={manifest['tp_size']}, but the world size is "
                           f"{ctx.tp_size}: start it with torchrun --nproc-per-node {manifest['tp_size']}")
     path = agree(ctx, lambda: verify_rank_file(directory, manifest, ctx.rank, checksum=checksum))
-    model, _ = resolve_model(str(directory)).build("empty")
+    model, _ = resolve_model(str(directory), converted=True).build("empty")
     source = FirstOf(ShardFileSource(path), ModuleSource(model, device))
     tp_model = _build(model, None, ctx, source, clock, expected=Plan.from_dict(manifest["plan"]), cache=cache)
     _hand_over(model, tp_model, list(named_tensors(model)))

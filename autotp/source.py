@@ -110,8 +110,9 @@ def _load_factory(text: str) -> Callable[[], Any]:
     return factory
 
 
-def resolve_model(text: str) -> ModelSource:
-    """Parse a ``MODEL`` argument (a directory or ``package.module:factory``).
+def resolve_model(text: str, *, converted: bool = False) -> ModelSource:
+    """Parse a ``MODEL`` argument (a directory or ``package.module:factory``); ``converted``: the
+    directory is one :func:`autotp.convert` wrote (refused otherwise: it is not a checkpoint).
 
     Raises:
         ModelError: the path does not exist, has no usable ``config.json``, or the factory
@@ -123,7 +124,7 @@ def resolve_model(text: str) -> ModelSource:
             raise ModelError(f"MODEL {text} is a file; expected a model directory holding config.json")
         if not os.access(path, os.R_OK | os.X_OK):
             raise ModelError(f"MODEL {text} is not readable")
-        if (path / CONVERTED_MANIFEST).is_file():
+        if not converted and (path / CONVERTED_MANIFEST).is_file():
             raise ModelError(f"MODEL {text} is a directory autotp convert wrote (it holds {CONVERTED_MANIFEST}); give the "
                              "Hugging Face checkpoint it came from, or run it: torchrun -m autotp run|generate")
         return ModelSource(text, directory=path, config=_load_config(path))
