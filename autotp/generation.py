@@ -53,12 +53,17 @@ def cache_under_its_name(inputs: dict[str, Any], name: str) -> None:
             inputs[name] = inputs.pop(other)
 
 
-def fresh_cache(config: Any) -> Any:
+def fresh_cache(model: Any) -> Optional[Any]:
     """The cache a Hugging Face decoder makes for itself when called with ``use_cache=True`` and
-    none: a dynamic cache laid out by the config (sliding-window layers where it has them)."""
+    none, as ``generate`` makes it: a dynamic cache laid out by the config (sliding-window layers
+    where it has them). None for an encoder-decoder (whose call with a cache takes the encoder's
+    output, not ``input_ids``) and for a model ``generate`` gives no dynamic cache."""
     from transformers import DynamicCache
 
-    return DynamicCache(config=config)
+    supports = getattr(type(model), "_supports_default_dynamic_cache", None)
+    if getattr(model.config, "is_encoder_decoder", False) or (callable(supports) and not supports()):
+        return None
+    return DynamicCache(config=model.config)
 
 
 def is_cache(value: Any) -> bool:

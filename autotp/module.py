@@ -111,7 +111,7 @@ class TensorParallelModule(CachedCalls, nn.Module):
             if inputs.get("use_cache") is True and inputs.get(self._cache_arg) is None and hf.is_hf_model(self._source):
                 # asked for a cache and given none: the model would make one and return it filled (a
                 # hand-written decode loop passes it back); a plain call returns none
-                inputs[self._cache_arg] = fresh_cache(self._source.config)
+                inputs[self._cache_arg] = fresh_cache(self._source)
             if is_cache(inputs.get(self._cache_arg)):
                 return self._cached_call(inputs)
         return self._plain_call("", inputs)
