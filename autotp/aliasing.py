@@ -29,7 +29,7 @@ import torch.fx as fx
 from autotp.errors import AutotpError
 from autotp.propagate import schema_arguments
 
-__all__ = ["AliasingError", "as_captured", "captured_aliasing", "keep_captured_aliasing"]
+__all__ = ["AliasingError", "as_captured", "captured_aliasing", "keep_captured_aliasing", "written_groups"]
 
 
 class AliasingError(AutotpError, RuntimeError):
@@ -82,7 +82,7 @@ class _Groups:
         self.parent[self.find(a)] = self.find(b)
 
 
-def _written_groups(graph: fx.Graph) -> tuple[_Groups, set[fx.Node]]:
+def written_groups(graph: fx.Graph) -> tuple[_Groups, set[fx.Node]]:
     """The alias groups of ``graph``'s values, and the roots of those some op writes into."""
     groups, written = _Groups(), set()
     for node in graph.nodes:
@@ -108,7 +108,7 @@ def captured_aliasing(graph: fx.Graph) -> dict[str, bool]:
     """For each op of ``graph`` that may return a view or a copy, and whose value is in an alias
     group some op writes into: whether it returned a view of its input in the capture (by
     name). Empty for a graph that writes into nothing, which is most."""
-    groups, written = _written_groups(graph)
+    groups, written = written_groups(graph)
     if not written:
         return {}
     found = {}

@@ -32,13 +32,13 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from autotp.aliasing import written_groups
 from autotp.capture import Captured, capture, graph_inputs, normalise_example_inputs
 from autotp.collectives import Communicator
 from autotp.loading import ModuleSource, load_into
 from autotp.opaque import OpaqueCall
 from autotp.plan import Plan
 from autotp.planner import plan_graph
-from autotp.propagate import schema_arguments
 from autotp.rewrite import rewrite
 
 __all__ = ["simulate", "Simulation", "SimulatedCommunicator", "rank_graphs", "run_ranks_in_threads", "copy_graph_module",
@@ -137,31 +137,11 @@ class _OwnCopies:
 
 
 def written_tensors(graph: fx.Graph) -> set[str]:
-    """The parameters and buffers ``graph`` writes into, directly or through a view: an op whose
-    schema marks an argument written (``Tensor(a!)``) takes the tensor or a value its schema says
-    aliases it (``Tensor(a)``, a view)."""
-    written: set[str] = set()
-    for node in graph.nodes:
-        if node.op != "get_attr":
-            continue
-        aliases, frontier = {node}, [node]
-        while frontier:
-            value = frontier.pop()
-            for user, argument in _uses(value):
-                info = argument.alias_info
-                if info is not None and info.is_write:
-                    written.add(str(node.target))
-                elif info is not None and user not in aliases:
-                    aliases.add(user)
-                    frontier.append(user)
-    return written
-
-
-def _uses(value: fx.Node) -> list[tuple[fx.Node, Any]]:
-    """(user, the schema argument ``value`` is passed as) for each use of ``value`` by an op with
-    a schema."""
-    return [(user, argument) for user in value.users for argument, given in schema_arguments(user)
-            if given is value or (isinstance(given, (list, tuple)) and value in given)]
+    """The parameters and buffers ``graph`` writes into, directly or through a view: those in an
+    alias group some op writes into (:func:`autotp.aliasing.written_groups`, from the schemas:
+    ``Tensor(a!)`` written, ``Tensor(a)`` a view)."""
+    groups, written = written_groups(graph)
+    return {str(node.target) for node in graph.nodes if node.op == "get_attr" and groups.find(node) in written}
 
 
 def run_ranks_in_threads(fn: Callable[[int], Any], world_size: int,
