@@ -59,6 +59,9 @@ def _rows_held(ids: torch.Tensor, rows: int, rank: int) -> tuple[torch.Tensor, t
     return outside, torch.where(outside, torch.zeros_like(ids), ids - start)
 
 
+_NARROW = (torch.float16, torch.bfloat16)  # float types torch reduces in float32
+
+
 def partial_mean(x: torch.Tensor, dim: Optional[list[int]] = None, keepdim: bool = False, *,
                  dtype: Optional[torch.dtype] = None, rank: int, world_size: int) -> torch.Tensor:
     """This rank's summand of a mean over dims that include the sharded one: its chunk's sum
@@ -73,8 +76,6 @@ def partial_mean(x: torch.Tensor, dim: Optional[list[int]] = None, keepdim: bool
         return (torch.sum(x, dim, keepdim, dtype=torch.float32) / count).to(x.dtype)
     return torch.sum(x, dim, keepdim, dtype=dtype) / count
 
-
-_NARROW = (torch.float16, torch.bfloat16)  # float types torch reduces in float32
 
 
 LOCAL_OPS: dict[str, Callable[..., torch.Tensor]] = {
