@@ -7,8 +7,10 @@ as ``placement`` (the whole tensor for ``Replicate``; :class:`Sliced` derives it
 before):
 
 - :class:`SafetensorsCheckpoint`: ``*.safetensors``, single or sharded with
-  ``model.safetensors.index.json``; each slice is read with one contiguous read per run
-  (:mod:`autotp.safetensors_io`), so a rank reads its own bytes and nothing else.
+  ``model.safetensors.index.json``. Without an index, ``model.safetensors`` alone where it
+  exists (as transformers reads it), else every file, none holding a tensor another holds.
+  Each slice is read with one contiguous read per run (:mod:`autotp.safetensors_io`), so a
+  rank reads its own bytes and nothing else.
 - :class:`TorchCheckpoint`: ``pytorch_model*.bin``, what transformers wrote before
   safetensors (``torch.save``'s zip format), single or sharded with
   ``pytorch_model.bin.index.json``. Each file is opened with ``torch.load(mmap=True,
@@ -35,6 +37,8 @@ __all__ = ["LoadError", "Checkpoint", "Sliced", "joined", "ranges_of", "Safetens
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_INDEX = "pytorch_model.bin.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"  # what transformers reads from a directory without an index
+TORCH_SINGLE = "pytorch_model.bin"
 
 
 class LoadError(AutotpError):
@@ -74,6 +78,30 @@ def _weight_map(directory: Path, index_name: str) -> Optional[dict[str, Path]]:
         if not path.exists():
             raise LoadError(f"{index} lists {path.name}, which is missing")
     return found
+
+
+def _unindexed_files(directory: Path, single: str, pattern: str) -> list[Path]:
+    """The files of a checkpoint without an index: the single file transformers reads
+    (``model.safetensors``) where there is one, so that another file beside it (an EMA copy, a
+    second variant) is not read; else every file matching ``pattern``."""
+    if (directory / single).exists():
+        return [directory / single]
+    files = sorted(directory.glob(pattern))
+    if not files:
+        raise LoadError(f"no {pattern} files in {directory}")
+    return files
+
+
+def _one_file_per_key(keys_by_file: dict[Path, Any]) -> dict[str, Path]:
+    """Tensor name -> file; a name two files hold is ambiguous (which copy the model is?)."""
+    weight_map: dict[str, Path] = {}
+    for path, keys in keys_by_file.items():
+        for key in keys:
+            if key in weight_map:
+                raise LoadError(f"{weight_map[key]} and {path} both hold {key!r} and {path.parent} has no index "
+                                "saying which to read: remove one, or add an index")
+            weight_map[key] = path
+    return weight_map
 
 
 class Sliced:
@@ -126,10 +154,8 @@ class SafetensorsCheckpoint(_Files):
         self._readers: dict[Path, SafetensorsReader] = {}
         weight_map = _weight_map(self.directory, SAFETENSORS_INDEX)
         if weight_map is None:
-            files = sorted(self.directory.glob("*.safetensors"))
-            if not files:
-                raise LoadError(f"no *.safetensors files in {self.directory}")
-            weight_map = {k: f for f in files for k in self._reader(f).keys()}
+            files = _unindexed_files(self.directory, SAFETENSORS_SINGLE, "*.safetensors")
+            weight_map = _one_file_per_key({f: self._reader(f).keys() for f in files})
         self.weight_map = weight_map
 
     def _reader(self, path: Path) -> SafetensorsReader:
@@ -166,10 +192,8 @@ class TorchCheckpoint(_Files):
         self._states: dict[Path, dict[str, Any]] = {}
         weight_map = _weight_map(self.directory, TORCH_INDEX)
         if weight_map is None:
-            files = sorted(self.directory.glob("pytorch_model*.bin"))
-            if not files:
-                raise LoadError(f"no pytorch_model*.bin files in {self.directory}")
-            weight_map = {k: f for f in files for k in self._state(f)}
+            files = _unindexed_files(self.directory, TORCH_SINGLE, "pytorch_model*.bin")
+            weight_map = _one_file_per_key({f: list(self._state(f)) for f in files})
         self.weight_map = weight_map
 
     def _state(self, path: Path) -> dict[str, Any]:

@@ -38,7 +38,7 @@ from autotp.plan import Plan
 __all__ = [
     "TensorSource", "ModuleSource", "CheckpointSource", "ShardFileSource", "FirstOf", "SafetensorsCheckpoint",
     "TorchCheckpoint", "Checkpoint", "open_checkpoint", "load_into", "LoadError", "named_tensors", "aliases",
-    "check_checkpoint", "checkpoint_names", "checkpoint_source",
+    "check_checkpoint", "checkpoint_names", "checkpoint_source", "non_persistent_buffers",
 ]
 
 
@@ -136,15 +136,29 @@ def checkpoint_names(module: nn.Module, stored: Iterable[str]) -> dict[str, list
     ``GPT2Model`` (as the classic ``gpt2`` checkpoints are); a base model's names with the
     prefix from a head model's checkpoint (its head is not read)."""
     prefix, level = _saved_level(module, stored)
-    names = {}
-    for name, tied in aliases(module).items():
-        own = [name, *tied]
-        if level == "without":
-            own += [n[len(prefix) + 1:] for n in own if n.startswith(prefix + ".")]
-        elif level == "with":
-            own = [f"{prefix}.{n}" for n in own] + own
-        names[name] = own
-    return names
+    rebuilt = non_persistent_buffers(module)
+    return {name: [] if name in rebuilt else _spellings([name, *tied], prefix, level)
+            for name, tied in aliases(module).items()}
+
+
+def _spellings(own: list[str], prefix: str, level: Optional[str]) -> list[str]:
+    """The keys ``own`` (a tensor's names) may be stored under, given how the checkpoint spells
+    the model's names (:func:`_saved_level`)."""
+    if level == "without":
+        return own + [n[len(prefix) + 1:] for n in own if n.startswith(prefix + ".")]
+    if level == "with":
+        return [f"{prefix}.{n}" for n in own] + own
+    return own
+
+
+def non_persistent_buffers(module: nn.Module) -> set[str]:
+    """The names of buffers registered ``persistent=False`` (rotary ``inv_freq``, causal masks):
+    not part of the state dict, so the model computes them from its config at build time.
+    transformers never reads them from a checkpoint, even one that holds them (older Llama
+    conversions stored ``inv_freq``): a stored copy may have been computed for another config."""
+    return {f"{path}.{name}" if path else name
+            for path, sub in module.named_modules(remove_duplicate=False)
+            for name in sub._non_persistent_buffers_set if sub._buffers.get(name) is not None}
 
 
 class CheckpointSource:
@@ -229,7 +243,8 @@ def check_checkpoint(checkpoint: Checkpoint, model: nn.Module, stored: Optional[
     prefix, level = _saved_level(model, checkpoint.keys() if stored is None else stored)
     if level == "with":  # a base model, a head model's checkpoint: its head is not read
         ignore.append(re.compile(rf"^(?!{re.escape(prefix)}\.)"))
-    known = {k for names in keys.values() for k in names}
+    rebuilt = {k for n in non_persistent_buffers(model) for k in _spellings([n], prefix, level)}  # ignored, as by transformers
+    known = {k for names in keys.values() for k in names} | rebuilt
     unexpected = sorted(k for k in checkpoint.keys() if k not in known and not any(p.search(k) for p in ignore))
     where = checkpoint.directory
     if missing:
@@ -243,6 +258,40 @@ def check_checkpoint(checkpoint: Checkpoint, model: nn.Module, stored: Optional[
         name, key = wrong[0]
         raise LoadError(f"checkpoint {where}: {key} has shape {list(checkpoint.shape(key))}, the model's {name} "
                         f"{list(state[name].shape)}" + (f" ({len(wrong) - 1} more differ)" if len(wrong) > 1 else ""))
+    for stored_twice in _tied_and_stored_twice(checkpoint, keys):
+        _check_copies_equal(checkpoint, stored_twice)
+
+
+def _tied_and_stored_twice(checkpoint: Checkpoint, keys: dict[str, list[str]]) -> list[list[str]]:
+    """The keys the checkpoint holds for one tensor of the model, where it holds more than one:
+    the model ties them (``tie_word_embeddings``), yet the checkpoint was saved untied."""
+    groups = {frozenset(present) for names in keys.values() if len(present := [k for k in names if k in checkpoint]) > 1}
+    return [sorted(group) for group in groups]
+
+
+def _check_copies_equal(checkpoint: Checkpoint, stored: list[str]) -> None:
+    """Two stored copies of one tied tensor must be equal, or the model would read one of them
+    for both uses. transformers unties such a model (its config does not describe the
+    checkpoint); a captured graph cannot, so it is refused."""
+    first, *others = stored
+    for other in others:
+        if not _stored_equal(checkpoint, first, other):
+            raise LoadError(f"checkpoint {checkpoint.directory} holds {first} and {other} with different values, but "
+                            "the model ties them (config tie_word_embeddings or tied weights): set "
+                            "tie_word_embeddings to false in config.json if the checkpoint is untied")
+
+
+def _stored_equal(checkpoint: Checkpoint, a: str, b: str, rows: int = 4096) -> bool:
+    """Whether two stored tensors are equal, compared ``rows`` at a time: an embedding of
+    gigabytes is never read whole."""
+    shape = list(checkpoint.shape(a))
+    if list(checkpoint.shape(b)) != shape:
+        return False
+    if not shape:
+        return torch.equal(checkpoint.read_ranges(a, None, None), checkpoint.read_ranges(b, None, None))
+    return all(torch.equal(checkpoint.read_ranges(a, 0, [(i, min(i + rows, shape[0]))]),
+                           checkpoint.read_ranges(b, 0, [(i, min(i + rows, shape[0]))]))
+               for i in range(0, shape[0], rows))
 
 
 def checkpoint_source(directory: str | Path, model: nn.Module, *, mapped: bool = False) -> CheckpointSource:

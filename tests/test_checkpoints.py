@@ -188,3 +188,69 @@ def test_an_index_that_lists_a_tensor_its_file_lacks_is_refused(tmp_path) -> Non
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(LoadError, match="has no tensor 'model.extra.weight', which its index lists there"):
         SafetensorsCheckpoint(tmp_path).shape("model.extra.weight")
+
+
+def _rope_worker(rank: int, world: int, directory: str) -> torch.Tensor:
+    return _bin_worker(rank, world, directory)
+
+
+@pytest.mark.distributed
+def test_a_stored_non_persistent_buffer_is_not_read(tmp_path) -> None:
+    """An older Llama conversion stores ``rotary_emb.inv_freq``, here for rope_theta 1e4, while
+    config.json says 1e6 (a context extended by editing the config). transformers ignores the
+    stored buffer and computes it from the config; so must every rank (it read the stale one:
+    6.1 off in the logits)."""
+    from transformers import AutoModelForCausalLM
+
+    model = hf_model("llama", seed=2)
+    model.save_pretrained(tmp_path)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    state["model.rotary_emb.inv_freq"] = model.model.rotary_emb.inv_freq.clone()  # theta 1e4
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["rope_parameters"]["rope_theta"] = 1e6
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    reference_model = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert not torch.equal(reference_model.model.rotary_emb.inv_freq, state["model.rotary_emb.inv_freq"])
+    with torch.no_grad():
+        reference = reference_model(IDS).logits
+    assert not checkpoint_source(tmp_path, reference_model).has("model.rotary_emb.inv_freq")
+    for logits in run_ranks(_rope_worker, 2, str(tmp_path)):
+        assert_close_to(reference, logits)
+
+
+def test_two_different_stored_copies_of_a_tied_tensor_are_refused(tmp_path) -> None:
+    """config.json ties the head to the embedding, the checkpoint holds both, different (an
+    untied fine-tune that kept the flag): the model would read one for both uses."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=128, tie_word_embeddings=True)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(tmp_path)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    assert "lm_head.weight" not in state  # saved once, as tied
+    state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    checkpoint_source(tmp_path, model)  # two equal copies: fine
+    state["lm_head.weight"] = torch.randn_like(state["lm_head.weight"])
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(LoadError, match="holds lm_head.weight and model.embed_tokens.weight with different values"):
+        checkpoint_source(tmp_path, model)
+
+
+def test_without_an_index_model_safetensors_is_read_and_a_tensor_in_two_files_refused(tmp_path) -> None:
+    """transformers reads ``model.safetensors`` from a directory without an index; an EMA copy
+    beside it sorted last and was read instead. With no ``model.safetensors``, two files
+    holding one tensor are ambiguous."""
+    model = hf_model("llama", seed=1)
+    model.save_pretrained(tmp_path)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    save_file({k: torch.randn_like(v) for k, v in state.items()}, str(tmp_path / "model_ema.safetensors"))
+    checkpoint = SafetensorsCheckpoint(tmp_path)
+    assert set(checkpoint.weight_map.values()) == {tmp_path / "model.safetensors"}
+    name = "model.norm.weight"
+    assert torch.equal(checkpoint.read(name, Replicate(), 0, 1), state[name])
+    (tmp_path / "model.safetensors").rename(tmp_path / "model-a.safetensors")
+    with pytest.raises(LoadError, match="both hold .* has no index"):
+        SafetensorsCheckpoint(tmp_path)
