@@ -76,8 +76,11 @@ def _placement_before(node: fx.Node, after: Placement, world: int) -> Optional[S
         # (the propagation that follows the promotion checks the whole region again)
         source = node.args[0]
         for dim in range(ndim(source)):
+            size = sizes(source)[dim]
             plain = Shard(dim, after.blocks if isinstance(after.blocks, int) else 1, after.replicas)
             for tried in dict.fromkeys((plain, Shard(dim, after.blocks, after.replicas, whole=after.whole))):
+                if isinstance(size, int) and not divides(tried, size, world):
+                    continue  # the rules take a shard that splits: a [2, 24] viewed as [48] is no 4-way shard of its 2 rows
                 answer = apply_rule(node, Inputs({source: tried}, world))
                 if isinstance(answer, Out) and answer.placement == after and not answer.redistribute:
                     return tried

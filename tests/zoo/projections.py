@@ -309,6 +309,19 @@ class UpDown(nn.Module):
         self.a, self.b = nn.Linear(D, 256), nn.Linear(256, D)
 
 
+class ScaleViewed(UpDown):
+    """Per-column scales stored in other shapes, viewed or expanded to the 256 columns: at tp 4
+    the [2, 128] one is no shard of its 2 rows, nor the [1, 256] one of its 1 row, nor the [1]
+    one at all. Each stays whole (they were sharded, and every rank loaded a piece of nothing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.s2, self.s1, self.s0 = (nn.Parameter(torch.randn(*shape)) for shape in ((2, 128), (1, 256), (1,)))
+
+    def forward(self, x):
+        return self.b(self.a(x) * self.s2.view(256) * self.s1.view(256) * self.s0.expand(256))
+
+
 class InplaceMLP(UpDown):
     def forward(self, x):
         h = self.a(x)
@@ -449,6 +462,6 @@ class CrossEntropyOut(nn.Module):
 
 
 MODULES = [FusedSwiGLU, MoE, DispatchMoE, RoutedMoEBlock, SortedMoEBlock, InterleavedGLU, Conv1dMix, LinearTranspose, TiedInOut, Cat2Proj, Lora, SeqMLP,
-           SharedLayers, WeightSlice, EinsumExperts, SoftCapLM, PosFromMask, InplaceMLP, ShapeBranch, DictOut,
+           SharedLayers, WeightSlice, EinsumExperts, SoftCapLM, PosFromMask, ScaleViewed, InplaceMLP, ShapeBranch, DictOut,
            Dropout, NoGradBlock, Sequential, ConvNet, Conv2dNet, GroupNormAfter, BatchNormAfter, ArgmaxHidden,
            LogSoftmaxHead, CrossEntropyOut]
