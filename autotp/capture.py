@@ -40,8 +40,8 @@ from torch.utils import _pytree as pytree
 
 from autotp.errors import CaptureError, first_line
 from autotp import hf
-from autotp.export_settings import (buffer_assignments, deferred_codegen, no_stack_traces, partial_graph_unprinted,
-                                    recorded_guards)
+from autotp.export_settings import (buffer_assignments, deferred_codegen, no_fake_dispatch_cache, no_stack_traces,
+                                    partial_graph_unprinted, recorded_guards)
 from autotp.heap import old_objects_frozen
 from autotp.opaque import OpaqueCall, install_opaque_calls, opaque_calls
 from autotp.opaque_failures import export_making_opaque, failures_read
@@ -287,8 +287,8 @@ def _export(model: nn.Module, inputs: dict[str, Any], device: torch.device, bump
         skeleton.__dict__["forward"] = functools.partial(skeleton.forward, **{k: v for k, v in inputs.items()
                                                                              if k not in passed})
     fake_inputs = {k: _as_fake(v, mode, device, bump_unit_dims) for k, v in passed.items()}
-    with failures_read(skeleton), hf.capture_settings(skeleton), no_stack_traces(), torch.no_grad(), \
-            deferred_codegen(), partial_graph_unprinted(), buffer_assignments(skeleton) as assigned, \
+    with failures_read(skeleton), hf.capture_settings(skeleton), no_stack_traces(), no_fake_dispatch_cache(), \
+            torch.no_grad(), deferred_codegen(), partial_graph_unprinted(), buffer_assignments(skeleton) as assigned, \
             share_repeated_layers(skeleton, share) as sharing, opaque_calls(skeleton, model, opaque) as records:
         exported = torch.export.export(
             skeleton, (), fake_inputs, dynamic_shapes=_dynamic_shapes(skeleton, fake_inputs), strict=False
