@@ -39,6 +39,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from autotp.cache_key import FORMAT, Uncacheable, graph_key
+from autotp.capture import share_mode
 from autotp.collectives import Communicator
 from autotp.errors import AutotpError
 from autotp.graph_json import decode_graph, decode_guards, encode_graph, encode_guards
@@ -232,7 +233,9 @@ def slot(enabled: bool, model: nn.Module, inputs: Mapping[str, Any], **settings:
     if store is None:
         return CacheSlot(None, None, "off")
     try:
-        key = graph_key(model, inputs, **settings)
+        # the sharing mode decides which layers a capture copies: a graph copied under one must not
+        # serve a process that asked for every layer traced
+        key = graph_key(model, inputs, share_layers=share_mode(), **settings)
     except Uncacheable as exc:
         return CacheSlot(None, None, f"uncacheable: {exc}")
     except Exception as exc:  # an attribute the key cannot even read (a config that is not JSON, ...)

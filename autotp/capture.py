@@ -245,7 +245,7 @@ def capture(
     inputs = normalise_example_inputs(model, example_inputs)
     device = device or model_device(model)
     name = type(model).__name__
-    share = _share_layers(share_layers)
+    share = share_mode(share_layers)
     try:
         exported, sharing, records = export_making_opaque(
             lambda opaque: _export(model, inputs, device, bump_unit_dims, "off" if opaque else share, opaque), name)
@@ -308,7 +308,7 @@ def _warn_opaque(gm: fx.GraphModule) -> None:
                       "plan lists its parameters")
 
 
-def _share_layers(asked: Optional[bool]) -> str:
+def share_mode(asked: Optional[bool] = None) -> str:
     """The layer sharing mode (autotp.repeats.SHARE_MODES) asked for, or set in the environment."""
     if asked is not None:
         return "all" if asked else "off"

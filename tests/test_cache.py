@@ -337,3 +337,15 @@ def test_a_bad_cache_size_bound_is_named(monkeypatch: pytest.MonkeyPatch, tmp_pa
             graph_cache.slot(True, hf_model("llama"), {"input_ids": token_ids(2, 8)}, tp_size=2, rank=0)
     monkeypatch.setenv("AUTOTP_CACHE_MAX_MB", "0.5")
     assert graph_cache.max_bytes() == 2**19
+
+
+def test_the_layer_sharing_setting_is_in_the_key(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A graph captured with copied layers must not serve a process that asked for every layer
+    traced (``AUTOTP_SHARE_LAYERS=0``), nor the other way round."""
+    monkeypatch.setenv("AUTOTP_CACHE_DIR", str(tmp_path))
+    inputs = {"input_ids": token_ids(2, 8)}
+    keys = set()
+    for setting in ("", "0", "1"):
+        monkeypatch.setenv("AUTOTP_SHARE_LAYERS", setting)
+        keys.add(graph_cache.slot(True, hf_model("llama"), inputs, tp_size=2, rank=0).key)
+    assert len(keys) == 3
