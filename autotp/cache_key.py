@@ -76,6 +76,12 @@ def _autotp_digest() -> str:
     return digest.hexdigest()
 
 
+# where a path really is, per process (~900 lookups per key of an 8-layer Llama, 7000 lstat calls
+# uncached: 0.04 s of its 0.13 s); as for the digests below, a link changed under a running
+# process is not seen
+_real = functools.lru_cache(maxsize=None)(os.path.realpath)
+
+
 @functools.lru_cache(maxsize=1)
 def _installed_roots() -> tuple[str, ...]:
     paths = sysconfig.get_paths()
@@ -118,14 +124,14 @@ def _code_id(obj: Any) -> list[Any]:
 
 
 def _is_autotp_file(path: str) -> bool:
-    return os.path.realpath(path).startswith(os.path.realpath(Path(__file__).parent) + os.sep)
+    return _real(path).startswith(_real(str(Path(__file__).parent)) + os.sep)
 
 
 @functools.lru_cache(maxsize=None)
 def _installed_file_digest(path: str) -> Optional[str]:
     """The digest of a file of an installed package; None for any other file. (Per process:
     an installed file that changes under a running process is not seen.)"""
-    real = os.path.realpath(path)
+    real = _real(path)
     return _file_digest(real) if real.startswith(_installed_roots()) else None
 
 
@@ -232,7 +238,7 @@ def _is_package_module(module: types.ModuleType) -> bool:
     the standard library's namespaces change with run-time settings (``warnings.showwarning``
     under ``catch_warnings``) that shape no graph."""
     path = getattr(module, "__file__", None)
-    return bool(path) and os.path.realpath(path).startswith(_package_roots())
+    return bool(path) and _real(path).startswith(_package_roots())
 
 
 def _name_id(value: Any) -> list[Any]:
