@@ -26,7 +26,9 @@ from autotp.planner import plan_graph
 __all__ = ["CachedCalls"]
 
 # arguments a cached call may carry that the cached graphs compute themselves or do not need
-_IGNORED_WITH_CACHE = ("use_cache", "return_dict", "cache_position", "output_attentions", "output_hidden_states")
+_IGNORED_WITH_CACHE = ("use_cache", "return_dict", "cache_position")
+# outputs a cached graph does not return: asked for (by the call or the model's config), refused
+_NOT_RETURNED_WITH_CACHE = ("output_attentions", "output_hidden_states")
 
 
 class CachedCalls:
@@ -44,6 +46,7 @@ class CachedCalls:
         keep = inputs.pop("logits_to_keep", 0)
         for name in _IGNORED_WITH_CACHE:
             inputs.pop(name, None)
+        self._refuse_unreturned_outputs(inputs)
         given = sorted(name for name, value in inputs.items() if value is not None)  # None: the default
         if given:
             raise AutotpError(f"arguments {given} are not supported in a call with a cache")
@@ -59,6 +62,18 @@ class CachedCalls:
         counts["tokens"] += new
         write_cache(cache, keys, values, past + new)
         return self._output_type()(logits=logits, **{self._cache_arg: cache})
+
+    def _refuse_unreturned_outputs(self, inputs: dict[str, Any]) -> None:
+        """A cached call returns the logits and the cache. Hidden states or attention maps asked
+        for would come back as None, which reads as "none computed", so they are refused."""
+        config = getattr(self._source, "config", None)
+        for name in _NOT_RETURNED_WITH_CACHE:
+            asked = inputs.pop(name, None)
+            if asked is None:
+                asked = getattr(config, name, False)
+            if asked:
+                raise AutotpError(f"{name}=True is not supported in a call with a cache (a cached call returns the "
+                                  "logits and the cache only): call without one (use_cache=False) to get them")
 
     def _output_type(self) -> Any:
         """The model's own output class when it carries the cache field, else the generic one."""

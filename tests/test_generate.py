@@ -55,7 +55,8 @@ def generate_worker(rank: int, world: int, names: list[str]) -> dict:
             got_three = tp_model.generate(three, attention_mask=mask, cache=cache, **GREEDY)
             torch.manual_seed(5)
             sampled = tp_model.generate(three, attention_mask=mask, max_new_tokens=8, do_sample=True, pad_token_id=0)
-        out[name] = dict(
+            refused = _refusals(tp_model, one)
+        out[name] = dict(refused=refused,
             greedy_one=torch.equal(ref_one, got_one), greedy_three=torch.equal(ref_three, got_three),
             sampled_same=torch.equal(ref_sampled, sampled), sampled=sampled.tolist(),
             cache_bytes=_cache_bytes(cache), ref_cache_bytes=_cache_bytes(ref_cache),
@@ -80,6 +81,21 @@ def _manual_decode(model, prompt: torch.Tensor, tokens: list[torch.Tensor] | Non
     return logits + [out.logits]
 
 
+def _refusals(tp_model, prompt: torch.Tensor) -> list[str]:
+    """The errors of calls asking a cached call for outputs it does not return (they came back
+    None, silently, where the model returns them)."""
+    errors = []
+    for call in (lambda: tp_model(prompt, use_cache=True, output_hidden_states=True),
+                 lambda: tp_model(prompt, use_cache=True, output_attentions=True),
+                 lambda: tp_model.generate(prompt, output_hidden_states=True, return_dict_in_generate=True, **GREEDY)):
+        try:
+            call()
+            errors.append("no error")
+        except autotp.AutotpError as exc:
+            errors.append(str(exc))
+    return errors
+
+
 def _gap(reference: list[torch.Tensor], got: list[torch.Tensor]) -> float:
     return max(((g - r).abs().max() / r.abs().max()).item() for r, g in zip(reference, got))
 
@@ -100,6 +116,7 @@ def test_generate_matches_unsharded_and_shards_the_cache(world):
             assert r["cached_calls"]["prefill"]["calls"] == 3
             assert r["cached_calls"]["decode"] == {"calls": 2 * (NEW - 1) + 7, "tokens": 2 * (NEW - 1) + 7}
         assert all(r["manual_decode"] < 1e-4 for r in ranks), f"{name}: a hand-written decode loop differs"
+        assert all("is not supported in a call with a cache" in e for r in ranks for e in r["refused"]), ranks[0]["refused"]
         assert len({str(r["sampled"]) for r in ranks}) == 1, f"{name}: ranks sampled different tokens"
         assert len({str(r["tokens"]) for r in ranks}) == 1
 
