@@ -29,7 +29,7 @@ import os
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 import torch.fx as fx
@@ -250,7 +250,7 @@ def capture(
         exported, sharing, records = export_making_opaque(
             lambda opaque: _export(model, inputs, device, bump_unit_dims, "off" if opaque else share, opaque), name)
     except Exception as exc:  # export raises many types; one clear error names the model
-        failure = _capture_error(name, exc)
+        failure = _capture_error(name, exc, _tensors_through_kwargs(model, inputs))
         if share == "off":
             raise failure from exc
         try:  # the trusted path decides, on a fresh copy: every layer traced
@@ -270,10 +270,22 @@ def capture(
                     sharing.copied if sharing is not None else 0)
 
 
-def _capture_error(name: str, exc: BaseException) -> CaptureError:
+def _capture_error(name: str, exc: BaseException, through_kwargs: Sequence[str] = ()) -> CaptureError:
     if isinstance(exc, CaptureError):
         return exc
-    return CaptureError(f"torch.export could not capture {name}: {first_line(exc)}")
+    verb = "reaches" if len(through_kwargs) == 1 else "reach"
+    hint = (f" ({', '.join(through_kwargs)} {verb} {name}.forward only through **kwargs, where torch.export may "
+            "not take a tensor of dynamic size: leave it out if the model does not read it)") if through_kwargs else ""
+    return CaptureError(f"torch.export could not capture {name}: {first_line(exc)}{hint}")
+
+
+def _tensors_through_kwargs(model: nn.Module, inputs: Mapping[str, Any]) -> list[str]:
+    """The tensor arguments ``forward`` takes only in ``**kwargs`` (xLSTM's ``attention_mask``)."""
+    params = forward_signature(model).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return []
+    return sorted(k for k, v in inputs.items()
+                  if k not in params and any(isinstance(t, torch.Tensor) for t in pytree.tree_leaves(v)))
 
 
 def _export(model: nn.Module, inputs: dict[str, Any], device: torch.device, bump_unit_dims: bool,

@@ -349,3 +349,19 @@ def test_a_buffer_given_itself_back_is_no_assignment() -> None:
         reference = model(x)
     for out in simulate(model, (x,), 2).outputs:
         assert_close_to(reference, out)
+
+
+class _TakesKwargs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(D, 2 * D), nn.Linear(2 * D, D)
+
+    def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        return self.b(self.a(x))
+
+
+def test_a_tensor_that_only_kwargs_take_is_named_when_export_fails() -> None:
+    """xLSTM's forward takes ``attention_mask`` only through ``**kwargs``: export fails on it
+    with an assertion about tree names; the error says which argument and what to do."""
+    with pytest.raises(CaptureError, match=r"mask reaches _TakesKwargs.forward only through \*\*kwargs.*leave it out"):
+        capture(_TakesKwargs(), {"x": torch.randn(2, 3, D), "mask": torch.ones(2, 3)})
