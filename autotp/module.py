@@ -26,6 +26,7 @@ import torch.nn as nn
 
 from autotp import cache as graph_cache
 from autotp import hf
+from autotp.call_checks import OneCaller, check_mode, training_flags
 from autotp.capture import bind_inputs, capture, forward_signature, graph_inputs, meta_twin, structure_key
 from autotp.errors import AutotpError
 from autotp.cached_calls import CachedCalls
@@ -95,13 +96,15 @@ class TensorParallelModule(CachedCalls, nn.Module):
         # source's own tensors become this rank's pieces)
         self.__dict__.update(_ctx=ctx, _source=source, _twin=meta_twin(source), _graphs={key: gm},
                              _signature=signature, _cache_arg=cache_argument(signature), _cache_layout=None, _variants={},
-                             _use_cache=cache, _gather_outputs=gather_outputs)
+                             _use_cache=cache, _gather_outputs=gather_outputs, _modes=training_flags(source),
+                             _caller=OneCaller())
         if hf.is_hf_model(source):
             self.__dict__["config"] = source.config
 
     # ---- calls ------------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        with _reported_failure():
+        with _reported_failure(), self._caller.admitted():
+            check_mode(self._source, self._modes)
             return self._forward(*args, **kwargs)
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -120,8 +123,17 @@ class TensorParallelModule(CachedCalls, nn.Module):
         """Call the submodule at ``path`` of the handed-over model on this rank's pieces of its
         tensors: its own graph is captured and planned on first use, with the parameters laid
         out as this rank holds them (an encoder-decoder's ``generate()`` calls the encoder)."""
-        with _reported_failure():
+        with _reported_failure(), self._caller.admitted():
+            check_mode(self._source, self._modes)
             return self._plain_call(path, bind_inputs(self._source.get_submodule(path), args, kwargs))
+
+    def train(self, mode: bool = True) -> "TensorParallelModule":
+        """Set the handed-over model's mode. A captured graph keeps the mode it was traced in,
+        so a call after a change is refused (:mod:`autotp.call_checks`): set it before
+        :func:`autotp.parallelize`."""
+        self.training = mode
+        self._source.train(mode)
+        return self
 
     def _plain_call(self, path: str, inputs: dict[str, Any]) -> Any:
         """A call without a cache of the model (``path`` empty) or of one of its submodules."""
@@ -239,7 +251,7 @@ class TensorParallelModule(CachedCalls, nn.Module):
             # Face cache: plain graphs return no state, so each step runs over the whole sequence
             # (exact, quadratic), as Hugging Face's own generate(use_cache=False) does
             kwargs.setdefault("use_cache", False)
-        with _reported_failure():
+        with _reported_failure(), self._caller.admitted():  # every step of one generation before another call
             share_rng(self._ctx)
             return self._source.generate(*args, **kwargs)
 

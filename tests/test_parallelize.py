@@ -162,3 +162,62 @@ def test_user_module_with_plain_torch_ops() -> None:
     assert result["local"] * 2 == result["total"]
     assert result["all_reduces"] == 2
     assert result["edits"] >= 4  # three head-count views and the reshape back to the global width
+
+
+def _gpt2_in_training_mode():
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    config = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=64, bos_token_id=0, eos_token_id=0)
+    return AutoModelForCausalLM.from_config(config)  # from_config leaves it in training mode: dropout 0.1
+
+
+def mode_worker(rank: int, world: int) -> dict:
+    import copy
+    import threading
+
+    torch.manual_seed(0)
+    ids = token_ids(2, 8, vocab=64)
+    model = _gpt2_in_training_mode()
+    reference = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        want = reference(ids).logits
+    tp_model = autotp.parallelize(model)
+    model.eval()  # after the capture, which traced the dropout
+    try:
+        tp_model(ids)
+        mode_error = "no error"
+    except autotp.AutotpError as exc:
+        mode_error = str(exc)
+    model.train()  # back to the captured mode: calls run again
+    with torch.no_grad():
+        tp_model(ids)
+    tp_model = autotp.parallelize(copy.deepcopy(reference))  # captured in eval mode
+    with torch.no_grad():
+        exact = (tp_model(ids).logits - want).abs().max().item()
+        tp_model.eval()  # the captured mode again: not an error, and nn.Module.eval reaches no exported graph
+        threads_error = []
+        inside = threading.Event()
+
+        def second_caller() -> None:
+            try:
+                tp_model(ids)
+            except autotp.AutotpError as exc:
+                threads_error.append(str(exc))
+            inside.set()
+
+        thread = threading.Thread(target=second_caller)
+        with tp_model._caller.admitted():  # this thread is inside a call
+            thread.start()
+            inside.wait(60)
+        thread.join()
+    return dict(mode_error=mode_error, exact=exact, threads_error=threads_error)
+
+
+def test_a_mode_changed_after_capture_and_a_second_calling_thread_are_refused() -> None:
+    """GPT-2 from ``from_config`` is in training mode; eval() after parallelize did not reach
+    the captured graph, whose dropout stayed on (found by an adversarial review). And two
+    threads calling at once paired each other's collectives across ranks."""
+    for r in run_ranks(mode_worker, 2):
+        assert "was captured in training mode" in r["mode_error"], r["mode_error"]
+        assert r["exact"] < 1e-4
+        assert len(r["threads_error"]) == 1 and "another thread is calling" in r["threads_error"][0], r
