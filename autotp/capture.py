@@ -29,7 +29,7 @@ import os
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 import torch.fx as fx
@@ -38,7 +38,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.export import Dim
 from torch.utils import _pytree as pytree
 
-from autotp.errors import CaptureError, first_line
+from autotp.capture_refusals import capture_error, refuse_generators, tensors_through_kwargs
+from autotp.errors import CaptureError
 from autotp import hf
 from autotp.export_settings import (buffer_assignments, deferred_codegen, no_fake_dispatch_cache, no_stack_traces,
                                     partial_graph_unprinted, recorded_guards)
@@ -250,7 +251,7 @@ def capture(
         exported, sharing, records = export_making_opaque(
             lambda opaque: _export(model, inputs, device, bump_unit_dims, "off" if opaque else share, opaque), name)
     except Exception as exc:  # export raises many types; one clear error names the model
-        failure = _capture_error(name, exc, _tensors_through_kwargs(model, inputs))
+        failure = capture_error(name, exc, tensors_through_kwargs(forward_signature(model), inputs))
         if share == "off":
             raise failure from exc
         try:  # the trusted path decides, on a fresh copy: every layer traced
@@ -262,30 +263,13 @@ def capture(
                       "layer was traced instead (AUTOTP_SHARE_LAYERS=0 skips the attempt)")
     with recorded_guards() as guards:  # not deferred: unlifting reads the signature of the code
         gm = exported.module()
+    refuse_generators(gm, name)
     install_opaque_calls(gm, records)
     _warn_opaque(gm)
     gm = _drop_unused_tensors(gm)
     tensors = [str(n.target) for n in gm.graph.nodes if n.op == "get_attr"]
     return Captured(gm, list(inputs), structure_key(inputs), name, tensors, guards[-1] if guards else None,
                     sharing.copied if sharing is not None else 0)
-
-
-def _capture_error(name: str, exc: BaseException, through_kwargs: Sequence[str] = ()) -> CaptureError:
-    if isinstance(exc, CaptureError):
-        return exc
-    verb = "reaches" if len(through_kwargs) == 1 else "reach"
-    hint = (f" ({', '.join(through_kwargs)} {verb} {name}.forward only through **kwargs, where torch.export may "
-            "not take a tensor of dynamic size: leave it out if the model does not read it)") if through_kwargs else ""
-    return CaptureError(f"torch.export could not capture {name}: {first_line(exc)}{hint}")
-
-
-def _tensors_through_kwargs(model: nn.Module, inputs: Mapping[str, Any]) -> list[str]:
-    """The tensor arguments ``forward`` takes only in ``**kwargs`` (xLSTM's ``attention_mask``)."""
-    params = forward_signature(model).parameters
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return []
-    return sorted(k for k, v in inputs.items()
-                  if k not in params and any(isinstance(t, torch.Tensor) for t in pytree.tree_leaves(v)))
 
 
 def _export(model: nn.Module, inputs: dict[str, Any], device: torch.device, bump_unit_dims: bool,

@@ -365,3 +365,20 @@ def test_a_tensor_that_only_kwargs_take_is_named_when_export_fails() -> None:
     with an assertion about tree names; the error says which argument and what to do."""
     with pytest.raises(CaptureError, match=r"mask reaches _TakesKwargs.forward only through \*\*kwargs.*leave it out"):
         capture(_TakesKwargs(), {"x": torch.randn(2, 3, D), "mask": torch.ones(2, 3)})
+
+
+class _SeededNoise(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(D, 2 * D), nn.Linear(2 * D, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        noise = torch.randn(2 * D, 2 * D, generator=torch.Generator().manual_seed(0))
+        return self.b(self.a(x) @ noise)
+
+
+def test_a_generator_the_forward_makes_is_refused() -> None:
+    """Export keeps the generator as one constant whose state runs on across calls: the second
+    call drew other numbers than the model, which seeds a new one each call (12.1 off at tp 1)."""
+    with pytest.raises(CaptureError, match="draws random numbers from a torch.Generator"):
+        capture(_SeededNoise(), (torch.randn(2, 3, D),))

@@ -1,0 +1,59 @@
+"""Why a capture fails or is refused, said in one line that names the model and what to do.
+
+- :func:`capture_error`: export's own failure (it raises many types), with a hint where a tensor
+  reaches ``forward`` only through ``**kwargs``, which export may not take at dynamic sizes;
+- :func:`refuse_generators`: a graph holding a ``torch.Generator`` computes other numbers than
+  the model from its second call on.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.utils import _pytree as pytree
+
+from autotp.errors import CaptureError, first_line
+
+__all__ = ["capture_error", "refuse_generators", "tensors_through_kwargs"]
+
+
+def refuse_generators(gm: fx.GraphModule, name: str) -> None:
+    """A ``torch.Generator`` the trace met becomes one constant of the graph: every call draws on
+    from its state, where a forward that makes one (``torch.Generator().manual_seed(0)``) starts
+    afresh each call (the second call was 12.1 off, even at tp 1), and ranks in one process
+    would share it. Refused: autotp cannot tell a fresh generator from one the model keeps."""
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and isinstance(_attribute(gm, node.target), torch.Generator):
+            raise CaptureError(f"{name}'s forward draws random numbers from a torch.Generator ({node.target} in the "
+                               "graph): a captured graph would keep one generator and draw on from its state on every "
+                               "call; draw outside the model and pass the numbers in")
+
+
+def _attribute(root: nn.Module, target: str) -> Any:
+    value: Any = root
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def capture_error(name: str, exc: BaseException, through_kwargs: Sequence[str] = ()) -> CaptureError:
+    if isinstance(exc, CaptureError):
+        return exc
+    verb = "reaches" if len(through_kwargs) == 1 else "reach"
+    hint = (f" ({', '.join(through_kwargs)} {verb} {name}.forward only through **kwargs, where torch.export may "
+            "not take a tensor of dynamic size: leave it out if the model does not read it)") if through_kwargs else ""
+    return CaptureError(f"torch.export could not capture {name}: {first_line(exc)}{hint}")
+
+
+def tensors_through_kwargs(signature: inspect.Signature, inputs: Mapping[str, Any]) -> list[str]:
+    """The tensor arguments a ``forward`` of ``signature`` takes only in ``**kwargs`` (xLSTM's
+    ``attention_mask``)."""
+    params = signature.parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return []
+    return sorted(k for k, v in inputs.items()
+                  if k not in params and any(isinstance(t, torch.Tensor) for t in pytree.tree_leaves(v)))
