@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from autotp import cache as graph_cache
 from autotp import hf
-from autotp.call_checks import OneCaller, check_mode, training_flags
+from autotp.call_checks import ModelState, OneCaller, check_no_gradients
 from autotp.capture import bind_inputs, capture, forward_signature, graph_inputs, meta_twin, structure_key
 from autotp.errors import AutotpError
 from autotp.cached_calls import CachedCalls
@@ -96,7 +96,7 @@ class TensorParallelModule(CachedCalls, nn.Module):
         # source's own tensors become this rank's pieces)
         self.__dict__.update(_ctx=ctx, _source=source, _twin=meta_twin(source), _graphs={key: gm},
                              _signature=signature, _cache_arg=cache_argument(signature), _cache_layout=None, _variants={},
-                             _use_cache=cache, _gather_outputs=gather_outputs, _modes=training_flags(source),
+                             _use_cache=cache, _gather_outputs=gather_outputs, _state=ModelState(source),
                              _caller=OneCaller())
         if hf.is_hf_model(source):
             self.__dict__["config"] = source.config
@@ -104,7 +104,8 @@ class TensorParallelModule(CachedCalls, nn.Module):
     # ---- calls ------------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         with _reported_failure(), self._caller.admitted():
-            check_mode(self._source, self._modes)
+            self._state.check()
+            check_no_gradients(args, kwargs)
             return self._forward(*args, **kwargs)
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -124,8 +125,14 @@ class TensorParallelModule(CachedCalls, nn.Module):
         tensors: its own graph is captured and planned on first use, with the parameters laid
         out as this rank holds them (an encoder-decoder's ``generate()`` calls the encoder)."""
         with _reported_failure(), self._caller.admitted():
-            check_mode(self._source, self._modes)
+            self._state.check()
+            check_no_gradients(args, kwargs)
             return self._plain_call(path, bind_inputs(self._source.get_submodule(path), args, kwargs))
+
+    def remember_model_state(self) -> None:
+        """Record the handed-over model's state (attributes, config, hooks, which tensors it
+        holds, mode) that every later call must find unchanged (:mod:`autotp.call_checks`)."""
+        self.__dict__["_state"] = ModelState(self._source)
 
     def train(self, mode: bool = True) -> "TensorParallelModule":
         """Set the handed-over model's mode. A captured graph keeps the mode it was traced in,

@@ -103,6 +103,7 @@ def _hand_over(model: nn.Module, tp_model: TensorParallelModule, names: list[str
     _route(model, lambda *args, **kwargs: tp_model(*args, **kwargs))
     for path in _holding_pieces(model, tp_model.plan):
         _route(model.get_submodule(path), functools.partial(tp_model.call_submodule, path))
+    tp_model.remember_model_state()  # as handed over: a later change of it is refused (autotp.call_checks)
 
 
 def _route(module: nn.Module, call: Any) -> None:

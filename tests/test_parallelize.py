@@ -171,6 +171,14 @@ def _gpt2_in_training_mode():
     return AutoModelForCausalLM.from_config(config)  # from_config leaves it in training mode: dropout 0.1
 
 
+def _refused(call) -> str:
+    try:
+        call()
+        return "no error"
+    except autotp.AutotpError as exc:
+        return str(exc)
+
+
 def mode_worker(rank: int, world: int) -> dict:
     import copy
     import threading
@@ -183,26 +191,31 @@ def mode_worker(rank: int, world: int) -> dict:
         want = reference(ids).logits
     tp_model = autotp.parallelize(model)
     model.eval()  # after the capture, which traced the dropout
-    try:
-        tp_model(ids)
-        mode_error = "no error"
-    except autotp.AutotpError as exc:
-        mode_error = str(exc)
+    errors = {"mode": _refused(lambda: tp_model(ids))}
     model.train()  # back to the captured mode: calls run again
     with torch.no_grad():
         tp_model(ids)
-    tp_model = autotp.parallelize(copy.deepcopy(reference))  # captured in eval mode
+    model = copy.deepcopy(reference)
+    tp_model = autotp.parallelize(model)  # captured in eval mode
     with torch.no_grad():
         exact = (tp_model(ids).logits - want).abs().max().item()
         tp_model.eval()  # the captured mode again: not an error, and nn.Module.eval reaches no exported graph
-        threads_error = []
+        tp_model(ids)
+        eps = model.transformer.ln_f.eps
+        model.transformer.ln_f.eps = 0.5
+        errors["attribute"] = _refused(lambda: tp_model(ids))
+        model.transformer.ln_f.eps = eps
+        handle = model.transformer.h[1].mlp.register_forward_hook(lambda module, args, out: out * 2)
+        errors["hook"] = _refused(lambda: tp_model(ids))
+        handle.remove()
+        model.config.output_hidden_states = True
+        errors["config"] = _refused(lambda: tp_model(ids))
+        model.config.output_hidden_states = False
+        tp_model(ids)  # all restored
         inside = threading.Event()
 
         def second_caller() -> None:
-            try:
-                tp_model(ids)
-            except autotp.AutotpError as exc:
-                threads_error.append(str(exc))
+            errors["thread"] = _refused(lambda: tp_model(ids))
             inside.set()
 
         thread = threading.Thread(target=second_caller)
@@ -210,14 +223,23 @@ def mode_worker(rank: int, world: int) -> dict:
             thread.start()
             inside.wait(60)
         thread.join()
-    return dict(mode_error=mode_error, exact=exact, threads_error=threads_error)
+    embeds = torch.randn(2, 8, 32, requires_grad=True)
+    errors["grad"] = _refused(lambda: tp_model(inputs_embeds=embeds))
+    return dict(errors=errors, exact=exact)
 
 
-def test_a_mode_changed_after_capture_and_a_second_calling_thread_are_refused() -> None:
-    """GPT-2 from ``from_config`` is in training mode; eval() after parallelize did not reach
-    the captured graph, whose dropout stayed on (found by an adversarial review). And two
-    threads calling at once paired each other's collectives across ranks."""
+def test_a_model_changed_after_capture_gradients_and_a_second_calling_thread_are_refused() -> None:
+    """A captured graph keeps what the trace read. GPT-2 from ``from_config`` is in training
+    mode; eval() after parallelize left its dropout on; an epsilon changed, a hook registered
+    or a config flag set later never reached the graph (found by adversarial reviews). A
+    backward through the collectives gave wrong gradients, and two threads calling at once
+    paired each other's collectives across ranks."""
     for r in run_ranks(mode_worker, 2):
-        assert "was captured in training mode" in r["mode_error"], r["mode_error"]
+        e = r["errors"]
+        assert "changed after parallelize (training)" in e["mode"], e["mode"]
+        assert "(transformer.ln_f.eps)" in e["attribute"], e["attribute"]
+        assert "(transformer.h.1.mlp: its hooks)" in e["hook"], e["hook"]
+        assert "(config.output_hidden_states)" in e["config"], e["config"]
+        assert "another thread is calling" in e["thread"], e["thread"]
+        assert "runs inference only" in e["grad"], e["grad"]
         assert r["exact"] < 1e-4
-        assert len(r["threads_error"]) == 1 and "another thread is calling" in r["threads_error"][0], r
