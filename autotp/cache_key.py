@@ -343,6 +343,18 @@ def _global_hooks() -> bool:
                                                         "_global_module_registration_hooks"))
 
 
+def _settle_lazy_torch_names() -> None:
+    """Fill in a name torch binds lazily, as torch itself would. ``torch._opaque_base`` caches a
+    class in a module global on the first ``isinstance`` check of an opaque type, which a
+    process's first capture makes: a key described before it and one described after differed,
+    so a second ``parallelize`` in one process missed the entry the first had stored."""
+    base = sys.modules.get("torch._opaque_base")
+    if base is not None and getattr(base, "_FakeScriptObject_cls", False) is None:
+        from torch._library.fake_class_registry import FakeScriptObject
+
+        base._FakeScriptObject_cls = FakeScriptObject
+
+
 def graph_key(model: nn.Module, inputs: Mapping[str, Any], **settings: Any) -> str:
     """The sha256 naming the entry for ``model`` called with ``inputs`` under ``settings``.
 
@@ -351,6 +363,7 @@ def graph_key(model: nn.Module, inputs: Mapping[str, Any], **settings: Any) -> s
     """
     if _global_hooks():
         raise Uncacheable("global module hooks are registered")
+    _settle_lazy_torch_names()
     transformers = sys.modules.get("transformers")
     seen: dict[Any, Any] = {}  # per object and per class/module: what was described
     described = {
