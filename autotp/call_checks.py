@@ -54,7 +54,7 @@ class ModelState:
     """What a call's graph was traced with besides tensors' values, recorded once: per module
     its training flag and plain attributes (head counts, ``scaling``, a norm's ``eps``), which
     tensor objects it holds, how many attributes and hooks it has; per Hugging Face config, its
-    plain values. :meth:`first_change` finds the first that differs now, in ~0.1 ms for an
+    plain values. :meth:`first_change` finds the first that differs now, in ~0.03 ms for an
     8-layer Llama: flat lists of (where, key, value) compared in one pass."""
 
     def __init__(self, model: nn.Module) -> None:
