@@ -13,10 +13,10 @@ from typing import Any, Mapping, Sequence
 
 import torch
 import torch.fx as fx
-import torch.nn as nn
 from torch.utils import _pytree as pytree
 
 from autotp.errors import CaptureError, first_line
+from autotp.loading import _get_attr
 
 __all__ = ["capture_error", "refuse_generators", "tensors_through_kwargs"]
 
@@ -27,17 +27,10 @@ def refuse_generators(gm: fx.GraphModule, name: str) -> None:
     afresh each call (the second call was 12.1 off, even at tp 1), and ranks in one process
     would share it. Refused: autotp cannot tell a fresh generator from one the model keeps."""
     for node in gm.graph.nodes:
-        if node.op == "get_attr" and isinstance(_attribute(gm, node.target), torch.Generator):
+        if node.op == "get_attr" and isinstance(_get_attr(gm, node.target), torch.Generator):
             raise CaptureError(f"{name}'s forward draws random numbers from a torch.Generator ({node.target} in the "
                                "graph): a captured graph would keep one generator and draw on from its state on every "
                                "call; draw outside the model and pass the numbers in")
-
-
-def _attribute(root: nn.Module, target: str) -> Any:
-    value: Any = root
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value
 
 
 def capture_error(name: str, exc: BaseException, through_kwargs: Sequence[str] = ()) -> CaptureError:

@@ -40,8 +40,10 @@ def no_fake_dispatch_cache() -> contextlib.AbstractContextManager:
     sequence sizes nearly every lookup misses, and building and checking its key is symbolic
     arithmetic: without it, capturing Llama-191M took 0.90-0.96 s of CPU against 1.16-1.42 s.
     It only memoises what an op computes, so every family's graph stays the same node for node
-    (``scripts/capture_cache_check.py``). What goes is shape guards its own key checks added,
-    which no op asked for (Bamba: 97 guards against 171)."""
+    (``scripts/capture_cache_check.py``). Input guards differ in 17 families: the 2-18 that the
+    cache's own key checks added and no op asked for go (Bamba: 98 guards against 187), and
+    where cache hits had skipped an op's shape function its guards now come (Qwen3.5: 1058
+    against 945)."""
     return torch._dynamo.config.patch(fake_tensor_cache_enabled=False)
 
 

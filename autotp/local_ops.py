@@ -77,7 +77,6 @@ def partial_mean(x: torch.Tensor, dim: Optional[list[int]] = None, keepdim: bool
     return torch.sum(x, dim, keepdim, dtype=dtype) / count
 
 
-
 LOCAL_OPS: dict[str, Callable[..., torch.Tensor]] = {
     "vocab_parallel_embedding": vocab_parallel_embedding,
     "vocab_parallel_index": vocab_parallel_index,
