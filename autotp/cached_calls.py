@@ -35,7 +35,8 @@ class CachedCalls:
     """The cached-call half of TensorParallelModule, which provides what these methods read:
     ``_cache_arg``, ``_signature``, ``_twin``, ``_ctx``, ``_gather_outputs``, ``plan``,
     ``tp_size``, ``cached_calls`` (counts per phase), ``_variants`` and ``_cache_layout`` (set by
-    the first prefill), and ``_slot`` / ``_install`` (the graph cache and loading)."""
+    the first prefill), ``_slot`` / ``_install`` (the graph cache and loading) and ``_ready``
+    (rank 0's random state shared before a graph that draws)."""
 
     def _cached_call(self, inputs: dict[str, Any]) -> Any:
         cache = inputs.pop(self._cache_arg)
@@ -56,7 +57,7 @@ class CachedCalls:
             call["past_keys"], call["past_values"], call["past_length"] = read_cache(cache)
         phase = phase_of(past, new)
         gm = self._cache_graph(phase, keep, spec, call, new_tokens)
-        logits, keys, values = gm(**call)
+        logits, keys, values = self._ready(gm)(**call)
         counts = self.cached_calls.setdefault(phase, {"calls": 0, "tokens": 0})
         counts["calls"] += 1
         counts["tokens"] += new

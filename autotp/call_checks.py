@@ -21,6 +21,13 @@ a graph, checked on every call (each check costs microseconds):
   What no rank can see alone stays the caller's to keep: every rank must make the same calls
   in the same order, as in any program of collectives (two threads taking turns in a
   different order on each rank still pair different calls).
+- **The same random numbers on every rank.** A graph that draws (dropout in training mode,
+  ``rand_like`` noise) draws on whole, replicated tensors: the planner never shards through a
+  random op. Each rank draws from its own generator, so ranks seeded differently (or whose
+  generators moved apart) computed different "replicated" values and summed them: 0.15 off the
+  unsharded model seeded alike, on real ranks. Before such a graph runs, every rank takes rank
+  0's random state (:func:`draws_random_numbers`, :func:`autotp.group.share_rng`); the draws are
+  then the unsharded model's own, in its order.
 """
 
 from __future__ import annotations
@@ -30,12 +37,13 @@ import threading
 from typing import Any, Iterator, Optional
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
 from autotp.errors import AutotpError
 
-__all__ = ["ModelState", "OneCaller", "check_no_gradients"]
+__all__ = ["ModelState", "OneCaller", "check_no_gradients", "draws_random_numbers"]
 
 
 _PLAIN = (bool, int, float, str, bytes, type(None), torch.dtype, torch.device)
@@ -136,3 +144,22 @@ class OneCaller:
         finally:
             self._owner = None
             self._lock.release()
+
+
+def draws_random_numbers(gm: fx.GraphModule) -> bool:
+    """Whether running ``gm`` draws from a random generator: an op tagged
+    ``nondeterministic_seeded`` (dropout only with ``train`` set), in the graph or a subgraph it
+    calls. Worked out once per graph and kept in ``gm.meta``."""
+    if "autotp_draws_random" not in gm.meta:
+        gm.meta["autotp_draws_random"] = any(_draws(node) for module in gm.modules() if isinstance(module, fx.GraphModule)
+                                             for node in module.graph.nodes)
+    return gm.meta["autotp_draws_random"]
+
+
+def _draws(node: fx.Node) -> bool:
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        return False
+    if torch.Tag.nondeterministic_seeded not in node.target.tags:
+        return False
+    train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train")  # dropout's; other ops have none
+    return train is not False

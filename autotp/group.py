@@ -124,9 +124,21 @@ def check_same_plan(plan: Plan, ctx: TPContext) -> None:
 
 
 def share_rng(ctx: TPContext) -> None:
-    """Give every rank rank 0's random state, so sampling draws the same tokens everywhere."""
+    """Give every rank rank 0's random state (the CPU generator's, and the device's when it has
+    its own, as CUDA does), so that sampling and dropout draw the same numbers everywhere."""
     if not ctx.distributed:
         return
-    state = [torch.get_rng_state() if ctx.rank == 0 else None]
+    device = _device_generators(ctx.device)
+    state = [(torch.get_rng_state(), device.get_rng_state(ctx.device) if device else None) if ctx.rank == 0 else None]
     dist.broadcast_object_list(state, src=dist.get_global_rank(ctx.group, 0) if ctx.group else 0, group=ctx.group)
-    torch.set_rng_state(state[0])
+    torch.set_rng_state(state[0][0])
+    if device is not None:
+        device.set_rng_state(state[0][1], ctx.device)
+
+
+def _device_generators(device: torch.device) -> Any:
+    """The module holding ``device``'s own default generators (``torch.cuda``), or None for CPU."""
+    if device.type == "cpu":
+        return None
+    module = torch.get_device_module(device.type)
+    return module if hasattr(module, "get_rng_state") else None

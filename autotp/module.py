@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from autotp import cache as graph_cache
 from autotp import hf
-from autotp.call_checks import ModelState, OneCaller, check_no_gradients
+from autotp.call_checks import ModelState, OneCaller, check_no_gradients, draws_random_numbers
 from autotp.capture import bind_inputs, capture, forward_signature, graph_inputs, meta_twin, structure_key
 from autotp.errors import AutotpError
 from autotp.cached_calls import CachedCalls
@@ -163,16 +163,23 @@ class TensorParallelModule(CachedCalls, nn.Module):
         for variant in itertools.count():
             variant_key = key if variant == 0 else (key, "variant", variant)
             if variant_key in self._graphs:
-                served, out = _guarded_call(self._graphs[variant_key], arguments)
+                served, out = _guarded_call(self._ready(self._graphs[variant_key]), arguments)
                 if served:
                     return out
                 continue
             for bump in (True, False):
-                served, out = _guarded_call(capture_for(variant_key, bump), arguments)
+                served, out = _guarded_call(self._ready(capture_for(variant_key, bump)), arguments)
                 if served:
                     return out
             raise AutotpError(f"the graph captured for this call does not serve it: {out}")
         raise AssertionError("itertools.count() ended")  # for type checkers: the loop returns
+
+    def _ready(self, gm: fx.GraphModule) -> fx.GraphModule:
+        """``gm``, after giving every rank rank 0's random state if it draws random numbers
+        (:mod:`autotp.call_checks`): every rank runs the same graphs in the same order."""
+        if draws_random_numbers(gm):
+            share_rng(self._ctx)
+        return gm
 
     def _graph_for(self, path: str, key: tuple, inputs: dict[str, Any], bump_unit_dims: bool = True) -> fx.GraphModule:
         """A call with other arguments than the capture's, or of a submodule: capture and plan

@@ -204,6 +204,10 @@ def simulate(model: nn.Module, inputs: Any, tp_size: int, *, example_inputs: Any
     Returns:
         A :class:`Simulation`; ``outputs[r]`` is what rank ``r`` returns.
 
+    A graph that draws random numbers (dropout in training mode) draws them here from the one
+    generator the threads share, so ranks draw different numbers; real ranks draw rank 0's
+    (:mod:`autotp.call_checks`). Check such a model on real ranks.
+
     Example:
         >>> sim = simulate(model, torch.randn(2, 8, 64), tp_size=4)          # doctest: +SKIP
         >>> torch.testing.assert_close(sim.outputs[3], model(x))             # doctest: +SKIP

@@ -243,3 +243,47 @@ def test_a_model_changed_after_capture_gradients_and_a_second_calling_thread_are
         assert "another thread is calling" in e["thread"], e["thread"]
         assert "runs inference only" in e["grad"], e["grad"]
         assert r["exact"] < 1e-4
+
+
+class NoisyMLP(torch.nn.Module):
+    """Two MLPs with dropout and noise between them, on the all-reduced (replicated) activation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(16, 64), torch.nn.Linear(64, 16)
+        self.up2, self.down2 = torch.nn.Linear(16, 64), torch.nn.Linear(64, 16)
+        self.drop = torch.nn.Dropout(0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.down(torch.relu(self.up(x)))
+        h = self.drop(h) + 0.1 * torch.rand_like(h)
+        return self.down2(torch.relu(self.up2(h)))
+
+
+def random_worker(rank: int, world: int) -> dict:
+    torch.manual_seed(0)
+    block, x = NoisyMLP().train(), torch.randn(2, 8, 16)
+    model, ids = _gpt2_in_training_mode(), token_ids(2, 8, vocab=64)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        want = [block(x), block(x), model(ids).logits, model(ids, use_cache=True).logits]
+    tp_block = autotp.parallelize(block, (x,))
+    tp_model = autotp.parallelize(model)
+    torch.manual_seed(7 if rank == 0 else 100 + rank)  # ranks seeded apart: rank 0's state is shared
+    with torch.no_grad():
+        got = [tp_block(x), tp_block(x), tp_model(ids).logits, tp_model(ids, use_cache=True).logits]
+    return dict(gaps=[(g - w).abs().max().item() for g, w in zip(got, want)],
+                styles={n: s.style for n, s in tp_block.plan.params.items()},
+                gpt2_sharded=len(tp_model.plan.sharded_params()))
+
+
+def test_random_draws_are_the_unsharded_models_on_every_rank() -> None:
+    """Dropout in training mode and ``rand_like`` noise on a replicated activation drew per
+    rank: ranks seeded apart summed different "replicated" values, 0.15 off the unsharded
+    model seeded as rank 0. Every rank now takes rank 0's random state before a graph that
+    draws, so the draws are the unsharded model's own, call after call."""
+    for r in run_ranks(random_worker, 2):
+        assert max(r["gaps"]) < 1e-5, r["gaps"]
+        assert r["styles"]["up.weight"] == r["styles"]["up2.weight"] == "colwise", r["styles"]
+        assert r["styles"]["down.weight"] == r["styles"]["down2.weight"] == "rowwise", r["styles"]
+        assert r["gpt2_sharded"] > 0
