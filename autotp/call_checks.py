@@ -61,8 +61,9 @@ def _plain(value: object) -> bool:
 class ModelState:
     """What a call's graph was traced with besides tensors' values, recorded once: per module
     its training flag and plain attributes (head counts, ``scaling``, a norm's ``eps``), which
-    tensor objects it holds, how many attributes and hooks it has; per Hugging Face config, its
-    plain values. :meth:`first_change` finds the first that differs now, in ~0.03 ms for an
+    tensor objects it holds and their dtypes and devices (``model.double()`` converts in place),
+    how many attributes and hooks it has; per Hugging Face config, its
+    plain values. :meth:`first_change` finds the first that differs now, in ~0.05 ms for an
     8-layer Llama: flat lists of (where, key, value) compared in one pass."""
 
     def __init__(self, model: nn.Module) -> None:
@@ -70,12 +71,15 @@ class ModelState:
         self._equal: list[tuple[str, dict, str, object]] = []  # compared by value
         self._same: list[tuple[str, dict, str, object]] = []  # compared by identity (tensors)
         self._sizes: list[tuple[str, Any, int]] = []  # dicts whose length must hold
+        self._kinds: list[tuple[str, torch.Tensor, torch.dtype, torch.device]] = []  # model.double() keeps the objects
         configs: set[int] = set()
         for path, module in model.named_modules():
             where, prefix, d = path or "the model", f"{path}." if path else "", module.__dict__
             self._equal += [(prefix + k, d, k, v) for k, v in d.items() if k not in _INTERNALS and _plain(v)]
             for store in (d["_parameters"], d["_buffers"]):
                 self._same += [(prefix + k, store, k, t) for k, t in store.items()]
+                self._kinds += [(f"{prefix}{k}: its dtype or device", t, t.dtype, t.device)
+                                for k, t in store.items() if t is not None]
                 self._sizes.append((f"{where}: its tensors", store, len(store)))
             self._sizes.append((f"{where}: its attributes", d, len(d)))
             self._sizes += [(f"{where}: its hooks", d[h], len(d[h])) for h in _HOOKS]
@@ -97,6 +101,9 @@ class ModelState:
                 return where
         for where, mapping, size in self._sizes:
             if len(mapping) != size:
+                return where
+        for where, tensor, dtype, device in self._kinds:
+            if tensor.dtype is not dtype or tensor.device != device:
                 return where
         return None
 

@@ -211,6 +211,9 @@ def mode_worker(rank: int, world: int) -> dict:
         model.config.output_hidden_states = True
         errors["config"] = _refused(lambda: tp_model(ids))
         model.config.output_hidden_states = False
+        model.double()  # converts each tensor in place: the same objects, which the graph holds
+        errors["dtype"] = _refused(lambda: tp_model(ids))
+        model.float()
         tp_model(ids)  # all restored
         inside = threading.Event()
 
@@ -240,6 +243,7 @@ def test_a_model_changed_after_capture_gradients_and_a_second_calling_thread_are
         assert "(transformer.ln_f.eps)" in e["attribute"], e["attribute"]
         assert "(transformer.h.1.mlp: its hooks)" in e["hook"], e["hook"]
         assert "(config.output_hidden_states)" in e["config"], e["config"]
+        assert "its dtype or device)" in e["dtype"], e["dtype"]
         assert "another thread is calling" in e["thread"], e["thread"]
         assert "runs inference only" in e["grad"], e["grad"]
         assert r["exact"] < 1e-4
