@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from autotp.errors import InputError
 
-__all__ = ["is_hf_model", "example_inputs", "capture_settings", "text_config"]
+__all__ = ["is_hf_model", "example_inputs", "capture_settings", "text_config", "check_packing_as_model"]
 
 EXAMPLE_BATCH, EXAMPLE_SEQ = 2, 8  # not 0 or 1: export would specialise those sizes
 
@@ -42,6 +42,29 @@ def example_inputs(model: nn.Module, *, seed: int = 0) -> dict[str, torch.Tensor
     if getattr(config, "is_encoder_decoder", False):
         inputs["decoder_input_ids"] = ids.clone()
     return inputs
+
+
+def check_packing_as_model(model: nn.Module, inputs: dict[str, Any]) -> None:
+    """Refuse a plain call whose ``position_ids`` hold several sequences per row (packed) where
+    the model, left to its config's ``use_cache``, would attend otherwise than the graph.
+
+    transformers reads packed ``position_ids`` (a row that restarts its positions) as separate
+    sequences, attending within each, only with no attention mask and no cache
+    (``masking_utils.find_packed_sequence_indices``). A plain call's graph is captured with
+    ``use_cache=False`` (:func:`capture_settings`), so it does that; the model itself, with
+    ``use_cache`` unset and true in its config, makes a cache first and attends across the
+    sequences: Llama's logits 0.61 apart on ``[0, 1, 2, 3, 0, 1, 2, 0, 1, 2]``. Consecutive
+    positions (any start) mean the same to both."""
+    positions = inputs.get("position_ids")
+    if (not isinstance(positions, torch.Tensor) or positions.dim() < 1 or positions.shape[-1] < 2
+            or inputs.get("attention_mask") is not None or inputs.get("use_cache") is not None):
+        return
+    if not getattr(model.config, "use_cache", False) or not bool((positions.diff(dim=-1) != 1).any()):
+        return
+    raise InputError(
+        f"position_ids restart within a row (packed sequences): {type(model).__name__} with use_cache=True (its "
+        "config's) attends across them, while the graph attends within each (as the model does with use_cache=False); "
+        "pass use_cache=False for packed attention, or an attention_mask")
 
 
 @contextlib.contextmanager

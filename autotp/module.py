@@ -118,6 +118,8 @@ class TensorParallelModule(CachedCalls, nn.Module):
                 inputs[self._cache_arg] = fresh_cache(self._source)
             if is_cache(inputs.get(self._cache_arg)):
                 return self._cached_call(inputs)
+            if hf.is_hf_model(self._source):
+                hf.check_packing_as_model(self._source, inputs)
         return self._plain_call("", inputs)
 
     def call_submodule(self, path: str, *args: Any, **kwargs: Any) -> Any:

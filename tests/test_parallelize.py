@@ -291,3 +291,29 @@ def test_random_draws_are_the_unsharded_models_on_every_rank() -> None:
         assert r["styles"]["up.weight"] == r["styles"]["up2.weight"] == "colwise", r["styles"]
         assert r["styles"]["down.weight"] == r["styles"]["down2.weight"] == "rowwise", r["styles"]
         assert r["gpt2_sharded"] > 0
+
+
+def packed_worker(rank: int, world: int) -> dict:
+    model, ids = hf_model("llama"), token_ids(2, 10)
+    packed = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1, 2]] * 2)  # three sequences per row
+    later = torch.arange(5, 15).expand(2, -1)  # one sequence, starting at 5
+    with torch.no_grad():
+        want_packed = model(ids, position_ids=packed, use_cache=False).logits
+        want_later = model(ids, position_ids=later).logits
+        across = (model(ids, position_ids=packed).logits - want_packed).abs().max().item()
+        tp_model = autotp.parallelize(model)
+        refused = _refused(lambda: tp_model(ids, position_ids=packed))
+        gaps = [assert_close_to(want_packed, tp_model(ids, position_ids=packed, use_cache=False).logits),
+                assert_close_to(want_later, tp_model(ids, position_ids=later).logits)]
+    return dict(refused=refused, gaps=gaps, across=across)
+
+
+def test_packed_position_ids_attend_as_the_model_does() -> None:
+    """transformers attends within each packed sequence only without a cache; the graph is
+    captured without one, while the model, use_cache unset (true in its config), attends across
+    them: the logits differed by 0.61 with no error. Such a call is now refused; with
+    use_cache=False (the model's packed attention) or consecutive positions it is exact."""
+    for r in run_ranks(packed_worker, 2):
+        assert r["across"] > 0.1  # the two readings differ, so the check below can tell them apart
+        assert "position_ids restart within a row" in r["refused"], r["refused"]
+        assert max(r["gaps"]) < 1e-4, r["gaps"]
