@@ -34,12 +34,13 @@ from autotp.health import PeerFailure, Watchdog, describe_failure
 from autotp.fast_allreduce import FastAllReduce, deepspeed_all_reduce
 from autotp.shm_kernel import KernelUnavailable
 
-__all__ = ["Communicator", "AllReduce", "AllGather", "ALL_REDUCE", "ALL_GATHER", "count_collectives",
+__all__ = ["Communicator", "AllReduce", "AllGather", "ALL_REDUCE", "ALL_GATHER", "GATHERED_LINEAR", "count_collectives",
            "select_all_reduce", "reduce_dtype_from_env", "polling_pays", "wait_polled", "usable_cores",
            "cgroup_cpu_limit"]
 
 ALL_REDUCE = "autotp_all_reduce"
 ALL_GATHER = "autotp_all_gather"
+GATHERED_LINEAR = "autotp_gathered_linear"  # a linear and the gather of its output (autotp.gathered_linear)
 _FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # How long a polled wait polls before it blocks as usual: longer than an all-reduce of a
 # prefill's activations takes here (~1-5 ms), short enough that a peer that is late (or gone,
@@ -73,6 +74,12 @@ class Communicator:
             else:
                 _run(lambda: dist.all_reduce(x, group=self.group), self.group)
         return x
+
+    def sums_gathers(self, dtype: torch.dtype) -> bool:
+        """Whether a gather of ``dtype`` values is a sum of zero-filled outputs here (the fast
+        all-reduce), so a piece can be computed straight into its place in the output
+        (:mod:`autotp.gathered_linear`)."""
+        return self.world_size > 1 and self.fast is not None and dtype in _FAST_DTYPES
 
     def all_gather(self, x: torch.Tensor, dim: int, replicas: int = 1) -> torch.Tensor:
         """Concatenate every rank's ``x`` along ``dim`` (one piece per chunk when ``replicas``
@@ -317,7 +324,7 @@ def _run(collective: Callable[[], object], group: Optional[dist.ProcessGroup]) -
 
 def count_collectives(graph_module: torch.fx.GraphModule) -> dict[str, int]:
     """Number of collective call sites in a rewritten graph, by kind."""
-    kinds = {ALL_REDUCE: "all_reduce", ALL_GATHER: "all_gather"}
+    kinds = {ALL_REDUCE: "all_reduce", ALL_GATHER: "all_gather", GATHERED_LINEAR: "all_gather"}
     counts: dict[str, int] = {}
     for node in graph_module.graph.nodes:
         if node.op == "call_module" and node.target in kinds:

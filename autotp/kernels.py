@@ -26,6 +26,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from autotp.errors import AutotpError
+from autotp.gathered_linear import fuse_gathered_linears
 from autotp.loading import _get_attr
 
 __all__ = ["KERNELS", "choose_kernels", "probe_kernels", "use_onednn", "kernel_pass", "onednn_speedup"]
@@ -185,6 +186,10 @@ def use_onednn(gm: fx.GraphModule, recompile: bool = True) -> int:
     return count
 
 
-def kernel_pass(kernels: str) -> Optional[Callable[[fx.GraphModule], int]]:
-    """The pass that puts a loaded graph on ``kernels`` (for :func:`autotp.loading.load_into`)."""
-    return (lambda gm: use_onednn(gm, recompile=False)) if kernels == "onednn" else None
+def kernel_pass(kernels: str) -> Callable[[fx.GraphModule], int]:
+    """The pass that puts a loaded graph on ``kernels`` (for :func:`autotp.loading.load_into`):
+    the linears retargeted to oneDNN, or, on the stock kernels, a gathered linear's GEMM
+    writing straight into the gathered output (:mod:`autotp.gathered_linear`)."""
+    if kernels == "onednn":
+        return lambda gm: use_onednn(gm, recompile=False)
+    return fuse_gathered_linears

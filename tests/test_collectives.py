@@ -143,3 +143,51 @@ def test_gather_over_gloo_concatenates_every_chunk(world: int, replicas: int, sl
         for rank, gathered in enumerate(by_rank):
             assert gathered[case].dtype == dtype and gathered[case].is_contiguous()
             assert torch.equal(gathered[case], want), (rank, shape, dim)
+
+
+# (shape of the input, its width, each rank's output width, bias, dtype): many slabs of rows,
+# one contiguous row (a decode step), a narrow dtype, no rows, a 1-D input
+_LINEARS = [((2, 300, 16), 1000, True, torch.float32), ((1, 1, 16), 50, False, torch.float32),
+            ((5, 7, 16), 9, False, torch.bfloat16), ((0, 16), 8, True, torch.float32), ((16,), 12, True, torch.float32)]
+
+
+def _operands(shape: tuple[int, ...], width: int, bias: bool, dtype: torch.dtype, world: int):
+    """The input and every rank's weight and bias pieces, the same on every rank."""
+    gen = torch.Generator().manual_seed(sum(shape) + width)
+    x = torch.randn(shape, generator=gen).to(dtype)
+    weight = torch.randn(width * world, shape[-1], generator=gen).to(dtype)
+    b = torch.randn(width * world, generator=gen).to(dtype) if bias else None
+    return x, weight.chunk(world), b.chunk(world) if bias else [None] * world
+
+
+def _gathered_linears(rank: int, world: int, slab_bytes: int, fast: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    import autotp.collectives as collectives  # this spawned rank's own copy: patched for it alone
+    from autotp.gathered_linear import GatheredLinear
+
+    collectives.SLAB_BYTES = slab_bytes
+    path = collectives.select_all_reduce(None, world, torch.device("cpu")) if fast else (None, "gloo")
+    comm = Communicator(None, world, *path)
+    assert comm.sums_gathers(torch.float32) == fast  # else the linear, then the gather
+    out = []
+    for shape, width, bias, dtype in _LINEARS:
+        x, weights, biases = _operands(shape, width, bias, dtype, world)
+        with torch.no_grad():
+            fused = GatheredLinear(comm)(x, weights[rank], biases[rank], -1)
+            unfused = comm.all_gather(torch.nn.functional.linear(x, weights[rank], biases[rank]), -1)
+        out.append((fused, unfused))
+    return out
+
+
+@pytest.mark.parametrize("world, slab_bytes, fast", [(2, 100, False), (2, 1 << 20, True), (3, 1 << 20, True)],
+                         ids=["gloo", "shm", "shm-3"])
+def test_a_linear_computed_into_its_gathered_output_is_the_gather_of_the_linear(world, slab_bytes, fast) -> None:
+    """Over DeepSpeed's shared memory the GEMM writes each rank's piece straight into its
+    columns of the gathered output (``autotp.gathered_linear``): bit for bit the gather of the
+    linear, on every rank, at 2 and 3 ranks. Over gloo it runs the linear, then the gather (one
+    row per slab of 100 bytes)."""
+    if fast:
+        pytest.importorskip("deepspeed", reason="DeepSpeed (autotp[fast]) is not installed")
+    for rank, results in enumerate(run_ranks(_gathered_linears, world, slab_bytes, fast)):
+        for (shape, width, _, dtype), (fused, unfused) in zip(_LINEARS, results):
+            assert fused.dtype == dtype and fused.is_contiguous() and fused.shape[-1] == width * world
+            assert torch.equal(fused, unfused), (rank, shape)
