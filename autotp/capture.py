@@ -38,7 +38,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.export import Dim
 from torch.utils import _pytree as pytree
 
-from autotp.capture_refusals import capture_error, refuse_generators, tensors_through_kwargs
+from autotp.capture_refusals import (capture_error, python_draws_refused, refuse_generators, tensors_through_kwargs,
+                                     torch_draws_undone)
 from autotp.errors import CaptureError
 from autotp import hf
 from autotp.export_settings import (buffer_assignments, deferred_codegen, no_fake_dispatch_cache, no_stack_traces,
@@ -247,20 +248,8 @@ def capture(
     device = device or model_device(model)
     name = type(model).__name__
     share = share_mode(share_layers)
-    try:
-        exported, sharing, records = export_making_opaque(
-            lambda opaque: _export(model, inputs, device, bump_unit_dims, "off" if opaque else share, opaque), name)
-    except Exception as exc:  # export raises many types; one clear error names the model
-        failure = capture_error(name, exc, tensors_through_kwargs(forward_signature(model), inputs))
-        if share == "off":
-            raise failure from exc
-        try:  # the trusted path decides, on a fresh copy: every layer traced
-            exported, sharing, records = export_making_opaque(
-                lambda opaque: _export(model, inputs, device, bump_unit_dims, "off", opaque), name)
-        except Exception:  # noqa: BLE001  the model's own failure, reported as it was the first time
-            raise failure from exc
-        warnings.warn(f"autotp: copying {name}'s repeated layers failed ({str(failure).split(': ', 1)[1]}); every "
-                      "layer was traced instead (AUTOTP_SHARE_LAYERS=0 skips the attempt)")
+    with torch_draws_undone(device), python_draws_refused(name):
+        exported, sharing, records = _export_or_retry(model, inputs, device, bump_unit_dims, share)
     with recorded_guards() as guards:  # not deferred: unlifting reads the signature of the code
         gm = exported.module()
     refuse_generators(gm, name)
@@ -270,6 +259,28 @@ def capture(
     tensors = [str(n.target) for n in gm.graph.nodes if n.op == "get_attr"]
     return Captured(gm, list(inputs), structure_key(inputs), name, tensors, guards[-1] if guards else None,
                     sharing.copied if sharing is not None else 0)
+
+
+def _export_or_retry(model: nn.Module, inputs: dict[str, Any], device: torch.device, bump_unit_dims: bool,
+                     share: str) -> tuple[Any, Any, dict]:
+    """:func:`_export`, making modules opaque where export needs it; if copying repeated layers
+    was asked for and the capture fails, once more with every layer traced."""
+    name = type(model).__name__
+    try:
+        return export_making_opaque(
+            lambda opaque: _export(model, inputs, device, bump_unit_dims, "off" if opaque else share, opaque), name)
+    except Exception as exc:  # export raises many types; one clear error names the model
+        failure = capture_error(name, exc, tensors_through_kwargs(forward_signature(model), inputs))
+        if share == "off":
+            raise failure from exc
+        try:  # the trusted path decides, on a fresh copy: every layer traced
+            result = export_making_opaque(
+                lambda opaque: _export(model, inputs, device, bump_unit_dims, "off", opaque), name)
+        except Exception:  # noqa: BLE001  the model's own failure, reported as it was the first time
+            raise failure from exc
+    warnings.warn(f"autotp: copying {name}'s repeated layers failed ({str(failure).split(': ', 1)[1]}); every "
+                  "layer was traced instead (AUTOTP_SHARE_LAYERS=0 skips the attempt)")
+    return result
 
 
 def _export(model: nn.Module, inputs: dict[str, Any], device: torch.device, bump_unit_dims: bool,

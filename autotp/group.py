@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from autotp.collectives import Communicator, polling_pays, reduce_dtype_from_env, select_all_reduce
+from autotp.collectives import Communicator, _run, polling_pays, reduce_dtype_from_env, select_all_reduce
 from autotp.errors import AutotpError
 from autotp.health import register
 from autotp.kernels import choose_kernels
@@ -125,15 +125,19 @@ def check_same_plan(plan: Plan, ctx: TPContext) -> None:
 
 def share_rng(ctx: TPContext) -> None:
     """Give every rank rank 0's random state (the CPU generator's, and the device's when it has
-    its own, as CUDA does), so that sampling and dropout draw the same numbers everywhere."""
+    its own, as CUDA does), so that sampling and dropout draw the same numbers everywhere. One
+    broadcast of the states' bytes (5 KiB for the CPU's), which names a peer that stopped."""
     if not ctx.distributed:
         return
     device = _device_generators(ctx.device)
-    state = [(torch.get_rng_state(), device.get_rng_state(ctx.device) if device else None) if ctx.rank == 0 else None]
-    dist.broadcast_object_list(state, src=dist.get_global_rank(ctx.group, 0) if ctx.group else 0, group=ctx.group)
-    torch.set_rng_state(state[0][0])
+    states = [torch.get_rng_state()] + ([device.get_rng_state(ctx.device)] if device is not None else [])
+    packed = torch.cat(states).to(ctx.device)  # nccl sends device memory only
+    src = dist.get_global_rank(ctx.group, 0) if ctx.group else 0
+    _run(lambda: dist.broadcast(packed, src=src, group=ctx.group), ctx.group)
+    cpu_state, device_state = packed.cpu().split([len(states[0]), len(packed) - len(states[0])])
+    torch.set_rng_state(cpu_state.clone())
     if device is not None:
-        device.set_rng_state(state[0][1], ctx.device)
+        device.set_rng_state(device_state.clone(), ctx.device)
 
 
 def _device_generators(device: torch.device) -> Any:

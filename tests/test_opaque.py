@@ -382,3 +382,67 @@ def test_a_generator_the_forward_makes_is_refused() -> None:
     call drew other numbers than the model, which seeds a new one each call (12.1 off at tp 1)."""
     with pytest.raises(CaptureError, match="draws random numbers from a torch.Generator"):
         capture(_SeededNoise(), (torch.randn(2, 3, D),))
+
+
+class _LayerDrop(nn.Module):
+    """A layer skipped at random, drawn with Python's ``random`` or NumPy's global generator."""
+
+    def __init__(self, source: str) -> None:
+        super().__init__()
+        self.a, self.b, self.source = nn.Linear(D, 2 * D), nn.Linear(2 * D, D), source
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import random
+
+        import numpy as np
+
+        drawn = random.random() if self.source == "Python" else np.random.random()
+        return x if drawn < 0.5 else x + self.b(self.a(x))
+
+
+@pytest.mark.parametrize("source", ["Python", "NumPy"])
+def test_a_forward_drawing_from_python_or_numpy_random_is_refused(source) -> None:
+    """The trace runs the forward once: the branch its draw took became the graph's for every
+    call (4 of 6 calls 1.1 off, and ranks seeded apart traced different branches)."""
+    with pytest.raises(CaptureError, match=f"draws from {source}'s random module"):
+        capture(_LayerDrop(source), (torch.randn(2, 3, D),))
+
+
+class _JitteredExperts(nn.Module):
+    """An expert loop that branches on the data (so it runs whole, opaque), with router jitter
+    drawn in training mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.router, self.experts = nn.Linear(D, 2, bias=False), nn.ModuleList(nn.Linear(D, D) for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            x = x * torch.empty_like(x).uniform_(0.9, 1.1)
+        top, out = self.router(x).argmax(-1), torch.zeros_like(x)
+        for i, expert in enumerate(self.experts):
+            idx = (top == i).nonzero().squeeze(-1)
+            if idx.shape[0] == 0:
+                continue
+            out = out.index_add(0, idx, expert(x[idx]))
+        return out
+
+
+class _WithExperts(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.moe = nn.Linear(D, D), _JitteredExperts()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.moe(self.up(x))
+
+
+def test_a_capture_leaves_torchs_random_state_as_it_was() -> None:
+    """An opaque module's probe runs its forward on zeros, drawing from torch's generator: the
+    model's next call then drew other numbers than the unsharded model's (3.09 off)."""
+    model, x = _WithExperts().train(), torch.randn(6, D)
+    before = torch.get_rng_state()
+    with pytest.warns(UserWarning, match="run.* whole"):
+        captured = capture(model, (x,))
+    assert any(n.op == "call_module" for n in captured.graph_module.graph.nodes)  # the probe ran
+    assert torch.equal(torch.get_rng_state(), before)
