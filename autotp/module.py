@@ -106,7 +106,8 @@ class TensorParallelModule(CachedCalls, nn.Module):
         with _reported_failure(), self._caller.admitted():
             self._state.check()
             check_no_gradients(args, kwargs)
-            return self._forward(*args, **kwargs)
+            with torch.no_grad():  # inference only (autotp.call_checks)
+                return self._forward(*args, **kwargs)
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
         inputs = bind_inputs(self._source, args, kwargs, self._signature)
@@ -129,7 +130,8 @@ class TensorParallelModule(CachedCalls, nn.Module):
         with _reported_failure(), self._caller.admitted():
             self._state.check()
             check_no_gradients(args, kwargs)
-            return self._plain_call(path, bind_inputs(self._source.get_submodule(path), args, kwargs))
+            with torch.no_grad():
+                return self._plain_call(path, bind_inputs(self._source.get_submodule(path), args, kwargs))
 
     def remember_model_state(self) -> None:
         """Record the handed-over model's state (attributes, config, hooks, which tensors it

@@ -20,7 +20,7 @@ import torch.nn as nn
 from autotp import cache as graph_cache
 from autotp import hf
 from autotp.capture import capture, forward_signature, model_device, normalise_example_inputs, structure_key
-from autotp.errors import AutotpError
+from autotp.errors import AutotpError, InputError
 from autotp.group import TPContext, agree, check_same_plan, init_tp
 from autotp.kernels import kernel_pass
 from autotp.loading import FirstOf, ModuleSource, ShardFileSource, checkpoint_source, load_into, named_tensors
@@ -47,6 +47,7 @@ def _default_device(model: nn.Module) -> torch.device:
 
 def plan_model(model: nn.Module, tp_size: int, example_inputs: Any = None) -> Plan:
     """Capture ``model`` (no weights read) and plan it for ``tp_size`` ranks."""
+    _refuse_handed_over(model)
     captured = capture(model, example_inputs)
     return plan_graph(captured.graph, tp_size, model=_model_label(model), inputs=captured.input_names)
 
@@ -107,13 +108,37 @@ def _hand_over(model: nn.Module, tp_model: TensorParallelModule, names: list[str
 
 
 def _route(module: nn.Module, call: Any) -> None:
-    def routed(*args: Any, **kwargs: Any) -> Any:
-        return call(*args, **kwargs)
+    module.__dict__["forward"] = _Routing(module, call)
 
-    # generate() inspects forward's parameters (to pass position_ids, ...): show the module's own
-    routed.__signature__ = forward_signature(module)  # type: ignore[attr-defined]
-    routed._autotp_routing = True  # type: ignore[attr-defined]  # what copies for capture leave out
-    module.__dict__["forward"] = routed
+
+class _Routing:
+    """A handed-over module's ``forward``: its calls go to the tensor-parallel graphs. A deep
+    copy of the module is refused: the copy would hold this rank's pieces and route its calls
+    to the original's graphs, so that a change made to it was ignored (found by an adversarial
+    review: 1.5 off). autotp's own copies for capture take the routings off first."""
+
+    _autotp_routing = True  # what copies for capture leave out (autotp.capture._routings)
+
+    def __init__(self, module: nn.Module, call: Any) -> None:
+        self.call, self.name = call, type(module).__name__
+        # generate() inspects forward's parameters (to pass position_ids, ...): show the module's own
+        self.__signature__ = forward_signature(module)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.call(*args, **kwargs)
+
+    def __deepcopy__(self, memo: dict) -> "_Routing":
+        raise AutotpError(f"a model handed over to autotp.parallelize cannot be copied (its {self.name} holds this "
+                          "rank's pieces, and its calls run the tensor-parallel graphs): copy it before parallelize")
+
+
+def _refuse_handed_over(model: nn.Module) -> None:
+    """A model that :func:`parallelize` already took over holds this rank's pieces: planned
+    again, they would be split again (0.51 off, found by an adversarial review)."""
+    if any(isinstance(m.__dict__.get("forward"), _Routing) for m in model.modules()):
+        raise InputError(f"{type(model).__name__} was already handed over to autotp.parallelize (it holds this "
+                         "rank's pieces, and its calls run the tensor-parallel graphs): build or load the model "
+                         "again to parallelize it anew")
 
 
 def _holding_pieces(model: nn.Module, plan: Plan) -> list[str]:
@@ -182,6 +207,7 @@ def parallelize(
         >>> tp_model = autotp.parallelize(model)                      # doctest: +SKIP
         >>> logits = tp_model(input_ids).logits                       # doctest: +SKIP
     """
+    _refuse_handed_over(model)
     clock = _Stopwatch()
     device = torch.device(device) if device is not None else _default_device(model)
     ctx = clock.lap("init", init_tp(tp_size, device))

@@ -211,6 +211,13 @@ def mode_worker(rank: int, world: int) -> dict:
         model.config.output_hidden_states = True
         errors["config"] = _refused(lambda: tp_model(ids))
         model.config.output_hidden_states = False
+        act = model.transformer.h[0].mlp.act
+        model.transformer.h[0].mlp.act = torch.nn.Identity()
+        errors["submodule"] = _refused(lambda: tp_model(ids))
+        model.transformer.h[0].mlp.act = act
+        handle = torch.nn.modules.module.register_module_forward_hook(lambda module, args, out: out)
+        errors["global hook"] = _refused(lambda: tp_model(ids))
+        handle.remove()
         model.double()  # converts each tensor in place: the same objects, which the graph holds
         errors["dtype"] = _refused(lambda: tp_model(ids))
         model.float()
@@ -228,7 +235,10 @@ def mode_worker(rank: int, world: int) -> dict:
         thread.join()
     embeds = torch.randn(2, 8, 32, requires_grad=True)
     errors["grad"] = _refused(lambda: tp_model(inputs_embeds=embeds))
-    return dict(errors=errors, exact=exact)
+    errors["copy"] = _refused(lambda: copy.deepcopy(model))
+    errors["again"] = _refused(lambda: autotp.parallelize(model))
+    graded = tp_model(ids).logits.requires_grad  # grad mode on, parameters that require grad
+    return dict(errors=errors, exact=exact, graded=graded)
 
 
 def test_a_model_changed_after_capture_gradients_and_a_second_calling_thread_are_refused() -> None:
@@ -236,16 +246,22 @@ def test_a_model_changed_after_capture_gradients_and_a_second_calling_thread_are
     mode; eval() after parallelize left its dropout on; an epsilon changed, a hook registered
     or a config flag set later never reached the graph (found by adversarial reviews). A
     backward through the collectives gave wrong gradients, and two threads calling at once
-    paired each other's collectives across ranks."""
+    paired each other's collectives across ranks. A submodule replaced, a global hook added,
+    a deep copy or a second parallelize of the handed-over model computed wrong numbers too."""
     for r in run_ranks(mode_worker, 2):
         e = r["errors"]
         assert "changed after parallelize (training)" in e["mode"], e["mode"]
         assert "(transformer.ln_f.eps)" in e["attribute"], e["attribute"]
         assert "(transformer.h.1.mlp: its hooks)" in e["hook"], e["hook"]
         assert "(config.output_hidden_states)" in e["config"], e["config"]
-        assert "its dtype or device)" in e["dtype"], e["dtype"]
+        assert "its dtype, device or shape)" in e["dtype"], e["dtype"]
         assert "another thread is calling" in e["thread"], e["thread"]
         assert "runs inference only" in e["grad"], e["grad"]
+        assert "(transformer.h.0.mlp.act)" in e["submodule"], e["submodule"]
+        assert "(torch's global_forward_hooks)" in e["global hook"], e["global hook"]
+        assert "cannot be copied" in e["copy"], e["copy"]
+        assert "already handed over to autotp.parallelize" in e["again"], e["again"]
+        assert not r["graded"]  # no backward through the collectives (it reached some weights, wrongly)
         assert r["exact"] < 1e-4
 
 
@@ -375,3 +391,40 @@ def test_packed_position_ids_attend_as_the_model_does() -> None:
         assert r["across"] > 0.1  # the two readings differ, so the check below can tell them apart
         assert "position_ids restart within a row" in r["refused"], r["refused"]
         assert max(r["gaps"]) < 1e-4, r["gaps"]
+
+
+class Settings(torch.nn.Module):
+    """An MLP whose forward reads a list, a tensor and a function kept as plain attributes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(16, 64), torch.nn.Linear(64, 16)
+        self.mults, self.shift, self.act = [1.0, 2.0], torch.ones(16), torch.relu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.act(self.up(x))) * self.mults[1] + self.shift
+
+
+def settings_worker(rank: int, world: int) -> dict:
+    torch.manual_seed(0)
+    block, x = Settings(), torch.randn(2, 5, 16)
+    tp_block = autotp.parallelize(block, (x,))
+    errors = {}
+    with torch.no_grad():
+        for name, change, undo in [("mults", lambda: block.mults.__setitem__(1, 3.0), lambda: block.mults.__setitem__(1, 2.0)),
+                                   ("act", lambda: setattr(block, "act", torch.sigmoid), lambda: setattr(block, "act", torch.relu)),
+                                   ("shift", lambda: block.shift.fill_(2.0), lambda: None)]:
+            change()
+            errors[name] = _refused(lambda: tp_block(x))
+            undo()
+    return errors
+
+
+def test_attributes_the_forward_reads_changed_after_parallelize_are_refused() -> None:
+    """A list changed in place (Qwen2's config.layer_types too), a function replaced, a tensor
+    kept as a plain attribute written in place: the graph kept what it was traced with, 0.08-2.8
+    off with no error (found by an adversarial review)."""
+    for errors in run_ranks(settings_worker, 2):
+        assert "changed after parallelize (mults)" in errors["mults"], errors
+        assert "changed after parallelize (act)" in errors["act"], errors
+        assert "changed after parallelize (shift: written in place)" in errors["shift"], errors
