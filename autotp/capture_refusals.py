@@ -42,19 +42,89 @@ def refuse_generators(gm: fx.GraphModule, name: str) -> None:
 
 @contextlib.contextmanager
 def python_draws_refused(name: str) -> Iterator[None]:
-    """Refuse a capture during which Python's ``random`` or NumPy's global generator drew (a
-    layer dropped at random, ``if random.random() < p``). The trace runs the forward once: the
-    draw it made becomes the graph's for every call (4 of 6 calls 1.1 off), and ranks seeded
-    apart traced different branches (found by an adversarial review). torch.export itself draws
-    from neither (checked on Llama, GPT-2, Mistral)."""
+    """Refuse a capture whose forward read a number drawn from Python's ``random`` or NumPy's
+    global generator (a layer dropped at random, ``if random.random() < p``). The trace runs the
+    forward once: the draw it made becomes the graph's for every call (4 of 6 calls 1.1 off),
+    and ranks seeded apart traced different branches (found by an adversarial review).
+
+    A draw nothing reads is harmless, and transformers' layer drop draws in eval mode too
+    (MusicGen: ``p = random.uniform(0, 1); if self.training and p < self.layerdrop``). So while
+    the capture runs, Python's float draws return :class:`_UnreadDraw` objects that record any
+    use (a comparison, arithmetic, conversion) and that no C function takes as a number; after
+    it, the draws are replayed from the state before, to check that they were all there was.
+    torch.export itself draws from neither generator (checked on Llama, GPT-2, Mistral)."""
     numpy = sys.modules.get("numpy")
-    before = random.getstate(), _numpy_state(numpy)
-    yield
-    drew = random.getstate() != before[0]
-    if drew or _numpy_state(numpy) != before[1]:
-        raise CaptureError(f"{name}'s forward draws from {'Python' if drew else 'NumPy'}'s random module: a captured "
-                           "graph keeps the draw its trace made for every call; draw with torch (as dropout does) "
-                           "or outside the model")
+    before, numpy_before = random.getstate(), _numpy_state(numpy)
+    draws: list[_UnreadDraw] = []
+    with _python_draws_tracked(draws):
+        yield
+    python = any(draw.read for draw in draws) or random.getstate() != _replayed(before, draws)
+    if python or _numpy_state(numpy) != numpy_before:
+        source = "Python" if python else "NumPy"
+        raise CaptureError(f"{name}'s forward draws from {source}'s random module: a captured graph keeps the draw "
+                           "its trace made for every call; draw with torch (as dropout does) or outside the model")
+
+
+# Python's float draws (random's module-level functions), each recorded while a capture runs
+_FLOAT_DRAWS = ("random", "uniform", "triangular", "gauss", "normalvariate", "lognormvariate", "expovariate",
+                "vonmisesvariate", "gammavariate", "betavariate", "paretovariate", "weibullvariate")
+
+
+class _UnreadDraw:
+    """A number drawn during a capture, which records being read: every operator and conversion
+    marks it and then works on the number; C functions that take a float refuse it (it is no
+    float), so the capture fails rather than keep the number unseen."""
+
+    def __init__(self, function: str, args: tuple, kwargs: dict, value: float) -> None:
+        self.function, self.args, self.kwargs, self._value, self.read = function, args, kwargs, value, False
+
+    def _use(self) -> float:
+        self.read = True
+        return self._value
+
+
+def _reading(method: str) -> Any:
+    def read(self: _UnreadDraw, *args: Any) -> Any:
+        return getattr(self._use(), method)(*args)
+    return read
+
+
+for _method in ("__lt__", "__le__", "__gt__", "__ge__", "__eq__", "__ne__", "__bool__", "__float__", "__int__",
+                "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__truediv__", "__rtruediv__",
+                "__floordiv__", "__rfloordiv__", "__mod__", "__rmod__", "__pow__", "__rpow__", "__neg__", "__pos__",
+                "__abs__", "__round__", "__trunc__", "__floor__", "__ceil__", "__hash__", "__format__", "__repr__",
+                "__str__", "__divmod__", "__rdivmod__"):
+    setattr(_UnreadDraw, _method, _reading(_method))
+
+
+@contextlib.contextmanager
+def _python_draws_tracked(draws: list[_UnreadDraw]) -> Iterator[None]:
+    real = {f: getattr(random, f) for f in _FLOAT_DRAWS}
+
+    def tracked(function: str) -> Any:
+        def draw(*args: Any, **kwargs: Any) -> _UnreadDraw:
+            draws.append(_UnreadDraw(function, args, kwargs, real[function](*args, **kwargs)))
+            return draws[-1]
+        return draw
+
+    for function in _FLOAT_DRAWS:
+        setattr(random, function, tracked(function))
+    try:
+        yield
+    finally:
+        for function, original in real.items():
+            setattr(random, function, original)
+
+
+def _replayed(before: Any, draws: list[_UnreadDraw]) -> Any:
+    """Python's random state after ``draws`` alone, from ``before``; the state is left as it was."""
+    after = random.getstate()
+    random.setstate(before)
+    for draw in draws:
+        getattr(random, draw.function)(*draw.args, **draw.kwargs)
+    replayed = random.getstate()
+    random.setstate(after)
+    return replayed
 
 
 def _numpy_state(numpy: Any) -> Any:

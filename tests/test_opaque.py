@@ -385,27 +385,43 @@ def test_a_generator_the_forward_makes_is_refused() -> None:
 
 
 class _LayerDrop(nn.Module):
-    """A layer skipped at random, drawn with Python's ``random`` or NumPy's global generator."""
+    """A layer skipped at random: drawn with Python's ``random`` or NumPy's global generator and
+    read (``how``), or drawn in any mode and read only in training mode, as transformers' layer
+    drop does (MusicGen's)."""
 
-    def __init__(self, source: str) -> None:
+    def __init__(self, how: str) -> None:
         super().__init__()
-        self.a, self.b, self.source = nn.Linear(D, 2 * D), nn.Linear(2 * D, D), source
+        self.a, self.b, self.how = nn.Linear(D, 2 * D), nn.Linear(2 * D, D), how
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         import random
 
         import numpy as np
 
-        drawn = random.random() if self.source == "Python" else np.random.random()
+        if self.how == "layer drop":
+            drawn = random.uniform(0, 1)
+            return x if self.training and drawn < 0.5 else x + self.b(self.a(x))
+        if self.how == "into a tensor":  # read by a C function, not through an operator
+            return x + self.b(self.a(x)) * torch.tensor(random.random())
+        drawn = {"Python": random.random, "NumPy": np.random.random, "an int": lambda: random.randint(0, 1)}[self.how]()
         return x if drawn < 0.5 else x + self.b(self.a(x))
 
 
-@pytest.mark.parametrize("source", ["Python", "NumPy"])
-def test_a_forward_drawing_from_python_or_numpy_random_is_refused(source) -> None:
+@pytest.mark.parametrize("how, source", [("Python", "Python"), ("NumPy", "NumPy"), ("an int", "Python"),
+                                         ("into a tensor", None)])
+def test_a_forward_reading_a_draw_from_python_or_numpy_random_is_refused(how, source) -> None:
     """The trace runs the forward once: the branch its draw took became the graph's for every
     call (4 of 6 calls 1.1 off, and ranks seeded apart traced different branches)."""
-    with pytest.raises(CaptureError, match=f"draws from {source}'s random module"):
-        capture(_LayerDrop(source), (torch.randn(2, 3, D),))
+    with pytest.raises(CaptureError, match=f"draws from {source}'s random module" if source else "torch.export"):
+        capture(_LayerDrop(how), (torch.randn(2, 3, D),))
+
+
+def test_a_draw_nothing_reads_is_captured() -> None:
+    """transformers' layer drop draws in eval mode too and reads the number only in training
+    (MusicGen): such a model is captured, and exact."""
+    model, x = _LayerDrop("layer drop").eval(), torch.randn(2, 3, D)
+    with torch.no_grad():
+        assert_close_to(model(x), simulate(model, (x,), 2).outputs[0])
 
 
 class _JitteredExperts(nn.Module):
