@@ -152,6 +152,28 @@ class PlainBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+class LoopedExperts(nn.Module):
+    """Experts looped over by the data (so the module runs whole: opaque), with router jitter
+    drawn in training mode."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.router = nn.Linear(width, 2, bias=False)
+        self.experts = nn.ModuleList(nn.Linear(width, width) for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape, x = x.shape, x.reshape(-1, x.shape[-1])
+        if self.training:
+            x = x * torch.empty_like(x).uniform_(0.9, 1.1)
+        top, out = self.router(x).argmax(-1), torch.zeros_like(x)
+        for i, expert in enumerate(self.experts):
+            idx = (top == i).nonzero().squeeze(-1)
+            if idx.shape[0] == 0:
+                continue
+            out = out.index_add(0, idx, expert(x[idx]))
+        return out.reshape(shape)
+
+
 def plain_block(seed: int = 0) -> PlainBlock:
     torch.manual_seed(seed)
     return PlainBlock().eval()

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from autotp.capture import CaptureError, capture
 from autotp.placement import Shard
 from autotp.simulate import simulate
-from models import assert_close_to
+from models import LoopedExperts, assert_close_to
 
 D = 32
 
@@ -424,30 +424,10 @@ def test_a_draw_nothing_reads_is_captured() -> None:
         assert_close_to(model(x), simulate(model, (x,), 2).outputs[0])
 
 
-class _JitteredExperts(nn.Module):
-    """An expert loop that branches on the data (so it runs whole, opaque), with router jitter
-    drawn in training mode."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.router, self.experts = nn.Linear(D, 2, bias=False), nn.ModuleList(nn.Linear(D, D) for _ in range(2))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            x = x * torch.empty_like(x).uniform_(0.9, 1.1)
-        top, out = self.router(x).argmax(-1), torch.zeros_like(x)
-        for i, expert in enumerate(self.experts):
-            idx = (top == i).nonzero().squeeze(-1)
-            if idx.shape[0] == 0:
-                continue
-            out = out.index_add(0, idx, expert(x[idx]))
-        return out
-
-
 class _WithExperts(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.up, self.moe = nn.Linear(D, D), _JitteredExperts()
+        self.up, self.moe = nn.Linear(D, D), LoopedExperts(D)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.moe(self.up(x))

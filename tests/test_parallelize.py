@@ -18,7 +18,7 @@ import autotp
 from autotp.collectives import count_collectives
 from autotp.loading import named_tensors
 from distributed import run_ranks
-from models import assert_close_to, hf_model, num_layers, plain_block, token_ids
+from models import LoopedExperts, assert_close_to, hf_model, num_layers, plain_block, token_ids
 
 pytestmark = pytest.mark.distributed
 
@@ -291,34 +291,12 @@ def _(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x)
 
 
-class LoopedExperts(torch.nn.Module):
-    """Experts looped over by the data (so the module runs whole: opaque), with router jitter in
-    training mode."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.router = torch.nn.Linear(16, 2, bias=False)
-        self.experts = torch.nn.ModuleList(torch.nn.Linear(16, 16) for _ in range(2))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape, x = x.shape, x.reshape(-1, x.shape[-1])
-        if self.training:
-            x = x * torch.empty_like(x).uniform_(0.9, 1.1)
-        top, out = self.router(x).argmax(-1), torch.zeros_like(x)
-        for i, expert in enumerate(self.experts):
-            idx = (top == i).nonzero().squeeze(-1)
-            if idx.shape[0] == 0:
-                continue
-            out = out.index_add(0, idx, expert(x[idx]))
-        return out.reshape(shape)
-
-
 class JitteredExperts(torch.nn.Module):
     """An MLP, a custom op that draws, then looped experts that draw."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.up, self.down, self.moe = torch.nn.Linear(16, 64), torch.nn.Linear(64, 16), LoopedExperts()
+        self.up, self.down, self.moe = torch.nn.Linear(16, 64), torch.nn.Linear(64, 16), LoopedExperts(16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = jitter(x + self.down(torch.relu(self.up(x))))
