@@ -90,8 +90,12 @@ def _routings(model: nn.Module) -> list[tuple[nn.Module, Any]]:
     routes its calls to its TensorParallelModule), as (module, routing) to put back. A forward
     the user put on an instance (a patch, accelerate's hooks) is no routing: it stays, and a
     copy computes with it as the model does."""
-    return [(m, m.__dict__.pop("forward")) for m in model.modules()
-            if getattr(m.__dict__.get("forward"), "_autotp_routing", False)]
+    return [(m, m.__dict__.pop("forward")) for m in model.modules() if is_routed(m)]
+
+
+def is_routed(module: nn.Module) -> bool:
+    """Whether autotp routed ``module``'s calls to a TensorParallelModule (it was handed over)."""
+    return getattr(module.__dict__.get("forward"), "_autotp_routing", False)
 
 
 def _copy_with_tensors(model: nn.Module, make: Callable[[torch.Tensor], torch.Tensor]) -> nn.Module:
@@ -130,7 +134,7 @@ def fake_skeleton(model: nn.Module, device: Optional[torch.device] = None) -> tu
 
 def forward_signature(model: nn.Module) -> inspect.Signature:
     """The signature of the model's own ``forward`` (not of autotp's routing put on the instance)."""
-    if getattr(model.__dict__.get("forward"), "_autotp_routing", False):
+    if is_routed(model):
         return inspect.signature(type(model).forward.__get__(model))
     return inspect.signature(model.forward)
 

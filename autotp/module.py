@@ -103,11 +103,18 @@ class TensorParallelModule(CachedCalls, nn.Module):
 
     # ---- calls ------------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with self._checked_call(args, kwargs):
+            return self._forward(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _checked_call(self, args: tuple, kwargs: dict) -> Iterator[None]:
+        """Around a call: its failure recorded for the peers, one calling thread, the model as
+        handed over, no gradients asked for and none built (inference only: autotp.call_checks)."""
         with _reported_failure(), self._caller.admitted():
             self._state.check()
             check_no_gradients(args, kwargs)
-            with torch.no_grad():  # inference only (autotp.call_checks)
-                return self._forward(*args, **kwargs)
+            with torch.no_grad():
+                yield
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
         inputs = bind_inputs(self._source, args, kwargs, self._signature)
@@ -127,11 +134,8 @@ class TensorParallelModule(CachedCalls, nn.Module):
         """Call the submodule at ``path`` of the handed-over model on this rank's pieces of its
         tensors: its own graph is captured and planned on first use, with the parameters laid
         out as this rank holds them (an encoder-decoder's ``generate()`` calls the encoder)."""
-        with _reported_failure(), self._caller.admitted():
-            self._state.check()
-            check_no_gradients(args, kwargs)
-            with torch.no_grad():
-                return self._plain_call(path, bind_inputs(self._source.get_submodule(path), args, kwargs))
+        with self._checked_call(args, kwargs):
+            return self._plain_call(path, bind_inputs(self._source.get_submodule(path), args, kwargs))
 
     def remember_model_state(self) -> None:
         """Record the handed-over model's state (attributes, config, hooks, which tensors it

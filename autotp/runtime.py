@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from autotp import cache as graph_cache
 from autotp import hf
-from autotp.capture import capture, forward_signature, model_device, normalise_example_inputs, structure_key
+from autotp.capture import capture, forward_signature, is_routed, model_device, normalise_example_inputs, structure_key
 from autotp.errors import AutotpError, InputError
 from autotp.group import TPContext, agree, check_same_plan, init_tp
 from autotp.kernels import kernel_pass
@@ -117,7 +117,7 @@ class _Routing:
     to the original's graphs, so that a change made to it was ignored (found by an adversarial
     review: 1.5 off). autotp's own copies for capture take the routings off first."""
 
-    _autotp_routing = True  # what copies for capture leave out (autotp.capture._routings)
+    _autotp_routing = True  # how autotp.capture.is_routed tells it (copies for capture leave it out)
 
     def __init__(self, module: nn.Module, call: Any) -> None:
         self.call, self.name = call, type(module).__name__
@@ -135,7 +135,7 @@ class _Routing:
 def _refuse_handed_over(model: nn.Module) -> None:
     """A model that :func:`parallelize` already took over holds this rank's pieces: planned
     again, they would be split again (0.51 off, found by an adversarial review)."""
-    if any(isinstance(m.__dict__.get("forward"), _Routing) for m in model.modules()):
+    if any(is_routed(m) for m in model.modules()):
         raise InputError(f"{type(model).__name__} was already handed over to autotp.parallelize (it holds this "
                          "rank's pieces, and its calls run the tensor-parallel graphs): build or load the model "
                          "again to parallelize it anew")
