@@ -181,7 +181,11 @@ def _add_after(graph: fx.Graph, reduced: fx.Node, bias: Any, beta: Any, alpha: A
     with graph.inserting_after(last):
         scaled = bias if beta == 1 else graph.call_function(aten.mul.Tensor, (bias, beta))
     with graph.inserting_after(scaled if scaled is not bias else last):
-        return graph.call_function(aten.add.Tensor, (last, scaled))
+        # in the reduced sum's dtype, as the matmul added it: under autocast the matmul ran in
+        # bfloat16 and took its bias in bfloat16 too, where a plain add would promote to the bias's float32
+        cast = graph.call_function(aten.type_as.default, (scaled, last))
+    with graph.inserting_after(cast):
+        return graph.call_function(aten.add.Tensor, (last, cast))
 
 
 def _apply_all_reduces(gm: fx.GraphModule, by_name: dict[str, fx.Node], plan: Plan) -> None:

@@ -12,7 +12,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from autotp.simulate import simulate
+from autotp.capture import capture, graph_inputs, normalise_example_inputs
+from autotp.planner import plan_graph
+from autotp.simulate import communicators, rank_graphs, run_ranks_in_threads, simulate
 from models import assert_close_to
 
 
@@ -256,3 +258,39 @@ def test_half_precision_statistics_over_the_sharded_dim_stay_in_range(tp: int) -
         for rank, out in enumerate(sim.outputs):
             torch.testing.assert_close(out.float(), reference, rtol=2e-3, atol=2e-3 * reference.abs().max().item(),
                                        msg=lambda m: f"{type(module).__name__} rank {rank}/{tp}: {m}")
+
+
+class BiasedMLP(nn.Module):
+    """Column- then row-parallel linears with biases: the second's bias is added after the all-reduce."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(32, 128), nn.Linear(128, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.relu(self.up(x)))
+
+
+def test_a_row_parallel_bias_under_autocast_keeps_the_matmuls_dtype() -> None:
+    """Under ``torch.autocast`` the row-parallel matmul runs in bfloat16; its bias, added after
+    the all-reduce, was added in its own float32 and promoted the output (found in a review:
+    float32 where the unsharded module returns bfloat16). Autocast is per thread, so each
+    simulated rank enters it in its own."""
+    torch.manual_seed(0)
+    module, x = BiasedMLP().eval(), torch.randn(4, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = module(x)
+    call = normalise_example_inputs(module, x)
+    captured, taken = capture(module, call), graph_inputs(module, call)
+    plan = plan_graph(captured.graph, 2)
+    assert {s.name for s in plan.sharded_params()} >= {"up.weight", "down.weight"}
+    comms = communicators(2)
+    graphs = rank_graphs(captured, plan, module, comms)
+
+    def under_autocast(rank: int) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return graphs[rank](**taken)
+
+    for rank, out in enumerate(run_ranks_in_threads(under_autocast, 2, comms)):
+        assert out.dtype == reference.dtype == torch.bfloat16, f"rank {rank}: {out.dtype}"
+        torch.testing.assert_close(out, reference, rtol=2e-2, atol=2e-2)  # bfloat16 sums in another order
