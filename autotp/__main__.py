@@ -1,7 +1,5 @@
 """``python -m autotp`` (and ``torchrun ... -m autotp``) runs the command line."""
 
-import sys
+from autotp.cli import entry_point
 
-from autotp.cli import main
-
-sys.exit(main())
+entry_point()

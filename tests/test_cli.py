@@ -11,6 +11,8 @@ import contextlib
 import io
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -70,6 +72,21 @@ def test_plan_as_hugging_face_tp_plan(capsys, llama_dir):
         "model.layers.*.self_attn.v_proj": "colwise",
     }
 
+
+
+def test_python_m_autotp_plan_writes_its_whole_output_and_a_reader_may_leave_early(llama_dir):
+    """``python -m autotp plan`` exits without the interpreter's teardown (autotp.cli.entry_point):
+    what it printed must still arrive whole. A reader that leaves after one line (``| head -1``)
+    is no error: it printed a BrokenPipeError traceback before."""
+    command = [sys.executable, "-m", "autotp", "plan", str(llama_dir), "--tp", "2"]
+    done = subprocess.run(command + ["--json"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert Plan.from_dict(json.loads(done.stdout)).tp_size == 2
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout.readline().startswith("parameter")
+        proc.stdout.close()
+        code, err = proc.wait(timeout=300), proc.stderr.read()
+    assert code == 0 and "Traceback" not in err, err
 
 def test_plan_hf_lists_what_it_cannot_express(capsys, tmp_path):
     hf_model("gpt2").config.save_pretrained(tmp_path)
