@@ -19,7 +19,7 @@ from autotp.errors import AutotpError
 from autotp.generation import (CacheIO, CacheSpec, cache_spec, call_tokens, example_like, phase_of, read_cache,
                                write_cache)
 from autotp.guards import Guards, Sized
-from autotp.placement import Placement, Replicate, Shard, parse_placement
+from autotp.placement import Placement, Replicate, Shard, local_size, parse_placement
 from autotp.plan import Plan
 from autotp.planner import plan_graph
 
@@ -147,10 +147,14 @@ class CachedCalls:
         for piece, (shape, placement) in zip(pieces, self._cache_layout):
             size = list(piece.shape)
             if isinstance(placement, Shard):
-                if shape[placement.dim] is None:
-                    raise AutotpError(f"a cache tensor is sharded along dim {placement.dim}, whose size the graph "
-                                      "does not fix")
-                size[placement.dim] = shape[placement.dim]
+                dim = placement.dim
+                if shape[dim] is None:
+                    raise AutotpError(f"a cache tensor is sharded along dim {dim}, whose size the graph does not fix")
+                held = local_size(placement, shape[dim], self.tp_size)
+                if size[dim] != held:  # a cache the unsharded model filled holds every head
+                    raise AutotpError(f"a cache tensor has {size[dim]} along dim {dim}, where each rank holds {held} of "
+                                      f"{shape[dim]}: pass a cache this parallelized model filled, or an empty one")
+                size[dim] = shape[dim]
             whole.append(Sized(size, piece.dtype))
         half = len(whole) // 2
         return {**call, "past_keys": whole[:half], "past_values": whole[half:]}

@@ -299,3 +299,26 @@ def test_static_cache_generates_the_unsharded_tokens(world):
             shared = 2 if name == "qwen2_kv2" and world == 4 else 1
             assert res["bytes"] * world == res["ref_bytes"] * shared, f"{name}: the static cache is not sharded by heads"
             assert res["decode"] == {"calls": NEW - 1, "tokens": NEW - 1}
+
+
+def unsharded_cache_worker(rank: int, world: int) -> dict:
+    ids = torch.randint(3, 128, (2, 6), generator=torch.Generator().manual_seed(15))
+    model = hf_model("llama")
+    with torch.no_grad():
+        whole = model(ids, use_cache=True).past_key_values  # filled by the unsharded model: every head
+        tp_model = autotp.parallelize(model)
+        own = tp_model(ids, use_cache=True).past_key_values  # a prefill: the cache's layout is known
+        try:
+            tp_model(ids[:, -1:], past_key_values=whole, use_cache=True)
+            error = "no error"
+        except autotp.AutotpError as exc:
+            error = str(exc)
+        tp_model(ids[:, -1:], past_key_values=own, use_cache=True)  # its own cache still serves
+    return dict(error=error)
+
+
+def test_a_cache_the_unsharded_model_filled_is_refused_by_name():
+    """A cache holding every head, passed to the parallelized model, ran into a bare RuntimeError
+    inside the graph (a size mismatch where the new keys meet the cache)."""
+    for r in run_ranks(unsharded_cache_worker, 2):
+        assert "where each rank holds 2 of 4: pass a cache this parallelized model filled" in r["error"], r["error"]
