@@ -73,7 +73,6 @@ def test_plan_as_hugging_face_tp_plan(capsys, llama_dir):
     }
 
 
-
 def test_python_m_autotp_plan_writes_its_whole_output_and_a_reader_may_leave_early(llama_dir):
     """``python -m autotp plan`` exits without the interpreter's teardown (autotp.cli.entry_point):
     what it printed must still arrive whole. A reader that leaves after one line (``| head -1``)
@@ -87,6 +86,7 @@ def test_python_m_autotp_plan_writes_its_whole_output_and_a_reader_may_leave_ear
         proc.stdout.close()
         code, err = proc.wait(timeout=300), proc.stderr.read()
     assert code == 0 and "Traceback" not in err, err
+
 
 def test_plan_hf_lists_what_it_cannot_express(capsys, tmp_path):
     hf_model("gpt2").config.save_pretrained(tmp_path)
