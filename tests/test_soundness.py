@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from autotp.capture import capture, graph_inputs, normalise_example_inputs
 from autotp.planner import plan_graph
 from autotp.simulate import communicators, rank_graphs, run_ranks_in_threads, simulate
-from models import assert_close_to
+from models import PlainMLP, assert_close_to
 
 
 def _sharded_and_exact(module: nn.Module, x: torch.Tensor, tp: int) -> int:
@@ -260,30 +260,19 @@ def test_half_precision_statistics_over_the_sharded_dim_stay_in_range(tp: int) -
                                        msg=lambda m: f"{type(module).__name__} rank {rank}/{tp}: {m}")
 
 
-class BiasedMLP(nn.Module):
-    """Column- then row-parallel linears with biases: the second's bias is added after the all-reduce."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.up, self.down = nn.Linear(32, 128), nn.Linear(128, 32)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(torch.relu(self.up(x)))
-
-
 def test_a_row_parallel_bias_under_autocast_keeps_the_matmuls_dtype() -> None:
     """Under ``torch.autocast`` the row-parallel matmul runs in bfloat16; its bias, added after
     the all-reduce, was added in its own float32 and promoted the output (found in a review:
     float32 where the unsharded module returns bfloat16). Autocast is per thread, so each
     simulated rank enters it in its own."""
     torch.manual_seed(0)
-    module, x = BiasedMLP().eval(), torch.randn(4, 32)
+    module, x = PlainMLP(32, 128).eval(), torch.randn(4, 32)  # fc2: row-parallel, with a bias
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         reference = module(x)
     call = normalise_example_inputs(module, x)
     captured, taken = capture(module, call), graph_inputs(module, call)
     plan = plan_graph(captured.graph, 2)
-    assert {s.name for s in plan.sharded_params()} >= {"up.weight", "down.weight"}
+    assert {s.name for s in plan.sharded_params()} >= {"fc1.weight", "fc2.weight"}
     comms = communicators(2)
     graphs = rank_graphs(captured, plan, module, comms)
 
