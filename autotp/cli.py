@@ -154,104 +154,21 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _verify_worker(rank: int, world: int, model_text: str, use_weights: bool, batch: int, seq: int) -> dict:
-    """One rank of ``autotp verify``: reference and sharded outputs on the same inputs."""
-    import torch
-
-    import autotp
-    from autotp.source import resolve_model
-
-    source = resolve_model(model_text)
-    if use_weights:  # the sharded model reads its slices of the checkpoint, as a user's does
-        model, example = source.build("empty")
-        reference_model = _reference(source)
-        checkpoint = source.directory
-    else:
-        model, example = source.build("random", seed=0)
-        reference_model, checkpoint = model, None
-    inputs = _inputs(model, example, batch, seq)
-    with torch.no_grad():
-        reference = _flat_outputs(reference_model(**inputs))
-        tp_model = autotp.parallelize(model, example, checkpoint=checkpoint)
-        outputs = _flat_outputs(tp_model(**inputs))
-    rows = []
-    for name, ref in reference.items():
-        out = outputs[name]
-        diff = (out.float() - ref.float()).abs().max().item() if ref.numel() else 0.0
-        scale = ref.float().abs().max().item() if ref.numel() else 0.0
-        rows.append((name, tuple(ref.shape), diff, scale))
-    return dict(rows=rows, sharded=len(tp_model.plan.sharded_params()), bytes=tp_model.local_bytes())
-
-
-def _reference(source: Any) -> Any:
-    """The unsharded model with its checkpoint's weights as transformers' ``from_pretrained``
-    loads them, in the dtype autotp builds it in: independent of autotp's own checkpoint
-    reading (key matching, expert merging, slicing), which the sharded model goes through."""
-    import torch
-
-    from autotp import hf
-
-    cls = hf.model_class(source.config)
-    dtype = hf.config_dtype(source.config) or torch.get_default_dtype()
-    return cls.from_pretrained(str(source.directory), config=source.config, dtype=dtype).eval()
-
-
-def _inputs(model: Any, example: Any, batch: int, seq: int) -> dict:
-    import torch
-
-    from autotp import hf
-    from autotp.capture import normalise_example_inputs
-    from autotp.errors import InputError
-
-    if example is not None:
-        return normalise_example_inputs(model, example)
-    vocab = getattr(hf.text_config(model.config), "vocab_size", None)
-    if not vocab:
-        raise InputError(f"{type(model).__name__} has no vocab_size in its config (not a language model?): verify "
-                         "feeds token ids")
-    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(1234))
-    inputs = {"input_ids": ids}
-    if getattr(model.config, "is_encoder_decoder", False):
-        inputs["decoder_input_ids"] = ids.clone()
-    return inputs
-
-
-def _flat_outputs(out: Any) -> dict:
-    import torch
-
-    if isinstance(out, torch.Tensor):
-        return {"output": out}
-    if hasattr(out, "items"):
-        return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
-    if isinstance(out, (tuple, list)):
-        return {f"output[{i}]": v for i, v in enumerate(out) if isinstance(v, torch.Tensor)}
-    return {}
-
-
-def _fits_in_memory(source: Any, copies: int) -> bool:
-    from autotp.loading import open_checkpoint
-
-    try:
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
-        return False
-    return open_checkpoint(source.directory).nbytes() * (copies + 1) < 0.7 * available
-
-
 def cmd_verify(args: argparse.Namespace) -> int:
     from autotp.launch import run_local
     from autotp.source import resolve_model
+    from autotp.verify_rank import fits_in_memory, verify_rank
 
     tp = _positive(args.tp, "--tp")
     batch, seq = _positive(args.batch, "--batch"), _positive(args.seq, "--seq")
     source = resolve_model(args.model)
-    use_weights = source.has_checkpoint and not args.random_weights and _fits_in_memory(source, tp)
+    use_weights = source.has_checkpoint and not args.random_weights and fits_in_memory(source, tp)
     weights = ("its own weights (unsharded: from_pretrained; sharded: each rank reads its slices)" if use_weights
                else "random weights (seed 0)")
     if source.has_checkpoint and not use_weights and not args.random_weights:
         weights += f": {tp} copies of the checkpoint do not fit in memory"
     print(f"verify {source.name} at tp={tp} on {tp} local ranks (gloo), {weights}", flush=True)
-    results = run_local(_verify_worker, tp, args.model, use_weights, batch, seq)
+    results = run_local(verify_rank, tp, args.model, use_weights, batch, seq)
     failed = False
     print(f"{'output':<24} {'shape':<18} {'max|diff|':>10} {'max|ref|':>10} {'relative':>10}")
     names = [row[0] for row in results[0]["rows"]]
