@@ -42,9 +42,10 @@ from autotp.capture_refusals import (capture_error, python_draws_refused, refuse
                                      torch_draws_undone)
 from autotp.errors import CaptureError
 from autotp import hf
-from autotp.export_settings import (buffer_assignments, deferred_codegen, no_fake_dispatch_cache, no_stack_traces,
-                                    partial_graph_unprinted, recorded_guards)
+from autotp.export_settings import (deferred_codegen, no_fake_dispatch_cache, no_stack_traces, partial_graph_unprinted,
+                                    recorded_guards)
 from autotp.heap import old_objects_frozen
+from autotp.kept_state import kept_state
 from autotp.opaque import OpaqueCall, install_opaque_calls, opaque_calls
 from autotp.opaque_failures import export_making_opaque, failures_read
 from autotp.repeats import share_repeated_layers
@@ -288,26 +289,36 @@ def _export_or_retry(model: nn.Module, inputs: dict[str, Any], device: torch.dev
 
 
 def _export(model: nn.Module, inputs: dict[str, Any], device: torch.device, bump_unit_dims: bool,
-            share: str, opaque: dict[type, str]) -> tuple[Any, Any, dict]:
+            share: str, opaque: dict[type, str], watched: tuple[tuple[type, str], ...] = ()) -> tuple[Any, Any, dict]:
     """torch.export of a fresh fake skeleton of ``model`` (its own shape environment): the
     exported program, the layer sharing used (None when nothing was shared) and the records of
-    the calls of ``opaque`` classes (class -> why)."""
+    the calls of ``opaque`` classes (class -> why). Refuses a forward that keeps state between
+    calls (:mod:`autotp.kept_state`); ``watched``: the attributes a first export saw changed."""
     skeleton, mode = fake_skeleton(model, device)
     passed = graph_inputs(skeleton, inputs)
     if len(passed) < len(inputs):  # bake the flags **kwargs would take (see graph_inputs)
         skeleton.__dict__["forward"] = functools.partial(skeleton.forward, **{k: v for k, v in inputs.items()
                                                                              if k not in passed})
     fake_inputs = {k: _as_fake(v, mode, device, bump_unit_dims) for k, v in passed.items()}
+    run_whole = frozenset(type(m) for outer in skeleton.modules() if type(outer) in opaque for m in outer.modules())
     with failures_read(skeleton), hf.capture_settings(skeleton), no_stack_traces(), no_fake_dispatch_cache(), \
-            torch.no_grad(), deferred_codegen(), partial_graph_unprinted(), buffer_assignments(skeleton) as assigned, \
+            torch.no_grad(), deferred_codegen(), partial_graph_unprinted(), \
+            kept_state(skeleton, run_whole, watched) as kept, \
             share_repeated_layers(skeleton, share) as sharing, opaque_calls(skeleton, model, opaque) as records:
         exported = torch.export.export(
             skeleton, (), fake_inputs, dynamic_shapes=_dynamic_shapes(skeleton, fake_inputs), strict=False
         )
-    if assigned:
-        raise CaptureError(f"{type(model).__name__}'s forward assigns a new tensor to the buffer(s) "
-                           f"{', '.join(assigned)}: state kept between calls, which a captured graph does not "
-                           "carry (it would compute with the loaded value on every call)")
+    name = type(model).__name__
+    if kept.buffers:
+        raise CaptureError(f"{name}'s forward assigns a new tensor to the buffer(s) {', '.join(kept.buffers)}: state "
+                           "kept between calls, which a captured graph does not carry (it would compute with the "
+                           "loaded value on every call)")
+    if watched and kept.carried():
+        raise CaptureError(f"{name}'s forward reads and changes {', '.join(kept.carried())}: state kept between calls, "
+                           "which a captured graph does not carry (from the second call on it would compute with the "
+                           "value the capture read); pass it in as an input, or keep it out of forward")
+    if not watched and kept.changed():  # which of them the forward read as the call before left them: a second look
+        _export(model, inputs, device, bump_unit_dims, "off", opaque, tuple(kept.changed()))
     return exported, sharing, records
 
 

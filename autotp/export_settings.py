@@ -10,9 +10,8 @@ from typing import Any, Iterator
 
 import torch
 import torch.fx as fx
-import torch.nn as nn
 
-__all__ = ["no_stack_traces", "no_fake_dispatch_cache", "deferred_codegen", "recorded_guards", "partial_graph_unprinted", "buffer_assignments"]
+__all__ = ["no_stack_traces", "no_fake_dispatch_cache", "deferred_codegen", "recorded_guards", "partial_graph_unprinted"]
 
 
 @contextlib.contextmanager
@@ -120,30 +119,3 @@ def partial_graph_unprinted() -> Iterator[None]:
             text = text.replace(f"{partial}\n", "")  # printed by each of its nested wrappers
         if text:
             sys.stderr.write(text)
-
-
-@contextlib.contextmanager
-def buffer_assignments(root: nn.Module) -> Iterator[list[str]]:
-    """Record, as ``Class.name``, each buffer a module of ``root``'s classes is given while this
-    is entered (``self.ema = ...`` on a registered buffer, or ``register_buffer`` in forward).
-
-    Export traces such an assignment as nothing: the graph reads the buffer as loaded and never
-    writes it back, so from the second call on it computes with a stale value (an EMA kept in
-    forward was off by 0.027, then 0.043). Capture refuses such a model instead. By class, as
-    export may trace copies of the modules; torch's own swapping of tensors writes the buffer
-    dictionaries directly and is not seen."""
-    classes = {type(m) for m in root.modules()}
-    assigned: list[str] = []
-    register = nn.Module.register_buffer
-
-    def recording(self: nn.Module, name: str, tensor: Any, persistent: bool = True) -> None:
-        unchanged = tensor is self.__dict__.get("_buffers", {}).get(name)  # x = x.to(its own dtype): itself
-        if type(self) in classes and not unchanged and f"{type(self).__name__}.{name}" not in assigned:
-            assigned.append(f"{type(self).__name__}.{name}")
-        register(self, name, tensor, persistent)
-
-    nn.Module.register_buffer = recording  # type: ignore[method-assign]
-    try:
-        yield assigned
-    finally:
-        nn.Module.register_buffer = register  # type: ignore[method-assign]

@@ -1,0 +1,156 @@
+"""A forward that keeps state in its modules between calls (autotp.kept_state): refused at
+capture where the graph would compute with the captured value from the second call on; allowed,
+and exact on every call, where the state carries nothing into the next call."""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+
+from autotp.capture import CaptureError, capture, graph_inputs, normalise_example_inputs
+from autotp.planner import plan_graph
+from autotp.simulate import communicators, rank_graphs, run_ranks_in_threads
+from models import assert_close_to
+
+D = 16
+
+
+class _MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(D, 4 * D), nn.Linear(4 * D, D)
+
+
+class CallCounter(_MLP):
+    """``self.calls += 1``, then scales by it: a captured graph scales by 1 on every call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.down(self.up(x)) * self.calls
+
+
+class ClassDefaultCounter(_MLP):
+    calls = 0  # the first write makes an instance attribute from the class's
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls = self.calls + 1
+        return self.down(self.up(x)) * self.calls
+
+
+class _RunningMean(nn.Module):
+    """A running mean kept in a plain attribute (not a buffer), None before the first call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj, self.state = nn.Linear(D, D), None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.proj(x)
+        self.state = h.mean() if self.state is None else 0.5 * self.state + 0.5 * h.mean()
+        return h + self.state
+
+
+class PlainRunningMean(_MLP):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = _RunningMean()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.up(self.inner(x)))
+
+
+class FirstCallFlag(_MLP):
+    """Takes another branch on its first call only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.warm = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(x)
+        if not self.warm:
+            self.warm = True
+            h = h * 0
+        return self.down(h)
+
+
+@pytest.mark.parametrize("module, kept", [(CallCounter, "CallCounter.calls (0 -> 1)"),
+                                          (ClassDefaultCounter, "ClassDefaultCounter.calls (0 -> 1)"),
+                                          (PlainRunningMean, "_RunningMean.state (None -> a tensor)"),
+                                          (FirstCallFlag, "FirstCallFlag.warm (False -> True)")],
+                         ids=lambda v: v.__name__ if isinstance(v, type) else "")
+def test_state_a_forward_reads_and_changes_is_refused(module, kept: str) -> None:
+    """Each computed 1.05 off (the counter) or otherwise wrong from the second call on, with no
+    error, before the refusal; the eager module's second call differs from its first."""
+    model = module().eval()
+    x, y = torch.randn(2, 6, D), torch.randn(2, 6, D)
+    with torch.no_grad():  # the state does change what the model computes: y after x is not y first
+        called, fresh = copy.deepcopy(model), copy.deepcopy(model)
+        called(x)
+        assert not torch.allclose(called(y), fresh(y))
+    with pytest.raises(CaptureError, match="reads and changes " + re.escape(kept)):
+        capture(model, (x,))
+    assert model.__dict__.get("calls", 0) == 0 and getattr(model, "warm", False) is False  # capture ran a copy
+
+
+class KeepsAttentionMap(_MLP):
+    """Writes what it computed for inspection, never reads it back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(x)
+        self.last = h.detach()
+        return self.down(h)
+
+
+class TogglesWithinTheCall(_MLP):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mode = "plain"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.mode = "scaled"
+        h = self.up(x) * (2.0 if self.mode == "scaled" else 1.0)
+        self.mode = "plain"
+        return self.down(h)
+
+
+class RebuildsItsTable(_MLP):
+    """Writes a table, then reads it, on every call: the graph rebuilds it each call too."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.table = torch.arange(x.shape[1], dtype=x.dtype)[:, None]
+        return self.down(self.up(x + self.table))
+
+
+@pytest.mark.parametrize("module", [KeepsAttentionMap, TogglesWithinTheCall, RebuildsItsTable],
+                         ids=lambda m: m.__name__)
+def test_state_that_carries_nothing_into_the_next_call_is_allowed(module) -> None:
+    """Sharded at tp 2 and exact on every rank on each of three calls."""
+    torch.manual_seed(0)
+    model = module().eval()
+    eager = copy.deepcopy(model)
+    x = torch.randn(2, 6, D)
+    call = normalise_example_inputs(model, (x,))
+    captured = capture(model, call)
+    plan = plan_graph(captured.graph, 2, model=module.__name__, inputs=captured.input_names)
+    assert plan.sharded_params()
+    comms = communicators(2)
+    graphs = rank_graphs(captured, plan, model, comms)
+    taken = graph_inputs(model, call)
+    with torch.no_grad():
+        for _ in range(3):
+            reference = eager(x)
+            for out in run_ranks_in_threads(lambda rank: graphs[rank](**taken), 2, comms):
+                assert_close_to(reference, out)
