@@ -38,14 +38,15 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.export import Dim
 from torch.utils import _pytree as pytree
 
-from autotp.capture_refusals import (capture_error, python_draws_refused, refuse_generators, tensors_through_kwargs,
-                                     torch_draws_undone)
+from autotp.capture_refusals import (capture_error, python_draws_refused, refuse_generators, refuse_untracked_tensors,
+                                     tensors_through_kwargs, torch_draws_undone)
 from autotp.errors import CaptureError
 from autotp import hf
 from autotp.export_settings import (deferred_codegen, no_fake_dispatch_cache, no_stack_traces, partial_graph_unprinted,
                                     recorded_guards)
 from autotp.heap import old_objects_frozen
 from autotp.kept_state import kept_state
+from autotp.loading import named_tensors
 from autotp.opaque import OpaqueCall, install_opaque_calls, opaque_calls
 from autotp.opaque_failures import export_making_opaque, failures_read
 from autotp.repeats import share_repeated_layers
@@ -258,6 +259,7 @@ def capture(
     with recorded_guards() as guards:  # not deferred: unlifting reads the signature of the code
         gm = exported.module()
     refuse_generators(gm, name)
+    refuse_untracked_tensors(gm, set(named_tensors(model)), name)
     install_opaque_calls(gm, records)
     _warn_opaque(gm)
     gm = _drop_unused_tensors(gm)
@@ -308,15 +310,9 @@ def _export(model: nn.Module, inputs: dict[str, Any], device: torch.device, bump
         exported = torch.export.export(
             skeleton, (), fake_inputs, dynamic_shapes=_dynamic_shapes(skeleton, fake_inputs), strict=False
         )
-    name = type(model).__name__
-    if kept.buffers:
-        raise CaptureError(f"{name}'s forward assigns a new tensor to the buffer(s) {', '.join(kept.buffers)}: state "
-                           "kept between calls, which a captured graph does not carry (it would compute with the "
-                           "loaded value on every call)")
-    if watched and kept.carried():
-        raise CaptureError(f"{name}'s forward reads and changes {', '.join(kept.carried())}: state kept between calls, "
-                           "which a captured graph does not carry (from the second call on it would compute with the "
-                           "value the capture read); pass it in as an input, or keep it out of forward")
+    refusal = kept.refusal(type(model).__name__, second_look=bool(watched))
+    if refusal is not None:
+        raise CaptureError(refusal)
     if not watched and kept.changed():  # which of them the forward read as the call before left them: a second look
         _export(model, inputs, device, bump_unit_dims, "off", opaque, tuple(kept.changed()))
     return exported, sharing, records

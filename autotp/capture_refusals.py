@@ -4,6 +4,8 @@
   reaches ``forward`` only through ``**kwargs``, which export may not take at dynamic sizes;
 - :func:`refuse_generators`: a graph holding a ``torch.Generator`` computes other numbers than
   the model from its second call on;
+- :func:`refuse_untracked_tensors`: a graph holding a tensor the forward derived from the
+  model's own outside the trace (``weight.data``) has no data for it;
 - :func:`python_draws_refused`: a forward that draws from Python's or NumPy's random module
   has its draw fixed by the trace;
 - :func:`torch_draws_undone`: whatever the capture draws from torch's generators (an opaque
@@ -20,12 +22,13 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils import _pytree as pytree
 
 from autotp.errors import CaptureError, first_line
 from autotp.loading import _get_attr
 
-__all__ = ["capture_error", "refuse_generators", "tensors_through_kwargs", "python_draws_refused", "torch_draws_undone"]
+__all__ = ["capture_error", "refuse_generators", "refuse_untracked_tensors", "tensors_through_kwargs", "python_draws_refused", "torch_draws_undone"]
 
 
 def refuse_generators(gm: fx.GraphModule, name: str) -> None:
@@ -38,6 +41,19 @@ def refuse_generators(gm: fx.GraphModule, name: str) -> None:
             raise CaptureError(f"{name}'s forward draws random numbers from a torch.Generator ({node.target} in the "
                                "graph): a captured graph would keep one generator and draw on from its state on every "
                                "call; draw outside the model and pass the numbers in")
+
+
+def refuse_untracked_tensors(gm: fx.GraphModule, model_tensors: set[str], name: str) -> None:
+    """A fake tensor the graph holds that is none of the model's parameters and buffers: the
+    capture ran on fake copies of those, so the forward made it from them where export does not
+    trace (``self.proj.bias.data``, read or written into). The graph would hold no data for it
+    (a load failed naming ``lifted_tensor_0``) and drops what was written through it."""
+    for node in gm.graph.nodes:
+        if (node.op == "get_attr" and str(node.target) not in model_tensors
+                and isinstance(_get_attr(gm, node.target), FakeTensor)):
+            raise CaptureError(f"{name}'s forward uses a tensor made from its parameters or buffers outside what "
+                               f"torch.export traces ({node.target} in the graph; `.data` does this): the graph would "
+                               "hold no data for it; use the parameter itself (`weight.detach()` to read it)")
 
 
 @contextlib.contextmanager

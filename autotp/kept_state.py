@@ -21,17 +21,24 @@ another value than they started with (by identity, or by value for plain scalars
 some do, a second export (:func:`first_reads`) watches those names for a read before the
 instance's first write. Models that keep nothing pay for one ``__setattr__`` hook.
 
-Not seen: state changed inside a container attribute (``self.history.append(x)``), kept
-outside the modules (a global, the config), or in a module run whole (:mod:`autotp.opaque`
-checks those on each call).
+A third kind needs no second look: **a list, dict, set or deque attribute changed in place**
+(``self.cache.append(k)`` then ``torch.cat(self.cache)``, a count kept in ``self.stats[...]``).
+Changing it in place reads the attribute, so it carries the previous call's contents in; the
+contents (by item identity) are compared before and after the export. Refused too, even where
+the forward only collects (a list of attention maps it never reads back): autotp cannot tell.
+
+Not seen: state kept deeper (a list inside a list, an object's own attributes), outside the
+modules (a global, the config), or in a module run whole (:mod:`autotp.opaque` checks those on
+each call).
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -42,6 +49,7 @@ _MISSING = object()
 _SCALARS = (bool, int, float, complex, str, bytes, type(None))
 # what nn.Module itself keeps in its __dict__ or routes elsewhere: not a forward's state
 _MODULE_SLOTS = ("_parameters", "_buffers", "_modules")
+_CONTAINERS = (list, dict, set, collections.deque, bytearray)
 
 
 @dataclass
@@ -53,6 +61,33 @@ class KeptState:
     _starts: dict[tuple[int, str], tuple[nn.Module, type, Any]] = field(default_factory=dict)
     _ends: dict[tuple[int, str], Any] = field(default_factory=dict)  # the value last written (export restores the old)
     _read_first: set[tuple[int, str]] = field(default_factory=set)  # names read before written (second pass)
+    # "Class.name" -> (the container, its items before the export, its length then)
+    _containers: dict[str, tuple[Any, list[Any], int]] = field(default_factory=dict)
+
+    def refusal(self, model: str, second_look: bool) -> Optional[str]:
+        """Why the capture of ``model`` is refused, if it is (``second_look``: an export under
+        :func:`first_reads`, which alone sees which changed attributes were read first)."""
+        kept = "state kept between calls, which a captured graph does not carry"
+        if self.buffers:
+            return (f"{model}'s forward assigns a new tensor to the buffer(s) {', '.join(self.buffers)}: {kept} (it "
+                    "would compute with the loaded value on every call)")
+        asked = "pass it in as an input, or keep it out of forward"
+        if self.changed_in_place():
+            return (f"{model}'s forward changes {', '.join(self.changed_in_place())} in place: {kept} (from the "
+                    f"second call on it would compute with what the capture read); {asked}")
+        if second_look and self.carried():
+            return (f"{model}'s forward reads and changes {', '.join(self.carried())}: {kept} (from the second call "
+                    f"on it would compute with the value the capture read); {asked}")
+        return None
+
+    def changed_in_place(self) -> list[str]:
+        """``Class.name (n -> m items)`` of each container attribute whose items the export changed."""
+        out = []
+        for label, (container, before, length) in self._containers.items():
+            after = _items(container)
+            if len(after) != len(before) or any(a is not b for a, b in zip(after, before)):
+                out.append(f"{label} ({length} -> {len(container)} items)")
+        return sorted(out)
 
     def changed(self) -> list[tuple[type, str]]:
         """The (class, name) of plain attributes that end the call with another value."""
@@ -92,6 +127,25 @@ def _same(a: Any, b: Any) -> bool:
     return False
 
 
+def _items(container: Any) -> list[Any]:
+    """A container's contents, to compare by identity: a dict's keys and values, others' items."""
+    return [x for pair in container.items() for x in pair] if isinstance(container, dict) else list(container)
+
+
+def _containers(classes: tuple[type, ...], root: nn.Module) -> dict[str, tuple[Any, list[Any], int]]:
+    """The list, dict, set and deque attributes of ``root``'s modules of ``classes``, with their
+    items now (nn.Module's own bookkeeping, the names a bare module has, left out)."""
+    own = set(nn.Module().__dict__)
+    found = {}
+    for module in root.modules():
+        if not isinstance(module, classes):
+            continue
+        for name, value in module.__dict__.items():
+            if name not in own and isinstance(value, _CONTAINERS):
+                found[f"{type(module).__name__}.{name}"] = (value, _items(value), len(value))
+    return found
+
+
 def _shown(value: Any) -> str:
     if value is _MISSING:
         return "unset"
@@ -111,7 +165,7 @@ def kept_state(root: nn.Module, skipped: frozenset[type] = frozenset(),
     subclasses its class and shares its ``__dict__``."""
     every = {type(m) for m in root.modules()} - {nn.Module}  # a bare container would match every module
     classes, known = tuple(every - set(skipped)), every - set(skipped)
-    kept = KeptState()
+    kept = KeptState(_containers=_containers(classes, root))
     set_attribute, register = nn.Module.__setattr__, nn.Module.register_buffer
 
     def recording_buffer(self: nn.Module, name: str, tensor: Any, persistent: bool = True) -> None:

@@ -1,6 +1,7 @@
 """A forward that keeps state in its modules between calls (autotp.kept_state): refused at
-capture where the graph would compute with the captured value from the second call on; allowed,
-and exact on every call, where the state carries nothing into the next call."""
+capture where the graph would compute with the captured value from the second call on (each
+refused module here computed wrong from its second call before, at tp 1 too); allowed, and
+exact on every call, where the state carries nothing into the next call."""
 
 from __future__ import annotations
 
@@ -82,10 +83,35 @@ class FirstCallFlag(_MLP):
         return self.down(h)
 
 
+class ListCache(_MLP):
+    """Appends to a list it keeps and reads all of it: a hand-written cache."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cache: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(x)
+        self.cache.append(h.mean(-1, keepdim=True))
+        return self.down(h * torch.cat(self.cache, -1).sum(-1, keepdim=True))
+
+
+class CountInADict(_MLP):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stats = {"calls": 0}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.stats["calls"] += 1
+        return self.down(self.up(x)) * self.stats["calls"]
+
+
 @pytest.mark.parametrize("module, kept", [(CallCounter, "CallCounter.calls (0 -> 1)"),
                                           (ClassDefaultCounter, "ClassDefaultCounter.calls (0 -> 1)"),
                                           (PlainRunningMean, "_RunningMean.state (None -> a tensor)"),
-                                          (FirstCallFlag, "FirstCallFlag.warm (False -> True)")],
+                                          (FirstCallFlag, "FirstCallFlag.warm (False -> True)"),
+                                          (ListCache, "ListCache.cache (0 -> 1 items) in place"),
+                                          (CountInADict, "CountInADict.stats (1 -> 1 items) in place")],
                          ids=lambda v: v.__name__ if isinstance(v, type) else "")
 def test_state_a_forward_reads_and_changes_is_refused(module, kept: str) -> None:
     """Each computed 1.05 off (the counter) or otherwise wrong from the second call on, with no
@@ -96,9 +122,10 @@ def test_state_a_forward_reads_and_changes_is_refused(module, kept: str) -> None
         called, fresh = copy.deepcopy(model), copy.deepcopy(model)
         called(x)
         assert not torch.allclose(called(y), fresh(y))
-    with pytest.raises(CaptureError, match="reads and changes " + re.escape(kept)):
+    with pytest.raises(CaptureError, match=r"forward (reads and )?changes " + re.escape(kept)):
         capture(model, (x,))
     assert model.__dict__.get("calls", 0) == 0 and getattr(model, "warm", False) is False  # capture ran a copy
+    assert not getattr(model, "cache", []) and getattr(model, "stats", {"calls": 0}) == {"calls": 0}
 
 
 class KeepsAttentionMap(_MLP):
@@ -134,7 +161,21 @@ class RebuildsItsTable(_MLP):
         return self.down(self.up(x + self.table))
 
 
-@pytest.mark.parametrize("module", [KeepsAttentionMap, TogglesWithinTheCall, RebuildsItsTable],
+class CollectsIntoAFreshList(_MLP):
+    """Makes a new list each call and appends to it: the previous call's list is never read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maps: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.maps = []
+        h = self.up(x)
+        self.maps.append(h.detach())
+        return self.down(h)
+
+
+@pytest.mark.parametrize("module", [KeepsAttentionMap, TogglesWithinTheCall, RebuildsItsTable, CollectsIntoAFreshList],
                          ids=lambda m: m.__name__)
 def test_state_that_carries_nothing_into_the_next_call_is_allowed(module) -> None:
     """Sharded at tp 2 and exact on every rank on each of three calls."""
@@ -154,3 +195,24 @@ def test_state_that_carries_nothing_into_the_next_call_is_allowed(module) -> Non
             reference = eager(x)
             for out in run_ranks_in_threads(lambda rank: graphs[rank](**taken), 2, comms):
                 assert_close_to(reference, out)
+
+
+class ReadsThroughData(_MLP):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.up(x) * self.up.bias.data.abs().max())
+
+
+class WritesThroughData(_MLP):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(x)
+        self.up.bias.data[:3] = h.mean()  # eager: the next call adds this bias
+        return self.down(h)
+
+
+@pytest.mark.parametrize("module", [ReadsThroughData, WritesThroughData], ids=lambda m: m.__name__)
+def test_a_parameter_reached_through_data_is_refused_at_capture(module) -> None:
+    """``.data`` hands the forward a tensor export does not trace to the parameter: the graph
+    held a constant with no data behind it, and loading failed naming ``lifted_tensor_0``."""
+    with pytest.raises(CaptureError, match=r"uses a tensor made from its parameters or buffers outside what "
+                                           r"torch.export traces \(lifted_tensor_0 in the graph; `.data`"):
+        capture(module().eval(), (torch.randn(2, 6, D),))
