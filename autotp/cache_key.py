@@ -42,6 +42,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils import _pytree as pytree
 
 from autotp.capture import structure_key
+from autotp.code_globals import globals_read
 
 __all__ = ["graph_key", "Uncacheable", "FORMAT"]
 
@@ -325,6 +326,23 @@ def _module_id(name: str, module: nn.Module, seen: dict[Any, Any]) -> list[Any]:
     return [name, _class_id(type(module), seen), attrs, tensors]
 
 
+def _globals_values(model: nn.Module, seen: dict[Any, Any]) -> list[Any]:
+    """The values of the data globals the model's forward code reads (:mod:`autotp.code_globals`)
+    that are values: scalars, tensors and plain containers of such. A logger, a lock or a
+    registry object read by name (transformers' ``_CAN_RECORD_REGISTRY``, a dict subclass of
+    recorders) shapes no graph by its contents; within a run, every call compares those that do
+    (:class:`autotp.call_checks.ModelState`)."""
+    out = []
+    for where, names, name in globals_read(model):
+        value = names[name]
+        if type(value) in _PLAIN + (tuple, list, dict, set, frozenset) or isinstance(value, (torch.Tensor, enum.Enum)):
+            try:
+                out.append([where, _value_id(value, f"the global {where}", seen)])
+            except Uncacheable:
+                continue  # a plain container of other objects: not a value
+    return out
+
+
 def _aliases(named: Any) -> list[list[str]]:
     first: dict[int, str] = {}
     out = []
@@ -377,6 +395,8 @@ def graph_key(model: nn.Module, inputs: Mapping[str, Any], **settings: Any) -> s
         "same_as": [_aliases(model.named_modules(remove_duplicate=False)),
                     _aliases(list(model.named_parameters(remove_duplicate=False))
                              + list(model.named_buffers(remove_duplicate=False)))],
+        # data the forward reads by name (SCALE = 1.0 in the model's file, set before parallelize)
+        "globals": _globals_values(model, seen),
         "inputs": [repr(structure_key(inputs)),
                    [list(t.shape) for t in pytree.tree_leaves(dict(inputs)) if isinstance(t, torch.Tensor)]],
         "settings": sorted((k, repr(v)) for k, v in settings.items()),

@@ -45,6 +45,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
+from autotp.code_globals import globals_read
 from autotp.errors import AutotpError
 from autotp.opaque import OpaqueCall
 
@@ -92,7 +93,8 @@ class ModelState:
     their dtypes, devices and shapes: ``model.double()`` converts in place), the version of a
     tensor kept as a plain attribute (the graph holds a copy of it: a write into it after the
     capture never reaches the graph), how many attributes and hooks it has. Per Hugging Face
-    config, its plain values. And torch's global module hooks. :meth:`first_change` finds the
+    config, its plain values. And torch's global module hooks, and the module globals the
+    forward code reads by name (:func:`autotp.code_globals.globals_read`). :meth:`first_change` finds the
     first that differs now, in ~0.08 ms for an 8-layer Llama: flat lists compared in one pass."""
 
     def __init__(self, model: nn.Module) -> None:
@@ -123,18 +125,24 @@ class ModelState:
         hooks = torch.nn.modules.module
         self._sizes += [(f"torch's {name.strip('_')}", getattr(hooks, name), len(getattr(hooks, name)))
                         for name in _GLOBAL_HOOKS]
+        for where, names, name in globals_read(model):  # SCALE = 1.0 at the top of the model's file
+            self._record_value(f"the global {where}", names, name)
 
     def _record_attributes(self, prefix: str, d: dict) -> None:
         for k, v in d.items():
-            if k in _INTERNALS:
-                continue
-            if _plain(v):
-                self._equal.append((prefix + k, d, k, _snapshot(v)))
-            elif isinstance(v, torch.Tensor):
-                self._same.append((prefix + k, d, k, v))
-                self._versions.append((f"{prefix}{k}: written in place", v, v._version))
-            elif _kept_by_identity(v):
-                self._same.append((prefix + k, d, k, v))
+            if k not in _INTERNALS:
+                self._record_value(prefix + k, d, k)
+
+    def _record_value(self, where: str, d: dict, k: str) -> None:
+        """A plain value by value, a tensor by identity and version, a callable by identity."""
+        v = d[k]
+        if _plain(v):
+            self._equal.append((where, d, k, _snapshot(v)))
+        elif isinstance(v, torch.Tensor):
+            self._same.append((where, d, k, v))
+            self._versions.append((f"{where}: written in place", v, v._version))
+        elif _kept_by_identity(v):
+            self._same.append((where, d, k, v))
 
     def first_change(self) -> Optional[str]:
         """Where the model differs from the record (``None``: nowhere)."""

@@ -1,0 +1,89 @@
+"""The module globals a model's own code reads by name: what a captured graph bakes in besides
+the model's attributes.
+
+``SCALE = 1.0`` at the top of a model's file, read in ``forward``, is a constant of the captured
+graph. Set to 2.0 after ``parallelize``, the eager model doubles its output and the graph does
+not (0.998 off, then 4.99 with a dict entry changed too: found 2026-12-01). A global is data the
+graph depends on as much as an attribute is, so :class:`autotp.call_checks.ModelState` records
+these and every call compares them, and :mod:`autotp.cache_key` puts their values in the graph
+cache's key (a value set before ``parallelize`` in one run must not reuse another run's graph).
+
+Which globals: the names loaded by ``LOAD_GLOBAL`` in each module class's ``forward`` (outside
+torch, whose own code reads no model data this way), followed into what it calls by name: the
+functions of its own module (``apply_rotary_pos_emb``), the methods of its class
+(``self._helper(...)``) and the function a decorator wraps. Found from the bytecode, so a name
+only an attribute shares (``self.SCALE``) is not mistaken for one. A global that holds a
+function, class or module is code, which the cache key describes on its own; one unbound when
+recorded (a builtin) is left out. Not followed: functions of other modules, and globals read
+through a module (``config_module.SCALE``).
+"""
+
+from __future__ import annotations
+
+import dis
+import functools
+import inspect
+import types
+from typing import Any
+
+import torch.nn as nn
+
+__all__ = ["globals_read"]
+
+_LOADS = frozenset({"LOAD_GLOBAL", "LOAD_NAME"})
+_CODE = (types.FunctionType, types.BuiltinFunctionType, types.MethodType, type, types.ModuleType)
+
+
+def globals_read(model: nn.Module) -> list[tuple[str, dict[str, Any], str]]:
+    """``(module.name, that module's globals, name)`` of each global the model's forward code
+    reads by name that holds data (not code), in a stable order."""
+    found: dict[tuple[int, str], tuple[str, dict[str, Any], str]] = {}
+    done: set[types.CodeType] = set()
+    for cls in {type(m) for m in model.modules()}:
+        forward = inspect.getattr_static(cls, "forward", None)
+        if isinstance(forward, types.FunctionType) and not _torchs(forward):
+            _read_by(forward, cls, found, done)
+    return sorted(found.values(), key=lambda item: item[0])
+
+
+def _torchs(function: types.FunctionType) -> bool:
+    return str(function.__globals__.get("__name__", "")).split(".")[0] == "torch"
+
+
+def _read_by(function: types.FunctionType, cls: type, found: dict, done: set[types.CodeType]) -> None:
+    """Record the data globals ``function`` reads, following what it calls by name: functions of
+    its own module, methods of ``cls`` (``self.helper(...)``), and the function a decorator
+    wraps (``__wrapped__``)."""
+    code, names = function.__code__, function.__globals__
+    if code in done or _torchs(function):
+        return
+    done.add(code)
+    wrapped = getattr(function, "__wrapped__", None)
+    if isinstance(wrapped, types.FunctionType):
+        _read_by(wrapped, cls, found, done)
+    for name in _loaded_names(code):
+        value = names.get(name, _UNBOUND)
+        if isinstance(value, types.FunctionType) and value.__globals__ is names:
+            _read_by(value, cls, found, done)
+        elif value is not _UNBOUND and not isinstance(value, _CODE) and not callable(value):
+            found.setdefault((id(names), name), (f"{names.get('__name__', '?')}.{name}", names, name))
+    for name in code.co_names:  # attributes too: those that are methods of the class
+        method = inspect.getattr_static(cls, name, None)
+        if isinstance(method, (staticmethod, classmethod)):
+            method = method.__func__
+        if isinstance(method, types.FunctionType):
+            _read_by(method, cls, found, done)
+
+
+_UNBOUND = object()
+
+
+@functools.lru_cache(maxsize=4096)
+def _loaded_names(code: types.CodeType) -> tuple[str, ...]:
+    """The names ``code`` (and the functions, lambdas and comprehensions it defines) loads as
+    globals. Per code object, which does not change (reading bytecode is ~0.1 ms a function)."""
+    names = [str(i.argval) for i in dis.get_instructions(code) if i.opname in _LOADS]
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names += _loaded_names(const)
+    return tuple(dict.fromkeys(names))
