@@ -337,7 +337,7 @@ def _globals_values(model: nn.Module, seen: dict[Any, Any]) -> list[Any]:
         value = names[name]
         if type(value) in _PLAIN + (tuple, list, dict, set, frozenset) or isinstance(value, (torch.Tensor, enum.Enum)):
             try:
-                out.append([where, _value_id(value, f"the global {where}", seen)])
+                out.append([where, _value_id(value, f"the {where}", seen)])
             except Uncacheable:
                 continue  # a plain container of other objects: not a value
     return out

@@ -125,8 +125,8 @@ class ModelState:
         hooks = torch.nn.modules.module
         self._sizes += [(f"torch's {name.strip('_')}", getattr(hooks, name), len(getattr(hooks, name)))
                         for name in _GLOBAL_HOOKS]
-        for where, names, name in globals_read(model):  # SCALE = 1.0 at the top of the model's file
-            self._record_value(f"the global {where}", names, name)
+        for what, names, name in globals_read(model):  # SCALE = 1.0 at the top of the model's file
+            self._record_value(f"the {what}", names, name)
 
     def _record_attributes(self, prefix: str, d: dict) -> None:
         for k, v in d.items():

@@ -1,5 +1,5 @@
-"""The module globals a model's own code reads by name: what a captured graph bakes in besides
-the model's attributes.
+"""The module globals and class attributes a model's own code reads by name: what a captured
+graph bakes in besides the instances' attributes.
 
 ``SCALE = 1.0`` at the top of a model's file, read in ``forward``, is a constant of the captured
 graph. Set to 2.0 after ``parallelize``, the eager model doubles its output and the graph does
@@ -14,8 +14,10 @@ functions of its own module (``apply_rotary_pos_emb``), the methods of its class
 (``self._helper(...)``) and the function a decorator wraps. Found from the bytecode, so a name
 only an attribute shares (``self.SCALE``) is not mistaken for one. A global that holds a
 function, class or module is code, which the cache key describes on its own; one unbound when
-recorded (a builtin) is left out. Not followed: functions of other modules, and globals read
-through a module (``config_module.SCALE``).
+recorded (a builtin) is left out. A name the forward reads as an attribute (``self.FACTOR``)
+that a class of its MRO defines as data is a class attribute read (changed with
+``Model.FACTOR = 2.0``, it went unseen as a global did). Not followed: functions of other
+modules, and globals read through a module (``config_module.SCALE``).
 """
 
 from __future__ import annotations
@@ -34,11 +36,13 @@ _LOADS = frozenset({"LOAD_GLOBAL", "LOAD_NAME"})
 _CODE = (types.FunctionType, types.BuiltinFunctionType, types.MethodType, type, types.ModuleType)
 
 
-def globals_read(model: nn.Module) -> list[tuple[str, dict[str, Any], str]]:
-    """``(module.name, that module's globals, name)`` of each global the model's forward code
-    reads by name that holds data (not code), in a stable order."""
-    found: dict[tuple[int, str], tuple[str, dict[str, Any], str]] = {}
-    done: set[types.CodeType] = set()
+def globals_read(model: nn.Module) -> list[tuple[str, Any, str]]:
+    """``(what, namespace, name)`` of each value outside the model's instances that its forward
+    code reads by name: a module global holding data (``namespace``: the module's globals), or a
+    class attribute holding data read as ``self.NAME`` (``namespace``: the defining class's
+    ``__dict__``). Code (functions, classes, modules) is left out. In a stable order."""
+    found: dict[tuple[int, str], tuple[str, Any, str]] = {}
+    done: set[tuple[types.CodeType, type]] = set()
     for cls in {type(m) for m in model.modules()}:
         forward = inspect.getattr_static(cls, "forward", None)
         if isinstance(forward, types.FunctionType) and not _torchs(forward):
@@ -46,18 +50,23 @@ def globals_read(model: nn.Module) -> list[tuple[str, dict[str, Any], str]]:
     return sorted(found.values(), key=lambda item: item[0])
 
 
-def _torchs(function: types.FunctionType) -> bool:
-    return str(function.__globals__.get("__name__", "")).split(".")[0] == "torch"
+def _torchs(function: Any) -> bool:
+    module = function.__globals__.get("__name__", "") if isinstance(function, types.FunctionType) else function.__module__
+    return str(module).split(".")[0] == "torch"
 
 
-def _read_by(function: types.FunctionType, cls: type, found: dict, done: set[types.CodeType]) -> None:
-    """Record the data globals ``function`` reads, following what it calls by name: functions of
-    its own module, methods of ``cls`` (``self.helper(...)``), and the function a decorator
+def _data(value: Any) -> bool:
+    return not isinstance(value, _CODE) and not callable(value) and not hasattr(value, "__get__")
+
+
+def _read_by(function: types.FunctionType, cls: type, found: dict, done: set) -> None:
+    """Record the data ``function`` reads by name, following what it calls by name: functions
+    of its own module, methods of ``cls`` (``self.helper(...)``), and the function a decorator
     wraps (``__wrapped__``)."""
     code, names = function.__code__, function.__globals__
-    if code in done or _torchs(function):
+    if (code, cls) in done or _torchs(function):
         return
-    done.add(code)
+    done.add((code, cls))
     wrapped = getattr(function, "__wrapped__", None)
     if isinstance(wrapped, types.FunctionType):
         _read_by(wrapped, cls, found, done)
@@ -65,17 +74,33 @@ def _read_by(function: types.FunctionType, cls: type, found: dict, done: set[typ
         value = names.get(name, _UNBOUND)
         if isinstance(value, types.FunctionType) and value.__globals__ is names:
             _read_by(value, cls, found, done)
-        elif value is not _UNBOUND and not isinstance(value, _CODE) and not callable(value):
-            found.setdefault((id(names), name), (f"{names.get('__name__', '?')}.{name}", names, name))
-    for name in code.co_names:  # attributes too: those that are methods of the class
-        method = inspect.getattr_static(cls, name, None)
-        if isinstance(method, (staticmethod, classmethod)):
-            method = method.__func__
-        if isinstance(method, types.FunctionType):
-            _read_by(method, cls, found, done)
+        elif value is not _UNBOUND and _data(value):
+            found.setdefault((id(names), name), (f"global {names.get('__name__', '?')}.{name}", names, name))
+    for name in _attribute_names(code):  # self.helper(...) and self.NAME
+        owner = next((c for c in cls.__mro__ if name in vars(c)), None)
+        if owner is None or _torchs(owner):
+            continue
+        value = vars(owner)[name]
+        if isinstance(value, (staticmethod, classmethod)):
+            value = value.__func__
+        if isinstance(value, types.FunctionType):
+            _read_by(value, cls, found, done)
+        elif _data(value):
+            found.setdefault((id(owner), name), (f"class attribute {owner.__module__}.{owner.__qualname__}.{name}",
+                                                 vars(owner), name))
 
 
 _UNBOUND = object()
+
+
+@functools.lru_cache(maxsize=4096)
+def _attribute_names(code: types.CodeType) -> tuple[str, ...]:
+    """Every name ``code`` and the code it defines use (attributes among them)."""
+    names = list(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names += _attribute_names(const)
+    return tuple(dict.fromkeys(names))
 
 
 @functools.lru_cache(maxsize=4096)

@@ -39,7 +39,7 @@ _HERE = sys.modules[__name__]
 
 
 def test_the_globals_a_forward_reads_are_found_through_helpers_and_methods() -> None:
-    found = {where.rsplit(".", 1)[1] for where, _, _ in globals_read(ReadsGlobals())}
+    found = {what.rsplit(".", 1)[1] for what, _, _ in globals_read(ReadsGlobals()) if what.startswith("global ")}
     assert found == {"SCALE", "TABLE", "OFFSETS", "HELPER_EPS"}, found
 
 
@@ -75,3 +75,24 @@ def test_the_globals_values_key_the_graph_cache() -> None:
     finally:
         SCALE = 1.0
     assert _globals_values(ReadsGlobals(), {}) == before
+
+
+class ReadsAClassAttribute(nn.Module):
+    FACTOR = 1.0  # set on the class: every instance reads it as self.FACTOR
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x) * self.FACTOR
+
+
+def test_a_class_attribute_the_forward_reads_changed_after_the_record_is_named() -> None:
+    state = ModelState(ReadsAClassAttribute())
+    ReadsAClassAttribute.FACTOR = 2.0
+    try:
+        assert state.first_change() == f"the class attribute {__name__}.ReadsAClassAttribute.FACTOR"
+    finally:
+        ReadsAClassAttribute.FACTOR = 1.0
+    assert state.first_change() is None
