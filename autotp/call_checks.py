@@ -93,9 +93,10 @@ class ModelState:
     their dtypes, devices and shapes: ``model.double()`` converts in place), the version of a
     tensor kept as a plain attribute (the graph holds a copy of it: a write into it after the
     capture never reaches the graph), how many attributes and hooks it has. Per Hugging Face
-    config, its plain values. And torch's global module hooks, and the module globals the
-    forward code reads by name (:func:`autotp.code_globals.globals_read`). :meth:`first_change` finds the
-    first that differs now, in ~0.08 ms for an 8-layer Llama: flat lists compared in one pass."""
+    config, its plain values. And torch's global module hooks, and the module globals and class
+    attributes the forward code reads by name (:func:`autotp.code_globals.globals_read`).
+    :meth:`first_change` finds the first that differs now, in ~0.08 ms for an 8-layer Llama: flat
+    lists compared in one pass."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

@@ -28,7 +28,8 @@ from torch.utils import _pytree as pytree
 from autotp.errors import CaptureError, first_line
 from autotp.loading import _get_attr
 
-__all__ = ["capture_error", "refuse_generators", "refuse_untracked_tensors", "tensors_through_kwargs", "python_draws_refused", "torch_draws_undone"]
+__all__ = ["capture_error", "refuse_generators", "refuse_untracked_tensors", "tensors_through_kwargs",
+           "python_draws_refused", "torch_draws_undone"]
 
 
 def refuse_generators(gm: fx.GraphModule, name: str) -> None:

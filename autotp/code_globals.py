@@ -50,8 +50,9 @@ def globals_read(model: nn.Module) -> list[tuple[str, Any, str]]:
     return sorted(found.values(), key=lambda item: item[0])
 
 
-def _torchs(function: Any) -> bool:
-    module = function.__globals__.get("__name__", "") if isinstance(function, types.FunctionType) else function.__module__
+def _torchs(code: Any) -> bool:
+    """Whether a function or class is torch's own."""
+    module = code.__globals__.get("__name__", "") if isinstance(code, types.FunctionType) else code.__module__
     return str(module).split(".")[0] == "torch"
 
 
