@@ -14,6 +14,7 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from autotp import cache as graph_cache
+from autotp.call_checks import contiguous_arguments
 from autotp.capture import capture, structure_key
 from autotp.errors import AutotpError
 from autotp.generation import (CacheIO, CacheSpec, cache_spec, call_tokens, example_like, phase_of, read_cache,
@@ -57,7 +58,7 @@ class CachedCalls:
             call["past_keys"], call["past_values"], call["past_length"] = read_cache(cache)
         phase = phase_of(past, new)
         gm = self._cache_graph(phase, keep, spec, call, new_tokens)
-        logits, keys, values = self._ready(gm)(**call)
+        logits, keys, values = self._ready(gm)(**contiguous_arguments(gm, call))
         counts = self.cached_calls.setdefault(phase, {"calls": 0, "tokens": 0})
         counts["calls"] += 1
         counts["tokens"] += new

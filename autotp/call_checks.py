@@ -24,6 +24,9 @@ a graph, checked on every call (each check costs microseconds):
   What no rank can see alone stays the caller's to keep: every rank must make the same calls
   in the same order, as in any program of collectives (two threads taking turns in a
   different order on each rank still pair different calls).
+- **Inputs laid out as captured.** Capture traces contiguous inputs; a transposed or sliced
+  tensor is given to the graph as a contiguous copy (:func:`contiguous_arguments`), and refused
+  where the graph writes into its inputs.
 - **The same random numbers on every rank.** A graph that draws (dropout in training mode,
   ``rand_like`` noise) draws on whole, replicated tensors: the planner never shards through a
   random op. Each rank draws from its own generator, so ranks seeded differently (or whose
@@ -45,11 +48,12 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
+from autotp.aliasing import written_groups
 from autotp.code_globals import globals_read
 from autotp.errors import AutotpError
 from autotp.opaque import OpaqueCall
 
-__all__ = ["ModelState", "OneCaller", "check_no_gradients", "draws_random_numbers"]
+__all__ = ["ModelState", "OneCaller", "check_no_gradients", "contiguous_arguments", "draws_random_numbers"]
 
 
 _PLAIN = (bool, int, float, str, bytes, type(None), torch.dtype, torch.device)
@@ -209,6 +213,43 @@ class OneCaller:
         finally:
             self._owner = None
             self._lock.release()
+
+
+def contiguous_arguments(gm: fx.GraphModule, arguments: dict[str, Any]) -> dict[str, Any]:
+    """``arguments`` with each tensor that is not contiguous replaced by a contiguous copy.
+
+    Capture traces every tensor input as a contiguous one, so what the forward decided from an
+    input's strides is decided for a contiguous tensor: ``x.contiguous()`` is ``x`` itself in the
+    graph, strides read for ``as_strided`` are a contiguous tensor's. Called with a transposed
+    or sliced tensor, such a graph read it in the wrong layout (a sliding window by
+    ``as_strided``: 0.45 off, on the first call, with no error; found by an adversarial review).
+    On a contiguous copy it computes what the model computes after ``contiguous()``. A graph
+    that writes into an input (directly, through a view, or in a module run whole) cannot be
+    given a copy: the write must reach the caller's tensor where the model's would, and not
+    where the model wrote into its own copy; such a call is refused."""
+    leaves, spec = pytree.tree_flatten_with_path(arguments)
+    strided = [(path, t) for path, t in leaves if isinstance(t, torch.Tensor) and not t.is_contiguous()]
+    if not strided:
+        return arguments
+    if writes_into_inputs(gm):
+        path, t = strided[0]
+        name = f"{getattr(path[0], 'key', path[0])}{pytree.keystr(path[1:])}"  # x, or past[0] for a nested one
+        raise AutotpError(f"input {name} is not contiguous (shape {list(t.shape)}, strides "
+                          f"{list(t.stride())}) and this graph writes into its inputs, as captured with contiguous "
+                          "ones: pass it .contiguous()")
+    return pytree.tree_unflatten([t.contiguous() if isinstance(t, torch.Tensor) else t for _, t in leaves], spec)
+
+
+def writes_into_inputs(gm: fx.GraphModule) -> bool:
+    """Whether ``gm`` may write into one of its inputs: an op writes into an alias group holding
+    a placeholder (``Tensor(a!)`` in its schema), or a module runs whole (its writes are not
+    seen). Worked out once per graph and kept in ``gm.meta``."""
+    if "autotp_writes_inputs" not in gm.meta:
+        groups, written = written_groups(gm.graph)
+        gm.meta["autotp_writes_inputs"] = (
+            any(node.op == "placeholder" and groups.find(node) in written for node in gm.graph.nodes)
+            or any(isinstance(module, OpaqueCall) for module in gm.modules()))
+    return gm.meta["autotp_writes_inputs"]
 
 
 def draws_random_numbers(gm: fx.GraphModule) -> bool:

@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from autotp import cache as graph_cache
 from autotp import hf
-from autotp.call_checks import ModelState, OneCaller, check_no_gradients, draws_random_numbers
+from autotp.call_checks import ModelState, OneCaller, check_no_gradients, contiguous_arguments, draws_random_numbers
 from autotp.capture import bind_inputs, capture, forward_signature, graph_inputs, meta_twin, structure_key
 from autotp.errors import AutotpError
 from autotp.cached_calls import CachedCalls
@@ -323,7 +323,7 @@ def _guarded_call(gm: fx.GraphModule, arguments: dict[str, Any]) -> tuple[bool, 
     """``(True, output)`` of ``gm``, or ``(False, the failed guard)`` when export's input checks
     (the graph's first node, before any collective) reject ``arguments``."""
     try:
-        return True, gm(**arguments)
+        return True, gm(**contiguous_arguments(gm, arguments))
     except AssertionError as exc:
         if not str(exc).startswith("Guard failed"):
             raise

@@ -33,6 +33,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from autotp.aliasing import written_groups
+from autotp.call_checks import contiguous_arguments
 from autotp.capture import Captured, capture, graph_inputs, normalise_example_inputs
 from autotp.collectives import Communicator
 from autotp.loading import ModuleSource, load_into
@@ -219,5 +220,6 @@ def simulate(model: nn.Module, inputs: Any, tp_size: int, *, example_inputs: Any
     comms = communicators(tp_size, timeout)
     graphs = rank_graphs(captured, plan, model, comms)
     taken = graph_inputs(model, call)
-    outputs = run_ranks_in_threads(lambda rank: graphs[rank](**taken), tp_size, comms)
+    outputs = run_ranks_in_threads(lambda rank: graphs[rank](**contiguous_arguments(graphs[rank], taken)), tp_size,
+                                   comms)
     return Simulation(outputs, plan, graphs)

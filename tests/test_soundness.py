@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from autotp.capture import capture, graph_inputs, normalise_example_inputs
+from autotp.errors import AutotpError
 from autotp.planner import plan_graph
 from autotp.simulate import communicators, rank_graphs, run_ranks_in_threads, simulate
 from models import PlainMLP, assert_close_to
@@ -283,3 +284,61 @@ def test_a_row_parallel_bias_under_autocast_keeps_the_matmuls_dtype() -> None:
     for rank, out in enumerate(run_ranks_in_threads(under_autocast, 2, comms)):
         assert out.dtype == reference.dtype == torch.bfloat16, f"rank {rank}: {out.dtype}"
         torch.testing.assert_close(out, reference, rtol=2e-2, atol=2e-2)  # bfloat16 sums in another order
+
+
+class SlidingWindowMean(nn.Module):
+    """A window mean by ``as_strided``, strides worked out for a contiguous tensor after
+    ``contiguous()``: captured with contiguous inputs, the graph read a transposed input in its
+    own layout (0.54 off at tp 2, 3 and 4, on the first call; found by an adversarial review)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 48), nn.Linear(48, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous()
+        b, t, c = x.shape
+        return self.fc2(F.gelu(self.fc1(x.as_strided((b, t - 2, 3, c), (t * c, c, c, 1)).mean(2))))
+
+
+class ZeroesAFeatureOfACopy(nn.Module):
+    """Writes into ``x.contiguous()``: the model's own copy when ``x`` is transposed, ``x``
+    itself when it is contiguous (and the graph, captured with contiguous inputs, writes ``x``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 48), nn.Linear(48, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.contiguous()
+        y[..., 0] = 0.0
+        return self.fc2(F.relu(self.fc1(y))) + x
+
+
+def _transposed() -> torch.Tensor:
+    return torch.randn(8, 2, 16, generator=torch.Generator().manual_seed(1)).transpose(0, 1)
+
+
+@pytest.mark.parametrize("tp", [2, 3, 4])
+def test_a_transposed_input_runs_as_the_model_reads_it(tp: int) -> None:
+    torch.manual_seed(0)
+    assert not _transposed().is_contiguous()
+    assert _sharded_and_exact(SlidingWindowMean(), _transposed(), tp) > 0
+
+
+def test_a_transposed_input_to_a_graph_that_writes_its_inputs_is_refused() -> None:
+    """On a contiguous copy the write could not reach the caller's tensor where the model's
+    does (a contiguous input), and would where it must not (1.88 off, the caller's tensor
+    changed); so such a call is refused, and a contiguous one stays exact."""
+    torch.manual_seed(0)
+    module = ZeroesAFeatureOfACopy().eval()
+    with pytest.raises(AutotpError, match=r"input x is not contiguous \(shape \[2, 8, 16\], strides \[16, 32, 1\]\) "
+                                          r"and this graph writes into its inputs"):
+        simulate(module, (_transposed(),), 2)
+    x = _transposed().contiguous()
+    with torch.no_grad():
+        reference, given = module(x.clone()), x.clone()
+        sim = simulate(module, (given,), 2)
+    assert sim.plan.sharded_params()
+    for out in sim.outputs:
+        assert_close_to(reference, out)
