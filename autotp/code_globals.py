@@ -9,7 +9,7 @@ these and every call compares them, and :mod:`autotp.cache_key` puts their value
 cache's key (a value set before ``parallelize`` in one run must not reuse another run's graph).
 
 Which globals: the names loaded by ``LOAD_GLOBAL`` in each module class's ``forward`` (outside
-torch, whose own code reads no model data this way), followed into what it calls by name: the
+torch, whose own code reads no model data this way) and in each forward hook, followed into what it calls by name: the
 functions of its own module (``apply_rotary_pos_emb``), the methods of its class
 (``self._helper(...)``) and the function a decorator wraps. Found from the bytecode, so a name
 only an attribute shares (``self.SCALE``) is not mistaken for one. A global that holds a
@@ -47,6 +47,12 @@ def globals_read(model: nn.Module) -> list[tuple[str, Any, str]]:
         forward = inspect.getattr_static(cls, "forward", None)
         if isinstance(forward, types.FunctionType) and not _torchs(forward):
             _read_by(forward, cls, found, done)
+    for module in model.modules():  # hooks run in the trace too: what they read is baked in as well
+        for hooks in (module._forward_pre_hooks, module._forward_hooks):
+            for hook in hooks.values():
+                hook = getattr(hook, "__func__", hook)  # a bound method
+                if isinstance(hook, types.FunctionType):
+                    _read_by(hook, type(module), found, done)
     return sorted(found.values(), key=lambda item: item[0])
 
 

@@ -96,14 +96,23 @@ def _every_rank(ok: bool) -> bool:
     return bool(flag.item())
 
 
+# The segments this process unlinked. DeepSpeed's kernel initialises once per process (a later
+# ``initialize`` returns at once, keeping the first segments), so a second parallelize in the
+# process finds its segment already gone: no leak to warn about.
+_UNLINKED: set[str] = set()
+
+
 def _unlink_own_segment() -> None:
     """Remove this rank's shared-memory segment name. DeepSpeed never unlinks it, so every
     run left ~68 MB per rank in /dev/shm until reboot (23 GB here after a day of tests). The
     mappings stay valid; the memory is freed when the last rank using it exits, killed or not."""
     name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
             f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    if name in _UNLINKED:
+        return
     try:
         os.unlink(name)
+        _UNLINKED.add(name)
     except FileNotFoundError:
         warnings.warn(f"DeepSpeed's shared-memory segment {name} was not found: it may be left in /dev/shm")
 
