@@ -336,7 +336,10 @@ def _may_draw(gm: fx.GraphModule, node: fx.Node) -> bool:
     """An aten op tagged ``nondeterministic_seeded`` that its arguments do not switch off
     (dropout with ``train`` false or a probability of 0, attention with ``dropout_p`` 0); an op
     of another namespace; a module that runs whole in eager PyTorch (an opaque module: whatever
-    its ``forward`` draws, from the global generators, is drawn on every rank)."""
+    its ``forward`` draws, from the global generators, is drawn on every rank). A probability of
+    0 may still move the generator (``native_dropout`` draws a mask of ones), but no value
+    depends on it, and the planner keeps such an op whole, so every rank moves it as the model
+    does (``rules.pointwise._training``)."""
     if node.op == "call_module":
         return isinstance(gm.get_submodule(str(node.target)), OpaqueCall)
     if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):

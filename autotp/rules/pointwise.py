@@ -115,7 +115,11 @@ def elementwise_rule(node: fx.Node, inputs: Inputs) -> Result:
 
 
 def _training(node: fx.Node) -> bool:
-    """Whether a random op draws: dropout only with ``train`` true; an op without it always."""
+    """Whether a random op draws: dropout only with ``train`` true; an op without it always.
+    A probability of 0 still counts: ``native_dropout(x, 0.0, True)`` draws a mask of ones,
+    and a rank drawing for its piece would move its generator by less than the model does
+    (:func:`autotp.call_checks._may_draw` asks another question, whether the values depend on
+    the draw, and lets p = 0 pass)."""
     train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train")
     return train is not False
 
