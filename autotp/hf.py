@@ -5,6 +5,8 @@ imports it unless the model is one of its models."""
 from __future__ import annotations
 
 import contextlib
+import os
+from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
@@ -12,7 +14,8 @@ import torch.nn as nn
 
 from autotp.errors import InputError
 
-__all__ = ["is_hf_model", "example_inputs", "capture_settings", "text_config", "check_packing_as_model"]
+__all__ = ["is_hf_model", "example_inputs", "capture_settings", "text_config", "check_packing_as_model",
+           "adopt_generation_config"]
 
 EXAMPLE_BATCH, EXAMPLE_SEQ = 2, 8  # not 0 or 1: export would specialise those sizes
 
@@ -152,3 +155,31 @@ def model_from_config(config: Any, *, dtype: Optional[torch.dtype] = None) -> nn
     with default_dtype(dtype or config_dtype(config)):
         build = getattr(cls, "from_config", None) or cls._from_config
         return build(config).eval()
+
+
+def adopt_generation_config(model: nn.Module, directory: str | os.PathLike, *, built_from_it: bool) -> None:
+    """Give ``model`` the ``generation_config.json`` of the checkpoint in ``directory``, as
+    ``from_pretrained`` does: a checkpoint keeps its stop tokens (Llama-3's two), sampling
+    defaults and logits processors there, and a model built from ``config.json`` alone
+    generated other tokens than the checkpoint's (a repetition penalty and banned words
+    ignored; found by an adversarial review). ``built_from_it``: autotp built the model from
+    the directory's config (``autotp.load``, the command line); else (``parallelize(...,
+    checkpoint=DIR)``) a generation config the user set is kept, and only the one the model
+    derived from its config is replaced, as ``from_pretrained`` would have.
+
+    Raises:
+        InputError: the file is there and transformers cannot read it.
+    """
+    path = Path(directory) / "generation_config.json"
+    current = getattr(model, "generation_config", None)
+    if not path.is_file() or not is_hf_model(model) or not callable(getattr(model, "can_generate", None)) \
+            or not model.can_generate():
+        return
+    if not built_from_it and not getattr(current, "_from_model_config", False):
+        return
+    from transformers import GenerationConfig
+
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(str(directory))
+    except (OSError, ValueError, TypeError) as exc:
+        raise InputError(f"{path}: transformers cannot read it ({str(exc).splitlines()[0][:160]})") from None

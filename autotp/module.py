@@ -277,6 +277,16 @@ class TensorParallelModule(CachedCalls, nn.Module):
             share_rng(self._ctx)
             return self._source.generate(*args, **kwargs)
 
+    @property
+    def generation_config(self) -> Any:
+        """The handed-over model's generation config (what ``generate()`` defaults to): the
+        checkpoint's ``generation_config.json`` for :func:`autotp.load`."""
+        return getattr(self._source, "generation_config", None)
+
+    @generation_config.setter
+    def generation_config(self, value: Any) -> None:
+        self._source.generation_config = value
+
     # ---- introspection ----------------------------------------------------------------------
     def local_bytes(self) -> int:
         """Bytes of the parameters and buffers this rank holds, each tensor counted once. (Not

@@ -216,6 +216,7 @@ def parallelize(
     source: Any = in_memory
     if checkpoint is not None:
         source = FirstOf(checkpoint_source(checkpoint, model, mapped=True), in_memory)
+        hf.adopt_generation_config(model, checkpoint, built_from_it=False)
     tp_model = _build(model, example_inputs, ctx, source, clock, gather_outputs=gather_outputs, cache=cache)
     _hand_over(model, tp_model, list(named_tensors(model)) if moved or checkpoint is not None
                else [s.name for s in tp_model.plan.sharded_params()])

@@ -68,7 +68,10 @@ class ModelSource:
 
     def _build(self) -> tuple[nn.Module, Any]:
         if self.config is not None:
-            return hf.model_from_config(self.config), None
+            model = hf.model_from_config(self.config)
+            if self.directory is not None:
+                hf.adopt_generation_config(model, self.directory, built_from_it=True)
+            return model, None
         made = self.factory()
         module, example = made if isinstance(made, tuple) else (made, None)
         if not isinstance(module, nn.Module):

@@ -97,6 +97,45 @@ def test_parallelize_reads_slices_from_the_checkpoint(saved, name):
         assert_close_to(reference, logits)
 
 
+def generation_worker(rank: int, world: int, directory: str, converted: str) -> dict:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with autotp.init_empty_weights():
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory))
+    from_checkpoint = autotp.parallelize(model.eval(), checkpoint=directory)
+    loaded = autotp.load(converted)
+    mask = torch.ones_like(IDS)
+    mask[1, :3] = 0
+    return {name: tp_model.generate(IDS, attention_mask=mask, pad_token_id=0)  # the rest from the checkpoint
+            for name, tp_model in (("parallelize", from_checkpoint), ("load", loaded))}
+
+
+def test_generate_takes_the_checkpoints_generation_config(tmp_path):
+    """A checkpoint's generation_config.json (its stop tokens, sampling defaults, logits
+    processors) was ignored by autotp.load and the command line, which built the model from
+    config.json alone: other tokens than from_pretrained's, from the first new token on, a
+    banned word generated (found by an adversarial review)."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    model = hf_model("llama_gqa", seed=7)
+    model.generation_config = GenerationConfig(repetition_penalty=3.0, no_repeat_ngram_size=2,
+                                               bad_words_ids=[[10], [11]], max_new_tokens=7)
+    directory = tmp_path / "model"
+    model.save_pretrained(directory)
+    mask = torch.ones_like(IDS)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        reference = AutoModelForCausalLM.from_pretrained(directory).eval().generate(IDS, attention_mask=mask,
+                                                                                    pad_token_id=0)
+        plain = hf_model("llama_gqa", seed=7).generate(IDS, attention_mask=mask, pad_token_id=0, max_new_tokens=7)
+    assert not torch.equal(reference, plain)  # the checkpoint's settings change the tokens
+    converted = autotp.convert(directory, 2, tmp_path / "tp2", progress=False)
+    for result in run_ranks(generation_worker, 2, str(directory), str(converted)):
+        for name, tokens in result.items():
+            assert torch.equal(tokens, reference), (name, tokens[:, IDS.shape[1]:].tolist(),
+                                                    reference[:, IDS.shape[1]:].tolist())
+
+
 def test_torchrun_run_prints_and_saves_last_logits(saved, tmp_path):
     directory, reference = saved["llama_gqa"]
     out = autotp.convert(directory, 2, tmp_path / "out", progress=False)
