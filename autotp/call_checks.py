@@ -52,7 +52,7 @@ import torch.nn as nn
 from torch.utils import _pytree as pytree
 
 from autotp.aliasing import written_groups
-from autotp.code_globals import globals_read
+from autotp.code_globals import generation_state, globals_read
 from autotp.errors import AutotpError
 from autotp.opaque import OpaqueCall
 
@@ -124,7 +124,8 @@ class ModelState:
     tensor kept as a plain attribute (the graph holds a copy of it: a write into it after the
     capture never reaches the graph), how many attributes and hooks it has. Per Hugging Face
     config, its plain values. And torch's global module hooks, and the module globals and class
-    attributes the forward code reads by name (:func:`autotp.code_globals.globals_read`).
+    attributes the forward code reads by name (:func:`autotp.code_globals.globals_read`). Not
+    the attributes ``generate()`` keeps on the model (:func:`autotp.code_globals.generation_state`).
     :meth:`first_change` finds the first that differs now, in ~0.08 ms for an 8-layer Llama: flat
     lists compared in one pass."""
 
@@ -137,16 +138,21 @@ class ModelState:
         self._versions: list[tuple[str, torch.Tensor, int]] = []  # tensors the graph holds copies of
         self._inside: set[int] = set()  # objects whose insides are recorded
         configs: set[int] = set()
+        generation = generation_state(model)  # generate()'s own bookkeeping on the model object
+        self._counted: list[tuple[str, dict, frozenset[str], int]] = []  # dicts whose names but those must hold
         for path, module in model.named_modules():
             where, prefix, d = path or "the model", f"{path}." if path else "", module.__dict__
-            self._record_attributes(prefix, d)
+            self._record_attributes(prefix, d, generation if module is model else frozenset())
             for store in (d["_parameters"], d["_buffers"], d["_modules"]):
                 self._same += [(prefix + k, store, k, t) for k, t in store.items()]
                 self._sizes.append((f"{where}: its {'submodules' if store is d['_modules'] else 'tensors'}", store,
                                     len(store)))
                 self._kinds += [(f"{prefix}{k}: its dtype, device or shape", t, t.dtype, t.device, tuple(t.shape))
                                 for k, t in store.items() if isinstance(t, torch.Tensor)]
-            self._sizes.append((f"{where}: its attributes", d, len(d)))
+            if module is model:
+                self._counted.append((f"{where}: its attributes", d, generation, len(d.keys() - generation)))
+            else:
+                self._sizes.append((f"{where}: its attributes", d, len(d)))
             self._sizes += [(f"{where}: its hooks", d[h], len(d[h])) for h in _HOOKS]
             for h in _HOOKS:  # a hook's closure and what it holds
                 for key in list(d[h]):
@@ -163,9 +169,9 @@ class ModelState:
         for what, names, name in globals_read(model):  # SCALE = 1.0 at the top of the model's file
             self._record_value(f"the {what}", names, name)
 
-    def _record_attributes(self, prefix: str, d: dict) -> None:
+    def _record_attributes(self, prefix: str, d: dict, skipped: frozenset[str] = frozenset()) -> None:
         for k, v in d.items():
-            if k not in _INTERNALS:
+            if k not in _INTERNALS and k not in skipped:
                 self._record_value(prefix + k, d, k)
 
     def _record_value(self, where: str, d: Any, k: Any, depth: int = 0) -> None:
@@ -225,6 +231,9 @@ class ModelState:
                 return where
         for where, mapping, size in self._sizes:
             if len(mapping) != size:
+                return where
+        for where, mapping, skipped, size in self._counted:
+            if len(mapping.keys() - skipped) != size:
                 return where
         for where, tensor, dtype, device, shape in self._kinds:
             if tensor.dtype is not dtype or tensor.device != device or tensor.shape != shape:

@@ -1,5 +1,7 @@
-"""The module globals and class attributes a model's own code reads by name: what a captured
-graph bakes in besides the instances' attributes.
+"""What a model's own code reads and keeps by name, found from its bytecode: the module globals
+and class attributes its forward reads (what a captured graph bakes in besides the instances'
+attributes), and the attributes Hugging Face's ``generate()`` keeps on the model object
+(:func:`generation_state`, which are not the forward's).
 
 ``SCALE = 1.0`` at the top of a model's file, read in ``forward``, is a constant of the captured
 graph. Set to 2.0 after ``parallelize``, the eager model doubles its output and the graph does
@@ -30,7 +32,7 @@ from typing import Any
 
 import torch.nn as nn
 
-__all__ = ["globals_read"]
+__all__ = ["globals_read", "generation_state"]
 
 _LOADS = frozenset({"LOAD_GLOBAL", "LOAD_NAME"})
 _CODE = (types.FunctionType, types.BuiltinFunctionType, types.MethodType, type, types.ModuleType)
@@ -42,6 +44,33 @@ def globals_read(model: nn.Module) -> list[tuple[str, Any, str]]:
     class attribute holding data read as ``self.NAME`` (``namespace``: the defining class's
     ``__dict__``). Code (functions, classes, modules) is left out. In a stable order."""
     found: dict[tuple[int, str], tuple[str, Any, str]] = {}
+    _forward_code(model, found)
+    return sorted(found.values(), key=lambda item: item[0])
+
+
+def generation_state(model: nn.Module) -> frozenset[str]:
+    """The attributes Hugging Face's ``generate()`` keeps on the model object between calls
+    (``self._previous_max_cache_length = ...`` for a static cache): each name its generation
+    code assigns to ``self``, found from the bytecode of the model's classes defined in
+    ``transformers.generation``, less any name the forward code reads. They are generate's
+    bookkeeping, not the forward's inputs: a call that finds one added or changed was refused as
+    a model changed after parallelize (every static-cache generate on a fresh model, and every
+    call after it; found by an adversarial review)."""
+    kept: set[str] = set()
+    for cls in type(model).__mro__:
+        if not cls.__module__.startswith("transformers.generation"):
+            continue
+        for value in vars(cls).values():
+            value = getattr(value, "__func__", value)
+            if isinstance(value, types.FunctionType):
+                kept.update(_assigned_to_self(value.__code__))
+    read = {name for code, _ in _forward_code(model, {}) for name in _attribute_names(code)}
+    return frozenset(kept - read)
+
+
+def _forward_code(model: nn.Module, found: dict) -> set[tuple[types.CodeType, type]]:
+    """Walk what each module's forward and each forward hook run by name (see the module
+    docstring), recording data globals and class attributes in ``found``; the code visited."""
     done: set[tuple[types.CodeType, type]] = set()
     for cls in {type(m) for m in model.modules()}:
         forward = inspect.getattr_static(cls, "forward", None)
@@ -53,7 +82,7 @@ def globals_read(model: nn.Module) -> list[tuple[str, Any, str]]:
                 hook = getattr(hook, "__func__", hook)  # a bound method
                 if isinstance(hook, types.FunctionType):
                     _read_by(hook, type(module), found, done)
-    return sorted(found.values(), key=lambda item: item[0])
+    return done
 
 
 def _torchs(code: Any) -> bool:
@@ -98,6 +127,22 @@ def _read_by(function: types.FunctionType, cls: type, found: dict, done: set) ->
 
 
 _UNBOUND = object()
+
+
+@functools.lru_cache(maxsize=4096)
+def _assigned_to_self(code: types.CodeType) -> tuple[str, ...]:
+    """The names ``code`` (and the code it defines) assigns as ``self.NAME = ...``."""
+    names: list[str] = []
+    before = None
+    for instruction in dis.get_instructions(code):
+        if instruction.opname == "STORE_ATTR" and before is not None and before.opname == "LOAD_FAST" \
+                and before.argval == "self":
+            names.append(str(instruction.argval))
+        before = instruction
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names += _assigned_to_self(const)
+    return tuple(dict.fromkeys(names))
 
 
 @functools.lru_cache(maxsize=4096)

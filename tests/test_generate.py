@@ -269,22 +269,29 @@ def test_encoder_decoder_generate_with_a_sharded_cache(world):
 
 def static_worker(rank: int, world: int, names: list[str]) -> dict:
     """``cache_implementation="static"``: the cache is preallocated to its full length and
-    written in place; inside the graph the buffer is made at this rank's heads."""
+    written in place; inside the graph the buffer is made at this rank's heads. The model is
+    parallelized before any static generation (generate() then keeps its longest cache length
+    on the model object, which read as a change after parallelize and refused every later call),
+    and a second, longer generation follows."""
     ids = torch.randint(3, 128, (2, 6), generator=torch.Generator().manual_seed(14))
     mask = torch.ones_like(ids)
     mask[0, :2] = 0
     options = dict(GREEDY, cache_implementation="static")
     out = {}
     for name in names:
-        model = hf_model(name)
+        twin, model = hf_model(name), hf_model(name)  # the same seeded weights: the reference and the one handed over
         with torch.no_grad():
-            reference = model.generate(ids, attention_mask=mask, return_dict_in_generate=True, **options)
             tp_model = autotp.parallelize(model)
+            reference = twin.generate(ids, attention_mask=mask, return_dict_in_generate=True, **options)
             got = tp_model.generate(ids, attention_mask=mask, return_dict_in_generate=True, **options)
-        out[name] = dict(same=torch.equal(reference.sequences, got.sequences),
+            decode = dict(tp_model.cached_calls["decode"])
+            longer = dict(options, max_new_tokens=NEW + 4, min_new_tokens=NEW + 4)
+            longer_same = torch.equal(twin.generate(ids, attention_mask=mask, **longer),
+                                      tp_model.generate(ids, attention_mask=mask, **longer))
+        out[name] = dict(same=torch.equal(reference.sequences, got.sequences), longer_same=longer_same,
                          kinds={type(layer).__name__ for layer in got.cache.layers},
                          bytes=_cache_bytes(got.cache), ref_bytes=_cache_bytes(reference.cache),
-                         decode=tp_model.cached_calls["decode"])
+                         decode=decode)
     return out
 
 
@@ -295,6 +302,7 @@ def test_static_cache_generates_the_unsharded_tokens(world):
         for name in names:
             res = r[name]
             assert res["same"], f"{name}: greedy tokens with a static cache differ from the unsharded model's"
+            assert res["longer_same"], f"{name}: a second, longer static generation differs"
             assert res["kinds"] == {"StaticLayer"}, res["kinds"]
             shared = 2 if name == "qwen2_kv2" and world == 4 else 1
             assert res["bytes"] * world == res["ref_bytes"] * shared, f"{name}: the static cache is not sharded by heads"
