@@ -140,7 +140,7 @@ class TensorParallelModule(CachedCalls, nn.Module):
     def remember_model_state(self) -> None:
         """Record the handed-over model's state (attributes, config, hooks, which tensors it
         holds, mode) that every later call must find unchanged (:mod:`autotp.call_checks`)."""
-        self.__dict__["_state"] = ModelState(self._source)
+        self.__dict__["_state"] = ModelState(self._source, sharded=[p.name for p in self.plan.sharded_params()])
 
     def train(self, mode: bool = True) -> "TensorParallelModule":
         """Set the handed-over model's mode. A captured graph keeps the mode it was traced in,

@@ -391,7 +391,8 @@ def settings_worker(rank: int, world: int) -> dict:
     with torch.no_grad():
         for name, change, undo in [("mults", lambda: block.mults.__setitem__(1, 3.0), lambda: block.mults.__setitem__(1, 2.0)),
                                    ("act", lambda: setattr(block, "act", torch.sigmoid), lambda: setattr(block, "act", torch.relu)),
-                                   ("shift", lambda: block.shift.fill_(2.0), lambda: None)]:
+                                   ("piece", lambda: block.up.weight[0].fill_(1.0), lambda: None),  # not undone:
+                                   ("shift", lambda: block.shift.fill_(2.0), lambda: None)]:  # found before it
             change()
             errors[name] = _refused(lambda: tp_block(x))
             undo()
@@ -401,8 +402,11 @@ def settings_worker(rank: int, world: int) -> dict:
 def test_attributes_the_forward_reads_changed_after_parallelize_are_refused() -> None:
     """A list changed in place (Qwen2's config.layer_types too), a function replaced, a tensor
     kept as a plain attribute written in place: the graph kept what it was traced with, 0.08-2.8
-    off with no error (found by an adversarial review)."""
+    off with no error; a row of a sharded weight written by index: another row on each rank,
+    8.7 off in a Llama's logits (found by adversarial reviews)."""
     for errors in run_ranks(settings_worker, 2):
         assert "changed after parallelize (mults)" in errors["mults"], errors
         assert "changed after parallelize (act)" in errors["act"], errors
         assert "changed after parallelize (shift: written in place)" in errors["shift"], errors
+        # an edit by index of a weight this rank holds a piece of lands in another row on each rank
+        assert "(up.weight: written in place, where this rank holds a piece of it)" in errors["piece"], errors
