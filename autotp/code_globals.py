@@ -28,7 +28,7 @@ import dis
 import functools
 import inspect
 import types
-from typing import Any
+from typing import Any, Iterator
 
 import torch.nn as nn
 
@@ -129,38 +129,34 @@ def _read_by(function: types.FunctionType, cls: type, found: dict, done: set) ->
 _UNBOUND = object()
 
 
+def _nested(code: types.CodeType) -> Iterator[types.CodeType]:
+    """``code`` and the code it defines (functions, lambdas, comprehensions), depth first."""
+    yield code
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            yield from _nested(const)
+
+
 @functools.lru_cache(maxsize=4096)
 def _assigned_to_self(code: types.CodeType) -> tuple[str, ...]:
     """The names ``code`` (and the code it defines) assigns as ``self.NAME = ...``."""
-    names: list[str] = []
-    before = None
-    for instruction in dis.get_instructions(code):
-        if instruction.opname == "STORE_ATTR" and before is not None and before.opname == "LOAD_FAST" \
-                and before.argval == "self":
-            names.append(str(instruction.argval))
-        before = instruction
-    for const in code.co_consts:
-        if isinstance(const, types.CodeType):
-            names += _assigned_to_self(const)
+    names = []
+    for each in _nested(code):
+        instructions = list(dis.get_instructions(each))
+        names += [str(store.argval) for load, store in zip(instructions, instructions[1:])
+                  if store.opname == "STORE_ATTR" and load.opname == "LOAD_FAST" and load.argval == "self"]
     return tuple(dict.fromkeys(names))
 
 
 @functools.lru_cache(maxsize=4096)
 def _attribute_names(code: types.CodeType) -> tuple[str, ...]:
     """Every name ``code`` and the code it defines use (attributes among them)."""
-    names = list(code.co_names)
-    for const in code.co_consts:
-        if isinstance(const, types.CodeType):
-            names += _attribute_names(const)
-    return tuple(dict.fromkeys(names))
+    return tuple(dict.fromkeys(name for each in _nested(code) for name in each.co_names))
 
 
 @functools.lru_cache(maxsize=4096)
 def _loaded_names(code: types.CodeType) -> tuple[str, ...]:
     """The names ``code`` (and the functions, lambdas and comprehensions it defines) loads as
     globals. Per code object, which does not change (reading bytecode is ~0.1 ms a function)."""
-    names = [str(i.argval) for i in dis.get_instructions(code) if i.opname in _LOADS]
-    for const in code.co_consts:
-        if isinstance(const, types.CodeType):
-            names += _loaded_names(const)
-    return tuple(dict.fromkeys(names))
+    return tuple(dict.fromkeys(str(i.argval) for each in _nested(code) for i in dis.get_instructions(each)
+                               if i.opname in _LOADS))
