@@ -52,8 +52,9 @@ import torch.nn as nn
 from torch.utils import _pytree as pytree
 
 from autotp.aliasing import written_groups
-from autotp.code_globals import generation_state, globals_read
+from autotp.code_globals import forward_reads, generation_state
 from autotp.errors import AutotpError
+from autotp.loading import named_tensors
 from autotp.opaque import OpaqueCall
 
 __all__ = ["ModelState", "OneCaller", "check_no_gradients", "contiguous_arguments", "draws_random_numbers"]
@@ -141,7 +142,8 @@ class ModelState:
         self._versions: list[tuple[str, torch.Tensor, int]] = []  # tensors the graph holds copies of
         self._inside: set[int] = set()  # objects whose insides are recorded
         configs: set[int] = set()
-        generation = generation_state(model)  # generate()'s own bookkeeping on the model object
+        read, names_read = forward_reads(model)
+        generation = generation_state(model, names_read)  # generate()'s own bookkeeping on the model object
         self._counted: list[tuple[str, dict, frozenset[str], int]] = []  # dicts whose names but those must hold
         for path, module in model.named_modules():
             where, prefix, d = path or "the model", f"{path}." if path else "", module.__dict__
@@ -169,10 +171,9 @@ class ModelState:
         hooks = torch.nn.modules.module
         self._sizes += [(f"torch's {name.strip('_')}", getattr(hooks, name), len(getattr(hooks, name)))
                         for name in _GLOBAL_HOOKS]
-        for what, names, name in globals_read(model):  # SCALE = 1.0 at the top of the model's file
+        for what, names, name in read:  # SCALE = 1.0 at the top of the model's file
             self._record_value(f"the {what}", names, name)
-        tensors = dict(model.named_parameters(remove_duplicate=False))
-        tensors.update(model.named_buffers(remove_duplicate=False))
+        tensors = named_tensors(model)
         for name in (n for n in sharded if n in tensors):  # an edit by index lands in other rows on each rank
             self._versions.append((f"{name}: written in place, where this rank holds a piece of it", tensors[name],
                                    tensors[name]._version))

@@ -313,8 +313,9 @@ def _export(model: nn.Module, inputs: dict[str, Any], device: torch.device, bump
     refusal = kept.refusal(type(model).__name__, second_look=bool(watched))
     if refusal is not None:
         raise CaptureError(refusal)
-    if not watched and kept.changed():  # which of them the forward read as the call before left them: a second look
-        _export(model, inputs, device, bump_unit_dims, "off", opaque, tuple(kept.changed()))
+    changed = () if watched else tuple(kept.changed())
+    if changed:  # which of them the forward read as the call before left them: a second look
+        _export(model, inputs, device, bump_unit_dims, "off", opaque, changed)
     return exported, sharing, records
 
 

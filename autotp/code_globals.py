@@ -32,7 +32,7 @@ from typing import Any, Iterator
 
 import torch.nn as nn
 
-__all__ = ["globals_read", "generation_state"]
+__all__ = ["globals_read", "forward_reads", "generation_state"]
 
 _LOADS = frozenset({"LOAD_GLOBAL", "LOAD_NAME"})
 _CODE = (types.FunctionType, types.BuiltinFunctionType, types.MethodType, type, types.ModuleType)
@@ -43,19 +43,26 @@ def globals_read(model: nn.Module) -> list[tuple[str, Any, str]]:
     code reads by name: a module global holding data (``namespace``: the module's globals), or a
     class attribute holding data read as ``self.NAME`` (``namespace``: the defining class's
     ``__dict__``). Code (functions, classes, modules) is left out. In a stable order."""
+    return forward_reads(model)[0]
+
+
+def forward_reads(model: nn.Module) -> tuple[list[tuple[str, Any, str]], frozenset[str]]:
+    """One walk of the model's forward code: :func:`globals_read`'s values, and every name the
+    code uses (attributes among them, for :func:`generation_state`)."""
     found: dict[tuple[int, str], tuple[str, Any, str]] = {}
-    _forward_code(model, found)
-    return sorted(found.values(), key=lambda item: item[0])
+    done = _forward_code(model, found)
+    names = frozenset(name for code, _ in done for name in _attribute_names(code))
+    return sorted(found.values(), key=lambda item: item[0]), names
 
 
-def generation_state(model: nn.Module) -> frozenset[str]:
+def generation_state(model: nn.Module, names_read: frozenset[str]) -> frozenset[str]:
     """The attributes Hugging Face's ``generate()`` keeps on the model object between calls
     (``self._previous_max_cache_length = ...`` for a static cache): each name its generation
     code assigns to ``self``, found from the bytecode of the model's classes defined in
     ``transformers.generation``, less any name the forward code reads. They are generate's
     bookkeeping, not the forward's inputs: a call that finds one added or changed was refused as
     a model changed after parallelize (every static-cache generate on a fresh model, and every
-    call after it; found by an adversarial review)."""
+    call after it; found by an adversarial review). ``names_read``: from :func:`forward_reads`."""
     kept: set[str] = set()
     for cls in type(model).__mro__:
         if not cls.__module__.startswith("transformers.generation"):
@@ -64,8 +71,7 @@ def generation_state(model: nn.Module) -> frozenset[str]:
             value = getattr(value, "__func__", value)
             if isinstance(value, types.FunctionType):
                 kept.update(_assigned_to_self(value.__code__))
-    read = {name for code, _ in _forward_code(model, {}) for name in _attribute_names(code)}
-    return frozenset(kept - read)
+    return frozenset(kept - names_read)
 
 
 def _forward_code(model: nn.Module, found: dict) -> set[tuple[types.CodeType, type]]:

@@ -43,9 +43,10 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.nn as nn
 
+from autotp.layer_state import MISSING, Watch
+
 __all__ = ["KeptState", "kept_state"]
 
-_MISSING = object()
 _SCALARS = (bool, int, float, complex, str, bytes, type(None))
 # what nn.Module itself keeps in its __dict__ or routes elsewhere: not a forward's state
 _MODULE_SLOTS = ("_parameters", "_buffers", "_modules")
@@ -57,8 +58,8 @@ class KeptState:
     """What one export saw the forward keep (see the module docstring)."""
 
     buffers: list[str] = field(default_factory=list)  # "Class.name" of buffers given a new tensor
-    # (id(module.__dict__), name) -> (module, its class in the model, the value before the call's first write)
-    _starts: dict[tuple[int, str], tuple[nn.Module, type, Any]] = field(default_factory=dict)
+    # (id(module.__dict__), name) -> (its class in the model, the value before the call's first write)
+    _starts: dict[tuple[int, str], tuple[type, Any]] = field(default_factory=dict)
     _ends: dict[tuple[int, str], Any] = field(default_factory=dict)  # the value last written (export restores the old)
     _read_first: set[tuple[int, str]] = field(default_factory=set)  # names read before written (second pass)
     # "Class.name" -> (the container, its items before the export, its length then)
@@ -72,12 +73,14 @@ class KeptState:
             return (f"{model}'s forward assigns a new tensor to the buffer(s) {', '.join(self.buffers)}: {kept} (it "
                     "would compute with the loaded value on every call)")
         asked = "pass it in as an input, or keep it out of forward"
-        if self.changed_in_place():
-            return (f"{model}'s forward changes {', '.join(self.changed_in_place())} in place: {kept} (from the "
-                    f"second call on it would compute with what the capture read); {asked}")
-        if second_look and self.carried():
-            return (f"{model}'s forward reads and changes {', '.join(self.carried())}: {kept} (from the second call "
-                    f"on it would compute with the value the capture read); {asked}")
+        in_place = self.changed_in_place()
+        if in_place:
+            return (f"{model}'s forward changes {', '.join(in_place)} in place: {kept} (from the second call on it "
+                    f"would compute with what the capture read); {asked}")
+        carried = self.carried() if second_look else []
+        if carried:
+            return (f"{model}'s forward reads and changes {', '.join(carried)}: {kept} (from the second call on it "
+                    f"would compute with the value the capture read); {asked}")
         return None
 
     def changed_in_place(self) -> list[str]:
@@ -91,14 +94,14 @@ class KeptState:
 
     def changed(self) -> list[tuple[type, str]]:
         """The (class, name) of plain attributes that end the call with another value."""
-        found = {(cls, key[1]) for key, (_, cls, start) in self._starts.items() if not _same(start, self._ends[key])}
+        found = {(cls, key[1]) for key, (cls, start) in self._starts.items() if not _same(start, self._ends[key])}
         return sorted(found, key=lambda c: (c[0].__name__, c[1]))
 
     def carried(self) -> list[str]:
         """``Class.name (before -> after)`` of each changed attribute that the forward read as the
         call before left it (recorded only by an export under :func:`first_reads`)."""
         out = []
-        for key, (_, cls, start) in self._starts.items():
+        for key, (cls, start) in self._starts.items():
             end = self._ends[key]
             if key in self._read_first and not _same(start, end):
                 out.append(f"{cls.__name__}.{key[1]} ({_shown(start)} -> {_shown(end)})")
@@ -108,10 +111,10 @@ class KeptState:
 def _current(module: nn.Module, name: str) -> Any:
     """The value ``module.name`` has in its ``__dict__``, else its class's, read without calling
     a descriptor."""
-    value = module.__dict__.get(name, _MISSING)
-    if value is not _MISSING:
+    value = module.__dict__.get(name, MISSING)
+    if value is not MISSING:
         return value
-    value = inspect.getattr_static(type(module), name, _MISSING)
+    value = inspect.getattr_static(type(module), name, MISSING)
     return value.previous if isinstance(value, _FirstRead) else value
 
 
@@ -147,7 +150,7 @@ def _containers(classes: tuple[type, ...], root: nn.Module) -> dict[str, tuple[A
 
 
 def _shown(value: Any) -> str:
-    if value is _MISSING:
+    if value is MISSING:
         return "unset"
     if isinstance(value, torch.Tensor):
         return "a tensor"
@@ -163,24 +166,25 @@ def kept_state(root: nn.Module, skipped: frozenset[type] = frozenset(),
     (class, name) pairs, also which of those names each instance read before writing it. By
     ``isinstance`` and by the instance's ``__dict__``: export's attribute proxy of a module
     subclasses its class and shares its ``__dict__``."""
-    every = {type(m) for m in root.modules()} - {nn.Module}  # a bare container would match every module
-    classes, known = tuple(every - set(skipped)), every - set(skipped)
+    every = tuple({type(m) for m in root.modules()} - {nn.Module})  # a bare container would match every module
+    known = set(every) - set(skipped)
+    classes = tuple(known)
     kept = KeptState(_containers=_containers(classes, root))
     set_attribute, register = nn.Module.__setattr__, nn.Module.register_buffer
 
     def recording_buffer(self: nn.Module, name: str, tensor: Any, persistent: bool = True) -> None:
         unchanged = tensor is self.__dict__.get("_buffers", {}).get(name)  # x = x.to(its own dtype): itself
         label = f"{type(self).__name__}.{name}"
-        if isinstance(self, tuple(every)) and not unchanged and label not in kept.buffers:
+        if isinstance(self, every) and not unchanged and label not in kept.buffers:
             kept.buffers.append(label)
         register(self, name, tensor, persistent)
 
     def recording_attribute(self: nn.Module, name: str, value: Any) -> None:
         key = (id(self.__dict__), name)
-        if isinstance(self, classes) and (key in kept._starts or _plain(self, name, value)):
+        if isinstance(self, classes) and (key in kept._starts or _plain_attribute(self, name, value)):
             if key not in kept._starts:
                 cls = next(c for c in type(self).__mro__ if c in known)  # the model's class, not export's proxy of it
-                kept._starts[key] = (self, cls, _current(self, name))
+                kept._starts[key] = (cls, _current(self, name))
             kept._ends[key] = value
         set_attribute(self, name, value)
 
@@ -194,7 +198,7 @@ def kept_state(root: nn.Module, skipped: frozenset[type] = frozenset(),
         nn.Module.__setattr__ = set_attribute  # type: ignore[method-assign]
 
 
-def _plain(module: nn.Module, name: str, value: Any) -> bool:
+def _plain_attribute(module: nn.Module, name: str, value: Any) -> bool:
     """Whether ``module.name = value`` sets a plain attribute: not a parameter, buffer or
     submodule (nn.Module routes those), nor a class descriptor's (a property keeps its own)."""
     if isinstance(value, (nn.Module, nn.Parameter)) or name == "training":
@@ -205,37 +209,30 @@ def _plain(module: nn.Module, name: str, value: Any) -> bool:
     return not (hasattr(static, "__set__") and not isinstance(static, _FirstRead))
 
 
-class _FirstRead:
-    """A data descriptor put on a class for one name: reads and writes reach the instance's
-    ``__dict__`` (else the class's own value) as before, and a read by an instance that has not
-    written the name yet is recorded in ``kept``."""
+class _FirstRead(Watch):
+    """:class:`autotp.layer_state.Watch` (reads and writes reach the instance's ``__dict__``,
+    else the class's own value, as before) telling reads from writes: a read by an instance that
+    has not written the name yet is recorded in ``kept``."""
 
     def __init__(self, name: str, previous: Any, kept: KeptState) -> None:
-        self.name, self.previous, self.kept = name, previous, kept
-        self.written: set[int] = set()
+        super().__init__(name, previous, recorder=self)
+        self.kept, self.written = kept, set()
+
+    def touched(self, obj: Any, name: str) -> None:
+        """Watch's record of any access: reads and writes are told apart below instead."""
 
     def __get__(self, obj: Any, owner: Any = None) -> Any:
-        if obj is None:
-            return self._previous(None, owner)
-        if id(obj.__dict__) not in self.written:
+        if obj is not None and id(obj.__dict__) not in self.written:
             self.kept._read_first.add((id(obj.__dict__), self.name))
-        if self.name in obj.__dict__:
-            return obj.__dict__[self.name]
-        return self._previous(obj, type(obj))
-
-    def _previous(self, obj: Any, owner: Any) -> Any:
-        if self.previous is _MISSING:
-            raise AttributeError(self.name)
-        getter = getattr(type(self.previous), "__get__", None)
-        return getter(self.previous, obj, owner) if getter else self.previous
+        return super().__get__(obj, owner)
 
     def __set__(self, obj: Any, value: Any) -> None:
         self.written.add(id(obj.__dict__))
-        obj.__dict__[self.name] = value
+        super().__set__(obj, value)
 
     def __delete__(self, obj: Any) -> None:
         self.written.add(id(obj.__dict__))
-        del obj.__dict__[self.name]
+        super().__delete__(obj)
 
 
 @contextlib.contextmanager
@@ -244,13 +241,13 @@ def first_reads(watched: tuple[tuple[type, str], ...], kept: KeptState) -> Itera
     installed = []
     try:
         for cls, name in watched:
-            previous = cls.__dict__.get(name, _MISSING)
+            previous = cls.__dict__.get(name, MISSING)
             setattr(cls, name, _FirstRead(name, previous, kept))
             installed.append((cls, name, previous))
         yield
     finally:
         for cls, name, previous in reversed(installed):
-            if previous is _MISSING:
+            if previous is MISSING:
                 delattr(cls, name)
             else:
                 setattr(cls, name, previous)
