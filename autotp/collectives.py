@@ -32,6 +32,7 @@ import torch.nn as nn
 from autotp.errors import AutotpError
 from autotp.health import PeerFailure, Watchdog, describe_failure
 from autotp.fast_allreduce import FastAllReduce, deepspeed_all_reduce
+from autotp.shm_gather import SharedGather
 from autotp.shm_kernel import KernelUnavailable
 
 __all__ = ["Communicator", "AllReduce", "AllGather", "ALL_REDUCE", "ALL_GATHER", "GATHERED_LINEAR", "count_collectives",
@@ -59,6 +60,10 @@ class Communicator:
         self.poll = poll  # wait for the process group's all-reduces with wait_polled
         # the fast path cannot time out: a watchdog ends this rank if a peer stops meanwhile
         self.watchdog = Watchdog(group) if fast is not None else None
+        # with the fast path, gathers copy through shared memory (the kernel only sums)
+        self.shared_gather = (SharedGather(group, world_size, self._meet)
+                              if fast is not None and world_size > 1 else None)
+        self._zeros = torch.zeros(8)
 
     def all_reduce_(self, x: torch.Tensor) -> torch.Tensor:
         """Sum ``x`` over the group, in place."""
@@ -75,26 +80,25 @@ class Communicator:
                 _run(lambda: dist.all_reduce(x, group=self.group), self.group)
         return x
 
-    def sums_gathers(self, dtype: torch.dtype) -> bool:
-        """Whether a gather of ``dtype`` values is a sum of zero-filled outputs here (the fast
-        all-reduce), so a piece can be computed straight into its place in the output
-        (:mod:`autotp.gathered_linear`)."""
-        return self.world_size > 1 and self.fast is not None and dtype in _FAST_DTYPES
+    def _meet(self) -> None:
+        """Return once every rank has called this: a sum of zeros over the fast kernel."""
+        self.all_reduce_(self._zeros)
 
     def all_gather(self, x: torch.Tensor, dim: int, replicas: int = 1) -> torch.Tensor:
         """Concatenate every rank's ``x`` along ``dim`` (one piece per chunk when ``replicas``
-        ranks share each). With the fast all-reduce, each rank writes its piece into zeros at
-        its offset and the buffers are summed: adding zeros is exact."""
+        ranks share each). With the fast all-reduce, through shared memory
+        (:mod:`autotp.shm_gather`)."""
         if self.world_size == 1:
             return x
         x = x.contiguous()
         rank = dist.get_rank(self.group)
         dim = dim % x.dim()
-        if self.fast is not None and x.dtype in _FAST_DTYPES:
-            whole = x.new_zeros(self._gathered_shape(x, dim, replicas))  # the output, written once
-            if rank % replicas == 0:
-                whole.narrow(dim, (rank // replicas) * x.shape[dim], x.shape[dim]).copy_(x)
-            return self.all_reduce_(whole)
+        if x.numel() == 0:
+            return x.new_empty(self._gathered_shape(x, dim, replicas))
+        if self.shared_gather is not None:
+            piece = self.shared_gather.slot(list(x.shape), x.dtype)
+            piece.copy_(x)
+            return self.shared_gather.gather(piece, dim, replicas)
         if dist.get_backend(self.group) == "gloo":
             return self._exchange(x, dim, replicas, rank)
         pieces = [torch.empty_like(x) for _ in range(self.world_size)]

@@ -1,19 +1,16 @@
-"""A column-parallel linear whose output is gathered (the LM head's logits), computed straight
-into its place in the gathered output.
+"""A column-parallel linear whose output is gathered (the LM head's logits), each rank's piece
+computed straight into the memory the gather reads it from.
 
 Unfused, each rank's GEMM writes its piece of the logits into a buffer of its own (31 MiB for
-4 x 128 tokens of a 32000 vocabulary at tp 2), which the gather then copies into the gathered
-output: fresh memory every call, whose pages the kernel maps one fault at a time, and one more
-pass over the piece. BLAS writes a matrix with any row stride, so where the gather is a sum of
-zero-filled outputs (DeepSpeed's shared-memory kernel, which only sums), the piece is computed
-where it lands instead (``torch.mm(..., out=...)`` on its columns of the output), the other columns are
-zeroed and the output summed in place. Llama-191M, prefill 4 x 128, tp 2, MKL, shared memory,
-10 alternating calls per rank: 1029 ms (962-1141) against 1048 (995-1171) unfused.
+4 x 128 tokens of a 32000 vocabulary at tp 2), which the gather then copies again: fresh memory
+every call, whose pages the kernel maps one fault at a time, and one more pass over the piece.
+Where gathers go through shared memory (:mod:`autotp.shm_gather`, with DeepSpeed's kernel), the
+GEMM writes the piece into this rank's segment instead (``torch.mm(..., out=...)``), from which
+every rank copies it into its output.
 
-Over gloo it is not done: a piece computed in place is strided there, and gloo sends only
-contiguous memory, so it went out slab by slab through staging buffers, each rank in step with
-the other's receives; that cost what the fresh buffer had (1055 against 1062 ms, within the
-spread).
+Over gloo it is not done: gloo sends from a rank's own memory, and the fresh buffer cost what
+the alternatives did (computing into the gathered output's columns made the piece strided,
+which went out slab by slab through staging buffers: 1055 against 1062 ms, within the spread).
 
 The product is the same GEMM on the same operands (``mm`` / ``addmm``, which ``F.linear`` runs on
 CPU): bit for bit the unfused piece. The pass runs with the stock kernels only (oneDNN's op
@@ -23,15 +20,16 @@ mixed dtypes) it runs as the linear and the gather it replaced.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
 from autotp.collectives import ALL_GATHER, GATHERED_LINEAR, Communicator
+from autotp.shm_gather import SharedGather
 
 __all__ = ["GATHERED_LINEAR", "GatheredLinear", "fuse_gathered_linears"]
 
@@ -45,8 +43,9 @@ class GatheredLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], dim: int,
                 replicas: int = 1, size: Optional[int] = None) -> torch.Tensor:
-        if _fusable(x, weight, bias, dim, replicas) and self.comm.sums_gathers(x.dtype):
-            whole = _gathered_in_place(self.comm, x, weight, bias)
+        shared = self.comm.shared_gather
+        if shared is not None and _fusable(x, weight, bias, dim, replicas):
+            whole = _computed_in_shared_memory(shared, x, weight, bias)
         else:
             whole = self.comm.all_gather(F.linear(x, weight, bias), dim, replicas)
         return whole if size is None else whole.narrow(dim, 0, size)
@@ -66,31 +65,27 @@ def _fusable(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
 
 
-def _gathered_in_place(comm: Communicator, x: torch.Tensor, weight: torch.Tensor,
-                       bias: Optional[torch.Tensor]) -> torch.Tensor:
-    width, rank = weight.shape[0], dist.get_rank(comm.group)
-    whole = x.new_empty(list(x.shape[:-1]) + [width * comm.world_size])
-    if whole.numel() == 0:
-        return whole
-    own = whole.narrow(-1, rank * width, width)
-    rows, flat = own.view(-1, width), x.reshape(-1, x.shape[-1])
+def _computed_in_shared_memory(shared: SharedGather, x: torch.Tensor, weight: torch.Tensor,
+                               bias: Optional[torch.Tensor]) -> torch.Tensor:
+    width, shape = weight.shape[0], list(x.shape[:-1])
+    if math.prod(shape) * width == 0:  # an empty output: nothing to gather
+        return x.new_empty(shape + [width * shared.world_size])
+    piece = shared.slot(shape + [width], x.dtype)
+    rows, flat = piece.view(-1, width), x.reshape(-1, x.shape[-1])
     if bias is None:
         torch.mm(flat, weight.t(), out=rows)
     else:
         torch.addmm(bias, flat, weight.t(), out=rows)
-    for peer in range(comm.world_size):  # summed: adding zeros is exact
-        if peer != rank:
-            whole.narrow(-1, peer * width, width).zero_()
-    return comm.all_reduce_(whole)
+    return shared.gather(piece, x.dim() - 1)
 
 
 def fuse_gathered_linears(gm: fx.GraphModule) -> int:
-    """Where gathers are sums (the fast all-reduce), replace each gather of a linear's output,
+    """Where gathers go through shared memory (the fast all-reduce's path), replace each gather of a linear's output,
     where the gather is the linear's only use, by one :class:`GatheredLinear` call (which checks
     the rest at each call); returns how many. Leaves generating
     the code to the caller (as the kernel passes do)."""
     gather = getattr(gm, ALL_GATHER, None)
-    if gather is None or gather.comm.fast is None:  # gathered by sends and receives: nothing to gain
+    if gather is None or gather.comm.shared_gather is None:  # gathered by sends and receives: nothing to gain
         return 0
     count = 0
     for node in list(gm.graph.nodes):

@@ -123,22 +123,31 @@ def _piece(chunk: int, shape: tuple[int, ...], dtype: torch.dtype, layout: str) 
     return (torch.randn(shape, generator=gen) * 10).to(dtype)
 
 
-def _gathers(rank: int, world: int, replicas: int, slab_bytes: int) -> list[torch.Tensor]:
+def _gathers(rank: int, world: int, replicas: int, slab_bytes: int, fast: bool) -> list[torch.Tensor]:
     import autotp.collectives as collectives  # this spawned rank's own copy: patched for it alone
 
     collectives.SLAB_BYTES = slab_bytes
-    comm = Communicator(None, world)  # the gloo process group's path, as without DeepSpeed
+    path = collectives.select_all_reduce(None, world, torch.device("cpu")) if fast else (None, "gloo")
+    comm = Communicator(None, world, *path)  # without DeepSpeed: the gloo process group's path
+    assert (comm.shared_gather is not None) == fast
     return [comm.all_gather(_piece(rank // replicas, shape, dtype, layout), dim, replicas)
-            for shape, dim, dtype, layout in _GATHERS]
+            for shape, dim, dtype, layout in _GATHERS + _GATHERS[::-1]]
 
 
-@pytest.mark.parametrize("world, replicas, slab_bytes", [(2, 1, 64), (2, 1, 100), (3, 1, 1 << 20), (4, 2, 100)])
-def test_gather_over_gloo_concatenates_every_chunk(world: int, replicas: int, slab_bytes: int) -> None:
-    """Slabs of 64 and 100 bytes split each strided piece into many, the last one short (100
-    bytes hold 3 rows of 7 fp32 values; 25 rows leave 1); 1 MiB sends the largest case, whose
-    rows are 4000 bytes, in 3 slabs. Ranks sharing a chunk (``replicas``) hold the same piece."""
-    by_rank = run_ranks(_gathers, world, replicas, slab_bytes)
-    for case, (shape, dim, dtype, layout) in enumerate(_GATHERS):
+@pytest.mark.parametrize("world, replicas, slab_bytes, fast",
+                         [(2, 1, 64, False), (2, 1, 100, False), (3, 1, 1 << 20, False), (4, 2, 100, False),
+                          (2, 1, 0, True), (3, 1, 0, True), (4, 2, 0, True)],
+                         ids=["gloo-64", "gloo-100", "gloo-3", "gloo-replicas", "shm", "shm-3", "shm-replicas"])
+def test_gather_concatenates_every_chunk(world: int, replicas: int, slab_bytes: int, fast: bool) -> None:
+    """Over gloo, slabs of 64 and 100 bytes split each strided piece into many, the last one
+    short (100 bytes hold 3 rows of 7 fp32 values; 25 rows leave 1); 1 MiB sends the largest
+    case, whose rows are 4000 bytes, in 3 slabs. Over shared memory (``autotp.shm_gather``) the
+    largest case grows the segments past their first 1 MiB, and the cases run again in reverse
+    order through the same segments. Ranks sharing a chunk (``replicas``) hold the same piece."""
+    if fast:
+        pytest.importorskip("deepspeed", reason="DeepSpeed (autotp[fast]) is not installed")
+    by_rank = run_ranks(_gathers, world, replicas, slab_bytes, fast)
+    for case, (shape, dim, dtype, layout) in enumerate(_GATHERS + _GATHERS[::-1]):
         want = torch.cat([_piece(chunk, shape, dtype, layout) for chunk in range(world // replicas)], dim)
         for rank, gathered in enumerate(by_rank):
             assert gathered[case].dtype == dtype and gathered[case].is_contiguous()
@@ -167,7 +176,7 @@ def _gathered_linears(rank: int, world: int, slab_bytes: int, fast: bool) -> lis
     collectives.SLAB_BYTES = slab_bytes
     path = collectives.select_all_reduce(None, world, torch.device("cpu")) if fast else (None, "gloo")
     comm = Communicator(None, world, *path)
-    assert comm.sums_gathers(torch.float32) == fast  # else the linear, then the gather
+    assert (comm.shared_gather is not None) == fast  # else the linear, then the gather
     out = []
     for shape, width, bias, dtype in _LINEARS:
         x, weights, biases = _operands(shape, width, bias, dtype, world)
@@ -181,8 +190,8 @@ def _gathered_linears(rank: int, world: int, slab_bytes: int, fast: bool) -> lis
 @pytest.mark.parametrize("world, slab_bytes, fast", [(2, 100, False), (2, 1 << 20, True), (3, 1 << 20, True)],
                          ids=["gloo", "shm", "shm-3"])
 def test_a_linear_computed_into_its_gathered_output_is_the_gather_of_the_linear(world, slab_bytes, fast) -> None:
-    """Over DeepSpeed's shared memory the GEMM writes each rank's piece straight into its
-    columns of the gathered output (``autotp.gathered_linear``): bit for bit the gather of the
+    """With DeepSpeed's shared memory the GEMM writes each rank's piece straight into the
+    segment the gather reads it from (``autotp.gathered_linear``): bit for bit the gather of the
     linear, on every rank, at 2 and 3 ranks. Over gloo it runs the linear, then the gather (one
     row per slab of 100 bytes)."""
     if fast:
