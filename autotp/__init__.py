@@ -53,7 +53,7 @@ def plan(model: nn.Module, tp_size: int, example_inputs: Any = None) -> Plan:
 
     Example:
         >>> with torch.device("meta"):                                # doctest: +SKIP
-        ...     model = AutoModelForCausalLM.from_config(config)
+        ...     model = AutoModelForCausalLM.from_config(config).eval()
         >>> print(autotp.plan(model, tp_size=8).to_table())           # doctest: +SKIP
     """
     return plan_model(model, tp_size, example_inputs)

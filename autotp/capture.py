@@ -303,7 +303,7 @@ def _export(model: nn.Module, inputs: dict[str, Any], device: torch.device, bump
                                                                              if k not in passed})
     fake_inputs = {k: _as_fake(v, mode, device, bump_unit_dims) for k, v in passed.items()}
     run_whole = frozenset(type(m) for outer in skeleton.modules() if type(outer) in opaque for m in outer.modules())
-    with failures_read(skeleton), hf.capture_settings(skeleton), no_stack_traces(), no_fake_dispatch_cache(), \
+    with failures_read(skeleton), hf.capture_settings(skeleton, inputs), no_stack_traces(), no_fake_dispatch_cache(), \
             torch.no_grad(), deferred_codegen(), partial_graph_unprinted(), \
             kept_state(skeleton, run_whole, watched) as kept, \
             share_repeated_layers(skeleton, share) as sharing, opaque_calls(skeleton, model, opaque) as records:

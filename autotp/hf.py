@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 import torch
 import torch.nn as nn
@@ -71,11 +71,14 @@ def check_packing_as_model(model: nn.Module, inputs: dict[str, Any]) -> None:
 
 
 @contextlib.contextmanager
-def capture_settings(model: nn.Module) -> Iterator[None]:
+def capture_settings(model: nn.Module, inputs: Mapping[str, Any]) -> Iterator[None]:
     """Capture without a KV cache: the cache object is not a tensor export can take or return.
+    And, for a call with ``inputs`` that records hidden states or attentions, with
+    transformers' output-recording hooks installed (:func:`_install_output_hooks`).
 
     Submodules may hold their own config copy (an encoder-decoder's decoder stack does), so
     every config in the module tree is switched off and restored afterwards."""
+    _install_output_hooks(model, inputs)
     configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None and hasattr(c, "use_cache")}
     saved = {key: c.use_cache for key, c in configs.items()}
     for c in configs.values():
@@ -85,6 +88,38 @@ def capture_settings(model: nn.Module) -> Iterator[None]:
     finally:
         for key, c in configs.items():
             c.use_cache = saved[key]
+
+
+def _install_output_hooks(model: nn.Module, inputs: Mapping[str, Any]) -> None:
+    """Install transformers' output-recording hooks on ``model`` (the capture's own copy) where
+    its forward would install them on this call: a model that records outputs (hidden states,
+    attentions, router logits) does so on the first call that asks for one, and marks itself
+    (``_output_capturing_hooks_installed``).
+
+    That mark is state the forward reads and changes, which capture refuses
+    (:mod:`autotp.kept_state`): ``output_hidden_states=True`` was refused on a model never
+    called with it. Every call after the first runs with the hooks installed, and they record
+    nothing unless a call asks, so the capture sees the model as those calls do. Only where
+    the call asks: hooks inside a decoder layer keep its trace from being copied to the others
+    (:mod:`autotp.repeats`), which made Llama's capture 1.8 s instead of 1.1. A request this
+    misses is still refused; transformers without the hooks: nothing to do."""
+    try:
+        from transformers.modeling_utils import PreTrainedModel
+        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY, maybe_install_capturing_hooks
+    except ImportError:
+        return
+    for module in model.modules():  # the outermost first: a model installs its submodels' hooks too
+        recorded = _CAN_RECORD_REGISTRY.get(module) if isinstance(module, PreTrainedModel) else None
+        if recorded and any(_asked(module, inputs, key) for key in recorded):
+            maybe_install_capturing_hooks(module)
+
+
+def _asked(model: nn.Module, inputs: Mapping[str, Any], key: str) -> bool:
+    """Whether a call with ``inputs`` asks ``model`` to record its ``key`` outputs, as its
+    ``output_<key>`` argument or config field says (cross-attentions follow ``output_attentions``)."""
+    flags = {f"output_{key}"} | ({"output_attentions"} if "attentions" in key else set())
+    config = getattr(model, "config", None)
+    return any(bool(inputs.get(flag, getattr(config, flag, False))) for flag in flags)
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import os
 import time
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -19,6 +20,7 @@ import torch.nn as nn
 
 from autotp import cache as graph_cache
 from autotp import hf
+from autotp.call_checks import draws_random_numbers
 from autotp.capture import capture, forward_signature, is_routed, model_device, normalise_example_inputs, structure_key
 from autotp.errors import AutotpError, InputError
 from autotp.group import TPContext, agree, check_same_plan, init_tp
@@ -203,7 +205,7 @@ def parallelize(
 
     Example:
         >>> # torchrun --nproc-per-node 2 script.py
-        >>> model = AutoModelForCausalLM.from_config(config)          # doctest: +SKIP
+        >>> model = AutoModelForCausalLM.from_config(config).eval()   # doctest: +SKIP
         >>> tp_model = autotp.parallelize(model)                      # doctest: +SKIP
         >>> logits = tp_model(input_ids).logits                       # doctest: +SKIP
     """
@@ -218,9 +220,20 @@ def parallelize(
         source = FirstOf(checkpoint_source(checkpoint, model, mapped=True), in_memory)
         hf.adopt_generation_config(model, checkpoint, built_from_it=False)
     tp_model = _build(model, example_inputs, ctx, source, clock, gather_outputs=gather_outputs, cache=cache)
+    _warn_training_draws(model, tp_model.graph_module)
     _hand_over(model, tp_model, list(named_tensors(model)) if moved or checkpoint is not None
                else [s.name for s in tp_model.plan.sharded_params()])
     return tp_model
+
+
+def _warn_training_draws(model: nn.Module, gm: Any) -> None:
+    """Warn where a model in training mode draws random numbers in its graph (dropout): exact
+    (each call draws what the unsharded model would, :func:`autotp.group.share_rng`), but
+    rarely meant for inference, and ``from_config`` builds models in training mode."""
+    if model.training and draws_random_numbers(gm):
+        warnings.warn(f"autotp: {type(model).__name__} is in training mode and its graph draws random numbers "
+                      "(dropout): every call draws anew; call model.eval() before parallelize() for inference "
+                      "(from_config builds models in training mode)", stacklevel=3)
 
 
 def load(directory: str | os.PathLike, *, device: Optional[torch.device | str] = None, checksum: bool = True,

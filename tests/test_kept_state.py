@@ -216,3 +216,30 @@ def test_a_parameter_reached_through_data_is_refused_at_capture(module) -> None:
     with pytest.raises(CaptureError, match=r"uses a tensor made from its parameters or buffers outside what "
                                            r"torch.export traces \(lifted_tensor_0 in the graph; `.data`"):
         capture(module().eval(), (torch.randn(2, 6, D),))
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_hidden_states_and_attentions_of_a_model_never_asked_for_them(name: str) -> None:
+    """transformers installs its output-recording hooks on the first call that asks for hidden
+    states or attentions and marks the model: read and changed by the forward, which capture
+    refused (on a model never called with them). Capture installs them on its copy, as every
+    later call has them: each hidden state and attention map is the unsharded model's at tp 2,
+    in two captures from the same model (the first leaves nothing on it)."""
+    from autotp.simulate import simulate
+    from models import hf_model, token_ids
+
+    model = hf_model(name)
+    model.set_attn_implementation("eager")  # sdpa returns no attention maps
+    eager = copy.deepcopy(model)
+    call = dict(input_ids=token_ids(2, 8), output_hidden_states=True, output_attentions=True)
+    with torch.no_grad():
+        reference = eager(**call)
+        for _ in range(2):
+            sim = simulate(model, call, 2)
+            assert sim.plan.sharded_params()
+            for out in sim.outputs:
+                assert len(out.hidden_states) == len(reference.hidden_states) == 3
+                assert len(out.attentions) == len(reference.attentions) == 2
+                for ours, theirs in zip(out.hidden_states + out.attentions, reference.hidden_states + reference.attentions):
+                    assert_close_to(theirs, ours)
+                assert_close_to(reference.logits, out.logits)
