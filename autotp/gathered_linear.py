@@ -80,10 +80,10 @@ def _computed_in_shared_memory(shared: SharedGather, x: torch.Tensor, weight: to
 
 
 def fuse_gathered_linears(gm: fx.GraphModule) -> int:
-    """Where gathers go through shared memory (the fast all-reduce's path), replace each gather of a linear's output,
-    where the gather is the linear's only use, by one :class:`GatheredLinear` call (which checks
-    the rest at each call); returns how many. Leaves generating
-    the code to the caller (as the kernel passes do)."""
+    """Where gathers go through shared memory (the fast all-reduce's path), replace each gather
+    of a linear's output, where the gather is the linear's only use, by one
+    :class:`GatheredLinear` call (which checks the rest at each call); returns how many. Leaves
+    generating the code to the caller (as the kernel passes do)."""
     gather = getattr(gm, ALL_GATHER, None)
     if gather is None or gather.comm.shared_gather is None:  # gathered by sends and receives: nothing to gain
         return 0
