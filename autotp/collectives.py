@@ -95,10 +95,10 @@ class Communicator:
         dim = dim % x.dim()
         if x.numel() == 0:
             return x.new_empty(self._gathered_shape(x, dim, replicas))
-        if self.shared_gather is not None:
-            piece = self.shared_gather.slot(list(x.shape), x.dtype)
+        piece = self.shared_gather.slot(list(x.shape), x.dtype) if self.shared_gather is not None else None
+        if piece is not None:
             piece.copy_(x)
-            return self.shared_gather.gather(piece, dim, replicas)
+            return self.shared_gather.gather(piece, dim, replicas)  # type: ignore[union-attr]
         if dist.get_backend(self.group) == "gloo":
             return self._exchange(x, dim, replicas, rank)
         pieces = [torch.empty_like(x) for _ in range(self.world_size)]

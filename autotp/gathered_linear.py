@@ -44,9 +44,9 @@ class GatheredLinear(nn.Module):
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], dim: int,
                 replicas: int = 1, size: Optional[int] = None) -> torch.Tensor:
         shared = self.comm.shared_gather
-        if shared is not None and _fusable(x, weight, bias, dim, replicas):
-            whole = _computed_in_shared_memory(shared, x, weight, bias)
-        else:
+        whole = (_computed_in_shared_memory(shared, x, weight, bias)
+                 if shared is not None and _fusable(x, weight, bias, dim, replicas) else None)
+        if whole is None:  # not fusable, or shared memory cannot hold it
             whole = self.comm.all_gather(F.linear(x, weight, bias), dim, replicas)
         return whole if size is None else whole.narrow(dim, 0, size)
 
@@ -66,11 +66,13 @@ def _fusable(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
 
 
 def _computed_in_shared_memory(shared: SharedGather, x: torch.Tensor, weight: torch.Tensor,
-                               bias: Optional[torch.Tensor]) -> torch.Tensor:
+                               bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     width, shape = weight.shape[0], list(x.shape[:-1])
     if math.prod(shape) * width == 0:  # an empty output: nothing to gather
         return x.new_empty(shape + [width * shared.world_size])
     piece = shared.slot(shape + [width], x.dtype)
+    if piece is None:
+        return None
     rows, flat = piece.view(-1, width), x.reshape(-1, x.shape[-1])
     if bias is None:
         torch.mm(flat, weight.t(), out=rows)

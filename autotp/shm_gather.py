@@ -15,7 +15,11 @@ written again. Copies are exact, and unlike a sum with zeros they keep ``-0.0``.
 Segments are created on the first gather and grown (to a power of two, every rank together: a
 gather is collective, so each rank asks for the same size at the same call) when a larger one
 comes; they are files in ``/dev/shm`` unlinked once every rank has mapped them, so the memory
-goes when the last rank holding it exits, killed or not.
+goes when the last rank holding it exits, killed or not. Their memory is reserved when they are
+made (``posix_fallocate``): where ``/dev/shm`` is too small on any rank (a container's default
+is 64 MiB, and a long prompt's logits take more), every rank gathers that size over the process
+group instead, with a warning, where writing into an unreserved segment would end the process
+with a bus error.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import mmap
 import os
 import secrets
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -45,13 +50,15 @@ class SharedGather:
         self.rank = dist.get_rank(group)
         self._segments: list[mmap.mmap] = []
         self._nbytes = 0
+        self._too_large = float("inf")  # the smallest size some rank could not reserve
 
-    def slot(self, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
-        """This rank's segment as a contiguous tensor of ``shape``: where its piece goes. Every
-        rank must call it with the same shape (it grows the segments together)."""
+    def slot(self, shape: list[int], dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """This rank's segment as a contiguous tensor of ``shape``: where its piece goes; or
+        ``None`` on every rank where some rank cannot reserve that much shared memory (gather
+        another way). Every rank must call it with the same shape (it grows the segments together)."""
         nbytes = max(1, torch.Size(shape).numel()) * dtype.itemsize
-        if nbytes > self._nbytes:
-            self._grow(nbytes)
+        if nbytes > self._nbytes and not self._grow(nbytes):
+            return None
         return self._view(self.rank, shape, dtype)
 
     def gather(self, piece: torch.Tensor, dim: int, replicas: int = 1) -> torch.Tensor:
@@ -70,18 +77,32 @@ class SharedGather:
         count = torch.Size(shape).numel()
         return torch.frombuffer(self._segments[rank], dtype=dtype, count=count).view(shape)
 
-    def _grow(self, nbytes: int) -> None:
-        """New segments of at least ``nbytes`` on every rank (collective, over the process group)."""
+    def _grow(self, nbytes: int) -> bool:
+        """New segments of at least ``nbytes`` on every rank (collective, over the process
+        group); ``False`` on every rank where some rank cannot reserve its segment."""
+        if nbytes >= self._too_large:
+            return False
         size = max(_MIN_BYTES, 1 << (nbytes - 1).bit_length())
         name = f"/dev/shm/autotp_gather_{os.getuid()}_{os.getpid()}_{secrets.token_hex(6)}"
-        fd = os.open(name, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        fd, error = None, ""
         try:
-            os.ftruncate(fd, size)
-            names: list[Optional[str]] = [None] * self.world_size
-            dist.all_gather_object(names, name, group=self.group)
+            fd = os.open(name, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+            os.posix_fallocate(fd, 0, size)  # a full /dev/shm fails here, not at the first write
+        except OSError as exc:
+            error = f"{type(exc).__name__}: {exc.strerror or exc}"
+        answers: list[Optional[tuple[str, str]]] = [None] * self.world_size
+        dist.all_gather_object(answers, (name, error), group=self.group)
+        try:
+            failed = [f"rank {r}: {answer[1]}" for r, answer in enumerate(answers) if answer and answer[1]]
+            if failed:
+                self._too_large = nbytes
+                warnings.warn(f"autotp: /dev/shm cannot hold a {size / 2**20:.0f} MiB gather segment "
+                              f"({'; '.join(failed)}): gathers of {nbytes / 2**20:.1f} MiB or more go over the "
+                              "process group (slower); a larger /dev/shm (docker run --shm-size) avoids it")
+                return False
             segments = []
-            for peer_name in names:
-                peer = fd if peer_name == name else os.open(str(peer_name), os.O_RDWR)
+            for answer in answers:
+                peer = fd if answer[0] == name else os.open(answer[0], os.O_RDWR)  # type: ignore[index]
                 try:
                     segments.append(mmap.mmap(peer, size))
                 finally:
@@ -89,6 +110,8 @@ class SharedGather:
                         os.close(peer)
             dist.barrier(group=self.group)  # every rank has mapped every segment
         finally:
-            os.close(fd)
-            os.unlink(name)
+            if fd is not None:
+                os.close(fd)
+                os.unlink(name)
         self._segments, self._nbytes = segments, size
+        return True

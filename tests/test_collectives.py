@@ -5,6 +5,8 @@ give what concatenating every rank's piece gives."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -152,6 +154,52 @@ def test_gather_concatenates_every_chunk(world: int, replicas: int, slab_bytes: 
         for rank, gathered in enumerate(by_rank):
             assert gathered[case].dtype == dtype and gathered[case].is_contiguous()
             assert torch.equal(gathered[case], want), (rank, shape, dim)
+
+
+def _gathers_short_of_shared_memory(rank: int, world: int) -> tuple[list[torch.Tensor], list[str], int]:
+    """:func:`_gathers` over shared memory where rank 1's /dev/shm holds no more than 1 MiB."""
+    import warnings
+
+    if rank == 1:
+        reserve = os.posix_fallocate
+
+        def short(fd: int, offset: int, size: int) -> None:
+            if size > 1 << 20:
+                raise OSError(28, "No space left on device")
+            reserve(fd, offset, size)
+
+        os.posix_fallocate = short
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        import autotp.collectives as collectives
+
+        comm = Communicator(None, world, *collectives.select_all_reduce(None, world, torch.device("cpu")))
+        gathered = [comm.all_gather(_piece(rank, shape, dtype, layout), dim)
+                    for shape, dim, dtype, layout in _GATHERS + _GATHERS[::-1]]
+        from autotp.gathered_linear import GatheredLinear
+
+        x, weights, biases = _operands(*_LINEARS[0], world)  # a 2.3 MiB piece: over the process group
+        with torch.no_grad():
+            gathered.append(GatheredLinear(comm)(x, weights[rank], biases[rank], -1))
+    said = [str(w.message) for w in caught if "/dev/shm" in str(w.message)]
+    return gathered, said, comm.shared_gather._nbytes
+
+
+def test_a_gather_shared_memory_cannot_hold_goes_over_the_process_group() -> None:
+    """A segment is reserved when it is made: in a container's small /dev/shm, writing into an
+    unreserved one would end the process with a bus error. Where one rank cannot reserve it,
+    every rank gathers that size over the process group (warned once, naming the rank), and
+    smaller gathers still go through the segments already made."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed (autotp[fast]) is not installed")
+    for rank, (gathered, said, nbytes) in enumerate(run_ranks(_gathers_short_of_shared_memory, 2)):
+        assert nbytes == 1 << 20, nbytes
+        assert len(said) == 1 and "rank 1: OSError: No space left on device" in said[0], said
+        for case, (shape, dim, dtype, layout) in enumerate(_GATHERS + _GATHERS[::-1]):
+            want = torch.cat([_piece(chunk, shape, dtype, layout) for chunk in range(2)], dim)
+            assert torch.equal(gathered[case], want), (rank, shape, dim)
+        x, weights, biases = _operands(*_LINEARS[0], 2)
+        pieces = [torch.nn.functional.linear(x, w, b) for w, b in zip(weights, biases)]
+        assert torch.equal(gathered[-1], torch.cat(pieces, -1)), rank
 
 
 # (shape of the input, its width, each rank's output width, bias, dtype): many slabs of rows,
