@@ -102,7 +102,10 @@ def _install_output_hooks(model: nn.Module, inputs: Mapping[str, Any]) -> None:
     nothing unless a call asks, so the capture sees the model as those calls do. Only where
     the call asks: hooks inside a decoder layer keep its trace from being copied to the others
     (:mod:`autotp.repeats`), which made Llama's capture 1.8 s instead of 1.1. A request this
-    misses is still refused; transformers without the hooks: nothing to do."""
+    misses is still refused; transformers without the hooks: nothing to do. A model not of
+    transformers: nothing, and transformers is not imported (2.2 s for a plain module)."""
+    if not is_hf_model(model):
+        return
     try:
         from transformers.modeling_utils import PreTrainedModel
         from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY, maybe_install_capturing_hooks

@@ -243,3 +243,20 @@ def test_hidden_states_and_attentions_of_a_model_never_asked_for_them(name: str)
                 for ours, theirs in zip(out.hidden_states + out.attentions, reference.hidden_states + reference.attentions):
                     assert_close_to(theirs, ours)
                 assert_close_to(reference.logits, out.logits)
+
+
+def test_capturing_a_plain_module_does_not_import_transformers() -> None:
+    """The hooks above are transformers' own: capture looks for them on its models only. Looking
+    on every module imported transformers into a process that had not (2.2 s of a plain
+    module's first capture)."""
+    import subprocess
+    import sys
+
+    script = ("import sys, torch, torch.nn as nn\n"
+              "from autotp.capture import capture, normalise_example_inputs\n"
+              "m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4)).eval()\n"
+              "capture(m, normalise_example_inputs(m, (torch.randn(2, 4),)))\n"
+              "print(sorted(name for name in sys.modules if name.split('.')[0] == 'transformers'))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", done.stdout
