@@ -28,7 +28,7 @@ import mmap
 import os
 import secrets
 import warnings
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -90,10 +90,10 @@ class SharedGather:
             os.posix_fallocate(fd, 0, size)  # a full /dev/shm fails here, not at the first write
         except OSError as exc:
             error = f"{type(exc).__name__}: {exc.strerror or exc}"
-        answers: list[Optional[tuple[str, str]]] = [None] * self.world_size
+        answers: list[Any] = [None] * self.world_size  # (segment name, why it could not be made) per rank
         dist.all_gather_object(answers, (name, error), group=self.group)
         try:
-            failed = [f"rank {r}: {answer[1]}" for r, answer in enumerate(answers) if answer and answer[1]]
+            failed = [f"rank {r}: {why}" for r, (_, why) in enumerate(answers) if why]
             if failed:
                 self._too_large = nbytes
                 warnings.warn(f"autotp: /dev/shm cannot hold a {size / 2**20:.0f} MiB gather segment "
@@ -101,8 +101,8 @@ class SharedGather:
                               "process group (slower); a larger /dev/shm (docker run --shm-size) avoids it")
                 return False
             segments = []
-            for answer in answers:
-                peer = fd if answer[0] == name else os.open(answer[0], os.O_RDWR)  # type: ignore[index]
+            for peer_name, _ in answers:
+                peer = fd if peer_name == name else os.open(peer_name, os.O_RDWR)
                 try:
                     segments.append(mmap.mmap(peer, size))
                 finally:

@@ -73,10 +73,11 @@ def quiet_worker(rank: int, world: int) -> str:
 def test_the_shared_memory_path_leaves_nothing_in_dev_shm():
     from pathlib import Path
 
-    before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
+    segments = ("deepspeed_allreduce_buffer_*", "autotp_gather_*")  # the kernel's, and the gathers'
+    before = {path for pattern in segments for path in Path("/dev/shm").glob(pattern)}
     paths = run_local(quiet_worker, 2)
     assert paths == ["deepspeed shared memory"] * 2
-    assert set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) - before == set()
+    assert {path for pattern in segments for path in Path("/dev/shm").glob(pattern)} - before == set()
 
 
 def refusal_worker(rank: int, world: int, path: str) -> bool:
