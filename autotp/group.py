@@ -6,9 +6,11 @@ Only this module, :mod:`autotp.runtime`, :mod:`autotp.module`, :mod:`autotp.rewr
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import hashlib
 import os
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -17,7 +19,7 @@ import torch.distributed as dist
 
 from autotp.collectives import Communicator, _run, polling_pays, reduce_dtype_from_env, select_all_reduce
 from autotp.errors import AutotpError
-from autotp.health import register
+from autotp.health import last_call_raised, register
 from autotp.kernels import choose_kernels
 from autotp.plan import Plan
 
@@ -42,12 +44,34 @@ class TPContext:
         return self.tp_size > 1
 
 
+def _destroy_if_still_ours(created: "weakref.ref[dist.ProcessGroup]") -> None:
+    """At exit, destroy the default process group :func:`init_tp` started, unless it is gone,
+    was replaced by one the user made (theirs to end), or autotp's last call raised.
+
+    Why: a process that leaves a gloo group alive tears it down during interpreter
+    finalization, when a gloo worker thread that drops a Python reference can no longer take
+    the GIL; the thread is unwound inside C++ that may not throw, and the process aborts
+    ("terminate called without an active exception", SIGABRT) after its work is done. It is a
+    rare race (one rank of one CI run; none in 35 runs here). ``atexit`` runs before
+    finalization, and destroying the group joins its threads while the interpreter is whole.
+
+    Not after a call that raised: destroying waits for every pending collective, and one that
+    call left behind ends only when the peers join it or the timeout passes (measured: a rank
+    leaving a pending all-reduce waited in the destroy until its peer exited, 15 s later). An
+    exit in error leaves at once, as without this handler."""
+    if last_call_raised() or not dist.is_initialized():
+        return
+    if dist.distributed_c10d._get_default_group() is created():
+        dist.destroy_process_group()
+
+
 def init_tp(tp_size: Optional[int] = None, device: Optional[torch.device] = None) -> TPContext:
     """Join (or start) the process group that torchrun describes in the environment.
 
     Without torchrun (no ``WORLD_SIZE``) and no process group, this is a group of one.
     gloo is used on CPU, nccl on CUDA. ``tp_size`` defaults to the world size; a smaller one
-    must divide it, and consecutive ranks form each tensor-parallel group.
+    must divide it, and consecutive ranks form each tensor-parallel group. A group this starts
+    is destroyed at exit (see :func:`_destroy_if_still_ours`); one the caller started is theirs.
     """
     device = torch.device(device) if device is not None else torch.device("cpu")
     if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -55,6 +79,7 @@ def init_tp(tp_size: Optional[int] = None, device: Optional[torch.device] = None
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=DEFAULT_TIMEOUT_S))
+        atexit.register(_destroy_if_still_ours, weakref.ref(dist.distributed_c10d._get_default_group()))
     world = dist.get_world_size() if dist.is_initialized() else 1
     tp = world if tp_size is None else int(tp_size)
     if tp < 1 or world % tp:

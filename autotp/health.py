@@ -20,7 +20,8 @@ import torch.distributed as dist
 
 from autotp.errors import AutotpError
 
-__all__ = ["PeerFailure", "register", "mark_failed", "clear_failed", "describe_failure", "Watchdog"]
+__all__ = ["PeerFailure", "register", "mark_failed", "clear_failed", "note_call_raised", "last_call_raised",
+           "describe_failure", "Watchdog"]
 
 # How long a rank waits in a shared-memory collective before it ends itself: for a peer whose
 # process is gone, and for a peer that raised but still runs (its caller may have caught the
@@ -49,6 +50,20 @@ def register() -> None:
 
 # whether this process recorded a failure in the store (so that a clean call costs no round trip)
 _recorded = threading.Event()
+# whether this process's last autotp call raised (its own error or a peer's): a collective it
+# started may still be pending, and shutting the process group down would wait on the peers
+_last_call_raised = threading.Event()
+
+
+def note_call_raised() -> None:
+    """Note that an autotp call on this rank is ending in an error (see :func:`last_call_raised`)."""
+    _last_call_raised.set()
+
+
+def last_call_raised() -> bool:
+    """Whether this process's last autotp call raised, so that a collective of it may be left
+    pending: then the process group is left to the process's exit (autotp.group)."""
+    return _last_call_raised.is_set()
 
 
 def mark_failed(reason: str) -> None:
@@ -65,6 +80,7 @@ def mark_failed(reason: str) -> None:
 def clear_failed() -> None:
     """Take back this rank's failure record: it is making another call, so the error it raised
     before was handled (a refusal every rank raised and the caller caught)."""
+    _last_call_raised.clear()
     if not _recorded.is_set():
         return
     store = _store()

@@ -32,7 +32,7 @@ from autotp.errors import AutotpError
 from autotp.cached_calls import CachedCalls
 from autotp.generation import cache_argument, cache_under_its_name, fresh_cache, is_cache
 from autotp.group import TPContext, check_same_plan, share_rng
-from autotp.health import PeerFailure, clear_failed, mark_failed
+from autotp.health import PeerFailure, clear_failed, mark_failed, note_call_raised
 from autotp.kernels import kernel_pass
 from autotp.loading import LoadError, load_into, named_tensors
 from autotp.placement import Placement, Replicate
@@ -323,8 +323,10 @@ def _reported_failure() -> Iterator[None]:
     try:
         yield
     except PeerFailure:
+        note_call_raised()
         raise
     except BaseException as exc:
+        note_call_raised()
         mark_failed(f"{type(exc).__name__}: {exc}")
         raise
 

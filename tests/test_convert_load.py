@@ -147,6 +147,7 @@ def test_torchrun_run_prints_and_saves_last_logits(saved, tmp_path):
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "terminate called" not in done.stderr  # the group is destroyed before finalization (tests/test_exit.py)
     assert "logits of position 8" in done.stdout
     assert_close_to(reference[0, -1], torch.load(saved_logits))
 
