@@ -322,12 +322,10 @@ def _reported_failure() -> Iterator[None]:
     clear_failed()
     try:
         yield
-    except PeerFailure:
-        note_call_raised()
-        raise
     except BaseException as exc:
         note_call_raised()
-        mark_failed(f"{type(exc).__name__}: {exc}")
+        if not isinstance(exc, PeerFailure):  # a peer's failure is recorded by that peer
+            mark_failed(f"{type(exc).__name__}: {exc}")
         raise
 
 
